@@ -1,0 +1,19 @@
+"""dbjax: DiffusionBlocks (block-wise training of transformers as diffusion denoisers) in JAX.
+
+Pieces, each usable on its own:
+  dbjax.noise       the noise partition and the one sigma -> block map
+  dbjax.edm         EDM preconditioning and loss weighting
+  dbjax.dit         a class-conditional DiT with adaLN-Zero layers (Flax NNX)
+  dbjax.blocks      one block's state, loss and jittable train step
+  dbjax.sampling    Euler / Heun samplers with classifier-free guidance
+  dbjax.train       train_and_evaluate(config, workdir): the whole run
+  dbjax.evaluation  Frechet distance in a cached classifier's feature space
+  dbjax.data        image data sets and the step-indexed batch order
+  dbjax.checkpoint  orbax checkpoints, one item per block
+"""
+from dbjax import blocks, config, data, dit, edm, errors, evaluation, noise, plots, sampling
+from dbjax.config import default_config
+from dbjax.noise import block_boundaries, block_of_sigma
+from dbjax.train import train_and_evaluate
+
+__version__ = "0.1.0"

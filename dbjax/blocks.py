@@ -1,0 +1,133 @@
+"""DiffusionBlocks as pure functional units: one block's state, loss and train step.
+
+A block is a whole denoiser: a DiT `num_layers / B` deep with its own patch, sigma and
+label embeddings and its own head. For images the target space is fixed, so blocks
+share nothing and never communicate (METHOD.md, "Shared parameters"). End-to-end
+training is the same code with B = 1 and all `num_layers` layers in that one block.
+
+A block's state is a plain pytree, BlockState(params, opt_state, step), with its own
+optax state: an inactive block gets no update, no momentum and no weight decay, and its
+step count (which drives its learning-rate schedule) does not move.
+"""
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dbjax import edm, noise
+from dbjax.config import num_trained_blocks
+from dbjax.dit import DiT, DiTConfig
+
+
+class BlockState(NamedTuple):
+  params: nnx.State
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class BlockModel:
+  """Everything fixed about a run's blocks; built once from the config by `build`."""
+  dit: DiTConfig                 # the network of ONE block (num_layers / B deep)
+  num_blocks: int
+  dist: noise.NoiseDistribution
+  boundaries: np.ndarray         # (B + 1,) ascending partition of [sigma_min, sigma_max]
+  intervals: np.ndarray          # (B, 2) widened training interval of each block
+  sigma_data: float
+  label_dropout: float
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+
+  def new_network(self, key) -> DiT:
+    return DiT(self.dit, rngs=nnx.Rngs(params=key))
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and warmup + cosine decay over a block's own steps."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate,
+      warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
+      end_value=0.1 * train_cfg.learning_rate)
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+                  weight_decay=train_cfg.weight_decay))
+
+
+def build(config) -> BlockModel:
+  """The BlockModel of a validated config (see dbjax.config)."""
+  m, d, data = config.model, config.diffusion, config.data
+  num_blocks = num_trained_blocks(config)
+  dit = DiTConfig(image_size=data.image_size, channels=data.channels,
+                  patch_size=m.patch_size, hidden_size=m.hidden_size,
+                  num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
+                  mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
+                  frequency_dim=m.frequency_dim, remat=m.remat)
+  dist = noise.NoiseDistribution(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
+  boundaries = noise.partition(d.partition, num_blocks, dist)
+  # End-to-end training is one denoiser over the whole range: no overlap to add.
+  gamma = d.overlap_gamma if num_blocks > 1 else 0.0
+  intervals = noise.training_intervals(boundaries, gamma, d.sigma_min, d.sigma_max)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0))))
+  return BlockModel(dit=dit, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
+                    intervals=intervals, sigma_data=d.sigma_data,
+                    label_dropout=m.label_dropout, graphdef=graphdef,
+                    optimizer=make_optimizer(config.train))
+
+
+def init_block(model: BlockModel, key: jax.Array) -> BlockState:
+  """A fresh block: parameters, its own optimizer state, step 0."""
+  params = nnx.state(model.new_network(key))
+  return BlockState(params, model.optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def init_blocks_on_host(model: BlockModel, seed: int) -> list[BlockState]:
+  """All B blocks' states, created one at a time and kept in host memory (numpy).
+
+  Shapes first (jax.eval_shape), then one compiled init reused for every block, so
+  at most one block is ever on the accelerator.
+  """
+  init = jax.jit(lambda key: init_block(model, key))
+  base = jax.random.key(seed)
+  return [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
+
+
+def block_loss(model: BlockModel, params, images, labels, key, interval):
+  """Mean weighted denoising loss of one block on a batch (paper, Eq. 6).
+
+  interval = (lo, hi): the block's training noise interval, traced, so one compiled
+  step serves all blocks.
+  """
+  key_sigma, key_noise, key_drop = jax.random.split(key, 3)
+  batch = images.shape[0]
+  sigma = noise.sample_sigma(key_sigma, (batch,), interval[0], interval[1],
+                             model.dist.p_mean, model.dist.p_std)
+  noisy = images + sigma[:, None, None, None] * jax.random.normal(key_noise, images.shape)
+  # Classifier-free guidance: train on the null label for a fraction of examples.
+  dropped = jax.random.bernoulli(key_drop, model.label_dropout, (batch,))
+  labels = jnp.where(dropped, model.dit.null_label, labels)
+  network = nnx.merge(model.graphdef, params)
+  denoised = edm.denoise(lambda x, c_noise: network(x, c_noise, labels), noisy, sigma,
+                         model.sigma_data)
+  return jnp.mean(edm.weighted_l2_loss(denoised, images, sigma, model.sigma_data))
+
+
+def train_step(model: BlockModel, state: BlockState, images, labels, key, interval):
+  """(state, batch, key) -> (state, metrics) for one block; pure, jit it with donation."""
+  loss, grads = jax.value_and_grad(block_loss, argnums=1)(
+      model, state.params, images, labels, key, interval)
+  updates, opt_state = model.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return BlockState(params, opt_state, state.step + 1), metrics
+
+
+def jit_train_step(model: BlockModel):
+  """train_step compiled once for all blocks; the incoming state's buffers are donated."""
+  return jax.jit(lambda state, images, labels, key, interval: train_step(
+      model, state, images, labels, key, interval), donate_argnums=0)

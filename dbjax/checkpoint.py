@@ -1,0 +1,77 @@
+"""Run checkpoints with orbax: one item per block, plus a JSON item of run metadata.
+
+Blocks are saved from and restored to host memory (numpy), so neither saving nor
+resuming ever puts more than the active block on the accelerator. Orbax writes each
+step to a temporary directory and renames it when complete, so a run killed during a
+save still has its previous checkpoint.
+"""
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dbjax.errors import ConfigError
+
+# Fields that fix the shapes of the saved state: a checkpoint whose values differ
+# cannot be restored into this run.
+SHAPE_FIELDS = ("method", "model.num_layers", "model.hidden_size", "model.num_heads",
+                "model.mlp_ratio", "model.patch_size", "model.frequency_dim",
+                "diffusion.num_blocks", "data.image_size", "data.channels",
+                "data.num_classes")
+
+
+def _field(config_dict: dict, dotted: str):
+  value = config_dict
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+class RunCheckpointer:
+  """Saves and restores the B block states of a run, with its config and metadata."""
+
+  def __init__(self, directory: str, num_blocks: int, max_to_keep: int):
+    self.num_blocks = num_blocks
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, block_states, config, metadata: dict):
+    items = {f"block_{b}": ocp.args.PyTreeSave(state) for b, state in enumerate(block_states)}
+    meta = dict(metadata, step=step, config=json.loads(config.to_json()))
+    self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+    self.manager.wait_until_finished()
+
+  def read_metadata(self, step: int) -> dict:
+    """The JSON item of `step`: run metadata and the config the run was made with."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, target_states, config, step=None):
+    """(step, states as numpy, metadata) of `step` (default: the latest).
+
+    target_states: freshly initialised states of this run, giving structure and shapes.
+    Refuses a checkpoint made with a config of other shapes, naming the field.
+    """
+    step = self.manager.latest_step() if step is None else step
+    meta = self.read_metadata(step)
+    ours = json.loads(config.to_json())
+    for field in SHAPE_FIELDS:
+      if _field(meta["config"], field) != _field(ours, field):
+        raise ConfigError(
+            f"checkpoint at step {step} was made with config.{field}="
+            f"{_field(meta['config'], field)!r}, this run has {_field(ours, field)!r}; "
+            "use another workdir or the same config")
+    as_numpy = lambda tree: jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    items = {f"block_{b}": ocp.args.PyTreeRestore(item=state, restore_args=as_numpy(state))
+             for b, state in enumerate(target_states)}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return step, [restored[f"block_{b}"] for b in range(self.num_blocks)], meta
+
+  def close(self):
+    self.manager.close()

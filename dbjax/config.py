@@ -1,0 +1,131 @@
+"""The experiment config: one schema with defaults, validated when a run starts.
+
+Experiment files in experiments/configs/ start from `default_config()`, which is locked:
+a typo such as `config.train.num_step = 5` fails at once with the known fields listed,
+and ml_collections refuses a value of the wrong type. `validate` then checks ranges and
+the relations between fields, and names the field, its value and what is allowed.
+"""
+import ml_collections
+
+from dbjax.errors import ConfigError
+from dbjax.noise import PARTITIONS
+
+METHODS = ("diffusion_blocks", "end_to_end")
+SOLVERS = ("euler", "heun")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # "diffusion_blocks": B blocks, each a denoiser over its own noise interval, trained
+  # one at a time. "end_to_end": the same layers as one denoiser over all noise levels.
+  c.method = "diffusion_blocks"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits",        # "digits", "fashion_mnist", or "tfds:<name>" (mnist, cifar10, ...)
+      data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
+      image_size=8, channels=1, num_classes=10,
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=12,        # total depth L; each block gets L / num_blocks layers
+      hidden_size=64, num_heads=4, mlp_ratio=4.0, patch_size=2, frequency_dim=128,
+      remat=False,          # jax.checkpoint each layer: activations of one layer at a time
+      label_dropout=0.1,    # labels replaced by the null label, for classifier-free guidance
+  ))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      num_blocks=3,         # B (paper: 3 for DiT image generation)
+      partition="equiprobable",  # or "uniform_log" (the paper's ablation)
+      overlap_gamma=0.05,   # widen each block's training interval (paper, Sec. 3.3)
+      p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      # Budget in end-to-end iterations. DiffusionBlocks runs num_steps * B iterations
+      # of one block each, so both methods spend the same number of layer evaluations
+      # and every block gets about num_steps updates (paper, Sec. 4).
+      num_steps=600,
+      batch_size=128, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0,
+      adam_b1=0.9, adam_b2=0.99, grad_clip=1.0,
+      checkpoint_every=200,  # iterations between checkpoints (and metric flushes)
+      max_checkpoints=2,
+      progress=True,
+  ))
+  c.sample = ml_collections.ConfigDict(dict(
+      num_steps=30, solver="euler", guidance_scale=1.0,  # 1.0 = no guidance
+      grid_size=10,          # the PNG grid is grid_size x grid_size
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=True,
+      num_samples=1000,      # generated images for the Frechet distance
+      classifier_steps=400,  # training steps of the cached feature classifier
+      cache_dir="",          # "" = $DBJAX_CACHE or ~/.cache/dbjax
+  ))
+  c.lock()
+  return c
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_fields(config, schema, prefix=""):
+  """Every field of `config` must exist in the schema (typos in hand-built configs)."""
+  for key in config.keys():
+    if key not in schema:
+      raise ConfigError(f"config.{prefix}{key} is not a known field; known fields of "
+                        f"config{'.' + prefix[:-1] if prefix else ''}: {sorted(schema.keys())}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_fields(config[key], schema[key], f"{prefix}{key}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raise ConfigError naming the first bad field; return the config unchanged."""
+  _check_fields(config, default_config())
+  m, d, t, s, data = config.model, config.diffusion, config.train, config.sample, config.data
+  _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
+  for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),
+                       ("data.num_classes", data.num_classes),
+                       ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_heads", m.num_heads), ("model.patch_size", m.patch_size),
+                       ("diffusion.num_blocks", d.num_blocks), ("train.num_steps", t.num_steps),
+                       ("train.batch_size", t.batch_size),
+                       ("train.checkpoint_every", t.checkpoint_every),
+                       ("train.max_checkpoints", t.max_checkpoints),
+                       ("sample.num_steps", s.num_steps), ("sample.grid_size", s.grid_size),
+                       ("eval.num_samples", config.eval.num_samples)]:
+    _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
+  if config.method == "diffusion_blocks":
+    _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
+             f"must divide model.num_layers={m.num_layers} so every block gets the same "
+             "number of layers")
+  # The 2-D sine-cosine position embedding splits hidden_size into four equal parts.
+  _require(m.hidden_size % 4 == 0 and m.hidden_size % m.num_heads == 0,
+           "model.hidden_size", m.hidden_size,
+           f"a multiple of 4 and of model.num_heads={m.num_heads}")
+  _require(data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
+           f"must divide data.image_size={data.image_size}")
+  _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
+  _require(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
+  _require(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")
+  _require(0.0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min,
+           f"positive and below diffusion.sigma_max={d.sigma_max}")
+  _require(d.p_std > 0, "diffusion.p_std", d.p_std, "positive")
+  _require(d.sigma_data > 0, "diffusion.sigma_data", d.sigma_data, "positive")
+  _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "positive")
+  _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
+  _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+  _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
+  _require(s.solver in SOLVERS, "sample.solver", s.solver, f"one of {SOLVERS}")
+  _require(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
+           ">= 0 (1 means no guidance)")
+  return config
+
+
+def num_trained_blocks(config) -> int:
+  """Blocks that train separately: B for DiffusionBlocks, 1 for end-to-end."""
+  return config.diffusion.num_blocks if config.method == "diffusion_blocks" else 1
+
+
+def total_iterations(config) -> int:
+  """Iterations at the matched budget of layer evaluations (one block per iteration)."""
+  return config.train.num_steps * num_trained_blocks(config)

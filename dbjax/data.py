@@ -1,0 +1,134 @@
+"""Image data sets as in-memory arrays, and a step-indexed batch order.
+
+- "digits": scikit-learn's 8x8 handwritten digits (1797 images), shipped with the
+  package, so the main job needs no download. Split 80/20 by a fixed permutation.
+- "fashion_mnist": the original IDX files, e.g. from Debian's dataset-fashion-mnist
+  (/usr/share/datasets/fashion-mnist), or any directory given as data.data_dir.
+- "tfds:<name>" (mnist, cifar10, ...): read with tfds.data_source from array_record
+  files, which needs no TensorFlow; downloads and prepares where the internet is there.
+
+Images come back as float32 (N, H, W, C) in [-1, 1] and labels as int32 (N,).
+The batch of iteration `step` is a pure function of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+import dataclasses
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from dbjax.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+  images: np.ndarray   # float32 (N, H, W, C) in [-1, 1]
+  labels: np.ndarray   # int32 (N,)
+  num_classes: int
+
+
+def _digits(split: str) -> ImageData:
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  order = np.random.default_rng(0).permutation(len(digits.target))
+  cut = int(0.8 * len(order))
+  index = order[:cut] if split == "train" else order[cut:]
+  images = digits.images[index, :, :, None].astype(np.float32) / 16.0 * 2.0 - 1.0
+  return ImageData(images, digits.target[index].astype(np.int32), 10)
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (LeCun's MNIST format, optionally gzipped) as a uint8 array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08:
+    raise DataError(f"{path} is not an IDX file of unsigned bytes")
+  ndim = raw[3]
+  shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(shape)):
+    raise DataError(f"{path} holds {data.size} bytes of data, its header says {shape}")
+  return data.reshape(shape)
+
+
+def _fashion_mnist(split: str, data_dir: str) -> ImageData:
+  directory = data_dir or FASHION_MNIST_DIR
+  prefix = "train" if split == "train" else "t10k"
+  paths = [os.path.join(directory, f"{prefix}-{kind}-idx{n}-ubyte.gz")
+           for kind, n in (("images", 3), ("labels", 1))]
+  for path in paths:
+    if not os.path.exists(path):
+      raise DataError(
+          f"Fashion-MNIST file {path} not found: install Debian's dataset-fashion-mnist "
+          f"(apt-get install dataset-fashion-mnist) or set config.data.data_dir to a "
+          "directory with the four IDX .gz files")
+  images, labels = (read_idx(p) for p in paths)
+  return ImageData(images[..., None].astype(np.float32) / 127.5 - 1.0,
+                   labels.astype(np.int32), 10)
+
+
+def _tfds(name: str, split: str, data_dir: str) -> ImageData:
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  except Exception as e:  # tfds raises many types: unknown name, no network, bad split
+    raise DataError(f"tfds data set {name!r} (split {split!r}) could not be loaded: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  examples = [source[i] for i in range(len(source))]
+  if not examples:
+    raise DataError(f"tfds data set {name!r} split {split!r} is empty")
+  images = np.stack([np.asarray(e["image"]) for e in examples])
+  if images.ndim == 3:
+    images = images[..., None]
+  labels = np.array([e["label"] for e in examples], np.int32)
+  builder_info = getattr(source, "dataset_info", None)
+  num_classes = (builder_info.features["label"].num_classes if builder_info is not None
+                 else int(labels.max()) + 1)
+  return ImageData(images.astype(np.float32) / 127.5 - 1.0, labels, num_classes)
+
+
+def load_images(name: str, split: str, data_dir: str = "") -> ImageData:
+  """The `split` ("train" or "test") of data set `name`; see the module docstring."""
+  if split not in ("train", "test"):
+    raise DataError(f"split={split!r} is not one of ('train', 'test')")
+  if name == "digits":
+    return _digits(split)
+  if name == "fashion_mnist":
+    return _fashion_mnist(split, data_dir)
+  if name.startswith("tfds:"):
+    return _tfds(name[len("tfds:"):], split, data_dir)
+  raise DataError(f"config.data.name={name!r} is not one of 'digits', 'fashion_mnist', "
+                  "'tfds:<name>'")
+
+
+def check_images(images, labels, image_size: int, channels: int, num_classes: int,
+                 what: str = "images"):
+  """Raise DataError unless images are float (N, image_size, image_size, channels),
+  finite, and labels are integers in [0, num_classes)."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  expected = (image_size, image_size, channels)
+  if images.ndim != 4 or images.shape[1:] != expected:
+    raise DataError(f"{what} have shape {images.shape}; expected (N, {image_size}, "
+                    f"{image_size}, {channels}) from config.data.image_size and .channels")
+  if not np.issubdtype(images.dtype, np.floating):
+    raise DataError(f"{what} have dtype {images.dtype}; expected a float dtype scaled to "
+                    "[-1, 1] (see dbjax.data.load_images)")
+  if not np.all(np.isfinite(images)):
+    raise DataError(f"{what} contain NaN or inf")
+  if labels.shape != images.shape[:1]:
+    raise DataError(f"labels have shape {labels.shape}; expected ({images.shape[0]},)")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"labels have dtype {labels.dtype}; expected integers")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DataError(f"labels span [{labels.min()}, {labels.max()}]; allowed is "
+                    f"[0, {num_classes}) from config.data.num_classes")
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """Example indices of iteration `step`: a pure function of (seed, step)."""
+  rng = np.random.default_rng([seed, step])
+  return rng.choice(num_examples, size=batch_size, replace=batch_size > num_examples)

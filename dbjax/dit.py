@@ -1,0 +1,180 @@
+"""A class-conditional DiT (Peebles & Xie 2023) in Flax NNX, with adaLN-Zero layers.
+
+DiffusionBlocks trains B of these, each `num_layers / B` deep, as independent denoisers;
+end-to-end training uses one, `num_layers` deep. Every layer starts as the identity
+(its gates come from a zero-initialised Linear), so a freshly built block is a pure skip
+connection and D(z; sigma) = c_skip z at initialisation.
+
+The layers are built stacked (leading axis = layer) and applied with jax.lax.scan:
+compile time stays flat in depth, and jax.checkpoint on the scan body really does
+rematerialise (an unrolled loop lets XLA fold the recomputation away on the CPU).
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  image_size: int = 8
+  channels: int = 1
+  patch_size: int = 2
+  hidden_size: int = 64
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  num_classes: int = 10
+  frequency_dim: int = 128
+  remat: bool = False
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size)**2
+
+  @property
+  def null_label(self) -> int:
+    """The extra label id meaning 'no class', for classifier-free guidance."""
+    return self.num_classes
+
+
+def sincos_position_embedding(hidden_size: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, (grid_size^2, hidden_size) (DiT, MAE)."""
+  def one_axis(dim, positions):
+    omega = 1.0 / 10000**(np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    angles = np.outer(positions, omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+  half = hidden_size // 2
+  return np.concatenate([one_axis(half, rows.ravel()), one_axis(half, cols.ravel())],
+                        axis=1).astype(np.float32)
+
+
+def sinusoidal_features(c_noise: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
+  """Sinusoidal features of the noise label c_noise = ln(sigma) / 4.
+
+  DiT embeds integer timesteps in [0, 1000); c_noise spans about [-1.6, 1.1], so it is
+  scaled by 1000 first to use the same range of frequencies.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = scale * c_noise[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(N, H, W, C) -> (N, H/p * W/p, p * p * C), patches in row-major order."""
+  n, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, patch_size: int, channels: int) -> jax.Array:
+  """Inverse of patchify."""
+  n, t, _ = tokens.shape
+  g, p = int(math.isqrt(t)), patch_size
+  x = tokens.reshape(n, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, g * p, g * p, channels)
+
+
+def _zero_linear(d_in, d_out, rngs):
+  return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class SigmaEmbedder(nnx.Module):
+  """sinusoidal(c_noise) -> Linear -> SiLU -> Linear (DiT's TimestepEmbedder)."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.frequency_dim = cfg.frequency_dim
+    self.fc1 = nnx.Linear(cfg.frequency_dim, cfg.hidden_size, kernel_init=init, rngs=rngs)
+    self.fc2 = nnx.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, rngs=rngs)
+
+  def __call__(self, c_noise):
+    return self.fc2(nnx.silu(self.fc1(sinusoidal_features(c_noise, self.frequency_dim))))
+
+
+class DiTLayer(nnx.Module):
+  """Pre-norm transformer layer whose norms are modulated by the conditioning (adaLN-Zero)."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.num_heads = cfg.num_heads
+    self.norm1 = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+    self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+    self.proj = nnx.Linear(d, d, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+    hidden = int(d * cfg.mlp_ratio)
+    self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, d, rngs=rngs)
+    # Zero-initialised: all six shift/scale/gate vectors start at 0, so gates are 0
+    # and the layer is the identity (DiT, Sec. 3.2, "adaLN-Zero").
+    self.modulation = _zero_linear(d, 6 * d, rngs)
+
+  def attention(self, x):
+    n, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads),
+                        3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return self.proj(out.reshape(n, t, d))
+
+  def __call__(self, x, cond):
+    (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp,
+     gate_mlp) = jnp.split(self.modulation(nnx.silu(cond)), 6, axis=-1)
+    x = x + gate_attn[:, None] * self.attention(modulate(self.norm1(x), shift_attn, scale_attn))
+    mlp = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)),
+                            approximate=True))
+    return x + gate_mlp[:, None] * mlp
+
+
+class FinalLayer(nnx.Module):
+  """adaLN then a zero-initialised projection back to patches."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.norm = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+    self.modulation = _zero_linear(d, 2 * d, rngs)
+    self.out = _zero_linear(d, cfg.patch_size**2 * cfg.channels, rngs)
+
+  def __call__(self, x, cond):
+    shift, scale = jnp.split(self.modulation(nnx.silu(cond)), 2, axis=-1)
+    return self.out(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """The raw network F(c_in z, c_noise, label) of one denoiser (see dbjax.edm.denoise)."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.hidden_size
+    self.patch_embed = nnx.Linear(cfg.patch_size**2 * cfg.channels, d, rngs=rngs)
+    self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
+    self.label_embed = nnx.Embed(cfg.num_classes + 1, d,
+                                 embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
+    self.layers = nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
+    self.final = FinalLayer(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c_noise: jax.Array, labels: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    position = sincos_position_embedding(cfg.hidden_size, cfg.image_size // cfg.patch_size)
+    tokens = self.patch_embed(patchify(x, cfg.patch_size)) + position
+    cond = self.sigma_embed(c_noise) + self.label_embed(labels)
+
+    layer_graph, layer_states = nnx.split(self.layers)
+
+    def apply_layer(tokens, layer_state):
+      return nnx.merge(layer_graph, layer_state)(tokens, cond), None
+
+    if cfg.remat:  # Keep only each layer's input; recompute the rest in the backward pass.
+      apply_layer = jax.checkpoint(apply_layer)
+    tokens, _ = jax.lax.scan(apply_layer, tokens, layer_states)
+    return unpatchify(self.final(tokens, cond), cfg.patch_size, cfg.channels)

@@ -1,0 +1,42 @@
+"""Pictures a person would rather look at than read: sample grids and loss curves."""
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI, servers and notebooks alike
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """(N, H, W, C) in [-1, 1] -> one (rows*H, cols*W, C) uint8 image, 1-pixel gaps."""
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.float32)
+  for i, image in enumerate(images):
+    r, k = divmod(i, cols)
+    grid[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = (image + 1) / 2
+  return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_image_grid(images: np.ndarray, path: str, rows: int, scale: int = 4):
+  """Save images as a PNG grid, each pixel enlarged `scale` times (8x8 digits are tiny)."""
+  grid = image_grid(images, rows).repeat(scale, 0).repeat(scale, 1)
+  plt.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0,
+             vmax=255)
+
+
+def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = ""):
+  """One line per block: its training loss (moving average) against the iteration."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for b in range(num_blocks):
+    steps = np.array([r["step"] for r in rows if r["block"] == b])
+    losses = np.array([r["loss"] for r in rows if r["block"] == b])
+    if len(losses) == 0:
+      continue
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], smooth, label=f"block {b}" if num_blocks > 1 else "end-to-end")
+  ax.set(xlabel="iteration", ylabel="weighted denoising loss", yscale="log", title=title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
