@@ -1,0 +1,72 @@
+"""Train-step memory of end-to-end training against DiffusionBlocks, for B = 1, 2, 3, 4, 6.
+
+For one network (default: the paper's CIFAR-10 DiT, 12 layers, d=384, 256 tokens,
+batch 128), each method's compiled train-step footprint (memory_analysis) and the bytes
+resident on the device while it trains. Paper, App. G: end-to-end needs (4P+A)L,
+rematerialisation 4PL+A, DiffusionBlocks (4P+A)L/B.
+
+  python -m experiments.bench_memory --config=experiments/configs/cifar10.py \
+      --out=results/bench_memory.jsonl
+
+Prints a table and writes one JSON line per configuration.
+"""
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dbjax import blocks, profiling
+from dbjax.config import validate
+from experiments.cli import config_help, one_line_errors, print_table
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/cifar10.py",
+                                          config_help(), lock_config=True)
+_BLOCKS = flags.DEFINE_list("num_blocks", ["1", "2", "3", "4", "6"], "values of B")
+_OUT = flags.DEFINE_string("out", "results/bench_memory.jsonl", "JSON lines output")
+
+
+def measure(config, method: str, num_blocks: int, remat: bool) -> dict:
+  config = config.copy_and_resolve_references()
+  config.method, config.diffusion.num_blocks, config.model.remat = method, num_blocks, remat
+  model = blocks.build(validate(config))
+  batch = config.train.batch_size
+  memory = profiling.train_step_memory(model, batch)
+  name = method + ("_remat" if remat else "")
+  return {"method": name, "num_blocks": num_blocks, "layers_per_block": model.dit.num_layers,
+          **memory, "resident_bytes": profiling.resident_bytes(model, batch)}
+
+
+@one_line_errors
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  rows = []
+  for remat in (False, True):
+    baseline = measure(config, "end_to_end", 1, remat)
+    rows.append(baseline)
+    for b in map(int, _BLOCKS.value):
+      if config.model.num_layers % b:
+        continue
+      row = measure(config, "diffusion_blocks", b, remat)
+      row["step_ratio"] = baseline["step_bytes"] / row["step_bytes"]
+      row["resident_ratio"] = baseline["resident_bytes"] / row["resident_bytes"]
+      row["step_ratio_over_B"] = row["step_ratio"] / b
+      rows.append(row)
+  print(f"network: {config.model.num_layers} layers, d={config.model.hidden_size}, "
+        f"{(config.data.image_size // config.model.patch_size)**2} tokens, "
+        f"batch {config.train.batch_size}; ratios are end-to-end / DiffusionBlocks "
+        "(remat rows against end-to-end with remat)")
+  mib = [{**r, **{k: r[k] / 2**20 for k in ("step_bytes", "temp_bytes", "resident_bytes")}}
+         for r in rows]
+  print_table(mib, ["method", "num_blocks", "layers_per_block", "step_bytes", "temp_bytes",
+                    "resident_bytes", "step_ratio", "step_ratio_over_B", "resident_ratio"])
+  print("(bytes columns in MiB)")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,18 @@
+"""DiffusionBlocks DiT on Fashion-MNIST, 28x28, from Debian's dataset-fashion-mnist.
+
+apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), or
+set --config.data.data_dir to a directory holding the four IDX .gz files.
+"""
+from dbjax.config import default_config
+
+
+def get_config():
+  config = default_config()
+  config.data.name = "fashion_mnist"
+  config.data.image_size, config.data.channels, config.data.num_classes = 28, 1, 10
+  config.model.patch_size = 4            # 7 x 7 = 49 tokens
+  config.model.hidden_size = 128
+  config.train.num_steps = 3000
+  config.train.checkpoint_every = 500
+  config.eval.classifier_steps = 1000
+  return config

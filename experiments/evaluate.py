@@ -1,0 +1,43 @@
+"""Evaluate a trained run: Frechet distance to the test set in a cached classifier's
+feature space, and class accuracy of the samples; writes eval_<solver>_<steps>.json.
+
+  python -m experiments.evaluate --workdir=runs/digits --num_steps=50 --solver=heun
+"""
+import json
+import os
+
+from absl import app, flags
+
+from dbjax.train import generate_and_evaluate, restore_run
+from experiments.cli import one_line_errors, print_table
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the run's)")
+_SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: the run's)")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (default: the run's)")
+flags.mark_flags_as_required(["workdir"])
+
+
+@one_line_errors
+def main(argv):
+  del argv
+  config, model, states = restore_run(_WORKDIR.value)
+  if _NUM_STEPS.value:
+    config.sample.num_steps = _NUM_STEPS.value
+  if _SOLVER.value:
+    config.sample.solver = _SOLVER.value
+  if _GUIDANCE.value is not None:
+    config.sample.guidance_scale = _GUIDANCE.value
+  if _NUM_SAMPLES.value:
+    config.eval.num_samples = _NUM_SAMPLES.value
+  config.eval.enabled = True
+  results = generate_and_evaluate(config, _WORKDIR.value, model, states)
+  print_table([results], list(results))
+  name = f"eval_{config.sample.solver}_{config.sample.num_steps}.json"
+  with open(os.path.join(_WORKDIR.value, name), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,32 @@
+"""Train a run, then write samples.png, loss_curves.png and metrics.json to its workdir.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
+  python -m experiments.train --config=experiments/configs/digits.py \
+      --config.method=end_to_end --workdir=runs/digits_e2e
+
+Any config field can be overridden with --config.<field>=<value>. Re-running the same
+command resumes from the latest checkpoint in the workdir.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dbjax.train import train_and_evaluate
+from experiments.cli import config_help, one_line_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and images")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+@one_line_errors
+def main(argv):
+  del argv
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(results, indent=2))
+  print(f"wrote samples.png, loss_curves.png, metrics.json to {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny config that trains in seconds on a CPU."""
+import pytest
+
+from dbjax.config import default_config
+
+
+def tiny_config(**overrides):
+  """A 4-layer, 2-block DiT on digits with a short schedule; eval off unless asked."""
+  config = default_config()
+  config.model.num_layers = 4
+  config.model.hidden_size = 32
+  config.model.num_heads = 2
+  config.model.frequency_dim = 32
+  config.diffusion.num_blocks = 2
+  config.train.num_steps = 10
+  config.train.batch_size = 32
+  config.train.warmup_steps = 2
+  config.train.checkpoint_every = 5
+  config.train.progress = False
+  config.sample.num_steps = 4
+  config.sample.grid_size = 4
+  config.eval.enabled = False
+  config.eval.num_samples = 100
+  config.eval.classifier_steps = 50
+  for dotted, value in overrides.items():
+    section, field = dotted.split("__") if "__" in dotted else (None, dotted)
+    setattr(config[section] if section else config, field, value)
+  return config
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

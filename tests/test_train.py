@@ -1,0 +1,140 @@
+"""The driver: schedule, block independence, loss that falls, resume, faults."""
+import json
+import os
+import shutil
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dbjax import blocks, config as config_lib, data, train
+from dbjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load_images("digits", "train")
+
+
+def interleaved_reference(config, train_data):
+  """Train the paper's way, one iteration at a time in order, recording that every
+  step leaves the inactive blocks bit-identical."""
+  model = blocks.build(config)
+  states = blocks.init_blocks_on_host(model, config.seed)
+  step_fn = blocks.jit_train_step(model)
+  for step in range(config_lib.total_iterations(config)):
+    b = train.block_for_step(config.seed, step, model.num_blocks)
+    before = [jax.tree.map(np.copy, s) for s in states]
+    index = data.batch_indices(config.seed, step, len(train_data.labels),
+                               config.train.batch_size)
+    new, _ = step_fn(jax.device_put(states[b]), train_data.images[index],
+                     train_data.labels[index], train.step_key(config.seed, step, b),
+                     jax.numpy.asarray(model.intervals[b]))
+    states[b] = jax.device_get(new)
+    for other in range(model.num_blocks):
+      if other != b:
+        chex.assert_trees_all_equal(states[other], before[other])
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(states[b]),
+                                                         jax.tree.leaves(before[b])))
+  return states
+
+
+def test_regrouped_driver_equals_interleaved_training(tmp_path, digits):
+  config = tiny_config()
+  config.train.num_steps = 6  # 12 iterations over 2 blocks, 3 checkpoint intervals
+  _, states, history = train.train(config, str(tmp_path), digits)
+  chex.assert_trees_all_equal(states, interleaved_reference(config, digits))
+  # Each block's own step count is the number of iterations it was drawn for.
+  draws = [train.block_for_step(0, s, 2) for s in range(12)]
+  for b in range(2):
+    assert int(states[b].step) == draws.count(b)
+    assert int(states[b].opt_state[1][0].count) == draws.count(b)  # adamw's own count
+  assert [r["step"] for r in history] == list(range(12))
+
+
+def test_schedule_is_uniform_over_blocks():
+  draws = np.array([train.block_for_step(3, s, 4) for s in range(4000)])
+  counts = np.bincount(draws, minlength=4)
+  assert np.all(np.abs(counts - 1000) < 120)
+
+
+def test_loss_falls_on_a_short_run(tmp_path, digits):
+  config = tiny_config()
+  config.train.num_steps = 150
+  config.train.checkpoint_every = 300
+  config.train.learning_rate = 2e-3
+  _, _, history = train.train(config, str(tmp_path), digits)
+  for b in range(2):
+    losses = [r["loss"] for r in history if r["block"] == b]
+    assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15]), b
+
+
+def test_end_to_end_is_one_block_with_the_whole_range(tmp_path, digits):
+  config = tiny_config(method="end_to_end")
+  model = blocks.build(config)
+  assert model.num_blocks == 1 and model.dit.num_layers == config.model.num_layers
+  np.testing.assert_array_equal(model.intervals, [[np.float32(0.002), np.float32(80.0)]])
+  _, states, history = train.train(config, str(tmp_path), digits)
+  assert len(history) == config.train.num_steps and int(states[0].step) == 10
+
+
+def test_resume_continues_exactly(tmp_path, digits):
+  """A run killed after its second-to-last save resumes to the same parameters."""
+  config = tiny_config()  # 20 iterations, a checkpoint every 5, the last 2 kept
+  workdir = tmp_path / "run"
+  _, straight, _ = train.train(config, str(workdir), digits)
+  # Simulate a kill between the saves at 15 and 20: the newest checkpoint never made it.
+  shutil.rmtree(workdir / "checkpoints" / "20")
+  _, resumed, history = train.train(config, str(workdir), digits)
+  chex.assert_trees_all_equal(resumed, straight)
+  assert [r["step"] for r in history] == list(range(20))  # no duplicated metric rows
+
+
+def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, digits):
+  config = tiny_config()
+  workdir = str(tmp_path)
+  train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)  # 10 iterations
+  poisoned = data.ImageData(digits.images * np.float32(1e38), digits.labels, 10)
+  with pytest.raises(NonFiniteLossError, match=r"block \d is .* at step 1\d"):
+    train.train(config, workdir, poisoned)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if d.isdigit())
+  assert steps[-1] == 10  # nothing saved past the last good one
+  _, states, _ = train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)
+  chex.assert_tree_all_finite(states)
+
+
+def test_unwritable_workdir_is_reported(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(WorkdirError, match="not writable"):
+    train.train(tiny_config(), str(blocker / "run"))
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, digits):
+  train.train(tiny_config(), str(tmp_path), digits)
+  other = tiny_config(**{"diffusion__num_blocks": 4})
+  with pytest.raises(ConfigError, match="diffusion.num_blocks"):
+    train.train(other, str(tmp_path), digits)
+
+
+def test_restore_run_reads_config_from_checkpoint(tmp_path, digits):
+  config = tiny_config(**{"model__hidden_size": 48})
+  _, states, _ = train.train(config, str(tmp_path), digits)
+  restored_config, model, restored = train.restore_run(str(tmp_path))
+  assert restored_config.model.hidden_size == 48 and model.num_blocks == 2
+  chex.assert_trees_all_equal(restored, states)
+
+
+def test_train_and_evaluate_writes_its_outputs(tmp_path):
+  config = tiny_config()
+  config.eval.enabled = True
+  config.eval.cache_dir = str(tmp_path / "cache")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  for name in ("samples.png", "loss_curves.png", "metrics.json", "train_metrics.jsonl"):
+    assert os.path.getsize(tmp_path / "run" / name) > 0
+  with open(tmp_path / "run" / "metrics.json") as f:
+    assert json.load(f)["frechet_distance"] == results["frechet_distance"]
+  assert np.isfinite(results["frechet_distance"]) and results["frechet_distance"] > 0
