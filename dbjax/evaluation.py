@@ -14,6 +14,7 @@ asked for ("class accuracy").
 """
 import hashlib
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
   a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
   mu_a, mu_b = a.mean(0), b.mean(0)
   cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+  with warnings.catch_warnings():  # a singular product is handled just below
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
   if not np.all(np.isfinite(covmean)):  # singular product: regularise, as FID code does
     offset = 1e-6 * np.eye(len(mu_a))
     covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -202,6 +202,13 @@ def generate_and_evaluate(config, workdir: str, model, states, test_data=None,
   return results
 
 
+def final_losses(history: list[dict], num_blocks: int, window: int = 20) -> dict:
+  """Mean loss of each block's last `window` iterations (None if it never trained)."""
+  losses = {b: [r["loss"] for r in history if r["block"] == b][-window:]
+            for b in range(num_blocks)}
+  return {b: float(np.mean(v)) if v else None for b, v in losses.items()}
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming if possible), then write samples.png, loss_curves.png and
   metrics.json to `workdir`; return the metrics."""
@@ -213,9 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {"method": config.method, "num_blocks": model.num_blocks,
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
-             "final_loss_per_block": {
-                 b: float(np.mean([r["loss"] for r in history if r["block"] == b][-20:]))
-                 for b in range(model.num_blocks)}}
+             "final_loss_per_block": final_losses(history, model.num_blocks)}
   results.update(generate_and_evaluate(config, workdir, model, states))
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)

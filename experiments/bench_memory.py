@@ -1,4 +1,4 @@
-"""Train-step memory of end-to-end training against DiffusionBlocks, for B = 1, 2, 3, 4, 6.
+r"""Train-step memory of end-to-end training against DiffusionBlocks, for B = 1, 2, 3, 4, 6.
 
 For one network (default: the paper's CIFAR-10 DiT, 12 layers, d=384, 256 tokens,
 batch 128), each method's compiled train-step footprint (memory_analysis) and the bytes
@@ -13,12 +13,12 @@ Prints a table and writes one JSON line per configuration.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dbjax import blocks, profiling
 from dbjax.config import validate
-from experiments.cli import config_help, one_line_errors, print_table
+from experiments.cli import run, config_help, print_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/cifar10.py",
                                           config_help(), lock_config=True)
@@ -37,7 +37,6 @@ def measure(config, method: str, num_blocks: int, remat: bool) -> dict:
           **memory, "resident_bytes": profiling.resident_bytes(model, batch)}
 
 
-@one_line_errors
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -69,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -1,4 +1,4 @@
-"""Step time of end-to-end training against one DiffusionBlocks block, side by side in
+r"""Step time of end-to-end training against one DiffusionBlocks block, side by side in
 one run, and sampling throughput of both.
 
   python -m experiments.bench_speed --config=experiments/configs/digits.py \
@@ -13,12 +13,12 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dbjax import blocks, profiling, sampling
 from dbjax.config import validate
-from experiments.cli import config_help, one_line_errors, print_table
+from experiments.cli import run, config_help, print_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -41,7 +41,6 @@ def samples_per_second(model, config, num_samples: int) -> float:
   return num_samples / (time.perf_counter() - start)
 
 
-@one_line_errors
 def main(argv):
   del argv
   rows = []
@@ -72,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -4,6 +4,8 @@ import glob
 import os
 import sys
 
+from absl import app
+
 from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -18,6 +20,11 @@ def config_help() -> str:
   return "experiment config file, one of: " + ", ".join(available_configs())
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def one_line_errors(main):
   """Report a bad config, bad data or a numerical fault as one line, exit status 2."""
   @functools.wraps(main)
@@ -25,14 +32,18 @@ def one_line_errors(main):
     try:
       return main(argv)
     except USER_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except AttributeError as e:  # ml_collections: a typo in a locked config's field
-      if "locked" in str(e) or "not exist" in str(e):
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-      raise
+      _fail(str(e))
   return wrapped
+
+
+def run(main):
+  """absl's app.run, with one-line errors also for config typos in --config.* flags,
+  which ml_collections reports while the flags are parsed, before main runs."""
+  try:
+    app.run(one_line_errors(main))
+  except AttributeError as e:
+    text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "").strip("'")
+    _fail(f"unknown config field in a --config override: {text}")
 
 
 def print_table(rows: list[dict], columns: list[str]):

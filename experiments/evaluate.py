@@ -6,10 +6,10 @@ feature space, and class accuracy of the samples; writes eval_<solver>_<steps>.j
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from dbjax.train import generate_and_evaluate, restore_run
-from experiments.cli import one_line_errors, print_table
+from experiments.cli import run, print_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the run's)")
@@ -19,7 +19,6 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (defa
 flags.mark_flags_as_required(["workdir"])
 
 
-@one_line_errors
 def main(argv):
   del argv
   config, model, states = restore_run(_WORKDIR.value)
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

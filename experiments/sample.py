@@ -1,4 +1,4 @@
-"""Sample from a trained run: any solver, number of steps and guidance scale.
+r"""Sample from a trained run: any solver, number of steps and guidance scale.
 
   python -m experiments.sample --workdir=runs/digits --num_steps=50 --solver=heun \
       --guidance_scale=2.0 --out=runs/digits/samples_heun.png
@@ -6,11 +6,11 @@
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from dbjax import plots, sampling
 from dbjax.train import grid_labels, restore_run
-from experiments.cli import one_line_errors
+from experiments.cli import run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the run's)")
@@ -21,7 +21,6 @@ _OUT = flags.DEFINE_string("out", None, "PNG path (default: <workdir>/samples_<s
 flags.mark_flags_as_required(["workdir"])
 
 
-@one_line_errors
 def main(argv):
   del argv
   config, model, states = restore_run(_WORKDIR.value)
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -1,4 +1,4 @@
-"""Train a run, then write samples.png, loss_curves.png and metrics.json to its workdir.
+r"""Train a run, then write samples.png, loss_curves.png and metrics.json to its workdir.
 
   python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
   python -m experiments.train --config=experiments/configs/digits.py \
@@ -9,18 +9,17 @@ command resumes from the latest checkpoint in the workdir.
 """
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dbjax.train import train_and_evaluate
-from experiments.cli import config_help, one_line_errors
+from experiments.cli import run, config_help
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and images")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-@one_line_errors
 def main(argv):
   del argv
   results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -29,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

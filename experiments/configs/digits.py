@@ -10,4 +10,5 @@ def get_config():
   config = default_config()
   config.data.name = "digits"
   config.data.image_size, config.data.channels, config.data.num_classes = 8, 1, 10
+  config.sample.guidance_scale = 2.0  # CFG, as the paper's DiT runs (measured in README)
   return config

@@ -1,0 +1,102 @@
+"""Data loading (digits, Fashion-MNIST IDX, tfds by name) and input validation."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dbjax import data
+from dbjax.errors import DataError
+
+
+def test_digits_split_shapes_and_range():
+  train, test = data.load_images("digits", "train"), data.load_images("digits", "test")
+  assert train.images.shape == (1437, 8, 8, 1) and test.images.shape == (360, 8, 8, 1)
+  assert train.images.dtype == np.float32 and train.labels.dtype == np.int32
+  assert train.images.min() == -1.0 and train.images.max() == 1.0
+  assert set(np.unique(train.labels)) == set(range(10))
+
+
+def write_idx(path, array):
+  header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 28, 28))
+  labels = np.array([0, 3, 9, 1, 2])
+  write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+  loaded = data.load_images("fashion_mnist", "test", str(tmp_path))
+  np.testing.assert_allclose(loaded.images[..., 0], images / 127.5 - 1.0, atol=1e-6)
+  np.testing.assert_array_equal(loaded.labels, labels)
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+  path = tmp_path / "bad.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 10) + b"\x01\x02")
+  with pytest.raises(DataError, match="header says"):
+    data.read_idx(str(path))
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+  with pytest.raises(DataError, match="dataset-fashion-mnist"):
+    data.load_images("fashion_mnist", "train", str(tmp_path))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(data.FASHION_MNIST_DIR),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist():
+  test = data.load_images("fashion_mnist", "test")
+  assert test.images.shape == (10000, 28, 28, 1) and test.num_classes == 10
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_by_name_with_mock_data(name, shape):
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    loaded = data.load_images(f"tfds:{name}", "train")
+  assert loaded.images.shape == (12,) + shape and loaded.num_classes == 10
+  assert -1.0 <= loaded.images.min() and loaded.images.max() <= 1.0
+
+
+def test_unknown_tfds_name_is_one_clear_error():
+  with pytest.raises(DataError, match="no_such_dataset"):
+    data.load_images("tfds:no_such_dataset", "train")
+
+
+def test_unknown_data_set_name():
+  with pytest.raises(DataError, match="config.data.name"):
+    data.load_images("imagenet", "train")
+
+
+GOOD = (np.zeros((4, 8, 8, 1), np.float32), np.arange(4, dtype=np.int32))
+
+
+@pytest.mark.parametrize("images,labels,message", [
+    (np.zeros((4, 8, 8), np.float32), GOOD[1], "shape"),
+    (np.zeros((4, 28, 28, 1), np.float32), GOOD[1], "expected \\(N, 8, 8, 1\\)"),
+    (np.zeros((4, 8, 8, 1), np.uint8), GOOD[1], "dtype uint8"),
+    (np.full((4, 8, 8, 1), np.nan, np.float32), GOOD[1], "NaN"),
+    (GOOD[0], np.array([0, 1, 2, 10]), "labels span \\[0, 10\\]"),
+    (GOOD[0], np.array([0, -1, 2, 3]), "labels span"),
+    (GOOD[0], np.array([0.0, 1.0, 2.0, 3.0]), "labels have dtype float"),
+    (GOOD[0], np.arange(3), "labels have shape"),
+])
+def test_bad_inputs_are_named(images, labels, message):
+  with pytest.raises(DataError, match=message):
+    data.check_images(images, labels, 8, 1, 10)
+
+
+def test_good_inputs_pass():
+  data.check_images(*GOOD, 8, 1, 10)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a = data.batch_indices(0, 7, 100, 16)
+  np.testing.assert_array_equal(a, data.batch_indices(0, 7, 100, 16))
+  assert not np.array_equal(a, data.batch_indices(0, 8, 100, 16))
+  assert len(set(a)) == 16  # without replacement within a batch
