@@ -4,7 +4,7 @@ import glob
 import os
 import sys
 
-from absl import app
+from absl import app, logging
 
 from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
 
@@ -29,6 +29,7 @@ def one_line_errors(main):
   """Report a bad config, bad data or a numerical fault as one line, exit status 2."""
   @functools.wraps(main)
   def wrapped(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       return main(argv)
     except USER_ERRORS as e:

@@ -1,0 +1,23 @@
+"""The quick-start notebook runs top to bottom (its code cells, in order)."""
+import json
+import os
+
+import matplotlib
+
+NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "notebooks", "quickstart.ipynb")
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+  matplotlib.use("Agg")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("DBJAX_NOTEBOOK_STEPS", "2")
+  monkeypatch.setenv("DBJAX_CACHE", str(tmp_path / "cache"))
+  with open(NOTEBOOK) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  assert all(not c["outputs"] for c in cells), "commit the notebook without outputs"
+  namespace = {}
+  for cell in cells:
+    exec(compile("".join(cell["source"]), NOTEBOOK, "exec"), namespace)
+  assert namespace["results"]["iterations"] == 6
+  assert os.path.exists(tmp_path / "runs" / "quickstart" / "samples.png")
