@@ -16,9 +16,8 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import blocks, profiling
-from dbjax.config import validate
-from experiments.cli import run, config_help, print_table
+from dbjax import profiling
+from experiments.cli import config_help, method_variant, print_table, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/fashion_mnist.py",
                                           config_help(), lock_config=True)
@@ -27,9 +26,8 @@ _OUT = flags.DEFINE_string("out", "results/bench_memory.jsonl", "JSON lines outp
 
 
 def measure(config, method: str, num_blocks: int, remat: bool) -> dict:
-  config = config.copy_and_resolve_references()
-  config.method, config.diffusion.num_blocks, config.model.remat = method, num_blocks, remat
-  model = blocks.build(validate(config))
+  config, model = method_variant(config, method, diffusion__num_blocks=num_blocks,
+                                 model__remat=remat)
   batch = config.train.batch_size
   memory = profiling.train_step_memory(model, batch)
   name = method + ("_remat" if remat else "")

@@ -17,8 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dbjax import blocks, profiling, sampling
-from dbjax.config import validate
-from experiments.cli import run, config_help, print_table
+from experiments.cli import config_help, method_variant, print_table, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -45,9 +44,7 @@ def main(argv):
   del argv
   rows = []
   for method in ("end_to_end", "diffusion_blocks"):
-    config = _CONFIG.value.copy_and_resolve_references()
-    config.method = method
-    model = blocks.build(validate(config))
+    config, model = method_variant(_CONFIG.value, method)
     rows.append({"method": method, "num_blocks": model.num_blocks,
                  "layers_per_step": model.dit.num_layers,
                  "step_seconds": profiling.time_train_step(model, config.train.batch_size,

@@ -6,6 +6,8 @@ import sys
 
 from absl import app, logging
 
+from dbjax import blocks
+from dbjax.config import validate
 from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -45,6 +47,19 @@ def run(main):
   except AttributeError as e:
     text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "").strip("'")
     _fail(f"unknown config field in a --config override: {text}")
+
+
+def method_variant(base_config, method: str, **diffusion_and_model_overrides):
+  """A validated copy of `base_config` trained by `method`, and its BlockModel.
+
+  Overrides are given as section__field=value, e.g. diffusion__num_blocks=4.
+  """
+  config = base_config.copy_and_resolve_references()
+  config.method = method
+  for dotted, value in diffusion_and_model_overrides.items():
+    section, field = dotted.split("__")
+    config[section][field] = value
+  return config, blocks.build(validate(config))
 
 
 def print_table(rows: list[dict], columns: list[str]):

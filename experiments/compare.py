@@ -16,10 +16,9 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import blocks, profiling
-from dbjax.config import validate
+from dbjax import profiling
 from dbjax.train import train_and_evaluate
-from experiments.cli import config_help, print_table, run
+from experiments.cli import config_help, method_variant, print_table, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -30,9 +29,7 @@ def main(argv):
   del argv
   rows = []
   for method in ("end_to_end", "diffusion_blocks"):
-    config = _CONFIG.value.copy_and_resolve_references()
-    config.method = method
-    model = blocks.build(validate(config))
+    config, model = method_variant(_CONFIG.value, method)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, method))
     memory = profiling.train_step_memory(model, config.train.batch_size)
     rows.append({"method": method, "iterations": results["iterations"],
