@@ -21,6 +21,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -66,7 +67,7 @@ def _read_history(path: str, before_step: int) -> list[dict]:
 def _train_block_steps(step_fn, state, model, block_index, steps, train_data, config, bar):
   """Run one block (already on device) through its iterations; return state, metrics."""
   metrics = []
-  interval = jax.numpy.asarray(model.intervals[block_index])
+  interval = jnp.asarray(model.intervals[block_index])
   for step in steps:
     index = data_lib.batch_indices(config.seed, int(step), len(train_data.labels),
                                    config.train.batch_size)
@@ -75,6 +76,27 @@ def _train_block_steps(step_fn, state, model, block_index, steps, train_data, co
     metrics.append(step_metrics)
     bar.update(1)
   return state, jax.device_get(metrics)
+
+
+def _train_interval(step_fn, states, model, chunk, train_data, config, bar) -> list[dict]:
+  """Train the iterations in `chunk`, regrouped by block; update the host `states` in
+  place and return the metric rows in iteration order."""
+  schedule = np.array([block_for_step(config.seed, s, model.num_blocks) for s in chunk])
+  rows = []
+  for b in range(model.num_blocks):
+    own_steps = chunk[schedule == b]
+    if len(own_steps) == 0:
+      continue
+    state, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), model, b,
+                                        own_steps, train_data, config, bar)
+    for step, m in zip(own_steps, metrics):
+      if not np.isfinite(m["loss"]):
+        raise NonFiniteLossError(int(step), b, float(m["loss"]))
+      rows.append({"step": int(step), "block": b, "loss": float(m["loss"]),
+                   "grad_norm": float(m["grad_norm"])})
+    states[b] = jax.device_get(state)  # back to host: the device holds one block
+    del state  # free its device buffers before the next block is put there
+  return sorted(rows, key=lambda r: r["step"])
 
 
 def train(config, workdir: str, train_data: data_lib.ImageData | None = None):
@@ -106,21 +128,7 @@ def train(config, workdir: str, train_data: data_lib.ImageData | None = None):
   try:
     for chunk_start in range(start, total, config.train.checkpoint_every):
       chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
-      schedule = np.array([block_for_step(config.seed, s, model.num_blocks) for s in chunk])
-      rows = []
-      for b in range(model.num_blocks):
-        own_steps = chunk[schedule == b]
-        if len(own_steps) == 0:
-          continue
-        state, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), model, b,
-                                            own_steps, train_data, config, bar)
-        for step, m in zip(own_steps, metrics):
-          if not np.isfinite(m["loss"]):
-            raise NonFiniteLossError(int(step), b, float(m["loss"]))
-          rows.append({"step": int(step), "block": b, "loss": float(m["loss"]),
-                       "grad_norm": float(m["grad_norm"])})
-        states[b] = jax.device_get(state)  # back to host: the device holds one block
-      rows.sort(key=lambda r: r["step"])
+      rows = _train_interval(step_fn, states, model, chunk, train_data, config, bar)
       with open(metrics_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
       history += rows
@@ -173,14 +181,15 @@ def grid_labels(config) -> np.ndarray:
 
 
 def generate_and_evaluate(config, workdir: str, model, states, test_data=None,
-                          train_data=None) -> dict:
-  """Sample grid PNG and, if config.eval.enabled, Frechet distance metrics."""
+                          train_data=None, grid_name: str = "samples.png") -> dict:
+  """Sample grid PNG <workdir>/<grid_name> and, if config.eval.enabled, Frechet distance
+  metrics."""
   stacked = sampling.stack_params([s.params for s in states])
   key = jax.random.fold_in(jax.random.key(config.seed), 10**9)
   s = config.sample
   grid = sampling.sample_in_batches(model, stacked, key, grid_labels(config), s.num_steps,
                                     s.solver, s.guidance_scale, batch_size=s.grid_size**2)
-  plots.save_image_grid(grid, os.path.join(workdir, "samples.png"), rows=s.grid_size)
+  plots.save_image_grid(grid, os.path.join(workdir, grid_name), rows=s.grid_size)
   results = {"sample_steps": s.num_steps, "solver": s.solver,
              "guidance_scale": s.guidance_scale}
   if not config.eval.enabled:

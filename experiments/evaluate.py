@@ -1,5 +1,6 @@
 """Evaluate a trained run: Frechet distance to the test set in a cached classifier's
-feature space, and class accuracy of the samples; writes eval_<solver>_<steps>.json.
+feature space, and class accuracy of the samples; writes
+eval_<solver>_<steps>_cfg<scale>.json and a sample grid .png beside it.
 
   python -m experiments.evaluate --workdir=runs/digits --num_steps=50 --solver=heun
 """
@@ -31,10 +32,12 @@ def main(argv):
   if _NUM_SAMPLES.value:
     config.eval.num_samples = _NUM_SAMPLES.value
   config.eval.enabled = True
-  results = generate_and_evaluate(config, _WORKDIR.value, model, states)
+  name = (f"eval_{config.sample.solver}_{config.sample.num_steps}"
+          f"_cfg{config.sample.guidance_scale:g}")
+  results = generate_and_evaluate(config, _WORKDIR.value, model, states,
+                                  grid_name=f"{name}.png")
   print_table([results], list(results))
-  name = f"eval_{config.sample.solver}_{config.sample.num_steps}.json"
-  with open(os.path.join(_WORKDIR.value, name), "w") as f:
+  with open(os.path.join(_WORKDIR.value, f"{name}.json"), "w") as f:
     json.dump(results, f, indent=2)
 
 
