@@ -43,14 +43,15 @@ def default_config() -> ml_collections.ConfigDict:
       # of one block each, so both methods spend the same number of layer evaluations
       # and every block gets about num_steps updates (paper, Sec. 4).
       num_steps=600,
-      batch_size=128, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0,
+      batch_size=128, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.99, grad_clip=1.0,
       checkpoint_every=200,  # iterations between checkpoints (and metric flushes)
       max_checkpoints=2,
       progress=True,
   ))
   c.sample = ml_collections.ConfigDict(dict(
-      num_steps=30, solver="euler", guidance_scale=1.0,  # 1.0 = no guidance
+      num_steps=30, solver="euler",
+      guidance_scale=2.0,    # classifier-free guidance; 1.0 = none
       grid_size=10,          # the PNG grid is grid_size x grid_size
   ))
   c.eval = ml_collections.ConfigDict(dict(
