@@ -4,22 +4,27 @@ import pytest
 from dbjax.config import default_config
 
 
-def tiny_config(**overrides):
-  """A 4-layer, 2-block DiT on digits with a short schedule; eval off unless asked."""
-  config = default_config()
-  config.model.num_layers = 4
+def shrink_model(config):
+  """A narrow network, no progress bars, no evaluation: for runs that take seconds."""
   config.model.hidden_size = 32
   config.model.num_heads = 2
   config.model.frequency_dim = 32
+  config.train.progress = False
+  config.eval.enabled = False
+  return config
+
+
+def tiny_config(**overrides):
+  """A 4-layer, 2-block DiT on digits with a short schedule; eval off unless asked."""
+  config = shrink_model(default_config())
+  config.model.num_layers = 4
   config.diffusion.num_blocks = 2
   config.train.num_steps = 10
   config.train.batch_size = 32
   config.train.warmup_steps = 2
   config.train.checkpoint_every = 5
-  config.train.progress = False
   config.sample.num_steps = 4
   config.sample.grid_size = 4
-  config.eval.enabled = False
   config.eval.num_samples = 100
   config.eval.classifier_steps = 50
   for dotted, value in overrides.items():

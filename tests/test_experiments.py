@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from dbjax.train import train_and_evaluate
 from experiments.cli import available_configs
+from tests.conftest import shrink_model
 from tests.test_data import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,15 +28,11 @@ def load_config(name):
 
 def shrink(config):
   """Keep the config's data and shapes, cut the work to one step of each block."""
-  config.model.hidden_size = 32
-  config.model.num_heads = 2
-  config.model.frequency_dim = 32
+  config = shrink_model(config)
   config.train.num_steps = 1
   config.train.batch_size = 4
-  config.train.progress = False
   config.sample.num_steps = config.diffusion.num_blocks
   config.sample.grid_size = 2
-  config.eval.enabled = False
   return config
 
 
@@ -104,3 +101,49 @@ def test_command_line_errors_are_one_line(flag, message, tmp_path):
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
+              "--config.model.num_heads=2", "--config.model.frequency_dim=32",
+              "--config.train.batch_size=8", "--config.sample.num_steps=2"]
+
+
+def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
+  out = tmp_path / "memory.jsonl"
+  result = run_cli("experiments.bench_memory", "--config=experiments/configs/digits.py",
+                   "--num_blocks=2", f"--out={out}", *TINY_FLAGS)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["method"], r["num_blocks"]) for r in rows] == [
+      ("end_to_end", 1), ("diffusion_blocks", 2),
+      ("end_to_end_remat", 1), ("diffusion_blocks_remat", 2)]
+  for row in rows:
+    assert row["step_bytes"] > 0 and row["resident_bytes"] > 0
+  assert rows[1]["step_ratio"] == rows[0]["step_bytes"] / rows[1]["step_bytes"]
+  assert rows[1]["resident_bytes"] < rows[0]["resident_bytes"]
+  assert "step_ratio" in result.stdout
+
+
+def test_bench_speed_reports_the_ratio(tmp_path):
+  out = tmp_path / "speed.json"
+  run_cli("experiments.bench_speed", "--config=experiments/configs/digits.py",
+          "--config.diffusion.num_blocks=2", "--repeats=2", "--num_samples=4",
+          f"--out={out}", *TINY_FLAGS)
+  summary = json.loads(out.read_text())
+  e2e, db = summary["rows"]
+  assert summary["step_time_ratio"] == e2e["step_seconds"] / db["step_seconds"]
+  assert db["layers_per_step"] == 1 and e2e["layers_per_step"] == 2
+
+
+def test_compare_trains_both_methods_at_a_matched_budget(tmp_path):
+  run_cli("experiments.compare", "--config=experiments/configs/digits.py",
+          f"--workdir={tmp_path}", "--config.diffusion.num_blocks=2",
+          "--config.train.num_steps=2", "--config.train.progress=False",
+          "--config.sample.grid_size=2", "--config.eval.num_samples=20",
+          "--config.eval.classifier_steps=5", f"--config.eval.cache_dir={tmp_path / 'cache'}",
+          *TINY_FLAGS)
+  summary = json.loads((tmp_path / "compare.json").read_text())
+  e2e, db = summary["rows"]
+  assert (e2e["iterations"], db["iterations"]) == (2, 4)  # B times the iterations
+  assert e2e["iterations"] * e2e["layers_per_iteration"] == db["iterations"] * db[
+      "layers_per_iteration"]
+  assert summary["frechet_ratio_db_over_e2e"] > 0
