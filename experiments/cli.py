@@ -62,6 +62,18 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
   return config, blocks.build(validate(config))
 
 
+def with_field(config, dotted: str, text: str):
+  """A copy of config with field `dotted` set from `text`, parsed as the field's type."""
+  config = config.copy_and_resolve_references()
+  *sections, name = dotted.split(".")
+  holder = config
+  for section in sections:
+    holder = holder[section]
+  kind = type(holder[name])
+  holder[name] = (text.lower() in ("1", "true")) if kind is bool else kind(text)
+  return validate(config)
+
+
 def print_table(rows: list[dict], columns: list[str]):
   """A plain aligned table on stdout."""
   cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dbjax.train import train_and_evaluate
-from experiments.cli import available_configs
+from experiments.cli import available_configs, with_field
 from tests.conftest import shrink_model
 from tests.test_data import write_idx
 
@@ -147,3 +147,26 @@ def test_compare_trains_both_methods_at_a_matched_budget(tmp_path):
   assert e2e["iterations"] * e2e["layers_per_iteration"] == db["iterations"] * db[
       "layers_per_iteration"]
   assert summary["frechet_ratio_db_over_e2e"] > 0
+
+
+def test_sweep_trains_each_value(tmp_path):
+  run_cli("experiments.sweep", "--config=experiments/configs/digits.py",
+          "--field=diffusion.num_blocks", "--values=1,2", f"--workdir={tmp_path}",
+          "--config.train.num_steps=2", "--config.train.progress=False",
+          "--config.sample.grid_size=2", "--config.eval.num_samples=20",
+          "--config.eval.classifier_steps=5", f"--config.eval.cache_dir={tmp_path / 'cache'}",
+          *TINY_FLAGS)
+  rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+  assert [(r["diffusion.num_blocks"], r["iterations"]) for r in rows] == [("1", 2), ("2", 4)]
+  assert rows[1]["step_MiB"] < rows[0]["step_MiB"]
+
+
+def test_sweep_parses_values_as_the_field_type():
+  base = load_config("digits")
+  assert with_field(base, "diffusion.num_blocks", "4").diffusion.num_blocks == 4
+  assert with_field(base, "diffusion.overlap_gamma", "0").diffusion.overlap_gamma == 0.0
+  assert with_field(base, "model.remat", "true").model.remat is True
+  assert with_field(base, "diffusion.partition", "uniform_log").diffusion.partition == (
+      "uniform_log")
+  with pytest.raises(Exception, match="num_blocks=5"):
+    with_field(base, "diffusion.num_blocks", "5")  # does not divide 12 layers
