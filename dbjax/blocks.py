@@ -86,6 +86,11 @@ def init_block(model: BlockModel, key: jax.Array) -> BlockState:
   return BlockState(params, model.optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
+def abstract_block_state(model: BlockModel) -> BlockState:
+  """Shapes and dtypes of one block's state, allocating nothing."""
+  return jax.eval_shape(lambda: init_block(model, jax.random.key(0)))
+
+
 def init_blocks_on_host(model: BlockModel, seed: int) -> list[BlockState]:
   """All B blocks' states, created one at a time and kept in host memory (numpy).
 

@@ -54,7 +54,8 @@ class RunCheckpointer:
   def restore(self, target_states, config, step=None):
     """(step, states as numpy, metadata) of `step` (default: the latest).
 
-    target_states: freshly initialised states of this run, giving structure and shapes.
+    target_states: this run's states, concrete or abstract (jax.ShapeDtypeStruct),
+      giving structure and shapes.
     Refuses a checkpoint made with a config of other shapes, naming the field.
     """
     step = self.manager.latest_step() if step is None else step

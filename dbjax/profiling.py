@@ -25,15 +25,11 @@ def _example_batch(model: blocks.BlockModel, batch_size: int):
   return images, labels
 
 
-def abstract_block_state(model: blocks.BlockModel) -> blocks.BlockState:
-  return jax.eval_shape(lambda: blocks.init_block(model, jax.random.key(0)))
-
-
 def train_step_memory(model: blocks.BlockModel, batch_size: int) -> dict:
   """Compiled memory of one block's train step, in bytes (no allocation needed)."""
   images, labels = _example_batch(model, batch_size)
   compiled = blocks.jit_train_step(model).lower(
-      abstract_block_state(model), images, labels, jax.random.key(0),
+      blocks.abstract_block_state(model), images, labels, jax.random.key(0),
       jnp.asarray(model.intervals[0])).compile()
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,

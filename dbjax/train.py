@@ -112,12 +112,13 @@ def train(config, workdir: str, train_data: data_lib.ImageData | None = None):
   data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
                         config.data.channels, config.data.num_classes, "training images")
   model = blocks.build(config)
-  states = blocks.init_blocks_on_host(model, config.seed)
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  model.num_blocks, config.train.max_checkpoints)
-  start = 0
-  if checkpointer.latest_step() is not None:
-    start, states, _ = checkpointer.restore(states, config)
+  if checkpointer.latest_step() is None:
+    start, states = 0, blocks.init_blocks_on_host(model, config.seed)
+  else:
+    start, states, _ = checkpointer.restore(
+        [blocks.abstract_block_state(model)] * model.num_blocks, config)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   history = _read_history(metrics_path, start)
 
@@ -159,7 +160,8 @@ def restore_run(workdir: str, config=None):
     config.update_from_flattened_dict(_flatten(meta["config"]))
   model = blocks.build(config_lib.validate(config))
   checkpointer = RunCheckpointer(directory, model.num_blocks, config.train.max_checkpoints)
-  _, states, _ = checkpointer.restore(blocks.init_blocks_on_host(model, config.seed), config)
+  _, states, _ = checkpointer.restore([blocks.abstract_block_state(model)] * model.num_blocks,
+                                      config)
   checkpointer.close()
   return config, model, states
 
@@ -222,7 +224,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming if possible), then write samples.png, loss_curves.png and
   metrics.json to `workdir`; return the metrics."""
   start = time.perf_counter()
-  model, states, history = train(config, workdir)
+  config_lib.validate(config)
+  train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
+  model, states, history = train(config, workdir, train_data)
   train_seconds = time.perf_counter() - start
   plots.save_loss_curves(history, model.num_blocks, os.path.join(workdir, "loss_curves.png"),
                          title=f"{config.method}, {config.data.name}")
@@ -230,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
              "final_loss_per_block": final_losses(history, model.num_blocks)}
-  results.update(generate_and_evaluate(config, workdir, model, states))
+  results.update(generate_and_evaluate(config, workdir, model, states, train_data=train_data))
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
