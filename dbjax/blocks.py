@@ -94,8 +94,8 @@ def abstract_block_state(model: BlockModel) -> BlockState:
 def init_blocks_on_host(model: BlockModel, seed: int) -> list[BlockState]:
   """All B blocks' states, created one at a time and kept in host memory (numpy).
 
-  Shapes first (jax.eval_shape), then one compiled init reused for every block, so
-  at most one block is ever on the accelerator.
+  One compiled init serves every block, and each block goes to host memory before the
+  next is made, so at most one block is ever on the accelerator.
   """
   init = jax.jit(lambda key: init_block(model, key))
   base = jax.random.key(seed)
