@@ -17,3 +17,7 @@ from dbjax.noise import block_boundaries, block_of_sigma
 from dbjax.train import train_and_evaluate
 
 __version__ = "0.1.0"
+
+__all__ = ["blocks", "config", "data", "dit", "edm", "errors", "evaluation", "noise", "plots",
+           "sampling", "default_config", "block_boundaries", "block_of_sigma",
+           "train_and_evaluate"]

@@ -1,5 +1,4 @@
 """Config errors name the field, the value and what is allowed."""
-import ml_collections
 import pytest
 
 from dbjax import config as config_lib

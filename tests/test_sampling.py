@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dbjax import blocks, edm, noise, sampling
 from tests.conftest import tiny_config
