@@ -10,7 +10,9 @@ is on the accelerator. Because blocks share nothing, the iterations of a checkpo
 interval are regrouped by block (each block still sees its own iterations in order,
 with the batch and key of that iteration), which gives exactly the parameters of the
 interleaved order while moving each block to the device once per interval, not once
-per iteration.
+per iteration. (This holds only while blocks share no trained parameters, as for
+images; a jointly trained label or token embedding would couple them and need the
+interleaved order.)
 
 Determinism: the block, the batch and the key of iteration `step` are pure functions
 of (seed, step), so a run resumed from a checkpoint continues exactly as an
