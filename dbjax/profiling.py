@@ -69,7 +69,7 @@ def time_train_step(model: blocks.BlockModel, batch_size: int, repeats: int = 10
                     warmup: int = 2) -> float:
   """Median seconds of one block's train step (compiled, data already on the device)."""
   step = blocks.jit_train_step(model)
-  state = jax.device_put(blocks.init_blocks_on_host(model, 0)[0])
+  state = jax.jit(lambda key: blocks.init_block(model, key))(jax.random.key(0))  # one block
   rng = np.random.default_rng(0)
   d = model.dit
   images = jnp.asarray(rng.standard_normal((batch_size, d.image_size, d.image_size,

@@ -1,4 +1,5 @@
-"""What every entry point shares: the list of configs, and one-line errors."""
+"""What every entry point shares: the list of configs, one-line errors around absl's
+app.run, config variants (by method, or one field from text) and a plain table printer."""
 import functools
 import glob
 import os
