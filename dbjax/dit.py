@@ -136,14 +136,37 @@ class DiTLayer(nnx.Module):
     return x + gate_mlp[:, None] * mlp
 
 
-class FinalLayer(nnx.Module):
-  """adaLN then a zero-initialised projection back to patches."""
+def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer:
+  """cfg.num_layers DiTLayers as one module whose parameters have a leading layer axis."""
+  layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
+  return nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
 
-  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-    d = cfg.hidden_size
+
+def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool):
+  """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D)."""
+  layer_graph, layer_states = nnx.split(layers)
+
+  def apply_layer(tokens, layer_state):
+    return nnx.merge(layer_graph, layer_state)(tokens, cond), None
+
+  if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
+    apply_layer = jax.checkpoint(apply_layer)
+  # Without remat the loop is unrolled: XLA's while loop holds one extra iteration's
+  # residuals (measured: 80 MiB on the Fashion-MNIST DiT, 18% of the 12-layer step), a
+  # fixed cost that would also blur the 1/B saving. With remat it must stay a loop, or
+  # XLA folds the recomputation away (ENVIRONMENT.md; 187 against 1275 MiB measured).
+  tokens, _ = jax.lax.scan(apply_layer, tokens, layer_states, unroll=not remat)
+  return tokens
+
+
+class FinalLayer(nnx.Module):
+  """adaLN then a zero-initialised projection: to patches (DiT) or to logits (ViT)."""
+
+  def __init__(self, hidden_size: int, out_features: int, *, rngs: nnx.Rngs):
+    d = hidden_size
     self.norm = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
     self.modulation = _zero_linear(d, 2 * d, rngs)
-    self.out = _zero_linear(d, cfg.patch_size**2 * cfg.channels, rngs)
+    self.out = _zero_linear(d, out_features, rngs)
 
   def __call__(self, x, cond):
     shift, scale = jnp.split(self.modulation(nnx.silu(cond)), 2, axis=-1)
@@ -160,26 +183,13 @@ class DiT(nnx.Module):
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.label_embed = nnx.Embed(cfg.num_classes + 1, d,
                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
-    self.layers = nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
-    self.final = FinalLayer(cfg, rngs=rngs)
+    self.layers = stacked_layers(cfg, rngs)
+    self.final = FinalLayer(d, cfg.patch_size**2 * cfg.channels, rngs=rngs)
 
   def __call__(self, x: jax.Array, c_noise: jax.Array, labels: jax.Array) -> jax.Array:
     cfg = self.cfg
     position = sincos_position_embedding(cfg.hidden_size, cfg.image_size // cfg.patch_size)
     tokens = self.patch_embed(patchify(x, cfg.patch_size)) + position
     cond = self.sigma_embed(c_noise) + self.label_embed(labels)
-
-    layer_graph, layer_states = nnx.split(self.layers)
-
-    def apply_layer(tokens, layer_state):
-      return nnx.merge(layer_graph, layer_state)(tokens, cond), None
-
-    if cfg.remat:  # Keep only each layer's input; recompute the rest in the backward pass.
-      apply_layer = jax.checkpoint(apply_layer)
-    # Without remat the loop is unrolled: XLA's while loop holds one extra iteration's
-    # residuals (measured: 80 MiB on the Fashion-MNIST DiT, 18% of the 12-layer step), a
-    # fixed cost that would also blur the 1/B saving. With remat it must stay a loop, or
-    # XLA folds the recomputation away (ENVIRONMENT.md; 187 against 1275 MiB measured).
-    tokens, _ = jax.lax.scan(apply_layer, tokens, layer_states, unroll=not cfg.remat)
+    tokens = apply_layers(self.layers, tokens, cond, cfg.remat)
     return unpatchify(self.final(tokens, cond), cfg.patch_size, cfg.channels)
