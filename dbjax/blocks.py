@@ -42,16 +42,26 @@ class BlockModel:
   graphdef: nnx.GraphDef
   optimizer: optax.GradientTransformation
 
+  # Image blocks share no trained parameters: the driver may regroup their iterations.
+  couples_blocks = False
+
+  @property
+  def network_config(self):
+    """The config of one block's network."""
+    return self.dit
+
   def new_network(self, key) -> DiT:
     return DiT(self.dit, rngs=nnx.Rngs(params=key))
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and warmup + cosine decay over a block's own steps."""
+def make_optimizer(train_cfg, num_updates: int | None = None) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and warmup + cosine decay over `num_updates` steps
+  (default train.num_steps: about the updates each block gets)."""
+  num_updates = train_cfg.num_steps if num_updates is None else num_updates
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_cfg.learning_rate,
       warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
+      decay_steps=max(num_updates, train_cfg.warmup_steps + 1),
       end_value=0.1 * train_cfg.learning_rate)
   return optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
@@ -102,6 +112,16 @@ def init_blocks_on_host(model: BlockModel, seed: int) -> list[BlockState]:
   return [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
 
 
+def init_on_host(model: BlockModel, seed: int):
+  """(all blocks' host states, shared state): image blocks share nothing, so None."""
+  return init_blocks_on_host(model, seed), None
+
+
+def abstract_states(model: BlockModel):
+  """(one block's abstract state, abstract shared state = None)."""
+  return abstract_block_state(model), None
+
+
 def block_loss(model: BlockModel, params, images, labels, key, interval):
   """Mean weighted denoising loss of one block on a batch (paper, Eq. 6).
 
@@ -136,3 +156,12 @@ def jit_train_step(model: BlockModel):
   """train_step compiled once for all blocks; the incoming state's buffers are donated."""
   return jax.jit(lambda state, images, labels, key, interval: train_step(
       model, state, images, labels, key, interval), donate_argnums=0)
+
+
+def jit_run_step(model: BlockModel):
+  """The driver's step, (state, shared, images, labels, key, interval) ->
+  (state, shared, metrics), which image blocks serve with shared = None."""
+  def step(state, shared, images, labels, key, interval):
+    state, metrics = train_step(model, state, images, labels, key, interval)
+    return state, shared, metrics
+  return jax.jit(step, donate_argnums=0)

@@ -1,4 +1,5 @@
-"""Run checkpoints with orbax: one item per block, plus a JSON item of run metadata.
+"""Run checkpoints with orbax: one item per block, the shared state (classification)
+if the run has one, and a JSON item of run metadata.
 
 Blocks are saved from and restored to host memory (numpy), so neither saving nor
 resuming ever puts more than the active block on the accelerator. Orbax writes each
@@ -15,7 +16,8 @@ from dbjax.errors import ConfigError
 
 # Fields that fix the shapes of the saved state: a checkpoint whose values differ
 # cannot be restored into this run.
-SHAPE_FIELDS = ("method", "model.num_layers", "model.hidden_size", "model.num_heads",
+SHAPE_FIELDS = ("method", "task", "classifier.target_token", "classifier.shared_modules",
+                "model.num_layers", "model.hidden_size", "model.num_heads",
                 "model.mlp_ratio", "model.patch_size", "model.frequency_dim",
                 "diffusion.num_blocks", "data.image_size", "data.channels",
                 "data.num_classes")
@@ -24,7 +26,7 @@ SHAPE_FIELDS = ("method", "model.num_layers", "model.hidden_size", "model.num_he
 def _field(config_dict: dict, dotted: str):
   value = config_dict
   for part in dotted.split("."):
-    value = value[part]
+    value = value.get(part) if isinstance(value, dict) else None
   return value
 
 
@@ -40,8 +42,10 @@ class RunCheckpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, block_states, config, metadata: dict):
+  def save(self, step: int, block_states, config, metadata: dict, shared=None):
     items = {f"block_{b}": ocp.args.PyTreeSave(state) for b, state in enumerate(block_states)}
+    if shared is not None:
+      items["shared"] = ocp.args.PyTreeSave(shared)
     meta = dict(metadata, step=step, config=json.loads(config.to_json()))
     self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
     self.manager.wait_until_finished()
@@ -51,11 +55,12 @@ class RunCheckpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, target_states, config, step=None):
-    """(step, states as numpy, metadata) of `step` (default: the latest).
+  def restore(self, target_states, config, step=None, target_shared=None):
+    """(step, states as numpy, shared state as numpy or None, metadata) of `step`
+    (default: the latest).
 
-    target_states: this run's states, concrete or abstract (jax.ShapeDtypeStruct),
-      giving structure and shapes.
+    target_states, target_shared: this run's states, concrete or abstract
+      (jax.ShapeDtypeStruct), giving structure and shapes.
     Refuses a checkpoint made with a config of other shapes, naming the field.
     """
     step = self.manager.latest_step() if step is None else step
@@ -69,10 +74,14 @@ class RunCheckpointer:
             "use another workdir or the same config")
     as_numpy = lambda tree: jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    items = {f"block_{b}": ocp.args.PyTreeRestore(item=state, restore_args=as_numpy(state))
-             for b, state in enumerate(target_states)}
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return step, [restored[f"block_{b}"] for b in range(self.num_blocks)], meta
+    targets = {f"block_{b}": state for b, state in enumerate(target_states)}
+    if target_shared is not None:
+      targets["shared"] = target_shared
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        name: ocp.args.PyTreeRestore(item=target, restore_args=as_numpy(target))
+        for name, target in targets.items()}))
+    return (step, [restored[f"block_{b}"] for b in range(self.num_blocks)],
+            restored["shared"] if target_shared is not None else None, meta)
 
   def close(self):
     self.manager.close()

@@ -11,7 +11,15 @@ from dbjax.errors import ConfigError
 from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
+TASKS = ("generation", "classification")
 SOLVERS = ("euler", "heun")
+CLASSIFIER_CHOICES = {
+    "target_token": ("class_token", "concat"),
+    "loss_weighting": ("per_example", "batch_mean"),
+    "bridge": ("argmax", "expected"),
+    "label_embedding": ("joint", "frozen"),
+    "shared_modules": ("per_block", "shared"),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -19,6 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
   # "diffusion_blocks": B blocks, each a denoiser over its own noise interval, trained
   # one at a time. "end_to_end": the same layers as one denoiser over all noise levels.
   c.method = "diffusion_blocks"
+  # "generation": a DiT denoises images. "classification": a ViT denoises a label
+  # embedding given the image (dbjax.classify); end-to-end is then a plain ViT.
+  c.task = "generation"
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
@@ -37,6 +48,23 @@ def default_config() -> ml_collections.ConfigDict:
       partition="equiprobable",  # or "uniform_log" (the paper's ablation)
       overlap_gamma=0.05,   # widen each block's training interval (paper, Sec. 3.3)
       p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+  ))
+  c.classifier = ml_collections.ConfigDict(dict(
+      # Where the noisy label enters: as the [CLS] token (released code) or beside a
+      # learnable [CLS] token (paper's text).
+      target_token="class_token",
+      # Eq. 6 per example (paper), or mean(w) * mean(CE) over the batch (released code).
+      loss_weighting="per_example",
+      # Estimate the Euler step moves toward: the argmax label's embedding row, or the
+      # expected row softmax(logits) @ E (shrinks its norm when unsure).
+      bridge="argmax",
+      # The label embedding: trained with whichever block is active, or frozen.
+      label_embedding="joint",
+      # Patch embedding, sigma embedder and head: one copy per block, or one shared
+      # copy trained with whichever block is active.
+      shared_modules="per_block",
+      augment=False,             # random flip and crop of training images
+      inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
   ))
   c.train = ml_collections.ConfigDict(dict(
       # Budget in end-to-end iterations. DiffusionBlocks runs num_steps * B iterations
@@ -59,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_samples=1000,      # generated images for the Frechet distance
       classifier_steps=400,  # training steps of the cached feature classifier
       cache_dir="",          # "" = $DBJAX_CACHE or ~/.cache/dbjax
+      max_test_examples=0,   # classification: test examples evaluated; 0 = all
   ))
   c.lock()
   return c
@@ -84,6 +113,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_fields(config, default_config())
   m, d, t, s, data = config.model, config.diffusion, config.train, config.sample, config.data
   _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
+  _require(config.task in TASKS, "task", config.task, f"one of {TASKS}")
+  for field, allowed in CLASSIFIER_CHOICES.items():
+    _require(config.classifier[field] in allowed, f"classifier.{field}",
+             config.classifier[field], f"one of {allowed}")
+  steps = config.classifier.inference_steps
+  _require(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps),
+           "classifier.inference_steps", steps, "a non-empty tuple of positive integers")
+  _require(config.eval.max_test_examples >= 0, "eval.max_test_examples",
+           config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),
                        ("data.num_classes", data.num_classes),
                        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),

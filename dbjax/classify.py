@@ -1,0 +1,318 @@
+"""DiffusionBlocks for classification: B ViT blocks that denoise a label embedding.
+
+The target is y = E[label], a row of a learnable label embedding E (C, D) whose rows are
+L2-normalised (METHOD.md, task table). Block b trains on sigmas from its own interval:
+
+  z = y + sigma eps,   logits = F_b(images, c_in z, c_noise),
+  loss = mean_i w(sigma_i) CE_i                  (paper, Eq. 6: "per_example"), or
+  loss = mean_i w(sigma_i) * mean_i CE_i         (the released code: "batch_mean"),
+
+with the EDM c_in, c_noise and w(sigma) = 1 / c_out^2 of dbjax.edm. Inference is a
+chain of N denoising calls down the same sigma grid as image sampling, one block per
+call (`noise.block_of_sigma`, so with N = B block b runs once, at call b). Between calls
+the Euler step z <- z + (s' - s)(z - x0)/s moves z toward the estimate x0: the argmax
+row E[argmax logits] (keeps the unit norm) or the expected row softmax(logits) @ E
+(shrinks toward the centroid when unsure: METHOD.md, pitfalls). The prediction is the
+argmax of the last call's logits.
+
+Parameters come in two groups. Each block owns its layers (and, with
+shared_modules="per_block", its own patch embedding, [CLS] token, sigma embedder and
+head). The shared group holds the label embedding and, with shared_modules="shared",
+one copy of those modules; it has its own optimizer and steps with every iteration,
+whichever block is active (the released code's joint training). With
+label_embedding="frozen" and shared_modules="per_block" nothing shared is trained and
+the blocks are independent, as for images; otherwise they are coupled through the
+shared group (the driver then keeps the interleaved order, and blocks on separate
+devices would have to all-reduce its gradients).
+
+End-to-end baseline: the same ViT with all L layers, a learnable [CLS] token in place of
+the noisy label, constant conditioning, plain cross-entropy. Its "shared group" is
+empty, so every run has the same state layout.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dbjax import edm, noise
+from dbjax.blocks import BlockState, make_optimizer
+from dbjax.config import num_trained_blocks, total_iterations
+from dbjax.sampling import sampling_plan, stack_params
+from dbjax.vit import ViT, ViTConfig
+
+# Network modules that classifier.shared_modules="shared" keeps in one shared copy.
+SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class ClassifierModel:
+  """Everything fixed about a classification run; built once from the config by `build`."""
+  vit: ViTConfig                # the network of ONE block (num_layers / B deep)
+  num_blocks: int
+  denoising: bool               # False: the end-to-end plain classifier
+  dist: noise.NoiseDistribution
+  boundaries: np.ndarray
+  intervals: np.ndarray
+  sigma_data: float
+  loss_weighting: str           # "per_example" (paper, Eq. 6) or "batch_mean" (code)
+  bridge: str                   # "argmax" or "expected"
+  augment: bool
+  shared_modules: tuple[str, ...]
+  train_label_embedding: bool
+  graphdef: nnx.GraphDef        # merges (shared network part, block part)
+  block_optimizer: optax.GradientTransformation
+  shared_optimizer: optax.GradientTransformation
+
+  @property
+  def network_config(self):
+    """The config of one block's network."""
+    return self.vit
+
+  @property
+  def couples_blocks(self) -> bool:
+    """Whether blocks share trained parameters (so their iterations cannot be reordered)."""
+    return self.denoising and (self.train_label_embedding or bool(self.shared_modules))
+
+  def is_shared(self, path, _) -> bool:
+    return path[0] in self.shared_modules
+
+
+def build(config) -> ClassifierModel:
+  """The ClassifierModel of a validated classification config."""
+  m, d, c, data = config.model, config.diffusion, config.classifier, config.data
+  denoising = config.method == "diffusion_blocks"
+  num_blocks = num_trained_blocks(config)
+  vit = ViTConfig(image_size=data.image_size, channels=data.channels,
+                  patch_size=m.patch_size, hidden_size=m.hidden_size,
+                  num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
+                  mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
+                  frequency_dim=m.frequency_dim, remat=m.remat,
+                  target_token=c.target_token if denoising else "none")
+  dist = noise.NoiseDistribution(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
+  boundaries = noise.partition(d.partition, num_blocks, dist)
+  gamma = d.overlap_gamma if num_blocks > 1 else 0.0
+  intervals = noise.training_intervals(boundaries, gamma, d.sigma_min, d.sigma_max)
+  shared_modules = SHAREABLE_MODULES if denoising and c.shared_modules == "shared" else ()
+  train_label_embedding = denoising and c.label_embedding == "joint"
+  is_shared = lambda path, _: path[0] in shared_modules
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))), is_shared,
+                             ...)
+  shared_optimizer = optax.multi_transform(
+      {"train": make_optimizer(config.train, total_iterations(config)),
+       "frozen": optax.set_to_zero()},
+      lambda params: {"label_embedding": "train" if train_label_embedding else "frozen",
+                      "network": jax.tree.map(lambda _: "train", params["network"])})
+  return ClassifierModel(
+      vit=vit, num_blocks=num_blocks, denoising=denoising, dist=dist,
+      boundaries=boundaries, intervals=intervals, sigma_data=d.sigma_data,
+      loss_weighting=c.loss_weighting, bridge=c.bridge, augment=c.augment,
+      shared_modules=shared_modules, train_label_embedding=train_label_embedding,
+      graphdef=graphdef, block_optimizer=make_optimizer(config.train),
+      shared_optimizer=shared_optimizer)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _split_network(model: ClassifierModel, key):
+  """(shared part, block part) of a freshly initialised network."""
+  _, shared, own = nnx.split(ViT(model.vit, rngs=nnx.Rngs(params=key)), model.is_shared, ...)
+  return shared, own
+
+
+def init_block(model: ClassifierModel, key) -> BlockState:
+  _, params = _split_network(model, key)
+  return BlockState(params, model.block_optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def init_shared(model: ClassifierModel, key) -> BlockState:
+  """The shared group: label embedding (C, D) and the shared network modules."""
+  key_net, key_embed = jax.random.split(key)
+  network, _ = _split_network(model, key_net)
+  params = {"network": network,
+            "label_embedding": jax.random.normal(
+                key_embed, (model.vit.num_classes, model.vit.hidden_size))}
+  return BlockState(params, model.shared_optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def init_on_host(model: ClassifierModel, seed: int) -> tuple[list[BlockState], BlockState]:
+  """All blocks' states and the shared state, made one at a time into host memory."""
+  base = jax.random.key(seed)
+  init = jax.jit(lambda key: init_block(model, key))
+  blocks = [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
+  shared = jax.device_get(jax.jit(lambda key: init_shared(model, key))(
+      jax.random.fold_in(base, model.num_blocks)))
+  return blocks, shared
+
+
+def abstract_states(model: ClassifierModel):
+  """(one block's state, the shared state) as shapes and dtypes, allocating nothing."""
+  return (jax.eval_shape(lambda: init_block(model, jax.random.key(0))),
+          jax.eval_shape(lambda: init_shared(model, jax.random.key(0))))
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def label_embedding(shared_params) -> jax.Array:
+  """E with unit-norm rows: the target space (METHOD.md, task table)."""
+  raw = shared_params["label_embedding"]
+  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+
+
+def network(model: ClassifierModel, block_params, shared_params) -> ViT:
+  return nnx.merge(model.graphdef, shared_params["network"], block_params)
+
+
+def weighted_cross_entropy(cross_entropy, weight, weighting: str) -> jax.Array:
+  """Eq. 6 weighting of per-example CE: mean(w CE) ("per_example", the paper) or
+  mean(w) mean(CE) ("batch_mean", the released code)."""
+  if weighting == "per_example":
+    return jnp.mean(weight * cross_entropy)
+  return jnp.mean(weight) * jnp.mean(cross_entropy)
+
+
+def augment_images(key, images) -> jax.Array:
+  """Random horizontal flip, then a random crop of the image padded by size/8 (>= 1 px)
+  with the background value -1."""
+  n, h, w, c = images.shape
+  key_flip, key_crop = jax.random.split(key)
+  flip = jax.random.bernoulli(key_flip, 0.5, (n, 1, 1, 1))
+  images = jnp.where(flip, images[:, :, ::-1], images)
+  pad = max(1, h // 8)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0)
+  offsets = jax.random.randint(key_crop, (n, 2), 0, 2 * pad + 1)
+  crop = lambda image, at: jax.lax.dynamic_slice(image, (at[0], at[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def block_loss(model: ClassifierModel, block_params, shared_params, images, labels, key,
+               interval):
+  """(loss, metrics) of one block on a batch; interval = the block's (lo, hi), traced."""
+  key_sigma, key_noise, key_augment = jax.random.split(key, 3)
+  if model.augment:
+    images = augment_images(key_augment, images)
+  net = network(model, block_params, shared_params)
+  batch = images.shape[0]
+  if not model.denoising:
+    logits = net(images, None, jnp.zeros((batch,)))
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = jnp.mean(cross_entropy)
+  else:
+    sigma = noise.sample_sigma(key_sigma, (batch,), interval[0], interval[1],
+                               model.dist.p_mean, model.dist.p_std)
+    target = label_embedding(shared_params)[labels]
+    noisy = target + sigma[:, None] * jax.random.normal(key_noise, target.shape)
+    c = edm.preconditioning(sigma, model.sigma_data)
+    logits = net(images, c.c_in[:, None] * noisy, c.c_noise)
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = weighted_cross_entropy(cross_entropy, edm.loss_weight(sigma, model.sigma_data),
+                                  model.loss_weighting)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return loss, {"cross_entropy": jnp.mean(cross_entropy), "accuracy": accuracy}
+
+
+def _update(optimizer, state: BlockState, grads) -> BlockState:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return BlockState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+
+def train_step(model: ClassifierModel, state: BlockState, shared: BlockState, images, labels,
+               key, interval):
+  """(block state, shared state, batch, key) -> (block state, shared state, metrics).
+
+  The block and the shared group each clip their own gradients and keep their own
+  AdamW state; the shared group steps with every block's iterations.
+  """
+  (loss, metrics), (block_grads, shared_grads) = jax.value_and_grad(
+      block_loss, argnums=(1, 2), has_aux=True)(
+          model, state.params, shared.params, images, labels, key, interval)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(block_grads))
+  return (_update(model.block_optimizer, state, block_grads),
+          _update(model.shared_optimizer, shared, shared_grads), metrics)
+
+
+def jit_train_step(model: ClassifierModel):
+  """train_step compiled once for all blocks; the block's and shared buffers are donated."""
+  return jax.jit(functools.partial(train_step, model), donate_argnums=(0, 1))
+
+
+jit_run_step = jit_train_step  # the driver's name for it (see dbjax.train)
+
+
+# ------------------------------------------------------------------------- inference
+
+
+def bridge_estimate(logits, embedding, bridge: str) -> jax.Array:
+  """The clean estimate x0 that the Euler step moves toward."""
+  if bridge == "argmax":
+    return embedding[jnp.argmax(logits, axis=-1)]
+  return jax.nn.softmax(logits, axis=-1) @ embedding
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _chain_logits(model, stacked_params, shared_params, images, key, sigmas, blocks):
+  embedding = label_embedding(shared_params)
+  z = model.dist.sigma_max * jax.random.normal(key, (images.shape[0], embedding.shape[1]))
+
+  def call(z, xs):
+    sigma, sigma_next, block = xs
+    params = jax.tree.map(lambda p: p[block], stacked_params)
+    c = edm.preconditioning(sigma, model.sigma_data)
+    c_noise = jnp.full((images.shape[0],), c.c_noise)
+    logits = network(model, params, shared_params)(images, c.c_in * z, c_noise)
+    estimate = bridge_estimate(logits, embedding, model.bridge)
+    return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
+
+  _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], blocks[:-1]))
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _plain_logits(model, stacked_params, shared_params, images):
+  params = jax.tree.map(lambda p: p[0], stacked_params)
+  return network(model, params, shared_params)(images, None, jnp.zeros((images.shape[0],)))
+
+
+def chain_logits(model: ClassifierModel, stacked_params, shared_params, images, num_steps: int,
+                 key) -> jax.Array:
+  """Logits of every call of an N-step denoising chain, (num_steps, batch, C).
+
+  The prediction is the argmax of the last row. stacked_params: `stack_params` of the
+  blocks' params. The end-to-end classifier makes one call whatever num_steps is.
+  """
+  if not model.denoising:
+    return _plain_logits(model, stacked_params, shared_params, images)[None]
+  sigmas, blocks = sampling_plan(model, num_steps)
+  return _chain_logits(model, stacked_params, shared_params, images, key,
+                       jnp.asarray(sigmas, jnp.float32), jnp.asarray(blocks, jnp.int32))
+
+
+def predict(model, block_params, shared_params, images, num_steps: int, seed: int = 0,
+            batch_size: int = 500, progress: bool = False) -> np.ndarray:
+  """Predicted labels (N,) of images after an N-step chain, in fixed-size batches."""
+  stacked = stack_params(block_params)
+  images = np.asarray(images, np.float32)
+  pad = -len(images) % batch_size
+  padded = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
+  key = jax.random.key(seed)
+  predictions = []
+  batches = padded.reshape((-1, batch_size) + images.shape[1:])
+  for i, batch in enumerate(tqdm(batches, desc=f"predicting ({num_steps} steps)",
+                                 disable=not progress, leave=False)):
+    logits = chain_logits(model, stacked, shared_params, jnp.asarray(batch), num_steps,
+                          jax.random.fold_in(key, i))
+    predictions.append(np.asarray(jnp.argmax(logits[-1], axis=-1)))
+  return np.concatenate(predictions)[:len(images)]
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+  """counts[true, predicted]."""
+  counts = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+  return counts
