@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: sample grids and loss curves."""
+"""Pictures a person would rather look at than read: sample grids, loss curves, and a
+classifier's confusion matrix and accuracy against inference steps."""
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI, servers and notebooks alike
@@ -24,18 +25,53 @@ def save_image_grid(images: np.ndarray, path: str, rows: int, scale: int = 4):
              vmax=255)
 
 
-def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = ""):
-  """One line per block: its training loss (moving average) against the iteration."""
+LOSS_LABELS = {"loss": "weighted denoising loss", "cross_entropy": "cross-entropy"}
+
+
+def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = "",
+                     metric: str = "loss"):
+  """One line per block: a training metric (moving average) against the iteration."""
   fig, ax = plt.subplots(figsize=(7, 4))
   for b in range(num_blocks):
     steps = np.array([r["step"] for r in rows if r["block"] == b])
-    losses = np.array([r["loss"] for r in rows if r["block"] == b])
+    losses = np.array([r[metric] for r in rows if r["block"] == b])
     if len(losses) == 0:
       continue
     window = max(1, len(losses) // 50)
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     ax.plot(steps[window - 1:], smooth, label=f"block {b}" if num_blocks > 1 else "end-to-end")
-  ax.set(xlabel="iteration", ylabel="weighted denoising loss", yscale="log", title=title)
+  ax.set(xlabel="iteration", ylabel=LOSS_LABELS.get(metric, metric), yscale="log",
+         title=title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
+  """Row-normalised confusion matrix (true class down, predicted across), counts inside."""
+  rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  num_classes = len(counts)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
+  ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+  if num_classes <= 20:
+    for (i, j), count in np.ndenumerate(counts):
+      ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+              color="white" if rates[i, j] > 0.5 else "black")
+  ax.set(xlabel="predicted class", ylabel="true class", title=title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def save_accuracy_vs_steps(accuracy: dict, num_blocks: int, path: str):
+  """Test accuracy against the number of denoising calls at inference, N = B marked."""
+  steps = sorted(accuracy)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(steps, [accuracy[n] for n in steps], "o-")
+  ax.axvline(num_blocks, color="gray", linestyle=":", label=f"N = B = {num_blocks}")
+  ax.set(xlabel="inference steps N", ylabel="test accuracy", xscale="log")
+  ax.set_xticks(steps, [str(n) for n in steps])
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)

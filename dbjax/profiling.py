@@ -15,21 +15,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dbjax import blocks
+from dbjax import blocks, classify
 
 
-def _example_batch(model: blocks.BlockModel, batch_size: int):
-  d = model.dit
-  images = jnp.zeros((batch_size, d.image_size, d.image_size, d.channels), jnp.float32)
-  labels = jnp.zeros((batch_size,), jnp.int32)
-  return images, labels
+def _task(model):
+  """The module that steps this model: dbjax.classify or dbjax.blocks."""
+  return classify if isinstance(model, classify.ClassifierModel) else blocks
 
 
-def train_step_memory(model: blocks.BlockModel, batch_size: int) -> dict:
+def _example_batch(model, batch_size: int, rng=None):
+  """A batch of the model's image shape: zeros, or random values from `rng`."""
+  net = model.network_config
+  shape = (batch_size, net.image_size, net.image_size, net.channels)
+  if rng is None:
+    return jnp.zeros(shape, jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+  return (jnp.asarray(0.5 * rng.standard_normal(shape).astype(np.float32)),
+          jnp.asarray(rng.integers(0, net.num_classes, batch_size).astype(np.int32)))
+
+
+def train_step_memory(model, batch_size: int) -> dict:
   """Compiled memory of one block's train step, in bytes (no allocation needed)."""
   images, labels = _example_batch(model, batch_size)
-  compiled = blocks.jit_train_step(model).lower(
-      blocks.abstract_block_state(model), images, labels, jax.random.key(0),
+  block, shared = _task(model).abstract_states(model)
+  compiled = _task(model).jit_run_step(model).lower(
+      block, shared, images, labels, jax.random.key(0),
       jnp.asarray(model.intervals[0])).compile()
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,
@@ -45,41 +54,41 @@ def _live_device_bytes() -> int:
   return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
 
 
-def resident_bytes(model: blocks.BlockModel, batch_size: int, seed: int = 0) -> int:
+def resident_bytes(model, batch_size: int, seed: int = 0) -> int:
   """Bytes on the device while one block trains, as the driver places them.
 
-  All blocks are initialised to host memory; one is moved to the device and stepped.
-  Measured as the growth of live device arrays over the baseline before the run.
+  All blocks are initialised to host memory; one (and the shared state, if any) is
+  moved to the device and stepped. Measured as the growth of live device arrays over
+  the baseline before the run.
   """
   gc.collect()
   baseline = _live_device_bytes()
-  host_states = blocks.init_blocks_on_host(model, seed)
-  step = blocks.jit_train_step(model)
+  host_states, host_shared = _task(model).init_on_host(model, seed)
+  step = _task(model).jit_run_step(model)
   images, labels = _example_batch(model, batch_size)
-  state, metrics = step(jax.device_put(host_states[0]), images, labels, jax.random.key(0),
-                        jnp.asarray(model.intervals[0]))
-  jax.block_until_ready((state, metrics))
+  out = step(jax.device_put(host_states[0]), jax.device_put(host_shared), images, labels,
+             jax.random.key(0), jnp.asarray(model.intervals[0]))
+  jax.block_until_ready(out)
   resident = _live_device_bytes() - baseline
-  del state, metrics, images, labels
+  del out, images, labels
   gc.collect()
   return resident
 
 
-def time_train_step(model: blocks.BlockModel, batch_size: int, repeats: int = 10,
-                    warmup: int = 2) -> float:
+def time_train_step(model, batch_size: int, repeats: int = 10, warmup: int = 2) -> float:
   """Median seconds of one block's train step (compiled, data already on the device)."""
-  step = blocks.jit_train_step(model)
-  state = jax.jit(lambda key: blocks.init_block(model, key))(jax.random.key(0))  # one block
-  rng = np.random.default_rng(0)
-  d = model.dit
-  images = jnp.asarray(rng.standard_normal((batch_size, d.image_size, d.image_size,
-                                            d.channels)).astype(np.float32) * 0.5)
-  labels = jnp.asarray(rng.integers(0, d.num_classes, batch_size).astype(np.int32))
+  task = _task(model)
+  step = task.jit_run_step(model)
+  key = jax.random.key(0)
+  state = jax.jit(lambda key: task.init_block(model, key))(key)  # one block only
+  shared = (jax.jit(lambda key: classify.init_shared(model, key))(key) if task is classify
+            else None)
+  images, labels = _example_batch(model, batch_size, np.random.default_rng(0))
   interval = jnp.asarray(model.intervals[0])
   times = []
   for i in range(warmup + repeats):
     start = time.perf_counter()
-    state, metrics = step(state, images, labels, jax.random.key(i), interval)
+    state, shared, metrics = step(state, shared, images, labels, jax.random.key(i), interval)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return float(np.median(times[warmup:]))

@@ -1,18 +1,20 @@
 """The training driver: train_and_evaluate(config, workdir), which the CLI, the notebook
-and the tests all call.
+and the tests all call, for both tasks (config.task: image generation with DiT blocks,
+dbjax.blocks; classification with ViT blocks, dbjax.classify).
 
 Schedule (paper, Sec. 4): every iteration draws one block uniformly at random and
 trains it on the whole batch; DiffusionBlocks runs B times as many iterations as
 end-to-end training, so both spend the same layer evaluations.
 
 Memory: all blocks' states live in host memory as numpy; only the block being trained
-is on the accelerator. Because blocks share nothing, the iterations of a checkpoint
-interval are regrouped by block (each block still sees its own iterations in order,
-with the batch and key of that iteration), which gives exactly the parameters of the
-interleaved order while moving each block to the device once per interval, not once
-per iteration. (This holds only while blocks share no trained parameters, as for
-images; a jointly trained label or token embedding would couple them and need the
-interleaved order.)
+(and the small shared state of a classification run) is on the accelerator. When blocks
+share no trained parameters (images; classification with a frozen label embedding and
+per-block modules) the iterations of a checkpoint interval are regrouped by block: each
+block still sees its own iterations in order, with the batch and key of that
+iteration, which gives exactly the parameters of the interleaved order while moving
+each block to the device once per interval. When they share trained parameters the
+interleaved order is kept, and a block moves only when the next iteration's block
+differs.
 
 Determinism: the block, the batch and the key of iteration `step` are pure functions
 of (seed, step), so a run resumed from a checkpoint continues exactly as an
@@ -21,13 +23,15 @@ uninterrupted one would.
 import json
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dbjax import blocks, config as config_lib, data as data_lib, evaluation, plots, sampling
+from dbjax import (blocks, classify, config as config_lib, data as data_lib, evaluation, plots,
+                   sampling)
 from dbjax.checkpoint import RunCheckpointer
 from dbjax.errors import NonFiniteLossError, WorkdirError
 
@@ -66,43 +70,73 @@ def _read_history(path: str, before_step: int) -> list[dict]:
   return rows
 
 
-def _train_block_steps(step_fn, state, model, block_index, steps, train_data, config, bar):
-  """Run one block (already on device) through its iterations; return state, metrics."""
+def task_module(config):
+  """The module that builds and steps the run's blocks: dbjax.blocks or dbjax.classify.
+
+  Both offer build(config), init_on_host(model, seed) -> (block states, shared state),
+  abstract_states(model) and jit_run_step(model), a step
+  (state, shared, images, labels, key, interval) -> (state, shared, metrics).
+  """
+  return classify if config.task == "classification" else blocks
+
+
+def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
+  """[(block, its iterations)] in the order they are trained (see the module docstring):
+  regrouped by block when blocks are independent, interleaved when they are coupled."""
+  order = np.arange(len(chunk)) if couples_blocks else np.argsort(schedule, kind="stable")
+  runs = []
+  for i in order:
+    if runs and runs[-1][0] == schedule[i]:
+      runs[-1][1].append(chunk[i])
+    else:
+      runs.append((int(schedule[i]), [chunk[i]]))
+  return [(b, np.array(steps)) for b, steps in runs]
+
+
+def _train_block_steps(step_fn, state, shared, model, block_index, steps, train_data, config,
+                       bar):
+  """Run one block (already on device) through its iterations; return state, shared
+  state and the metrics."""
   metrics = []
   interval = jnp.asarray(model.intervals[block_index])
   for step in steps:
     index = data_lib.batch_indices(config.seed, int(step), len(train_data.labels),
                                    config.train.batch_size)
-    state, step_metrics = step_fn(state, train_data.images[index], train_data.labels[index],
-                                  step_key(config.seed, int(step), block_index), interval)
+    state, shared, step_metrics = step_fn(
+        state, shared, train_data.images[index], train_data.labels[index],
+        step_key(config.seed, int(step), block_index), interval)
     metrics.append(step_metrics)
     bar.update(1)
-  return state, jax.device_get(metrics)
+  return state, shared, jax.device_get(metrics)
 
 
-def _train_interval(step_fn, states, model, chunk, train_data, config, bar) -> list[dict]:
-  """Train the iterations in `chunk`, regrouped by block; update the host `states` in
-  place and return the metric rows in iteration order."""
+def _train_interval(step_fn, states, shared, model, chunk, train_data, config, bar):
+  """Train the iterations in `chunk`; update the host `states` in place and return
+  (metric rows in iteration order, the shared state in host memory)."""
   schedule = np.array([block_for_step(config.seed, s, model.num_blocks) for s in chunk])
   rows = []
-  for b in range(model.num_blocks):
-    own_steps = chunk[schedule == b]
-    if len(own_steps) == 0:
-      continue
-    state, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), model, b,
-                                        own_steps, train_data, config, bar)
+  shared = jax.device_put(shared)  # small; stays on the device through the interval
+  for b, own_steps in block_runs(chunk, schedule, model.couples_blocks):
+    state, shared, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), shared,
+                                                model, b, own_steps, train_data, config, bar)
     for step, m in zip(own_steps, metrics):
       if not np.isfinite(m["loss"]):
         raise NonFiniteLossError(int(step), b, float(m["loss"]))
-      rows.append({"step": int(step), "block": b, "loss": float(m["loss"]),
-                   "grad_norm": float(m["grad_norm"])})
+      rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
     states[b] = jax.device_get(state)  # back to host: the device holds one block
     del state  # free its device buffers before the next block is put there
-  return sorted(rows, key=lambda r: r["step"])
+  return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
 
 
-def train(config, workdir: str, train_data: data_lib.ImageData | None = None):
-  """Train (or resume) the run in `workdir`; return (model, host block states, history).
+class TrainedRun(NamedTuple):
+  model: Any                 # blocks.BlockModel or classify.ClassifierModel
+  states: list               # each block's BlockState, in host memory
+  shared: Any                # the shared BlockState (classification), or None
+  history: list[dict]        # one metrics row per iteration
+
+
+def train(config, workdir: str, train_data: data_lib.ImageData | None = None) -> TrainedRun:
+  """Train (or resume) the run in `workdir`.
 
   Raises NonFiniteLossError, naming step and block, if a loss becomes NaN or inf; the
   last good checkpoint stays in place.
@@ -113,38 +147,42 @@ def train(config, workdir: str, train_data: data_lib.ImageData | None = None):
     train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
   data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
                         config.data.channels, config.data.num_classes, "training images")
-  model = blocks.build(config)
+  task = task_module(config)
+  model = task.build(config)
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  model.num_blocks, config.train.max_checkpoints)
   if checkpointer.latest_step() is None:
-    start, states = 0, blocks.init_blocks_on_host(model, config.seed)
+    start, (states, shared) = 0, task.init_on_host(model, config.seed)
   else:
-    start, states, _ = checkpointer.restore(
-        [blocks.abstract_block_state(model)] * model.num_blocks, config)
+    block_target, shared_target = task.abstract_states(model)
+    start, states, shared, _ = checkpointer.restore([block_target] * model.num_blocks, config,
+                                                    target_shared=shared_target)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   history = _read_history(metrics_path, start)
 
   total = config_lib.total_iterations(config)
-  step_fn = blocks.jit_train_step(model)
+  step_fn = task.jit_run_step(model)
   bar = tqdm(total=total, initial=start, desc=f"training {config.method}",
              disable=not config.train.progress, unit="it")
   try:
     for chunk_start in range(start, total, config.train.checkpoint_every):
       chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
-      rows = _train_interval(step_fn, states, model, chunk, train_data, config, bar)
+      rows, shared = _train_interval(step_fn, states, shared, model, chunk, train_data,
+                                     config, bar)
       with open(metrics_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
       history += rows
-      checkpointer.save(int(chunk[-1]) + 1, states, config, {"iterations": total})
-      bar.set_postfix(loss=f"{np.mean([r['loss'] for r in rows]):.4f}")
+      checkpointer.save(int(chunk[-1]) + 1, states, config, {"iterations": total}, shared)
+      bar.set_postfix(loss=f"{np.mean([r['loss'] for r in rows]):.4g}")
   finally:
     bar.close()
     checkpointer.close()
-  return model, states, history
+  return TrainedRun(model, states, shared, history)
 
 
 def restore_run(workdir: str, config=None):
-  """(config, model, host states) of the latest checkpoint in `workdir`.
+  """(config, model, host block states, host shared state or None) of the latest
+  checkpoint in `workdir`.
 
   The config saved with the checkpoint is used unless one is given.
   """
@@ -160,12 +198,14 @@ def restore_run(workdir: str, config=None):
     probe.close()
     config = config_lib.default_config()
     config.update_from_flattened_dict(_flatten(meta["config"]))
-  model = blocks.build(config_lib.validate(config))
+  task = task_module(config_lib.validate(config))
+  model = task.build(config)
+  block_target, shared_target = task.abstract_states(model)
   checkpointer = RunCheckpointer(directory, model.num_blocks, config.train.max_checkpoints)
-  _, states, _ = checkpointer.restore([blocks.abstract_block_state(model)] * model.num_blocks,
-                                      config)
+  _, states, shared, _ = checkpointer.restore([block_target] * model.num_blocks, config,
+                                              target_shared=shared_target)
   checkpointer.close()
-  return config, model, states
+  return config, model, states, shared
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -222,21 +262,63 @@ def final_losses(history: list[dict], num_blocks: int, window: int = 20) -> dict
   return {b: float(np.mean(v)) if v else None for b, v in losses.items()}
 
 
+def classify_and_evaluate(config, workdir: str, model, states, shared,
+                          test_data=None) -> dict:
+  """Test accuracy of a classification run after the B-step chain and after each of
+  config.classifier.inference_steps; writes confusion.png and accuracy_vs_steps.png."""
+  if test_data is None:
+    test_data = data_lib.load_images(config.data.name, "test", config.data.data_dir)
+  data_lib.check_images(test_data.images, test_data.labels, config.data.image_size,
+                        config.data.channels, config.data.num_classes, "test images")
+  count = config.eval.max_test_examples or len(test_data.labels)
+  images, labels = test_data.images[:count], test_data.labels[:count]
+  params = [s.params for s in states]
+  # N = B runs each block once (METHOD.md); the end-to-end classifier makes one call.
+  steps = (sorted({model.num_blocks, *config.classifier.inference_steps}) if model.denoising
+           else [1])
+  accuracy = {}
+  for num_steps in steps:
+    predictions = classify.predict(model, params, shared.params, images, num_steps,
+                                   seed=config.seed, progress=config.train.progress)
+    accuracy[num_steps] = float(np.mean(predictions == labels))
+    if num_steps == model.num_blocks:
+      confusion = classify.confusion_matrix(labels, predictions, config.data.num_classes)
+  plots.save_confusion_matrix(confusion, os.path.join(workdir, "confusion.png"),
+                              title=f"{config.method}, {config.data.name}: accuracy "
+                                    f"{accuracy[model.num_blocks]:.3f}")
+  results = {"accuracy": accuracy[model.num_blocks], "inference_steps": model.num_blocks,
+             "test_examples": int(count),
+             "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()}
+  if model.denoising:
+    results["accuracy_by_steps"] = {str(n): a for n, a in accuracy.items()}
+    plots.save_accuracy_vs_steps(accuracy, model.num_blocks,
+                                 os.path.join(workdir, "accuracy_vs_steps.png"))
+  return results
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Train (resuming if possible), then write samples.png, loss_curves.png and
-  metrics.json to `workdir`; return the metrics."""
+  """Train (resuming if possible), then evaluate and write metrics.json, loss_curves.png
+  and the task's pictures (samples.png; or confusion.png and accuracy_vs_steps.png) to
+  `workdir`; return the metrics."""
   start = time.perf_counter()
   config_lib.validate(config)
   train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
-  model, states, history = train(config, workdir, train_data)
+  model, states, shared, history = train(config, workdir, train_data)
   train_seconds = time.perf_counter() - start
+  classifying = config.task == "classification"
   plots.save_loss_curves(history, model.num_blocks, os.path.join(workdir, "loss_curves.png"),
-                         title=f"{config.method}, {config.data.name}")
-  results = {"method": config.method, "num_blocks": model.num_blocks,
+                         title=f"{config.method}, {config.data.name}",
+                         metric="cross_entropy" if classifying else "loss")
+  results = {"task": config.task, "method": config.method, "num_blocks": model.num_blocks,
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
              "final_loss_per_block": final_losses(history, model.num_blocks)}
-  results.update(generate_and_evaluate(config, workdir, model, states, train_data=train_data))
+  if classifying:
+    if config.eval.enabled:
+      results.update(classify_and_evaluate(config, workdir, model, states, shared))
+  else:
+    results.update(generate_and_evaluate(config, workdir, model, states,
+                                         train_data=train_data))
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
