@@ -46,7 +46,7 @@ def main(argv):
   for method in ("end_to_end", "diffusion_blocks"):
     config, model = method_variant(_CONFIG.value, method)
     rows.append({"method": method, "num_blocks": model.num_blocks,
-                 "layers_per_step": model.dit.num_layers,
+                 "layers_per_step": model.network_config.num_layers,
                  "step_seconds": profiling.time_train_step(model, config.train.batch_size,
                                                            _REPEATS.value),
                  "samples_per_second": samples_per_second(model, config, _SAMPLES.value)})

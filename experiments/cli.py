@@ -7,9 +7,9 @@ import sys
 
 from absl import app, logging
 
-from dbjax import blocks
 from dbjax.config import validate
 from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
+from dbjax.train import task_module
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, WorkdirError)
@@ -51,7 +51,7 @@ def run(main):
 
 
 def method_variant(base_config, method: str, **diffusion_and_model_overrides):
-  """A validated copy of `base_config` trained by `method`, and its BlockModel.
+  """A validated copy of `base_config` trained by `method`, and its model.
 
   Overrides are given as section__field=value, e.g. diffusion__num_blocks=4.
   """
@@ -60,7 +60,7 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
   for dotted, value in diffusion_and_model_overrides.items():
     section, field = dotted.split("__")
     config[section][field] = value
-  return config, blocks.build(validate(config))
+  return config, task_module(validate(config)).build(config)
 
 
 def with_field(config, dotted: str, text: str):

@@ -1,28 +1,53 @@
-"""Evaluate a trained run: Frechet distance to the test set in a cached classifier's
-feature space, and class accuracy of the samples; writes
-eval_<solver>_<steps>_cfg<scale>.json and a sample grid .png beside it.
+"""Evaluate a trained run.
+
+Generation: Frechet distance to the test set in a cached classifier's feature space, and
+class accuracy of the samples; writes eval_<solver>_<steps>_cfg<scale>.json and a sample
+grid .png beside it.
 
   python -m experiments.evaluate --workdir=runs/digits --num_steps=50 --solver=heun
+
+Classification: test accuracy after the B-step chain and after --num_steps steps (any
+N, no retraining), with confusion.png and accuracy_vs_steps.png; writes
+eval_steps_<N>.json.
+
+  python -m experiments.evaluate --workdir=runs/classify_digits --num_steps=12
 """
 import json
 import os
 
 from absl import flags
 
-from dbjax.train import generate_and_evaluate, restore_run
+from dbjax.train import classify_and_evaluate, generate_and_evaluate, restore_run
 from experiments.cli import run, print_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the run's)")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps, or a classifier's "
+                                  "denoising steps (default: the run's)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: the run's)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (default: the run's)")
 flags.mark_flags_as_required(["workdir"])
 
 
+def evaluate_classifier(config, model, states, shared):
+  if _NUM_STEPS.value:
+    config.classifier.inference_steps = (_NUM_STEPS.value,)
+  results = classify_and_evaluate(config, _WORKDIR.value, model, states, shared)
+  print_table([{k: v for k, v in results.items() if k != "per_class_accuracy"}],
+              ["accuracy", "inference_steps", "test_examples"])
+  if "accuracy_by_steps" in results:
+    print_table([{"steps": n, "accuracy": a} for n, a in results["accuracy_by_steps"].items()],
+                ["steps", "accuracy"])
+  name = f"eval_steps_{_NUM_STEPS.value or model.num_blocks}.json"
+  with open(os.path.join(_WORKDIR.value, name), "w") as f:
+    json.dump(results, f, indent=2)
+
+
 def main(argv):
   del argv
-  config, model, states = restore_run(_WORKDIR.value)
+  config, model, states, shared = restore_run(_WORKDIR.value)
+  if config.task == "classification":
+    return evaluate_classifier(config, model, states, shared)
   if _NUM_STEPS.value:
     config.sample.num_steps = _NUM_STEPS.value
   if _SOLVER.value:

@@ -10,6 +10,7 @@ from absl import flags
 
 from dbjax import plots, sampling
 from dbjax.train import grid_labels, restore_run
+from dbjax.errors import ConfigError
 from experiments.cli import run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
@@ -23,7 +24,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  config, model, states = restore_run(_WORKDIR.value)
+  config, model, states, _ = restore_run(_WORKDIR.value)
+  if config.task != "generation":
+    raise ConfigError(f"{_WORKDIR.value} holds a config.task={config.task!r} run; sampling "
+                      "is for generation runs (evaluate it with experiments.evaluate)")
   num_steps = _NUM_STEPS.value or config.sample.num_steps
   solver = _SOLVER.value or config.sample.solver
   guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value

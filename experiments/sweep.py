@@ -6,7 +6,11 @@ r"""Train and evaluate one config at several values of one field, side by side.
 
 Each value trains in <workdir>/<field>=<value> (resuming if interrupted) at the config's
 budget; prints a table and writes <workdir>/sweep.json. The paper's ablations (Table 5:
-number of blocks; Table 6: partition) are two such sweeps.
+number of blocks; Table 6: partition) are two such sweeps, and so are the choices
+behind the classifier's defaults:
+
+  python -m experiments.sweep --config=experiments/configs/classify_digits.py \
+      --field=classifier.label_embedding --values=joint,frozen --workdir=runs/sweep_label
 """
 import json
 import os
@@ -14,8 +18,8 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import blocks, profiling
-from dbjax.train import train_and_evaluate
+from dbjax import profiling
+from dbjax.train import task_module, train_and_evaluate
 from experiments.cli import config_help, print_table, run, with_field
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
@@ -32,10 +36,14 @@ def main(argv):
   for text in _VALUES.value:
     config = with_field(_CONFIG.value, _FIELD.value, text)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, f"{_FIELD.value}={text}"))
-    memory = profiling.train_step_memory(blocks.build(config), config.train.batch_size)
-    rows.append({_FIELD.value: text, "iterations": results["iterations"],
-                 "frechet_distance": results["frechet_distance"],
-                 "class_accuracy": results["class_accuracy"],
+    memory = profiling.train_step_memory(task_module(config).build(config),
+                                         config.train.batch_size)
+    quality = ({"accuracy": results["accuracy"],
+                **{f"acc@{n}": a for n, a in results.get("accuracy_by_steps", {}).items()}}
+               if config.task == "classification" else
+               {"frechet_distance": results["frechet_distance"],
+                "class_accuracy": results["class_accuracy"]})
+    rows.append({_FIELD.value: text, "iterations": results["iterations"], **quality,
                  "step_MiB": memory["step_bytes"] / 2**20})
   print_table(rows, list(rows[0]))
   with open(os.path.join(_WORKDIR.value, "sweep.json"), "w") as f:

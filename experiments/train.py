@@ -24,7 +24,7 @@ def main(argv):
   del argv
   results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results, indent=2))
-  print(f"wrote samples.png, loss_curves.png, metrics.json to {_WORKDIR.value}")
+  print(f"wrote metrics.json, loss_curves.png and pictures to {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

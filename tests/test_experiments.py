@@ -33,11 +33,14 @@ def shrink(config):
   config.train.batch_size = 4
   config.sample.num_steps = config.diffusion.num_blocks
   config.sample.grid_size = 2
+  config.classifier.inference_steps = (1,)
+  config.eval.enabled = config.task == "classification"  # accuracy is cheap; FD is not
   return config
 
 
 def test_every_config_is_listed():
-  assert {"digits", "fashion_mnist", "mnist", "cifar10"} <= set(CONFIGS)
+  assert {"digits", "fashion_mnist", "mnist", "cifar10", "classify_digits",
+          "classify_fashion_mnist", "classify_cifar100"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -55,7 +58,8 @@ def test_one_step_smoke_run(name, tmp_path):
   else:
     results = train_and_evaluate(config, str(tmp_path / "run"))
   assert results["iterations"] == config.diffusion.num_blocks
-  assert os.path.exists(tmp_path / "run" / "samples.png")
+  picture = "confusion.png" if config.task == "classification" else "samples.png"
+  assert os.path.exists(tmp_path / "run" / picture)
 
 
 def run_cli(*args, check=True):
@@ -82,6 +86,25 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=3",
                    "--num_samples=50")
   assert "frechet_distance" in result.stdout
+
+
+def test_command_line_classifier_trains_and_evaluates_any_number_of_steps(tmp_path):
+  workdir = str(tmp_path / "run")
+  small = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
+           "--config.model.num_heads=2", "--config.train.num_steps=3",
+           "--config.train.batch_size=8", "--config.train.progress=False",
+           "--config.diffusion.num_blocks=2", "--config.classifier.inference_steps=(1,)"]
+  run_cli("experiments.train", "--config=experiments/configs/classify_digits.py",
+          f"--workdir={workdir}", *small)
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["iterations"] == 6 and set(metrics["accuracy_by_steps"]) == {"1", "2"}
+  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=5")
+  assert "accuracy" in result.stdout
+  with open(os.path.join(workdir, "eval_steps_5.json")) as f:
+    assert set(json.load(f)["accuracy_by_steps"]) == {"2", "5"}  # B and the asked N
+  refused = run_cli("experiments.sample", f"--workdir={workdir}", check=False)
+  assert refused.returncode == 2 and "classification" in refused.stderr
 
 
 def test_help_lists_every_config():
@@ -147,6 +170,18 @@ def test_compare_trains_both_methods_at_a_matched_budget(tmp_path):
   assert e2e["iterations"] * e2e["layers_per_iteration"] == db["iterations"] * db[
       "layers_per_iteration"]
   assert summary["frechet_ratio_db_over_e2e"] > 0
+
+
+def test_compare_classification_reports_the_accuracy_gap(tmp_path):
+  run_cli("experiments.compare", "--config=experiments/configs/classify_digits.py",
+          f"--workdir={tmp_path}", "--config.diffusion.num_blocks=2",
+          "--config.train.num_steps=2", "--config.train.progress=False",
+          "--config.classifier.inference_steps=(1,)", *TINY_FLAGS)
+  summary = json.loads((tmp_path / "compare.json").read_text())
+  e2e, db = summary["rows"]
+  assert (e2e["iterations"], db["iterations"]) == (2, 4)
+  assert summary["accuracy_gap_points"] == 100 * (e2e["accuracy"] - db["accuracy"])
+  assert summary["memory_ratio_e2e_over_db"] > 1
 
 
 def test_sweep_trains_each_value(tmp_path):

@@ -44,7 +44,7 @@ def interleaved_reference(config, train_data):
 def test_regrouped_driver_equals_interleaved_training(tmp_path, digits):
   config = tiny_config()
   config.train.num_steps = 6  # 12 iterations over 2 blocks, 3 checkpoint intervals
-  _, states, history = train.train(config, str(tmp_path), digits)
+  _, states, _, history = train.train(config, str(tmp_path), digits)
   chex.assert_trees_all_equal(states, interleaved_reference(config, digits))
   # Each block's own step count is the number of iterations it was drawn for.
   draws = [train.block_for_step(0, s, 2) for s in range(12)]
@@ -65,7 +65,7 @@ def test_loss_falls_on_a_short_run(tmp_path, digits):
   config.train.num_steps = 150
   config.train.checkpoint_every = 300
   config.train.learning_rate = 2e-3
-  _, _, history = train.train(config, str(tmp_path), digits)
+  _, _, _, history = train.train(config, str(tmp_path), digits)
   for b in range(2):
     losses = [r["loss"] for r in history if r["block"] == b]
     assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15]), b
@@ -76,7 +76,7 @@ def test_end_to_end_is_one_block_with_the_whole_range(tmp_path, digits):
   model = blocks.build(config)
   assert model.num_blocks == 1 and model.dit.num_layers == config.model.num_layers
   np.testing.assert_array_equal(model.intervals, [[np.float32(0.002), np.float32(80.0)]])
-  _, states, history = train.train(config, str(tmp_path), digits)
+  _, states, _, history = train.train(config, str(tmp_path), digits)
   assert len(history) == config.train.num_steps and int(states[0].step) == 10
 
 
@@ -84,10 +84,10 @@ def test_resume_continues_exactly(tmp_path, digits):
   """A run killed after its second-to-last save resumes to the same parameters."""
   config = tiny_config()  # 20 iterations, a checkpoint every 5, the last 2 kept
   workdir = tmp_path / "run"
-  _, straight, _ = train.train(config, str(workdir), digits)
+  _, straight, _, _ = train.train(config, str(workdir), digits)
   # Simulate a kill between the saves at 15 and 20: the newest checkpoint never made it.
   shutil.rmtree(workdir / "checkpoints" / "20")
-  _, resumed, history = train.train(config, str(workdir), digits)
+  _, resumed, _, history = train.train(config, str(workdir), digits)
   chex.assert_trees_all_equal(resumed, straight)
   assert [r["step"] for r in history] == list(range(20))  # no duplicated metric rows
 
@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, 
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                  if d.isdigit())
   assert steps[-1] == 10  # nothing saved past the last good one
-  _, states, _ = train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)
+  _, states, _, _ = train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)
   chex.assert_tree_all_finite(states)
 
 
@@ -122,8 +122,8 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, digits):
 
 def test_restore_run_reads_config_from_checkpoint(tmp_path, digits):
   config = tiny_config(**{"model__hidden_size": 48})
-  _, states, _ = train.train(config, str(tmp_path), digits)
-  restored_config, model, restored = train.restore_run(str(tmp_path))
+  _, states, _, _ = train.train(config, str(tmp_path), digits)
+  restored_config, model, restored, _ = train.restore_run(str(tmp_path))
   assert restored_config.model.hidden_size == 48 and model.num_blocks == 2
   chex.assert_trees_all_equal(restored, states)
 

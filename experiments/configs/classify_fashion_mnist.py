@@ -1,0 +1,17 @@
+"""DiffusionBlocks ViT classifier on Fashion-MNIST, 28x28 (Debian's dataset-fashion-mnist).
+
+The paper's classification ViT (12 layers, width 128, B = 3; METHOD.md task table) on
+7 x 7 patches of 4 x 4 pixels. End-to-end baseline: --config.method=end_to_end.
+"""
+from experiments.configs import classify_digits
+
+
+def get_config():
+  config = classify_digits.get_config()
+  config.data.name = "fashion_mnist"
+  config.data.image_size, config.data.channels, config.data.num_classes = 28, 1, 10
+  config.model.patch_size = 4
+  config.model.hidden_size = 128
+  config.train.num_steps = 2000
+  config.train.checkpoint_every = 500
+  return config
