@@ -5,19 +5,22 @@ Pieces, each usable on its own:
   dbjax.edm         EDM preconditioning and loss weighting
   dbjax.dit         a class-conditional DiT with adaLN-Zero layers (Flax NNX)
   dbjax.blocks      one block's state, loss and jittable train step
+  dbjax.vit         a ViT classifier with adaLN-Zero layers, the denoiser of a label
+  dbjax.classify    classification: label-embedding denoising, the inference chain
   dbjax.sampling    Euler / Heun samplers with classifier-free guidance
   dbjax.train       train_and_evaluate(config, workdir): the whole run
   dbjax.evaluation  Frechet distance in a cached classifier's feature space
   dbjax.data        image data sets and the step-indexed batch order
   dbjax.checkpoint  orbax checkpoints, one item per block
 """
-from dbjax import blocks, config, data, dit, edm, errors, evaluation, noise, plots, sampling
+from dbjax import (blocks, classify, config, data, dit, edm, errors, evaluation, noise, plots,
+                   sampling, vit)
 from dbjax.config import default_config
 from dbjax.noise import block_boundaries, block_of_sigma
 from dbjax.train import train_and_evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "config", "data", "dit", "edm", "errors", "evaluation", "noise", "plots",
-           "sampling", "default_config", "block_boundaries", "block_of_sigma",
+__all__ = ["blocks", "classify", "config", "data", "dit", "edm", "errors", "evaluation", "noise",
+           "plots", "sampling", "vit", "default_config", "block_boundaries", "block_of_sigma",
            "train_and_evaluate"]

@@ -262,10 +262,11 @@ def final_losses(history: list[dict], num_blocks: int, window: int = 20) -> dict
   return {b: float(np.mean(v)) if v else None for b, v in losses.items()}
 
 
-def classify_and_evaluate(config, workdir: str, model, states, shared,
-                          test_data=None) -> dict:
+def classify_and_evaluate(config, workdir: str, model, states, shared, test_data=None,
+                          prefix: str = "") -> dict:
   """Test accuracy of a classification run after the B-step chain and after each of
-  config.classifier.inference_steps; writes confusion.png and accuracy_vs_steps.png."""
+  config.classifier.inference_steps; writes <prefix>confusion.png and
+  <prefix>accuracy_vs_steps.png to workdir."""
   if test_data is None:
     test_data = data_lib.load_images(config.data.name, "test", config.data.data_dir)
   data_lib.check_images(test_data.images, test_data.labels, config.data.image_size,
@@ -283,7 +284,7 @@ def classify_and_evaluate(config, workdir: str, model, states, shared,
     accuracy[num_steps] = float(np.mean(predictions == labels))
     if num_steps == model.num_blocks:
       confusion = classify.confusion_matrix(labels, predictions, config.data.num_classes)
-  plots.save_confusion_matrix(confusion, os.path.join(workdir, "confusion.png"),
+  plots.save_confusion_matrix(confusion, os.path.join(workdir, f"{prefix}confusion.png"),
                               title=f"{config.method}, {config.data.name}: accuracy "
                                     f"{accuracy[model.num_blocks]:.3f}")
   results = {"accuracy": accuracy[model.num_blocks], "inference_steps": model.num_blocks,
@@ -292,7 +293,7 @@ def classify_and_evaluate(config, workdir: str, model, states, shared,
   if model.denoising:
     results["accuracy_by_steps"] = {str(n): a for n, a in accuracy.items()}
     plots.save_accuracy_vs_steps(accuracy, model.num_blocks,
-                                 os.path.join(workdir, "accuracy_vs_steps.png"))
+                                 os.path.join(workdir, f"{prefix}accuracy_vs_steps.png"))
   return results
 
 

@@ -17,24 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.dit import (FinalLayer, SigmaEmbedder, apply_layers, patchify,
+from dbjax.dit import (DiTConfig, FinalLayer, SigmaEmbedder, apply_layers, patchify,
                        sincos_position_embedding, stacked_layers)
-
-TARGET_TOKENS = ("class_token", "concat")
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-  image_size: int = 8
-  channels: int = 1
-  patch_size: int = 2
-  hidden_size: int = 64
-  num_layers: int = 4
-  num_heads: int = 4
-  mlp_ratio: float = 4.0
-  num_classes: int = 10
-  frequency_dim: int = 128
-  remat: bool = False
+class ViTConfig(DiTConfig):
+  """A DiT's network fields (num_classes = the classifier's outputs), and where the
+  noisy label enters."""
   target_token: str = "class_token"   # or "concat", or "none" (a plain classifier)
 
   @property

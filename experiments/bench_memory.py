@@ -31,8 +31,8 @@ def measure(config, method: str, num_blocks: int, remat: bool) -> dict:
   batch = config.train.batch_size
   memory = profiling.train_step_memory(model, batch)
   name = method + ("_remat" if remat else "")
-  return {"method": name, "num_blocks": num_blocks, "layers_per_block": model.network_config.num_layers,
-          **memory, "resident_bytes": profiling.resident_bytes(model, batch)}
+  return {"method": name, "num_blocks": num_blocks,
+          "layers_per_block": model.network_config.num_layers, **memory, "resident_bytes": profiling.resident_bytes(model, batch)}
 
 
 def main(argv):

@@ -7,16 +7,18 @@ grid .png beside it.
   python -m experiments.evaluate --workdir=runs/digits --num_steps=50 --solver=heun
 
 Classification: test accuracy after the B-step chain and after --num_steps steps (any
-N, no retraining), with confusion.png and accuracy_vs_steps.png; writes
-eval_steps_<N>.json.
+N, no retraining) and with either Euler bridge; writes eval_steps_<N>_<bridge>.json with
+its confusion.png and accuracy_vs_steps.png beside it.
 
-  python -m experiments.evaluate --workdir=runs/classify_digits --num_steps=12
+  python -m experiments.evaluate --workdir=runs/classify_digits --num_steps=12 \
+      --bridge=expected
 """
 import json
 import os
 
 from absl import flags
 
+from dbjax import classify
 from dbjax.train import classify_and_evaluate, generate_and_evaluate, restore_run
 from experiments.cli import run, print_table
 
@@ -25,6 +27,8 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps, or a class
                                   "denoising steps (default: the run's)")
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: the run's)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none")
+_BRIDGE = flags.DEFINE_enum("bridge", None, ["argmax", "expected"],
+                            "classifier: the Euler bridge's estimate (default: the run's)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (default: the run's)")
 flags.mark_flags_as_required(["workdir"])
 
@@ -32,14 +36,18 @@ flags.mark_flags_as_required(["workdir"])
 def evaluate_classifier(config, model, states, shared):
   if _NUM_STEPS.value:
     config.classifier.inference_steps = (_NUM_STEPS.value,)
-  results = classify_and_evaluate(config, _WORKDIR.value, model, states, shared)
+  if _BRIDGE.value:  # an inference-time choice: the trained states serve either bridge
+    config.classifier.bridge = _BRIDGE.value
+    model = classify.build(config)
+  name = f"eval_steps_{_NUM_STEPS.value or model.num_blocks}_{config.classifier.bridge}"
+  results = classify_and_evaluate(config, _WORKDIR.value, model, states, shared,
+                                  prefix=f"{name}_")
   print_table([{k: v for k, v in results.items() if k != "per_class_accuracy"}],
               ["accuracy", "inference_steps", "test_examples"])
   if "accuracy_by_steps" in results:
     print_table([{"steps": n, "accuracy": a} for n, a in results["accuracy_by_steps"].items()],
                 ["steps", "accuracy"])
-  name = f"eval_steps_{_NUM_STEPS.value or model.num_blocks}.json"
-  with open(os.path.join(_WORKDIR.value, name), "w") as f:
+  with open(os.path.join(_WORKDIR.value, f"{name}.json"), "w") as f:
     json.dump(results, f, indent=2)
 
 

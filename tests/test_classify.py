@@ -1,5 +1,8 @@
 """Classification: label embedding, chain routing, loss weighting, shared parameters,
 augmentation, the driver's order with coupled blocks, and accuracy after a short run."""
+import os
+import shutil
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -214,15 +217,13 @@ def test_driver_matches_interleaved_training(tmp_path, digits, label_embedding, 
 
 
 def test_resume_with_shared_state_equals_uninterrupted_run(tmp_path, digits):
-  config = classify_config(**{"train__num_steps": 5})
+  config = classify_config(**{"train__num_steps": 5, "classifier__label_embedding": "joint"})
   _, straight, straight_shared, _ = train.train(config, str(tmp_path / "a"), digits)
-  short = classify_config(**{"train__num_steps": 5})
   workdir = str(tmp_path / "b")
-  train.train(short, workdir, digits)
+  train.train(config, workdir, digits)
   # Drop the final checkpoint: the run resumes from the one before and redoes the rest.
-  import shutil, os
-  ckpts = sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=lambda s: int(s))
-  shutil.rmtree(os.path.join(workdir, "checkpoints", ckpts[-1]))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  shutil.rmtree(os.path.join(checkpoints, max(os.listdir(checkpoints), key=int)))
   _, resumed, resumed_shared, history = train.train(config, workdir, digits)
   chex.assert_trees_all_equal((straight, straight_shared), (resumed, resumed_shared))
   assert [r["step"] for r in history] == list(range(10))
@@ -247,13 +248,15 @@ def test_bad_classifier_option_is_named():
 
 
 def test_short_run_is_well_above_chance(tmp_path):
-  """A 4-layer, B=2 classifier on digits: far above the 10% of chance after a short run,
-  and its accuracy against steps is reported for every N asked for."""
-  config = classify_config(**{"eval__enabled": True, "train__num_steps": 150,
-                              "train__batch_size": 64, "train__learning_rate": 2e-3,
-                              "train__checkpoint_every": 150,
+  """Six layers, B = 3, 150 updates per block on digits: several times the 10% of chance,
+  with accuracy against steps reported for every N asked for."""
+  config = classify_config(**{"eval__enabled": True, "model__num_layers": 6,
+                              "model__hidden_size": 64, "model__num_heads": 4,
+                              "model__frequency_dim": 64, "diffusion__num_blocks": 3,
+                              "train__num_steps": 150, "train__batch_size": 64,
+                              "train__learning_rate": 2e-3, "train__checkpoint_every": 450,
                               "classifier__inference_steps": (1, 2, 4)})
   results = train.train_and_evaluate(config, str(tmp_path))
-  assert results["accuracy"] > 0.6, results
-  assert set(results["accuracy_by_steps"]) == {"1", "2", "4"}
+  assert results["accuracy"] > 0.5, results
+  assert set(results["accuracy_by_steps"]) == {"1", "2", "3", "4"}
   assert (tmp_path / "confusion.png").exists() and (tmp_path / "accuracy_vs_steps.png").exists()

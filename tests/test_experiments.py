@@ -99,9 +99,10 @@ def test_command_line_classifier_trains_and_evaluates_any_number_of_steps(tmp_pa
   with open(os.path.join(workdir, "metrics.json")) as f:
     metrics = json.load(f)
   assert metrics["iterations"] == 6 and set(metrics["accuracy_by_steps"]) == {"1", "2"}
-  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=5")
+  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=5",
+                   "--bridge=expected")
   assert "accuracy" in result.stdout
-  with open(os.path.join(workdir, "eval_steps_5.json")) as f:
+  with open(os.path.join(workdir, "eval_steps_5_expected.json")) as f:
     assert set(json.load(f)["accuracy_by_steps"]) == {"2", "5"}  # B and the asked N
   refused = run_cli("experiments.sample", f"--workdir={workdir}", check=False)
   assert refused.returncode == 2 and "classification" in refused.stderr

@@ -21,3 +21,4 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     exec(compile("".join(cell["source"]), NOTEBOOK, "exec"), namespace)
   assert namespace["results"]["iterations"] == 6
   assert os.path.exists(tmp_path / "runs" / "quickstart" / "samples.png")
+  assert set(namespace["classifier_results"]["accuracy_by_steps"]) == {"1", "2", "3", "6", "12"}
