@@ -69,6 +69,17 @@ def make_optimizer(train_cfg, num_updates: int | None = None) -> optax.GradientT
                   weight_decay=train_cfg.weight_decay))
 
 
+def noise_plan(config):
+  """(noise distribution, partition boundaries, widened training intervals) of a run."""
+  d, num_blocks = config.diffusion, num_trained_blocks(config)
+  dist = noise.NoiseDistribution(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
+  boundaries = noise.partition(d.partition, num_blocks, dist)
+  # End-to-end training is one denoiser over the whole range: no overlap to add.
+  gamma = d.overlap_gamma if num_blocks > 1 else 0.0
+  return dist, boundaries, noise.training_intervals(boundaries, gamma, d.sigma_min,
+                                                    d.sigma_max)
+
+
 def build(config) -> BlockModel:
   """The BlockModel of a validated config (see dbjax.config)."""
   m, d, data = config.model, config.diffusion, config.data
@@ -78,11 +89,7 @@ def build(config) -> BlockModel:
                   num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
                   frequency_dim=m.frequency_dim, remat=m.remat)
-  dist = noise.NoiseDistribution(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
-  boundaries = noise.partition(d.partition, num_blocks, dist)
-  # End-to-end training is one denoiser over the whole range: no overlap to add.
-  gamma = d.overlap_gamma if num_blocks > 1 else 0.0
-  intervals = noise.training_intervals(boundaries, gamma, d.sigma_min, d.sigma_max)
+  dist, boundaries, intervals = noise_plan(config)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0))))
   return BlockModel(dit=dit, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
                     intervals=intervals, sigma_data=d.sigma_data,

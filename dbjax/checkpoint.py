@@ -16,11 +16,20 @@ from dbjax.errors import ConfigError
 
 # Fields that fix the shapes of the saved state: a checkpoint whose values differ
 # cannot be restored into this run.
-SHAPE_FIELDS = ("method", "task", "classifier.target_token", "classifier.shared_modules",
-                "model.num_layers", "model.hidden_size", "model.num_heads",
+SHAPE_FIELDS = ("method", "task", "model.num_layers", "model.hidden_size", "model.num_heads",
                 "model.mlp_ratio", "model.patch_size", "model.frequency_dim",
                 "diffusion.num_blocks", "data.image_size", "data.channels",
                 "data.num_classes")
+# ... and those of a DiffusionBlocks classifier (an end-to-end ViT has neither).
+CLASSIFIER_SHAPE_FIELDS = ("classifier.target_token", "classifier.shared_modules")
+
+
+def shape_fields(config_dict: dict) -> tuple[str, ...]:
+  """The fields that fix the saved state's shapes for this kind of run."""
+  if (config_dict.get("task") == "classification"
+      and config_dict.get("method") == "diffusion_blocks"):
+    return SHAPE_FIELDS + CLASSIFIER_SHAPE_FIELDS
+  return SHAPE_FIELDS
 
 
 def _field(config_dict: dict, dotted: str):
@@ -66,7 +75,7 @@ class RunCheckpointer:
     step = self.manager.latest_step() if step is None else step
     meta = self.read_metadata(step)
     ours = json.loads(config.to_json())
-    for field in SHAPE_FIELDS:
+    for field in shape_fields(ours):
       if _field(meta["config"], field) != _field(ours, field):
         raise ConfigError(
             f"checkpoint at step {step} was made with config.{field}="

@@ -40,7 +40,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dbjax import edm, noise
-from dbjax.blocks import BlockState, make_optimizer
+from dbjax.blocks import BlockState, make_optimizer, noise_plan
 from dbjax.config import num_trained_blocks, total_iterations
 from dbjax.sampling import sampling_plan, stack_params
 from dbjax.vit import ViT, ViTConfig
@@ -79,12 +79,13 @@ class ClassifierModel:
     return self.denoising and (self.train_label_embedding or bool(self.shared_modules))
 
   def is_shared(self, path, _) -> bool:
+    """nnx filter: whether a network parameter belongs to the shared group."""
     return path[0] in self.shared_modules
 
 
 def build(config) -> ClassifierModel:
   """The ClassifierModel of a validated classification config."""
-  m, d, c, data = config.model, config.diffusion, config.classifier, config.data
+  m, c, data = config.model, config.classifier, config.data
   denoising = config.method == "diffusion_blocks"
   num_blocks = num_trained_blocks(config)
   vit = ViTConfig(image_size=data.image_size, channels=data.channels,
@@ -93,15 +94,11 @@ def build(config) -> ClassifierModel:
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
                   frequency_dim=m.frequency_dim, remat=m.remat,
                   target_token=c.target_token if denoising else "none")
-  dist = noise.NoiseDistribution(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
-  boundaries = noise.partition(d.partition, num_blocks, dist)
-  gamma = d.overlap_gamma if num_blocks > 1 else 0.0
-  intervals = noise.training_intervals(boundaries, gamma, d.sigma_min, d.sigma_max)
+  dist, boundaries, intervals = noise_plan(config)
   shared_modules = SHAREABLE_MODULES if denoising and c.shared_modules == "shared" else ()
   train_label_embedding = denoising and c.label_embedding == "joint"
-  is_shared = lambda path, _: path[0] in shared_modules
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))), is_shared,
-                             ...)
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))),
+                             lambda path, _: path[0] in shared_modules, ...)
   shared_optimizer = optax.multi_transform(
       {"train": make_optimizer(config.train, total_iterations(config)),
        "frozen": optax.set_to_zero()},
@@ -109,7 +106,7 @@ def build(config) -> ClassifierModel:
                       "network": jax.tree.map(lambda _: "train", params["network"])})
   return ClassifierModel(
       vit=vit, num_blocks=num_blocks, denoising=denoising, dist=dist,
-      boundaries=boundaries, intervals=intervals, sigma_data=d.sigma_data,
+      boundaries=boundaries, intervals=intervals, sigma_data=config.diffusion.sigma_data,
       loss_weighting=c.loss_weighting, bridge=c.bridge, augment=c.augment,
       shared_modules=shared_modules, train_label_embedding=train_label_embedding,
       graphdef=graphdef, block_optimizer=make_optimizer(config.train),

@@ -1,8 +1,12 @@
-r"""Train a run, then write samples.png, loss_curves.png and metrics.json to its workdir.
+r"""Train a run, then write metrics.json, loss_curves.png and the task's pictures to its
+workdir: samples.png (generation), or confusion.png and accuracy_vs_steps.png
+(classification).
 
   python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits
   python -m experiments.train --config=experiments/configs/digits.py \
       --config.method=end_to_end --workdir=runs/digits_e2e
+  python -m experiments.train --config=experiments/configs/classify_digits.py \
+      --workdir=runs/classify_digits
 
 Any config field can be overridden with --config.<field>=<value>. Re-running the same
 command resumes from the latest checkpoint in the workdir.

@@ -260,3 +260,19 @@ def test_short_run_is_well_above_chance(tmp_path):
   assert results["accuracy"] > 0.5, results
   assert set(results["accuracy_by_steps"]) == {"1", "2", "3", "4"}
   assert (tmp_path / "confusion.png").exists() and (tmp_path / "accuracy_vs_steps.png").exists()
+
+
+def test_resume_refuses_other_parameter_groups_but_not_for_end_to_end(tmp_path, digits):
+  train.train(classify_config(**{"train__num_steps": 1}), str(tmp_path / "db"), digits)
+  with pytest.raises(ConfigError, match="classifier.shared_modules"):
+    train.train(classify_config(**{"train__num_steps": 2,
+                                   "classifier__shared_modules": "shared"}),
+                str(tmp_path / "db"), digits)
+  # The end-to-end ViT has no label token and no shared group: these options do not apply.
+  train.train(classify_config(method="end_to_end", **{"train__num_steps": 1}),
+              str(tmp_path / "e2e"), digits)
+  _, _, _, history = train.train(
+      classify_config(method="end_to_end", **{"train__num_steps": 2,
+                                              "classifier__target_token": "class_token"}),
+      str(tmp_path / "e2e"), digits)
+  assert [r["step"] for r in history] == [0, 1]
