@@ -108,13 +108,14 @@ def abstract_block_state(model: BlockModel) -> BlockState:
   return jax.eval_shape(lambda: init_block(model, jax.random.key(0)))
 
 
-def init_blocks_on_host(model: BlockModel, seed: int) -> list[BlockState]:
+def init_blocks_on_host(model, seed: int, init_fn=None) -> list[BlockState]:
   """All B blocks' states, created one at a time and kept in host memory (numpy).
 
   One compiled init serves every block, and each block goes to host memory before the
-  next is made, so at most one block is ever on the accelerator.
+  next is made, so at most one block is ever on the accelerator. init_fn(model, key)
+  makes one block (default: this module's init_block; dbjax.classify passes its own).
   """
-  init = jax.jit(lambda key: init_block(model, key))
+  init = jax.jit(lambda key: (init_fn or init_block)(model, key))
   base = jax.random.key(seed)
   return [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
 

@@ -40,9 +40,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dbjax import edm, noise
-from dbjax.blocks import BlockState, make_optimizer, noise_plan
+from dbjax.blocks import BlockState, init_blocks_on_host, make_optimizer, noise_plan
 from dbjax.config import num_trained_blocks, total_iterations
-from dbjax.sampling import sampling_plan, stack_params
+from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
 from dbjax.vit import ViT, ViTConfig
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
@@ -78,9 +78,13 @@ class ClassifierModel:
     """Whether blocks share trained parameters (so their iterations cannot be reordered)."""
     return self.denoising and (self.train_label_embedding or bool(self.shared_modules))
 
-  def is_shared(self, path, _) -> bool:
-    """nnx filter: whether a network parameter belongs to the shared group."""
-    return path[0] in self.shared_modules
+  def is_shared(self, path, value) -> bool:
+    return in_shared_group(self.shared_modules)(path, value)
+
+
+def in_shared_group(shared_modules):
+  """nnx filter: whether a network parameter belongs to the shared group."""
+  return lambda path, _: path[0] in shared_modules
 
 
 def build(config) -> ClassifierModel:
@@ -98,7 +102,7 @@ def build(config) -> ClassifierModel:
   shared_modules = SHAREABLE_MODULES if denoising and c.shared_modules == "shared" else ()
   train_label_embedding = denoising and c.label_embedding == "joint"
   graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))),
-                             lambda path, _: path[0] in shared_modules, ...)
+                             in_shared_group(shared_modules), ...)
   shared_optimizer = optax.multi_transform(
       {"train": make_optimizer(config.train, total_iterations(config)),
        "frozen": optax.set_to_zero()},
@@ -139,11 +143,9 @@ def init_shared(model: ClassifierModel, key) -> BlockState:
 
 def init_on_host(model: ClassifierModel, seed: int) -> tuple[list[BlockState], BlockState]:
   """All blocks' states and the shared state, made one at a time into host memory."""
-  base = jax.random.key(seed)
-  init = jax.jit(lambda key: init_block(model, key))
-  blocks = [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
+  blocks = init_blocks_on_host(model, seed, init_block)
   shared = jax.device_get(jax.jit(lambda key: init_shared(model, key))(
-      jax.random.fold_in(base, model.num_blocks)))
+      jax.random.fold_in(jax.random.key(seed), model.num_blocks)))
   return blocks, shared
 
 
@@ -294,12 +296,9 @@ def predict(model, block_params, shared_params, images, num_steps: int, seed: in
             batch_size: int = 500, progress: bool = False) -> np.ndarray:
   """Predicted labels (N,) of images after an N-step chain, in fixed-size batches."""
   stacked = stack_params(block_params)
-  images = np.asarray(images, np.float32)
-  pad = -len(images) % batch_size
-  padded = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
   key = jax.random.key(seed)
   predictions = []
-  batches = padded.reshape((-1, batch_size) + images.shape[1:])
+  batches = fixed_size_batches(np.asarray(images, np.float32), batch_size)
   for i, batch in enumerate(tqdm(batches, desc=f"predicting ({num_steps} steps)",
                                  disable=not progress, leave=False)):
     logits = chain_logits(model, stacked, shared_params, jnp.asarray(batch), num_steps,

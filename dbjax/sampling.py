@@ -89,12 +89,19 @@ def sample(model: BlockModel, stacked_params, key: jax.Array, labels: jax.Array,
                     jnp.asarray(blocks, jnp.int32), solver, float(guidance_scale))
 
 
+def fixed_size_batches(array: np.ndarray, batch_size: int) -> np.ndarray:
+  """(N, ...) -> (ceil(N / batch_size), batch_size, ...), zero-padded at the end, so one
+  compiled function serves every batch; callers drop the padding from the outputs."""
+  pad = -len(array) % batch_size
+  padded = np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)])
+  return padded.reshape((-1, batch_size) + array.shape[1:])
+
+
 def sample_in_batches(model, stacked_params, key, labels, num_steps, solver="euler",
                       guidance_scale=1.0, batch_size=500, progress=False) -> np.ndarray:
   """`sample` over many labels in fixed-size batches (one compile), returned as numpy."""
   labels = np.asarray(labels, np.int32)
-  pad = -len(labels) % batch_size
-  padded = np.concatenate([labels, np.zeros(pad, np.int32)]).reshape(-1, batch_size)
+  padded = fixed_size_batches(labels, batch_size)
   out = [np.asarray(sample(model, stacked_params, jax.random.fold_in(key, i), jnp.asarray(b),
                            num_steps, solver, guidance_scale))
          for i, b in enumerate(tqdm(padded, desc="sampling", disable=not progress, leave=False))]
