@@ -166,6 +166,29 @@ def jit_train_step(model: BlockModel):
       model, state, images, labels, key, interval), donate_argnums=0)
 
 
+def update(optimizer, state: BlockState, grads) -> BlockState:
+  """One optimizer step of a state with its own optax state and step count."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return BlockState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+
+
+def train_step_with_shared(loss_fn, block_optimizer, shared_optimizer, state: BlockState,
+                           shared: BlockState, batch: tuple, key, interval):
+  """One block's step when the run also has a shared state (a label or token embedding):
+  (block state, shared state) -> (block state, shared state, metrics).
+
+  loss_fn(block params, shared params, *batch, key, interval) -> (loss, metrics). The
+  block and the shared group each clip their own gradients and keep their own AdamW
+  state; the shared group steps with every block's iterations.
+  """
+  (loss, metrics), (block_grads, shared_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, shared.params, *batch, key,
+                                             interval)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(block_grads))
+  return (update(block_optimizer, state, block_grads),
+          update(shared_optimizer, shared, shared_grads), metrics)
+
+
 def jit_run_step(model: BlockModel):
   """The driver's step, (state, shared, images, labels, key, interval) ->
   (state, shared, metrics), which image blocks serve with shared = None."""

@@ -22,13 +22,17 @@ SHAPE_FIELDS = ("method", "task", "model.num_layers", "model.hidden_size", "mode
                 "data.num_classes")
 # ... and those of a DiffusionBlocks classifier (an end-to-end ViT has neither).
 CLASSIFIER_SHAPE_FIELDS = ("classifier.target_token", "classifier.shared_modules")
+# ... and those of a language run (data.num_classes is then the vocabulary size).
+LANGUAGE_SHAPE_FIELDS = ("language.kind", "language.seq_len")
 
 
 def shape_fields(config_dict: dict) -> tuple[str, ...]:
   """The fields that fix the saved state's shapes for this kind of run."""
-  if (config_dict.get("task") == "classification"
-      and config_dict.get("method") == "diffusion_blocks"):
+  task = config_dict.get("task")
+  if task == "classification" and config_dict.get("method") == "diffusion_blocks":
     return SHAPE_FIELDS + CLASSIFIER_SHAPE_FIELDS
+  if task == "language":
+    return SHAPE_FIELDS + LANGUAGE_SHAPE_FIELDS
   return SHAPE_FIELDS
 
 

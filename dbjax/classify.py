@@ -40,7 +40,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dbjax import edm, noise
-from dbjax.blocks import BlockState, init_blocks_on_host, make_optimizer, noise_plan
+from dbjax.blocks import (BlockState, init_blocks_on_host, make_optimizer, noise_plan,
+                          train_step_with_shared)
 from dbjax.config import num_trained_blocks, total_iterations
 from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
 from dbjax.vit import ViT, ViTConfig
@@ -216,24 +217,13 @@ def block_loss(model: ClassifierModel, block_params, shared_params, images, labe
   return loss, {"cross_entropy": jnp.mean(cross_entropy), "accuracy": accuracy}
 
 
-def _update(optimizer, state: BlockState, grads) -> BlockState:
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return BlockState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-
-
 def train_step(model: ClassifierModel, state: BlockState, shared: BlockState, images, labels,
                key, interval):
-  """(block state, shared state, batch, key) -> (block state, shared state, metrics).
-
-  The block and the shared group each clip their own gradients and keep their own
-  AdamW state; the shared group steps with every block's iterations.
-  """
-  (loss, metrics), (block_grads, shared_grads) = jax.value_and_grad(
-      block_loss, argnums=(1, 2), has_aux=True)(
-          model, state.params, shared.params, images, labels, key, interval)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(block_grads))
-  return (_update(model.block_optimizer, state, block_grads),
-          _update(model.shared_optimizer, shared, shared_grads), metrics)
+  """(block state, shared state, batch, key) -> (block state, shared state, metrics);
+  see blocks.train_step_with_shared."""
+  return train_step_with_shared(functools.partial(block_loss, model), model.block_optimizer,
+                                model.shared_optimizer, state, shared, (images, labels), key,
+                                interval)
 
 
 def jit_train_step(model: ClassifierModel):

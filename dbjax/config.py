@@ -11,8 +11,13 @@ from dbjax.errors import ConfigError
 from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
-TASKS = ("generation", "classification")
+TASKS = ("generation", "classification", "language")
 SOLVERS = ("euler", "heun")
+LANGUAGE_CHOICES = {
+    "kind": ("autoregressive", "masked"),
+    "token_embedding": ("frozen", "joint"),
+    "bridge": ("argmax", "expected"),
+}
 CLASSIFIER_CHOICES = {
     "target_token": ("class_token", "concat"),
     "loss_weighting": ("per_example", "batch_mean"),
@@ -29,13 +34,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = "diffusion_blocks"
   # "generation": a DiT denoises images. "classification": a ViT denoises a label
   # embedding given the image (dbjax.classify); end-to-end is then a plain ViT.
+  # "language": a token transformer, autoregressive or masked diffusion
+  # (dbjax.language); end-to-end is a causal LM, or MD4 over all masking levels.
   c.task = "generation"
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
-      name="digits",        # "digits", "fashion_mnist", or "tfds:<name>" (mnist, cifar10, ...)
+      # images: "digits", "fashion_mnist", "tfds:<name>" (mnist, cifar10, ...);
+      # text: "shakespeare", "file:<path>", "tfds:<name>" (tiny_shakespeare, lm1b, ...)
+      name="digits",
       data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
-      image_size=8, channels=1, num_classes=10,
+      image_size=8, channels=1,
+      num_classes=10,       # classes; for text the vocabulary size, 0 = from the text
+      max_chars=0,          # text: characters read per split, 0 = all
   ))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=12,        # total depth L; each block gets L / num_blocks layers
@@ -69,6 +80,22 @@ def default_config() -> ml_collections.ConfigDict:
       shared_modules="per_block",
       augment=False,             # random flip and crop of training images
       inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
+  ))
+  c.language = ml_collections.ConfigDict(dict(
+      # "autoregressive": blocks denoise the embedding of token i given the clean tokens
+      # before it. "masked": MD4 masked diffusion, block b owns masking levels
+      # t in [1 - (b+1)/B, 1 - b/B].
+      kind="autoregressive",
+      seq_len=128,               # characters per training sequence (and generated text)
+      # The token embedding (the target space): "frozen" at its random initialisation
+      # (blocks stay independent) or "joint", trained with whichever block is active.
+      token_embedding="frozen",
+      bridge="argmax",           # Euler bridge of the autoregressive chain, as classifier
+      inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
+      sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len
+      prompt="",                 # generated text starts with it
+      num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
+      temperature=0.8, top_p=0.9,
   ))
   c.train = ml_collections.ConfigDict(dict(
       # Budget in end-to-end iterations. DiffusionBlocks runs num_steps * B iterations
@@ -121,13 +148,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field, allowed in CLASSIFIER_CHOICES.items():
     _require(config.classifier[field] in allowed, f"classifier.{field}",
              config.classifier[field], f"one of {allowed}")
+  for field, allowed in LANGUAGE_CHOICES.items():
+    _require(config.language[field] in allowed, f"language.{field}", config.language[field],
+             f"one of {allowed}")
+  lang = config.language
+  _require(isinstance(lang.seq_len, int) and lang.seq_len >= 2, "language.seq_len",
+           lang.seq_len, "an integer >= 2")
+  for field in ("inference_steps", "sample_steps"):
+    _require(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
+  _require(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
+  _require(lang.temperature >= 0, "language.temperature", lang.temperature,
+           ">= 0 (0 = greedy)")
+  _require(0 < lang.top_p <= 1, "language.top_p", lang.top_p, "in (0, 1]")
+  _require(len(lang.prompt) < lang.seq_len, "language.prompt", lang.prompt,
+           f"shorter than language.seq_len={lang.seq_len}")
+  _require(config.data.max_chars >= 0, "data.max_chars", config.data.max_chars,
+           ">= 0 (0 = all)")
   steps = config.classifier.inference_steps
   _require(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps),
            "classifier.inference_steps", steps, "a non-empty tuple of positive integers")
   _require(config.eval.max_test_examples >= 0, "eval.max_test_examples",
            config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),
-                       ("data.num_classes", data.num_classes),
                        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_heads", m.num_heads), ("model.patch_size", m.patch_size),
                        ("diffusion.num_blocks", d.num_blocks), ("train.num_steps", t.num_steps),
@@ -137,6 +179,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("sample.num_steps", s.num_steps), ("sample.grid_size", s.grid_size),
                        ("eval.num_samples", config.eval.num_samples)]:
     _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
+  # Text runs learn their vocabulary size from the data (0 until then).
+  _require(isinstance(data.num_classes, int)
+           and data.num_classes >= (0 if config.task == "language" else 1),
+           "data.num_classes", data.num_classes,
+           "a positive integer (for text: the vocabulary size, or 0 = from the text)")
   if config.method == "diffusion_blocks":
     _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
              f"must divide model.num_layers={m.num_layers} so every block gets the same "

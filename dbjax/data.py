@@ -29,6 +29,14 @@ class ImageData:
   labels: np.ndarray   # int32 (N,)
   num_classes: int
 
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+  def batch(self, index):
+    """The step's inputs: (images, labels) of the examples in `index`."""
+    return self.images[index], self.labels[index]
+
 
 def _digits(split: str) -> ImageData:
   from sklearn.datasets import load_digits

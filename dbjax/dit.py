@@ -66,8 +66,24 @@ def sinusoidal_features(c_noise: jax.Array, dim: int, scale: float = 1000.0) -> 
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def _per_segment(x, fn, *conditioning):
+  """fn(tokens, *conditioning) with conditioning given per example (N, D) or per segment
+  (N, G, D): G equal runs of tokens, e.g. a clean and a noisy stream (dbjax.language).
+  Reshaped, not repeated, so no (N, S, D) copy of the conditioning is made."""
+  n, s, d = x.shape
+  g = 1 if conditioning[0].ndim == 2 else conditioning[0].shape[1]
+  out = fn(x.reshape(n, g, s // g, d), *(c.reshape(n, g, 1, d) for c in conditioning))
+  return out.reshape(n, s, d)
+
+
 def modulate(x, shift, scale):
-  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+  """x * (1 + scale) + shift, per example or per segment (see _per_segment)."""
+  return _per_segment(x, lambda x, shift, scale: x * (1 + scale) + shift, shift, scale)
+
+
+def gate(x, gate_values):
+  """gate_values * x, per example or per segment."""
+  return _per_segment(x, lambda x, g: g * x, gate_values)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -120,20 +136,32 @@ class DiTLayer(nnx.Module):
     # and the layer is the identity (DiT, Sec. 3.2, "adaLN-Zero").
     self.modulation = _zero_linear(d, 6 * d, rngs)
 
-  def attention(self, x):
-    n, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads),
+  def heads(self, h):
+    """Queries, keys and values (N, T, heads, head_dim) of normalised tokens h."""
+    n, t, d = h.shape
+    q, k, v = jnp.split(self.qkv(h).reshape(n, t, 3, self.num_heads, d // self.num_heads),
                         3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    return self.proj(out.reshape(n, t, d))
+    return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
-  def __call__(self, x, cond):
+  def __call__(self, x, cond, mask=None, context=None):
+    """x (N, T, D) conditioned on cond (N, D) or (N, G, D) (per segment).
+
+    mask: optional (T, T + C) boolean, True where a row may attend to a column.
+    context: optional (keys, values) (N, C, heads, head_dim) of earlier tokens that
+      every row may attend to (subject to mask), placed before the row's own columns:
+      the key-value cache of dbjax.language. Returns (x, (keys, values) of x).
+    """
     (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp,
      gate_mlp) = jnp.split(self.modulation(nnx.silu(cond)), 6, axis=-1)
-    x = x + gate_attn[:, None] * self.attention(modulate(self.norm1(x), shift_attn, scale_attn))
+    q, k, v = self.heads(modulate(self.norm1(x), shift_attn, scale_attn))
+    keys, values = (k, v) if context is None else (
+        jnp.concatenate([context[0], k], 1), jnp.concatenate([context[1], v], 1))
+    out = jax.nn.dot_product_attention(q, keys, values,
+                                       mask=None if mask is None else mask[None, None])
+    x = x + gate(self.proj(out.reshape(x.shape)), gate_attn)
     mlp = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)),
                             approximate=True))
-    return x + gate_mlp[:, None] * mlp
+    return x + gate(mlp, gate_mlp), (k, v)
 
 
 def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer:
@@ -142,12 +170,14 @@ def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer:
   return nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
 
 
-def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool):
-  """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D)."""
+def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,
+                 mask: jax.Array | None = None):
+  """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D) or
+  (N, G, D), attending where mask (T, T) is True (everywhere if None)."""
   layer_graph, layer_states = nnx.split(layers)
 
   def apply_layer(tokens, layer_state):
-    return nnx.merge(layer_graph, layer_state)(tokens, cond), None
+    return nnx.merge(layer_graph, layer_state)(tokens, cond, mask)[0], None
 
   if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
     apply_layer = jax.checkpoint(apply_layer)

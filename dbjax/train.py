@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dbjax import (blocks, classify, config as config_lib, data as data_lib, evaluation, plots,
-                   sampling)
+from dbjax import (blocks, classify, config as config_lib, data as data_lib, evaluation,
+                   language, plots, sampling, text)
 from dbjax.checkpoint import RunCheckpointer
 from dbjax.errors import NonFiniteLossError, WorkdirError
 
@@ -71,13 +71,27 @@ def _read_history(path: str, before_step: int) -> list[dict]:
 
 
 def task_module(config):
-  """The module that builds and steps the run's blocks: dbjax.blocks or dbjax.classify.
+  """The module that builds and steps the run's blocks: dbjax.blocks, dbjax.classify or
+  dbjax.language.
 
   Both offer build(config), init_on_host(model, seed) -> (block states, shared state),
   abstract_states(model) and jit_run_step(model), a step
-  (state, shared, images, labels, key, interval) -> (state, shared, metrics).
+  (state, shared, *batch, key, interval) -> (state, shared, metrics), where batch is
+  (images, labels), or (tokens,) for language.
   """
-  return classify if config.task == "classification" else blocks
+  return {"classification": classify, "language": language}.get(config.task, blocks)
+
+
+def load_train_data(config):
+  """The training split, checked against the config: ImageData, or TextData for language
+  (with the config's data.num_classes set to its vocabulary size)."""
+  if config.task == "language":
+    train_data, _ = language.load_data(config)
+    return language.with_vocabulary(config, train_data.vocabulary), train_data
+  train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
+  data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
+                        config.data.channels, config.data.num_classes, "training images")
+  return config, train_data
 
 
 def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
@@ -100,11 +114,11 @@ def _train_block_steps(step_fn, state, shared, model, block_index, steps, train_
   metrics = []
   interval = jnp.asarray(model.intervals[block_index])
   for step in steps:
-    index = data_lib.batch_indices(config.seed, int(step), len(train_data.labels),
+    index = data_lib.batch_indices(config.seed, int(step), train_data.num_examples,
                                    config.train.batch_size)
     state, shared, step_metrics = step_fn(
-        state, shared, train_data.images[index], train_data.labels[index],
-        step_key(config.seed, int(step), block_index), interval)
+        state, shared, *train_data.batch(index), step_key(config.seed, int(step), block_index),
+        interval)
     metrics.append(step_metrics)
     bar.update(1)
   return state, shared, jax.device_get(metrics)
@@ -135,18 +149,23 @@ class TrainedRun(NamedTuple):
   history: list[dict]        # one metrics row per iteration
 
 
-def train(config, workdir: str, train_data: data_lib.ImageData | None = None) -> TrainedRun:
+def train(config, workdir: str, train_data=None) -> TrainedRun:
   """Train (or resume) the run in `workdir`.
 
+  train_data: the training split (default: loaded by `load_train_data`). A language
+  run's config must then already carry its vocabulary size (language.with_vocabulary).
   Raises NonFiniteLossError, naming step and block, if a loss becomes NaN or inf; the
   last good checkpoint stays in place.
   """
   config_lib.validate(config)
   prepare_workdir(workdir)
   if train_data is None:
-    train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
-  data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
-                        config.data.channels, config.data.num_classes, "training images")
+    config, train_data = load_train_data(config)
+  elif isinstance(train_data, data_lib.ImageData):
+    data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
+                          config.data.channels, config.data.num_classes, "training images")
+  if isinstance(train_data, text.TextData):
+    train_data.vocabulary.save(os.path.join(workdir, text.VOCABULARY_FILE))
   task = task_module(config)
   model = task.build(config)
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -297,24 +316,96 @@ def classify_and_evaluate(config, workdir: str, model, states, shared, test_data
   return results
 
 
+SAMPLES_FILE = "samples.txt"
+
+
+def sampling_settings(config) -> dict:
+  """The generation settings every language run is shown with: {name: (temperature,
+  top_p)}."""
+  lang = config.language
+  return {"greedy": (0.0, 1.0), f"temperature {lang.temperature:g}": (lang.temperature, 1.0),
+          f"top-p {lang.top_p:g}": (1.0, lang.top_p)}
+
+
+def generate_text(config, model, states, shared, vocabulary: text.Vocabulary, seed: int = 0,
+                  progress: bool = False) -> tuple[dict, float]:
+  """({setting name: [texts]}, generated characters per second) of a language run,
+  each text starting with config.language.prompt. The speed is of the greedy setting's
+  second call, after compilation."""
+  lang = config.language
+  prompt = vocabulary.encode(lang.prompt, "config.language.prompt")
+  params = [s.params for s in states]
+  steps = lang.sample_steps if lang.kind == "masked" else lang.inference_steps
+  texts, speed = {}, None
+  for name, (temperature, top_p) in tqdm(sampling_settings(config).items(), desc="generating",
+                                         disable=not progress, leave=False):
+    generate = lambda: language.generate(model, params, shared.params, prompt,
+                                         lang.num_samples, seed, temperature, top_p,
+                                         steps or None)
+    ids = generate()
+    if speed is None:
+      start = time.perf_counter()
+      generate()
+      speed = lang.num_samples * (model.net.seq_len - len(prompt)) / (
+          time.perf_counter() - start)
+    texts[name] = [vocabulary.decode(row) for row in ids]
+  return texts, speed
+
+
+def write_samples(path: str, texts: dict):
+  with open(path, "w", encoding="utf-8") as f:
+    for name, samples in texts.items():
+      for i, sample in enumerate(samples):
+        f.write(f"===== {name}, sample {i} =====\n{sample}\n\n")
+
+
+def evaluate_language(config, workdir: str, model, states, shared, test_data,
+                      prefix: str = "") -> dict:
+  """Test bits per character (see language.sequence_nats) and generated text, written
+  to <workdir>/<prefix>samples.txt."""
+  count = config.eval.max_test_examples or test_data.num_examples
+  tokens = test_data.tokens[:count]
+  lang = config.language
+  bits = language.bits_per_character(model, [s.params for s in states], shared.params, tokens,
+                                     config.seed, lang.inference_steps or None,
+                                     progress=config.train.progress)
+  results = {"bits_per_character": bits["chain"], "test_sequences": int(len(tokens)),
+             "test_characters": int(tokens.size)}
+  if "first_call" in bits:
+    results["bits_per_character_first_call"] = bits["first_call"]
+    results["inference_steps"] = lang.inference_steps or model.num_blocks
+  texts, speed = generate_text(config, model, states, shared, test_data.vocabulary,
+                               config.seed, config.train.progress)
+  write_samples(os.path.join(workdir, f"{prefix}{SAMPLES_FILE}"), texts)
+  results["generated_chars_per_second"] = speed
+  return results
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train (resuming if possible), then evaluate and write metrics.json, loss_curves.png
-  and the task's pictures (samples.png; or confusion.png and accuracy_vs_steps.png) to
-  `workdir`; return the metrics."""
+  and the task's pictures (samples.png; confusion.png and accuracy_vs_steps.png; or
+  samples.txt for language) to `workdir`; return the metrics."""
   start = time.perf_counter()
   config_lib.validate(config)
-  train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
+  if config.task == "language":
+    train_data, test_data = language.load_data(config)
+    config = language.with_vocabulary(config, train_data.vocabulary)
+  else:
+    config, train_data = load_train_data(config)
   model, states, shared, history = train(config, workdir, train_data)
   train_seconds = time.perf_counter() - start
-  classifying = config.task == "classification"
+  metric = "loss" if config.task == "generation" else "cross_entropy"
   plots.save_loss_curves(history, model.num_blocks, os.path.join(workdir, "loss_curves.png"),
-                         title=f"{config.method}, {config.data.name}",
-                         metric="cross_entropy" if classifying else "loss")
+                         title=f"{config.method}, {config.data.name}", metric=metric)
   results = {"task": config.task, "method": config.method, "num_blocks": model.num_blocks,
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
              "final_loss_per_block": final_losses(history, model.num_blocks)}
-  if classifying:
+  if config.task == "language":
+    results["kind"] = config.language.kind
+    if config.eval.enabled:
+      results.update(evaluate_language(config, workdir, model, states, shared, test_data))
+  elif config.task == "classification":
     if config.eval.enabled:
       results.update(classify_and_evaluate(config, workdir, model, states, shared))
   else:

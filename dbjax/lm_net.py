@@ -1,0 +1,93 @@
+"""A token transformer with adaLN-Zero layers: the raw network of one language block.
+
+The layers are the DiT's (dbjax.dit), conditioned per example or per segment of the
+sequence, with an attention mask. One network serves three roles (dbjax.language):
+- the autoregressive DiffusionBlocks denoiser: [clean stream; noisy stream] under the
+  block-diffusion mask, the clean stream conditioned as if at sigma_min;
+- the masked-diffusion (MD4) denoiser: bidirectional, masked positions replaced by the
+  learned `blank` vector, conditioned on the masking level t;
+- the end-to-end causal LM: a causal mask, `blank` as the start-of-text input.
+
+Inputs are vectors in the token-embedding space (the target space of DiffusionBlocks),
+so the shared token embedding stays outside the network; `token_in` maps them into the
+model. `decode` runs one token against a key-value cache, for generation.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dbjax.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  vocab_size: int = 84
+  seq_len: int = 128
+  hidden_size: int = 128
+  num_layers: int = 3
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  frequency_dim: int = 128
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+class LMNet(nnx.Module):
+  """F(vectors, positions, c_noise) -> logits (N, S, vocab_size)."""
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, init = cfg.hidden_size, nnx.initializers.normal(0.02)
+    self.token_in = nnx.Linear(d, d, rngs=rngs)
+    # The input of a position whose token is not given: masked (MD4), or the start of
+    # the text (the causal LM's first position).
+    self.blank = nnx.Param(init(rngs.params(), (d,)))
+    self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
+    self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
+    self.layers = stacked_layers(cfg, rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
+
+  def condition(self, c_noise: jax.Array) -> jax.Array:
+    """Sigma embedding of c_noise (N,) or (N, G) -> (N, D) or (N, G, D)."""
+    flat = self.sigma_embed(c_noise.reshape(-1))
+    return flat.reshape(c_noise.shape + (self.cfg.hidden_size,))
+
+  def embed(self, vectors, positions, blank=None):
+    if blank is not None:
+      vectors = jnp.where(blank[..., None], self.blank.value, vectors)
+    return self.token_in(vectors) + self.position(positions)
+
+  def __call__(self, vectors: jax.Array, positions: jax.Array, c_noise: jax.Array,
+               mask: jax.Array | None = None, blank: jax.Array | None = None) -> jax.Array:
+    """vectors (N, S, D); positions (S,); c_noise (N,) or (N, G) for G equal segments;
+    mask (S, S), True where a row may attend; blank (N, S), True where the input is
+    the blank vector."""
+    cond = self.condition(c_noise)
+    x = apply_layers(self.layers, self.embed(vectors, positions, blank), cond,
+                     self.cfg.remat, mask)
+    return self.head(x, cond)
+
+  def decode(self, vectors, position, c_noise, cache, valid, blank=None):
+    """One position per sequence against a key-value cache.
+
+    vectors (N, 1, D) at `position` (scalar); c_noise (N,); cache = (keys, values),
+    each (layers, N, C, heads, head_dim); valid (C,), True for the cache columns that
+    hold earlier tokens. Returns (logits (N, 1, V), (keys, values) of this position,
+    each (layers, N, 1, heads, head_dim)) for the caller to write into the cache.
+    """
+    cond = self.condition(c_noise)
+    x = self.embed(vectors, jnp.reshape(position, (1,)), blank)
+    mask = jnp.concatenate([valid, jnp.ones((1,), bool)])[None]  # (1, C + 1)
+    graph, states = nnx.split(self.layers)
+
+    def layer(x, xs):
+      state, keys, values = xs
+      return nnx.merge(graph, state)(x, cond, mask, (keys, values))
+
+    x, own_keys_values = jax.lax.scan(layer, x, (states, *cache))
+    return self.head(x, cond), own_keys_values

