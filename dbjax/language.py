@@ -126,6 +126,14 @@ def with_vocabulary(config, vocabulary: text.Vocabulary):
   return config
 
 
+def resolve_vocabulary(config):
+  """config with data.num_classes = the vocabulary size, reading the text if it is 0."""
+  if config.data.num_classes:
+    return config
+  train_data, _ = load_data(config)
+  return with_vocabulary(config, train_data.vocabulary)
+
+
 def load_data(config, vocabulary: text.Vocabulary | None = None):
   """(train, test) TextData of the config's data set (dbjax.text)."""
   d = config.data

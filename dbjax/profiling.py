@@ -15,16 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dbjax import blocks, classify
+from dbjax import blocks, classify, language
 
 
 def _task(model):
-  """The module that steps this model: dbjax.classify or dbjax.blocks."""
-  return classify if isinstance(model, classify.ClassifierModel) else blocks
+  """The module that steps this model: dbjax.classify, dbjax.language or dbjax.blocks."""
+  if isinstance(model, classify.ClassifierModel):
+    return classify
+  return language if isinstance(model, language.LanguageModel) else blocks
 
 
 def _example_batch(model, batch_size: int, rng=None):
-  """A batch of the model's image shape: zeros, or random values from `rng`."""
+  """The step's batch inputs: images and labels of the model's shapes (zeros, or random
+  values from `rng`), or token ids for a language model."""
+  if isinstance(model, language.LanguageModel):
+    return language.example_batch(model, batch_size, rng)
   net = model.network_config
   shape = (batch_size, net.image_size, net.image_size, net.channels)
   if rng is None:
@@ -35,10 +40,10 @@ def _example_batch(model, batch_size: int, rng=None):
 
 def train_step_memory(model, batch_size: int) -> dict:
   """Compiled memory of one block's train step, in bytes (no allocation needed)."""
-  images, labels = _example_batch(model, batch_size)
+  batch = _example_batch(model, batch_size)
   block, shared = _task(model).abstract_states(model)
   compiled = _task(model).jit_run_step(model).lower(
-      block, shared, images, labels, jax.random.key(0),
+      block, shared, *batch, jax.random.key(0),
       jnp.asarray(model.intervals[0])).compile()
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,
@@ -65,12 +70,12 @@ def resident_bytes(model, batch_size: int, seed: int = 0) -> int:
   baseline = _live_device_bytes()
   host_states, host_shared = _task(model).init_on_host(model, seed)
   step = _task(model).jit_run_step(model)
-  images, labels = _example_batch(model, batch_size)
-  out = step(jax.device_put(host_states[0]), jax.device_put(host_shared), images, labels,
+  batch = _example_batch(model, batch_size)
+  out = step(jax.device_put(host_states[0]), jax.device_put(host_shared), *batch,
              jax.random.key(0), jnp.asarray(model.intervals[0]))
   jax.block_until_ready(out)
   resident = _live_device_bytes() - baseline
-  del out, images, labels
+  del out, batch
   gc.collect()
   return resident
 
@@ -81,14 +86,14 @@ def time_train_step(model, batch_size: int, repeats: int = 10, warmup: int = 2) 
   step = task.jit_run_step(model)
   key = jax.random.key(0)
   state = jax.jit(lambda key: task.init_block(model, key))(key)  # one block only
-  shared = (jax.jit(lambda key: classify.init_shared(model, key))(key) if task is classify
-            else None)
-  images, labels = _example_batch(model, batch_size, np.random.default_rng(0))
+  shared = (jax.jit(lambda key: task.init_shared(model, key))(key)
+            if hasattr(task, "init_shared") else None)
+  batch = _example_batch(model, batch_size, np.random.default_rng(0))
   interval = jnp.asarray(model.intervals[0])
   times = []
   for i in range(warmup + repeats):
     start = time.perf_counter()
-    state, shared, metrics = step(state, shared, images, labels, jax.random.key(i), interval)
+    state, shared, metrics = step(state, shared, *batch, jax.random.key(i), interval)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return float(np.median(times[warmup:]))

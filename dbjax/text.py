@@ -46,16 +46,22 @@ class Vocabulary:
   def size(self) -> int:
     return len(self.characters)
 
+  def _code_points(self) -> np.ndarray:
+    return np.array([ord(c) for c in self.characters], np.uint32)
+
   def encode(self, text: str, what: str = "text") -> np.ndarray:
     """Token ids (len(text),) int32; DataError naming the first unknown character."""
-    index = {c: i for i, c in enumerate(self.characters)}
-    unknown = [c for c in set(text) if c not in index]
-    if unknown:
-      first = min(text.index(c) for c in unknown)
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    known = self._code_points()
+    order = np.argsort(known)
+    at = np.clip(np.searchsorted(known[order], codes), 0, len(known) - 1)
+    unknown = known[order][at] != codes
+    if unknown.any():
+      first = int(np.argmax(unknown))
       raise DataError(f"{what} has character {text[first]!r} at position {first}, which is "
                       f"not in the run's vocabulary of {self.size} characters "
-                      f"({len(unknown)} unknown in all)")
-    return np.fromiter((index[c] for c in text), np.int32, len(text))
+                      f"({len(set(codes[unknown].tolist()))} unknown in all)")
+    return order[at].astype(np.int32)
 
   def decode(self, ids) -> str:
     return "".join(self.characters[int(i)] for i in np.asarray(ids).reshape(-1))

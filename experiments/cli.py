@@ -7,6 +7,7 @@ import sys
 
 from absl import app, logging
 
+from dbjax import language
 from dbjax.config import validate
 from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
 from dbjax.train import task_module
@@ -60,7 +61,9 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
   for dotted, value in diffusion_and_model_overrides.items():
     section, field = dotted.split("__")
     config[section][field] = value
-  return config, task_module(validate(config)).build(config)
+  if validate(config).task == "language":
+    config = language.resolve_vocabulary(config)
+  return config, task_module(config).build(config)
 
 
 def with_field(config, dotted: str, text: str):

@@ -5,6 +5,8 @@ same data, evaluated side by side in one table.
       --workdir=runs/compare_digits
   python -m experiments.compare --config=experiments/configs/classify_fashion_mnist.py \
       --workdir=runs/compare_classify_fashion_mnist
+  python -m experiments.compare --config=experiments/configs/shakespeare_md4.py \
+      --workdir=runs/compare_shakespeare_md4
 
 Each method trains in <workdir>/<method> (resuming if interrupted) with the config's
 train.num_steps as the budget: end-to-end runs num_steps iterations of all L layers,
@@ -12,7 +14,9 @@ DiffusionBlocks num_steps * B iterations of L/B layers. Prints a table and write
 <workdir>/compare.json. Targets: for generation, DiffusionBlocks' Frechet distance at
 most 1.1x end-to-end's (paper, Table 1: 37.20 against 39.83 FID on CIFAR-10); for
 classification, test accuracy within 1.5 points of end-to-end's (paper: 59.30 against
-60.25 on CIFAR-100). Both: train-step memory end-to-end / DiffusionBlocks >= 0.8 B.
+60.25 on CIFAR-100); for language, bits per character at most 1.05x end-to-end's for
+MD4 (paper: 1.45 against 1.56 on text8) and 1.10x for the autoregressive model. All:
+train-step memory end-to-end / DiffusionBlocks >= 0.8 B.
 """
 import json
 import os
@@ -29,6 +33,24 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "one subdirectory per method")
 
 
+def quality_columns(config, results) -> dict:
+  if config.task == "classification":
+    return {"accuracy": results["accuracy"]}
+  if config.task == "language":
+    return {"bpc": results["bits_per_character"],
+            "bpc_first_call": results.get("bits_per_character_first_call", "")}
+  return {"frechet_distance": results["frechet_distance"],
+          "class_accuracy": results["class_accuracy"]}
+
+
+def speed_columns(config, results, step_seconds: float) -> dict:
+  """Language: characters per second through one iteration's layers, and generated."""
+  if config.task != "language":
+    return {}
+  return {"train_chars_per_s": config.train.batch_size * config.language.seq_len / step_seconds,
+          "generated_chars_per_s": results["generated_chars_per_second"]}
+
+
 def main(argv):
   del argv
   rows = []
@@ -36,20 +58,24 @@ def main(argv):
     config, model = method_variant(_CONFIG.value, method)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, method))
     memory = profiling.train_step_memory(model, config.train.batch_size)
-    quality = ({"accuracy": results["accuracy"]} if config.task == "classification" else
-               {"frechet_distance": results["frechet_distance"],
-                "class_accuracy": results["class_accuracy"]})
+    step_seconds = profiling.time_train_step(model, config.train.batch_size)
     rows.append({"method": method, "iterations": results["iterations"],
-                 "layers_per_iteration": model.network_config.num_layers, **quality,
-                 "step_MiB": memory["step_bytes"] / 2**20,
-                 "step_ms": 1000 * profiling.time_train_step(model, config.train.batch_size),
+                 "layers_per_iteration": model.network_config.num_layers,
+                 **quality_columns(config, results),
+                 "step_MiB": memory["step_bytes"] / 2**20, "step_ms": 1000 * step_seconds,
+                 **speed_columns(config, results, step_seconds),
                  "train_seconds": results["train_seconds_this_session"]})
   e2e, db = rows
   summary = {"task": _CONFIG.value.task, "config": _CONFIG.value.data.name, "rows": rows,
              "memory_ratio_e2e_over_db": e2e["step_MiB"] / db["step_MiB"],
              "step_time_ratio_e2e_over_db": e2e["step_ms"] / db["step_ms"]}
   print_table(rows, list(rows[0]))
-  if _CONFIG.value.task == "classification":
+  if _CONFIG.value.task == "language":
+    summary["bpc_ratio_db_over_e2e"] = db["bpc"] / e2e["bpc"]
+    target = 1.05 if _CONFIG.value.language.kind == "masked" else 1.10
+    print(f"bits per character DB / end-to-end = {summary['bpc_ratio_db_over_e2e']:.3f} "
+          f"(target <= {target})", end="")
+  elif _CONFIG.value.task == "classification":
     summary["accuracy_gap_points"] = 100 * (e2e["accuracy"] - db["accuracy"])
     print(f"accuracy end-to-end - DB = {summary['accuracy_gap_points']:.2f} points "
           "(target <= 1.5)", end="")

@@ -12,14 +12,21 @@ its confusion.png and accuracy_vs_steps.png beside it.
 
   python -m experiments.evaluate --workdir=runs/classify_digits --num_steps=12 \
       --bridge=expected
+
+Language: test bits per character (autoregressive: after --num_steps denoising calls
+per token, and after the first call; MD4: the ELBO) and generated text; writes
+eval_steps_<N>.json and eval_steps_<N>_samples.txt.
+
+  python -m experiments.evaluate --workdir=runs/shakespeare --num_steps=8
 """
 import json
 import os
 
 from absl import flags
 
-from dbjax import classify
-from dbjax.train import classify_and_evaluate, generate_and_evaluate, restore_run
+from dbjax import classify, language, text
+from dbjax.train import (classify_and_evaluate, evaluate_language, generate_and_evaluate,
+                         restore_run)
 from experiments.cli import run, print_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
@@ -28,7 +35,8 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps, or a class
 _SOLVER = flags.DEFINE_enum("solver", None, ["euler", "heun"], "ODE solver (default: the run's)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none")
 _BRIDGE = flags.DEFINE_enum("bridge", None, ["argmax", "expected"],
-                            "classifier: the Euler bridge's estimate (default: the run's)")
+                            "classifier, autoregressive LM: the Euler bridge's estimate "
+                            "(default: the run's)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (default: the run's)")
 flags.mark_flags_as_required(["workdir"])
 
@@ -51,11 +59,29 @@ def evaluate_classifier(config, model, states, shared):
     json.dump(results, f, indent=2)
 
 
+def evaluate_text(config, model, states, shared):
+  if _NUM_STEPS.value:
+    config.language.inference_steps = _NUM_STEPS.value
+  if _BRIDGE.value:
+    config.language.bridge = _BRIDGE.value
+    model = language.build(config)
+  _, test_data = language.load_data(config, text.Vocabulary.load(
+      os.path.join(_WORKDIR.value, text.VOCABULARY_FILE)))
+  name = f"eval_steps_{config.language.inference_steps or model.num_blocks}"
+  results = evaluate_language(config, _WORKDIR.value, model, states, shared, test_data,
+                              prefix=f"{name}_")
+  print_table([results], list(results))
+  with open(os.path.join(_WORKDIR.value, f"{name}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
 def main(argv):
   del argv
   config, model, states, shared = restore_run(_WORKDIR.value)
   if config.task == "classification":
     return evaluate_classifier(config, model, states, shared)
+  if config.task == "language":
+    return evaluate_text(config, model, states, shared)
   if _NUM_STEPS.value:
     config.sample.num_steps = _NUM_STEPS.value
   if _SOLVER.value:

@@ -34,13 +34,16 @@ def shrink(config):
   config.sample.num_steps = config.diffusion.num_blocks
   config.sample.grid_size = 2
   config.classifier.inference_steps = (1,)
+  config.language.seq_len, config.language.num_samples = 8, 1
+  config.language.prompt = ""
   config.eval.enabled = config.task == "classification"  # accuracy is cheap; FD is not
   return config
 
 
 def test_every_config_is_listed():
   assert {"digits", "fashion_mnist", "mnist", "cifar10", "classify_digits",
-          "classify_fashion_mnist", "classify_cifar100"} <= set(CONFIGS)
+          "classify_fashion_mnist", "classify_cifar100", "shakespeare_ar", "shakespeare_md4",
+          "lm1b"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -53,12 +56,14 @@ def test_one_step_smoke_run(name, tmp_path):
       write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(8) % 10)
     config.data.data_dir = str(tmp_path)
   if config.data.name.startswith("tfds:"):
-    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    with tfds.testing.mock_data(num_examples=8 if config.task != "language" else 40,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
       results = train_and_evaluate(config, str(tmp_path / "run"))
   else:
     results = train_and_evaluate(config, str(tmp_path / "run"))
   assert results["iterations"] == config.diffusion.num_blocks
-  picture = "confusion.png" if config.task == "classification" else "samples.png"
+  picture = {"classification": "confusion.png", "language": "vocabulary.json"}.get(
+      config.task, "samples.png")
   assert os.path.exists(tmp_path / "run" / picture)
 
 
@@ -106,6 +111,30 @@ def test_command_line_classifier_trains_and_evaluates_any_number_of_steps(tmp_pa
     assert set(json.load(f)["accuracy_by_steps"]) == {"2", "5"}  # B and the asked N
   refused = run_cli("experiments.sample", f"--workdir={workdir}", check=False)
   assert refused.returncode == 2 and "classification" in refused.stderr
+
+
+def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
+  workdir = str(tmp_path / "run")
+  small = ["--config.model.num_layers=2", "--config.model.hidden_size=16",
+           "--config.model.num_heads=2", "--config.model.frequency_dim=16",
+           "--config.train.num_steps=2", "--config.train.batch_size=4",
+           "--config.train.progress=False", "--config.diffusion.num_blocks=2",
+           "--config.language.seq_len=16", "--config.language.num_samples=1",
+           "--config.eval.max_test_examples=4"]
+  result = run_cli("experiments.train", "--config=experiments/configs/shakespeare_ar.py",
+                   f"--workdir={workdir}", *small)
+  assert "===== top-p 0.9, sample 0 =====\nThe " in result.stdout  # the samples, printed
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f)["test_characters"] == 64
+  result = run_cli("experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO.",
+                   "--temperature=0", "--num_samples=2")
+  assert result.stdout.count("=====\nROMEO.") == 2
+  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=4")
+  with open(os.path.join(workdir, "eval_steps_4.json")) as f:
+    assert json.load(f)["inference_steps"] == 4
+  refused = run_cli("experiments.sample", f"--workdir={workdir}", "--prompt=\u00e9",
+                    check=False)
+  assert refused.returncode == 2 and "not in the run's vocabulary" in refused.stderr
 
 
 def test_help_lists_every_config():

@@ -1,0 +1,363 @@
+"""Language: text data, the block-diffusion mask, the MD4 ELBO, the key-value cache,
+generation, training runs and bad text input."""
+import itertools
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dbjax import edm, language, noise, text, train
+from dbjax.errors import ConfigError, DataError
+from tests.conftest import shrink_model
+from dbjax.config import default_config, validate
+
+TEXT = ("To be, or not to be, that is the question:\n"
+        "Whether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\n"
+        "Or to take arms against a sea of troubles\n") * 40
+
+
+def lm_config(kind="autoregressive", method="diffusion_blocks", **language_fields):
+  """A 2-block, 4-layer, d=16 language config on `TEXT` (vocabulary set)."""
+  config = shrink_model(default_config())
+  config.task, config.method = "language", method
+  config.data.name, config.data.num_classes = "shakespeare", len(set(TEXT))
+  config.model.num_layers, config.model.hidden_size, config.model.num_heads = 4, 16, 2
+  config.model.frequency_dim = 16
+  config.diffusion.num_blocks = 2
+  config.language.kind, config.language.seq_len = kind, 16
+  config.train.num_steps, config.train.batch_size = 10, 8
+  config.train.warmup_steps, config.train.checkpoint_every = 2, 10
+  for field, value in language_fields.items():
+    config.language[field] = value
+  return validate(config)
+
+
+def perturbed_states(model, seed=0, scale=0.2):
+  """Block and shared states with every parameter moved off its zero/identity init, so
+  each layer, gate and head does something."""
+  states, shared = language.init_on_host(model, seed)
+  rng = np.random.default_rng(seed)
+  jitter = lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype)
+  return [s._replace(params=jax.tree.map(jitter, s.params)) for s in states], shared
+
+
+@pytest.fixture
+def text_file(tmp_path):
+  path = tmp_path / "hamlet.txt"
+  path.write_text(TEXT, encoding="utf-8")
+  return str(path)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_vocabulary_round_trip_and_file_split(text_file, tmp_path):
+  train_data, test_data = text.load_text(f"file:{text_file}", 16)
+  vocabulary = train_data.vocabulary
+  assert vocabulary.characters == "".join(sorted(set(TEXT)))
+  cut = int(text.TRAIN_FRACTION * len(TEXT))
+  assert vocabulary.decode(train_data.tokens) == TEXT[:cut][:train_data.tokens.size]
+  assert vocabulary.decode(test_data.tokens) == TEXT[cut:][:test_data.tokens.size]
+  vocabulary.save(tmp_path / "v.json")
+  assert text.Vocabulary.load(tmp_path / "v.json") == vocabulary
+
+
+def test_shakespeare_is_real_text():
+  train_data, test_data = text.load_text("shakespeare", 128)
+  assert train_data.vocabulary.size == 84  # ../shared/ENVIRONMENT.md: 84 distinct
+  total = (train_data.num_examples + test_data.num_examples) * 128
+  assert 4.9e6 < total <= 5.1e6
+  assert "Hamlet" in train_data.vocabulary.decode(train_data.tokens)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty train split"),
+    (b"abc\xff\xfedef", "not UTF-8 text: byte 0xff at offset 3"),
+])
+def test_bad_text_files_are_named(tmp_path, content, message):
+  path = tmp_path / "bad.txt"
+  path.write_bytes(content)
+  with pytest.raises(DataError, match=message):
+    text.load_text(f"file:{path}", 4)
+
+
+def test_missing_file_short_text_and_unknown_characters_are_named(tmp_path, text_file):
+  with pytest.raises(DataError, match="not found"):
+    text.load_text(f"file:{tmp_path}/nothing.txt", 4)
+  with pytest.raises(DataError, match="fewer than one sequence of config.language.seq_len"):
+    text.load_text(f"file:{text_file}", 10**6)
+  vocabulary = text.Vocabulary.of_text("abc ")
+  with pytest.raises(DataError, match=r"character 'z' at position 4"):
+    vocabulary.encode("abc z", "config.language.prompt")
+  with pytest.raises(DataError, match="not a text data set"):
+    text.load_text("digits", 4)
+
+
+def test_tfds_text_with_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    train_data, test_data = text.load_text("tfds:tiny_shakespeare", 8)
+  assert train_data.tokens.shape[1] == 8 and test_data.num_examples >= 1
+
+
+def test_config_rejects_bad_language_fields():
+  config = lm_config()
+  config.language.kind = "diffusion"
+  with pytest.raises(ConfigError, match="language.kind='diffusion'"):
+    validate(config)
+  with pytest.raises(ConfigError, match="language.prompt"):
+    lm_config(prompt="x" * 16)
+
+
+# ---------------------------------------------------------------------- the masks
+
+
+def test_autoregressive_mask_matches_a_hand_written_case():
+  # Rows and columns: clean c0 c1 c2, then noisy n0 n1 n2.
+  expected = np.array([
+      # c0 c1 c2 n0 n1 n2
+      [1, 0, 0, 0, 0, 0],  # c0: clean columns <= 0
+      [1, 1, 0, 0, 0, 0],  # c1
+      [1, 1, 1, 0, 0, 0],  # c2
+      [0, 0, 0, 1, 0, 0],  # n0: no clean column before it, itself
+      [1, 0, 0, 0, 1, 0],  # n1: c0 and itself
+      [1, 1, 0, 0, 0, 1],  # n2: c0, c1 and itself
+  ], bool)
+  np.testing.assert_array_equal(language.autoregressive_mask(3), expected)
+
+
+def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself():
+  """Changing token j or the noise at j leaves the logits before j unchanged, and at j
+  only through its own noise (not its clean token: that would leak the answer)."""
+  config = lm_config()
+  model = language.build(config)
+  states, shared = perturbed_states(model)
+  net = language.network(model, states[0].params)
+  embedding = language.token_embedding(shared.params)
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (1, 16)), jnp.int32)
+  z = jnp.asarray(rng.standard_normal((1, 16, 16)), jnp.float32)
+  logits = lambda t, z: language.denoiser_logits(model, net, embedding, t, z, jnp.ones((1,)))
+  base = logits(tokens, z)
+  other_token = logits(tokens.at[0, 9].set((tokens[0, 9] + 1) % model.net.vocab_size), z)
+  np.testing.assert_allclose(other_token[0, :10], base[0, :10], atol=1e-5)
+  assert not np.allclose(other_token[0, 10:], base[0, 10:], atol=1e-3)
+  other_noise = logits(tokens, z.at[0, 9].add(1.0))
+  np.testing.assert_allclose(np.delete(other_noise[0], 9, 0), np.delete(base[0], 9, 0),
+                             atol=1e-5)
+
+
+# ------------------------------------------------------------ masking-level partition
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 3, 4])
+def test_masking_levels_partition_zero_to_one_top_block_first(num_blocks):
+  model = language.build(lm_config("masked") if num_blocks == 2 else
+                         _with_blocks(lm_config("masked"), num_blocks))
+  np.testing.assert_allclose(model.intervals[0], [1 - 1 / num_blocks, 1], atol=1e-7)
+  np.testing.assert_allclose(model.intervals[-1], [0, 1 / num_blocks], atol=1e-7)
+  np.testing.assert_allclose(model.intervals[1:, 1], model.intervals[:-1, 0], atol=1e-7)
+  t = np.random.default_rng(0).uniform(0, 1, 1000)
+  owner = noise.block_of_sigma(t, model.boundaries)
+  assert np.all((model.intervals[owner, 0] <= t) & (t <= model.intervals[owner, 1]))
+  strata = language.elbo_strata(num_blocks)
+  for lo, hi in zip(strata[:-1], strata[1:]):
+    block = noise.block_of_sigma(np.float64(hi), model.boundaries)
+    assert model.intervals[block, 0] - 1e-7 <= lo and hi <= model.intervals[block, 1] + 1e-7
+
+
+def _with_blocks(config, num_blocks):
+  config.diffusion.num_blocks, config.model.num_layers = num_blocks, 2 * num_blocks
+  return config
+
+
+# ----------------------------------------------------------------------- MD4 ELBO
+
+
+def test_md4_elbo_matches_a_direct_computation_on_a_tiny_vocabulary():
+  """NELBO = int_0^1 (1/t) sum_masks t^|m| (1-t)^(T-|m|) sum_{i in m} CE_i dt / T, summed
+  over all 2^T masks and integrated by Gauss-Legendre in each block's range, against
+  the stratified estimate averaged over many draws.
+
+  The sigma embedder's output is zeroed so the network ignores t (its sinusoidal
+  features oscillate too fast in t for a quadrature); the integrand is then a
+  polynomial in t of degree < T, which 16 Gauss-Legendre nodes integrate exactly. The
+  blocks, masks and positions still all change the logits.
+  """
+  config = lm_config("masked")
+  config.data.num_classes, config.language.seq_len = 3, 3
+  model = language.build(config)
+  states, shared = perturbed_states(model, scale=0.5)
+  for s in states:
+    for part in ("kernel", "bias"):
+      s.params["sigma_embed"]["fc2"][part].value *= 0
+  stacked = language.stack_params([s.params for s in states])
+  embedding = language.token_embedding(shared.params)
+  tokens = jnp.array([[2, 0, 1]], jnp.int32)
+
+  masks = jnp.array(list(itertools.product([False, True], repeat=3)))  # all 2^T masks
+
+  @jax.jit
+  def expected_terms(t, block):  # exact expectation over masks at masking level t
+    net = language.network(model, language._block_params(stacked, block))
+    batch = jnp.tile(tokens, (len(masks), 1))
+    logits = language.masked_logits(model, net, embedding, batch, masks,
+                                    jnp.full((len(masks),), t))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch)
+    count = jnp.sum(masks, axis=1)
+    probability = t**count * (1 - t)**(3 - count)
+    return jnp.sum(probability * jnp.sum(jnp.where(masks, ce, 0.0), axis=1)) / t / 3
+
+  nodes, weights = np.polynomial.legendre.leggauss(16)
+  direct = 0.0
+  for lo, hi in model.intervals.astype(np.float64):
+    ts = lo + (hi - lo) * (nodes + 1) / 2
+    block = int(noise.block_of_sigma(np.float64(hi), model.boundaries))
+    direct += (hi - lo) / 2 * sum(w * float(expected_terms(t, block))
+                                  for t, w in zip(ts, weights))
+  estimates = language.sequence_nats(model, stacked, shared.params,
+                                     jnp.tile(tokens, (4096, 1)), jax.random.key(0))["chain"]
+  assert float(jnp.mean(estimates)) == pytest.approx(direct, rel=0.03)
+
+
+def test_md4_elbo_of_a_constant_predictor_is_its_cross_entropy():
+  """With logits fixed to b whatever the input, (1/t) E[#masked CE] = T CE at every t,
+  so the NELBO is the mean cross-entropy of softmax(b): the 1/t weight is right."""
+  config = lm_config("masked")
+  model = language.build(config)
+  states, shared = language.init_on_host(model, 0)  # zero-initialised head: logits = bias
+  bias = np.random.default_rng(0).standard_normal(model.net.vocab_size).astype(np.float32)
+  for s in states:
+    s.params["head"]["out"]["bias"].value = bias
+  tokens = np.random.default_rng(1).integers(0, model.net.vocab_size, (512, 16))
+  bits = language.bits_per_character(model, [s.params for s in states], shared.params,
+                                     tokens, batch_size=512)["chain"]
+  expected = -float(np.mean(jax.nn.log_softmax(bias)[tokens])) / np.log(2)
+  assert bits == pytest.approx(expected, rel=0.03)
+
+
+# -------------------------------------------------------------- cache and generation
+
+
+def test_cached_decode_equals_the_full_forward_pass():
+  """Filling a block's cache token by token with the clean stream, then decoding the
+  noisy row at position i, gives the logits of the full 2T forward pass at row i."""
+  model = language.build(lm_config())
+  states, shared = perturbed_states(model)
+  net = language.network(model, states[1].params)
+  embedding = language.token_embedding(shared.params)
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (2, 16)), jnp.int32)
+  z = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+  sigma = jnp.full((2,), 0.7)
+  full = language.denoiser_logits(model, net, embedding, tokens, z, sigma)
+  cache = tuple(c[0] for c in language._empty_cache(model, 1, 2, 16))
+  clean = edm.preconditioning(model.clean_sigma, model.sigma_data)
+  c = edm.preconditioning(sigma, model.sigma_data)
+  valid = lambda i: jnp.arange(16) < i
+  for i in range(16):
+    logits, _ = net.decode(c.c_in[:, None, None] * z[:, i:i + 1], i, c.c_noise, cache, valid(i))
+    np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-4)
+    _, new = net.decode(language.clean_vectors(model, embedding, tokens[:, i:i + 1]), i,
+                        jnp.full((2,), clean.c_noise), cache, valid(i))
+    cache = language._write(cache, new, i)
+
+
+def test_greedy_causal_generation_agrees_with_teacher_forcing():
+  """Each greedily generated token is the argmax of the causal LM's logits on the text
+  generated before it: the cached decoder computes what training computes."""
+  model = language.build(lm_config(method="end_to_end"))
+  states, shared = perturbed_states(model)
+  prompt = np.array([3, 1, 4], np.int32)
+  tokens = language.generate(model, [states[0].params], shared.params, prompt, 2)
+  np.testing.assert_array_equal(tokens[:, :3], np.tile(prompt, (2, 1)))
+  net = language.network(model, states[0].params)
+  logits = language.causal_logits(model, net, language.token_embedding(shared.params),
+                                  jnp.asarray(tokens))
+  np.testing.assert_array_equal(np.argmax(logits, -1)[:, 3:], tokens[:, 3:])
+
+
+@pytest.mark.parametrize("kind,method", [("autoregressive", "diffusion_blocks"),
+                                         ("masked", "diffusion_blocks"),
+                                         ("autoregressive", "end_to_end")])
+def test_generation_shapes_prompt_and_determinism(kind, method):
+  model = language.build(lm_config(kind, method))
+  states, shared = perturbed_states(model)
+  params = [s.params for s in states]
+  prompt = np.array([5, 6], np.int32)
+  draw = lambda seed: language.generate(model, params, shared.params, prompt, 3, seed=seed,
+                                        temperature=1.0, top_p=0.95)
+  first, again, other = draw(0), draw(0), draw(1)
+  chex.assert_shape(first, (3, 16))
+  assert first.dtype == np.int32 and first.min() >= 0 and first.max() < model.net.vocab_size
+  np.testing.assert_array_equal(first[:, :2], np.tile(prompt, (3, 1)))
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+
+
+def test_autoregressive_generation_runs_each_block_once_per_token_with_n_equal_b():
+  model = language.build(_with_blocks(lm_config(), 4))
+  sigmas, blocks = language.sampling_plan(model, model.num_blocks)
+  np.testing.assert_array_equal(blocks[:-1], [0, 1, 2, 3])
+
+
+def test_sample_token_greedy_and_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  assert int(language.sample_token(jax.random.key(0), logits, 0.0, 1.0)[0]) == 0
+  draws = jax.vmap(lambda k: language.sample_token(k, logits, 1.0, 0.75))(
+      jax.random.split(jax.random.key(0), 2000))
+  counts = np.bincount(np.asarray(draws).ravel(), minlength=4)
+  assert counts[2] == counts[3] == 0           # outside the 0.75 nucleus {0, 1}
+  assert counts[0] / 2000 == pytest.approx(0.5 / 0.8, abs=0.04)
+  tiny = jax.vmap(lambda k: language.sample_token(k, logits, 1.0, 1e-6))(
+      jax.random.split(jax.random.key(1), 100))
+  assert np.all(np.asarray(tiny) == 0)
+
+
+# --------------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize("kind", ["autoregressive", "masked"])
+def test_loss_falls_on_a_tiny_run(kind, text_file, tmp_path):
+  config = lm_config(kind)
+  config.data.name, config.data.num_classes = f"file:{text_file}", 0
+  config.train.num_steps, config.train.learning_rate = 60, 3e-3
+  config.train.checkpoint_every = 60
+  train_data, _ = language.load_data(config)
+  config = language.with_vocabulary(config, train_data.vocabulary)
+  run = train.train(config, str(tmp_path), train_data)
+  for b in range(2):
+    ce = [r["cross_entropy"] for r in run.history if r["block"] == b]
+    assert np.mean(ce[-10:]) < 0.9 * np.mean(ce[:5])
+  saved = text.Vocabulary.load(os.path.join(tmp_path, text.VOCABULARY_FILE))
+  assert saved == train_data.vocabulary
+
+
+def test_train_and_evaluate_writes_bits_and_samples(text_file, tmp_path):
+  config = lm_config(prompt="To ")
+  config.data.name, config.data.num_classes = f"file:{text_file}", 0
+  config.eval.enabled, config.eval.max_test_examples = True, 8
+  results = train.train_and_evaluate(config, str(tmp_path))
+  vocab_size = len(set(TEXT))
+  assert 0 < results["bits_per_character"] < 2 * np.log2(vocab_size)
+  assert "bits_per_character_first_call" in results and results["test_sequences"] == 8
+  samples = (tmp_path / "samples.txt").read_text(encoding="utf-8")
+  assert samples.count("=====\nTo ") == 3 * config.language.num_samples
+  with open(tmp_path / "metrics.json") as f:
+    assert json.load(f)["kind"] == "autoregressive"
+
+
+def test_checkpoint_of_another_sequence_length_is_refused(text_file, tmp_path):
+  config = lm_config("masked")
+  config.data.name, config.data.num_classes = f"file:{text_file}", 0
+  config.train.num_steps = 1
+  train.train(config, str(tmp_path))
+  config.language.seq_len = 8
+  with pytest.raises(ConfigError, match="language.seq_len"):
+    train.train(config, str(tmp_path))
