@@ -143,21 +143,26 @@ class DiTLayer(nnx.Module):
                         3, axis=2)
     return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
-  def __call__(self, x, cond, mask=None, context=None):
+  def __call__(self, x, cond, mask=None, context=None, attention=None):
     """x (N, T, D) conditioned on cond (N, D) or (N, G, D) (per segment).
 
     mask: optional (T, T + C) boolean, True where a row may attend to a column.
     context: optional (keys, values) (N, C, heads, head_dim) of earlier tokens that
       every row may attend to (subject to mask), placed before the row's own columns:
       the key-value cache of dbjax.language. Returns (x, (keys, values) of x).
+    attention: optional f(q, k, v) -> (N, T, heads, head_dim) in place of masked dense
+      attention, for masks with structure (dbjax.language.block_diffusion_attention).
     """
     (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp,
      gate_mlp) = jnp.split(self.modulation(nnx.silu(cond)), 6, axis=-1)
     q, k, v = self.heads(modulate(self.norm1(x), shift_attn, scale_attn))
     keys, values = (k, v) if context is None else (
         jnp.concatenate([context[0], k], 1), jnp.concatenate([context[1], v], 1))
-    out = jax.nn.dot_product_attention(q, keys, values,
-                                       mask=None if mask is None else mask[None, None])
+    if attention is not None:
+      out = attention(q, keys, values)
+    else:
+      out = jax.nn.dot_product_attention(q, keys, values,
+                                         mask=None if mask is None else mask[None, None])
     x = x + gate(self.proj(out.reshape(x.shape)), gate_attn)
     mlp = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)),
                             approximate=True))
@@ -171,13 +176,15 @@ def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer:
 
 
 def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,
-                 mask: jax.Array | None = None):
+                 mask: jax.Array | None = None, attention=None):
   """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D) or
-  (N, G, D), attending where mask (T, T) is True (everywhere if None)."""
+  (N, G, D), attending where mask (T, T) is True (everywhere if None), or with the
+  given attention function (see DiTLayer)."""
   layer_graph, layer_states = nnx.split(layers)
 
   def apply_layer(tokens, layer_state):
-    return nnx.merge(layer_graph, layer_state)(tokens, cond, mask)[0], None
+    layer = nnx.merge(layer_graph, layer_state)
+    return layer(tokens, cond, mask, attention=attention)[0], None
 
   if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
     apply_layer = jax.checkpoint(apply_layer)

@@ -184,6 +184,28 @@ def causal_mask(seq_len: int) -> np.ndarray:
   return np.tri(seq_len, dtype=bool)
 
 
+def block_diffusion_attention(q, k, v) -> jax.Array:
+  """Attention under `autoregressive_mask`, without its empty half.
+
+  q, k, v: (N, 2T, heads, head_dim) over [clean; noisy]. Clean rows attend causally to
+  clean columns; noisy row i to clean columns < i and to its own key. That is 2T^2 + T
+  scores per head where the dense masked form computes (2T)^2 (measured in README:
+  less memory and time per step, same values to float tolerance).
+  """
+  t, head_dim = q.shape[1] // 2, q.shape[-1]
+  (q_clean, q_noisy), (k_clean, k_noisy), (v_clean, v_noisy) = (
+      jnp.split(a, 2, axis=1) for a in (q, k, v))
+  clean = jax.nn.dot_product_attention(q_clean, k_clean, v_clean, is_causal=True)
+  scale = 1.0 / np.sqrt(head_dim)
+  earlier = jnp.einsum("nqhd,nkhd->nhqk", q_noisy, k_clean) * scale
+  earlier = jnp.where(jnp.tri(t, k=-1, dtype=bool), earlier, jnp.finfo(earlier.dtype).min)
+  own = jnp.einsum("nqhd,nqhd->nhq", q_noisy, k_noisy)[..., None] * scale
+  weights = jax.nn.softmax(jnp.concatenate([earlier, own], axis=-1), axis=-1)
+  noisy = (jnp.einsum("nhqk,nkhd->nqhd", weights[..., :t], v_clean)
+           + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
+  return jnp.concatenate([clean, noisy], axis=1)
+
+
 # ------------------------------------------------------------------------------ loss
 
 
@@ -212,7 +234,7 @@ def denoiser_logits(model, net, embedding, tokens, z, sigma) -> jax.Array:
                              c.c_in[:, None, None] * z], axis=1)
   c_noise = jnp.stack([jnp.full((n,), clean_c_noise), c.c_noise], axis=1)  # per stream
   positions = jnp.concatenate([jnp.arange(t), jnp.arange(t)])
-  logits = net(vectors, positions, c_noise, mask=jnp.asarray(autoregressive_mask(t)))
+  logits = net(vectors, positions, c_noise, attention=block_diffusion_attention)
   return logits[:, t:]
 
 

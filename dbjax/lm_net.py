@@ -63,13 +63,15 @@ class LMNet(nnx.Module):
     return self.token_in(vectors) + self.position(positions)
 
   def __call__(self, vectors: jax.Array, positions: jax.Array, c_noise: jax.Array,
-               mask: jax.Array | None = None, blank: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, blank: jax.Array | None = None,
+               attention=None) -> jax.Array:
     """vectors (N, S, D); positions (S,); c_noise (N,) or (N, G) for G equal segments;
-    mask (S, S), True where a row may attend; blank (N, S), True where the input is
-    the blank vector."""
+    mask (S, S), True where a row may attend, or attention, a function
+    (q, k, v) -> out that applies a structured mask itself; blank (N, S), True where
+    the input is the blank vector."""
     cond = self.condition(c_noise)
     x = apply_layers(self.layers, self.embed(vectors, positions, blank), cond,
-                     self.cfg.remat, mask)
+                     self.cfg.remat, mask, attention)
     return self.head(x, cond)
 
   def decode(self, vectors, position, c_noise, cache, valid, blank=None):

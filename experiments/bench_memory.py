@@ -7,6 +7,8 @@ the device while it trains. Paper, App. G: end-to-end needs (4P+A)L,
 rematerialisation 4PL+A, DiffusionBlocks (4P+A)L/B.
 
   python -m experiments.bench_memory --out=results/bench_memory.jsonl
+  python -m experiments.bench_memory --config=experiments/configs/shakespeare_ar.py \
+      --out=results/bench_memory_shakespeare_ar.jsonl
 
 Prints a table and writes one JSON line per configuration.
 """
@@ -50,10 +52,11 @@ def main(argv):
       row["resident_ratio"] = baseline["resident_bytes"] / row["resident_bytes"]
       row["step_ratio_over_B"] = row["step_ratio"] / b
       rows.append(row)
+  tokens = (config.language.seq_len if config.task == "language"
+            else (config.data.image_size // config.model.patch_size)**2)
   print(f"network: {config.model.num_layers} layers, d={config.model.hidden_size}, "
-        f"{(config.data.image_size // config.model.patch_size)**2} tokens, "
-        f"batch {config.train.batch_size}; ratios are end-to-end / DiffusionBlocks "
-        "(remat rows against end-to-end with remat)")
+        f"{tokens} tokens, batch {config.train.batch_size}; ratios are end-to-end / "
+        "DiffusionBlocks (remat rows against end-to-end with remat)")
   mib = [{**r, **{k: r[k] / 2**20 for k in ("step_bytes", "temp_bytes", "resident_bytes")}}
          for r in rows]
   print_table(mib, ["method", "num_blocks", "layers_per_block", "step_bytes", "temp_bytes",

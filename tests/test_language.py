@@ -132,6 +132,14 @@ def test_autoregressive_mask_matches_a_hand_written_case():
   np.testing.assert_array_equal(language.autoregressive_mask(3), expected)
 
 
+def test_block_diffusion_attention_equals_dense_attention_under_the_mask():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(3))
+  dense = jax.nn.dot_product_attention(
+      q, k, v, mask=jnp.asarray(language.autoregressive_mask(8))[None, None])
+  np.testing.assert_allclose(language.block_diffusion_attention(q, k, v), dense, atol=1e-5)
+
+
 def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself():
   """Changing token j or the noise at j leaves the logits before j unchanged, and at j
   only through its own noise (not its clean token: that would leak the answer)."""
