@@ -22,3 +22,4 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   chex.assert_shape(namespace["images"], (10, 8, 8, 1))
   chex.assert_shape(namespace["predicted"], (10,))
   assert float(namespace["metrics"]["cross_entropy"]) > 0
+  chex.assert_shape(namespace["ids"], (2, 64))
