@@ -10,7 +10,7 @@ optax state: an inactive block gets no update, no momentum and no weight decay, 
 step count (which drives its learning-rate schedule) does not move.
 """
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,30 @@ def init_blocks_on_host(model, seed: int, init_fn=None) -> list[BlockState]:
   init = jax.jit(lambda key: (init_fn or init_block)(model, key))
   base = jax.random.key(seed)
   return [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(model.num_blocks)]
+
+
+def init_with_shared_on_host(model, seed: int, init_fn, init_shared_fn):
+  """(all blocks' host states, the shared state in host memory) for tasks whose blocks
+  share a learned target space (dbjax.classify, dbjax.language). The shared state's
+  key is block index B's, so it never repeats a block's."""
+  blocks = init_blocks_on_host(model, seed, init_fn)
+  shared = jax.device_get(jax.jit(lambda key: init_shared_fn(model, key))(
+      jax.random.fold_in(jax.random.key(seed), model.num_blocks)))
+  return blocks, shared
+
+
+def abstract_with_shared(model, init_fn, init_shared_fn):
+  """(one block's state, the shared state) as shapes and dtypes, allocating nothing."""
+  return (jax.eval_shape(lambda: init_fn(model, jax.random.key(0))),
+          jax.eval_shape(lambda: init_shared_fn(model, jax.random.key(0))))
+
+
+def shared_optimizer(train_cfg, num_updates: int, trained: Any):
+  """The shared group's optimizer: make_optimizer on the leaves `trained` labels
+  "train", zero updates on those labelled "frozen" (a pytree prefix of the params, or a
+  function of them, as optax.multi_transform takes)."""
+  return optax.multi_transform({"train": make_optimizer(train_cfg, num_updates),
+                                "frozen": optax.set_to_zero()}, trained)
 
 
 def init_on_host(model: BlockModel, seed: int):

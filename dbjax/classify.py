@@ -40,8 +40,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dbjax import edm, noise
-from dbjax.blocks import (BlockState, init_blocks_on_host, make_optimizer, noise_plan,
-                          train_step_with_shared)
+from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_host,
+                          make_optimizer, noise_plan, shared_optimizer, train_step_with_shared)
 from dbjax.config import num_trained_blocks, total_iterations
 from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
 from dbjax.vit import ViT, ViTConfig
@@ -104,9 +104,8 @@ def build(config) -> ClassifierModel:
   train_label_embedding = denoising and c.label_embedding == "joint"
   graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))),
                              in_shared_group(shared_modules), ...)
-  shared_optimizer = optax.multi_transform(
-      {"train": make_optimizer(config.train, total_iterations(config)),
-       "frozen": optax.set_to_zero()},
+  shared_optim = shared_optimizer(
+      config.train, total_iterations(config),
       lambda params: {"label_embedding": "train" if train_label_embedding else "frozen",
                       "network": jax.tree.map(lambda _: "train", params["network"])})
   return ClassifierModel(
@@ -115,7 +114,7 @@ def build(config) -> ClassifierModel:
       loss_weighting=c.loss_weighting, bridge=c.bridge, augment=c.augment,
       shared_modules=shared_modules, train_label_embedding=train_label_embedding,
       graphdef=graphdef, block_optimizer=make_optimizer(config.train),
-      shared_optimizer=shared_optimizer)
+      shared_optimizer=shared_optim)
 
 
 # ----------------------------------------------------------------------------- state
@@ -144,16 +143,12 @@ def init_shared(model: ClassifierModel, key) -> BlockState:
 
 def init_on_host(model: ClassifierModel, seed: int) -> tuple[list[BlockState], BlockState]:
   """All blocks' states and the shared state, made one at a time into host memory."""
-  blocks = init_blocks_on_host(model, seed, init_block)
-  shared = jax.device_get(jax.jit(lambda key: init_shared(model, key))(
-      jax.random.fold_in(jax.random.key(seed), model.num_blocks)))
-  return blocks, shared
+  return init_with_shared_on_host(model, seed, init_block, init_shared)
 
 
 def abstract_states(model: ClassifierModel):
   """(one block's state, the shared state) as shapes and dtypes, allocating nothing."""
-  return (jax.eval_shape(lambda: init_block(model, jax.random.key(0))),
-          jax.eval_shape(lambda: init_shared(model, jax.random.key(0))))
+  return abstract_with_shared(model, init_block, init_shared)
 
 
 # ------------------------------------------------------------------------------ loss

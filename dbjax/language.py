@@ -38,8 +38,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dbjax import edm, noise, text
-from dbjax.blocks import (BlockState, init_blocks_on_host, make_optimizer, noise_plan,
-                          train_step_with_shared)
+from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_host,
+                          make_optimizer, noise_plan, shared_optimizer, train_step_with_shared)
 from dbjax.classify import bridge_estimate
 from dbjax.config import num_trained_blocks, total_iterations
 from dbjax.lm_net import LMConfig, LMNet
@@ -104,16 +104,14 @@ def build(config) -> LanguageModel:
                          np.float32)
   train_embedding = lang.token_embedding == "joint"
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LMNet(net, rngs=nnx.Rngs(0))))
-  shared_optimizer = optax.multi_transform(
-      {"train": make_optimizer(config.train, total_iterations(config)),
-       "frozen": optax.set_to_zero()},
-      {"token_embedding": "train" if train_embedding else "frozen"})
+  shared_optim = shared_optimizer(config.train, total_iterations(config),
+                                  {"token_embedding": "train" if train_embedding else "frozen"})
   return LanguageModel(
       net=net, kind=lang.kind, num_blocks=num_blocks,
       denoising=config.method == "diffusion_blocks", dist=dist, boundaries=boundaries,
       intervals=intervals, sigma_data=config.diffusion.sigma_data, bridge=lang.bridge,
       train_token_embedding=train_embedding, graphdef=graphdef,
-      block_optimizer=make_optimizer(config.train), shared_optimizer=shared_optimizer)
+      block_optimizer=make_optimizer(config.train), shared_optimizer=shared_optim)
 
 
 # ------------------------------------------------------------------------------ data
@@ -155,16 +153,14 @@ def init_shared(model: LanguageModel, key) -> BlockState:
   return BlockState(params, model.shared_optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def init_on_host(model: LanguageModel, seed: int):
-  blocks = init_blocks_on_host(model, seed, init_block)
-  shared = jax.device_get(jax.jit(lambda key: init_shared(model, key))(
-      jax.random.fold_in(jax.random.key(seed), model.num_blocks)))
-  return blocks, shared
+def init_on_host(model: LanguageModel, seed: int) -> tuple[list[BlockState], BlockState]:
+  """All blocks' states and the shared state, made one at a time into host memory."""
+  return init_with_shared_on_host(model, seed, init_block, init_shared)
 
 
 def abstract_states(model: LanguageModel):
-  return (jax.eval_shape(lambda: init_block(model, jax.random.key(0))),
-          jax.eval_shape(lambda: init_shared(model, jax.random.key(0))))
+  """(one block's state, the shared state) as shapes and dtypes, allocating nothing."""
+  return abstract_with_shared(model, init_block, init_shared)
 
 
 # ------------------------------------------------------------------------ the masks
