@@ -14,7 +14,8 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     snippet = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
   assert "config.train.num_steps = 300" in snippet
   snippet = snippet.replace("config.train.num_steps = 300",
-                            "config.train.num_steps = 2; config.eval.num_samples = 100")
+                            "config.train.num_steps = 2; config.eval.num_samples = 100; "
+                            "config.eval.classifier_steps = 20")
   namespace = {}
   exec(compile(snippet, README, "exec"), namespace)
   assert namespace["results"]["iterations"] == 6
