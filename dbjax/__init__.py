@@ -7,20 +7,23 @@ Pieces, each usable on its own:
   dbjax.blocks      one block's state, loss and jittable train step
   dbjax.vit         a ViT classifier with adaLN-Zero layers, the denoiser of a label
   dbjax.classify    classification: label-embedding denoising, the inference chain
+  dbjax.lm_net      a token transformer with adaLN-Zero layers, masks and a KV-cache decode
+  dbjax.language    autoregressive and masked-diffusion (MD4) LMs: losses, BPC, generation
+  dbjax.text        character-level text data sets and the saved vocabulary
   dbjax.sampling    Euler / Heun samplers with classifier-free guidance
   dbjax.train       train_and_evaluate(config, workdir): the whole run
   dbjax.evaluation  Frechet distance in a cached classifier's feature space
   dbjax.data        image data sets and the step-indexed batch order
   dbjax.checkpoint  orbax checkpoints, one item per block
 """
-from dbjax import (blocks, classify, config, data, dit, edm, errors, evaluation, noise, plots,
-                   sampling, vit)
+from dbjax import (blocks, classify, config, data, dit, edm, errors, evaluation, language,
+                   lm_net, noise, plots, sampling, text, vit)
 from dbjax.config import default_config
 from dbjax.noise import block_boundaries, block_of_sigma
 from dbjax.train import train_and_evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "classify", "config", "data", "dit", "edm", "errors", "evaluation", "noise",
-           "plots", "sampling", "vit", "default_config", "block_boundaries", "block_of_sigma",
-           "train_and_evaluate"]
+__all__ = ["blocks", "classify", "config", "data", "dit", "edm", "errors", "evaluation",
+           "language", "lm_net", "noise", "plots", "sampling", "text", "vit", "default_config",
+           "block_boundaries", "block_of_sigma", "train_and_evaluate"]
