@@ -46,6 +46,18 @@ def perturbed_states(model, seed=0, scale=0.2):
   return [s._replace(params=jax.tree.map(jitter, s.params)) for s in states], shared
 
 
+def random_block_and_inputs(block: int, batch: int, seed: int):
+  """(model, one perturbed block's network, the token embedding, random tokens (batch, 16),
+  random noisy vectors z (batch, 16, 16)) of `lm_config()`."""
+  model = language.build(lm_config())
+  states, shared = perturbed_states(model)
+  net = language.network(model, states[block].params)
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (batch, 16)), jnp.int32)
+  z = jnp.asarray(rng.standard_normal((batch, 16, 16)), jnp.float32)
+  return model, net, language.token_embedding(shared.params), tokens, z
+
+
 @pytest.fixture
 def text_file(tmp_path):
   path = tmp_path / "hamlet.txt"
@@ -142,14 +154,7 @@ def test_block_diffusion_attention_equals_dense_attention_under_the_mask():
 def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself():
   """Changing token j or the noise at j leaves the logits before j unchanged, and at j
   only through its own noise (not its clean token: that would leak the answer)."""
-  config = lm_config()
-  model = language.build(config)
-  states, shared = perturbed_states(model)
-  net = language.network(model, states[0].params)
-  embedding = language.token_embedding(shared.params)
-  rng = np.random.default_rng(1)
-  tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (1, 16)), jnp.int32)
-  z = jnp.asarray(rng.standard_normal((1, 16, 16)), jnp.float32)
+  model, net, embedding, tokens, z = random_block_and_inputs(block=0, batch=1, seed=1)
   logits = jax.jit(lambda t, z: language.denoiser_logits(model, net, embedding, t, z,
                                                         jnp.ones((1,))))
   base = logits(tokens, z)
@@ -256,13 +261,7 @@ def test_md4_elbo_of_a_constant_predictor_is_its_cross_entropy():
 def test_cached_decode_equals_the_full_forward_pass():
   """Filling a block's cache token by token with the clean stream, then decoding the
   noisy row at position i, gives the logits of the full 2T forward pass at row i."""
-  model = language.build(lm_config())
-  states, shared = perturbed_states(model)
-  net = language.network(model, states[1].params)
-  embedding = language.token_embedding(shared.params)
-  rng = np.random.default_rng(2)
-  tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (2, 16)), jnp.int32)
-  z = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+  model, net, embedding, tokens, z = random_block_and_inputs(block=1, batch=2, seed=2)
   sigma = jnp.full((2,), 0.7)
   full = language.denoiser_logits(model, net, embedding, tokens, z, sigma)
   cache = tuple(c[0] for c in language._empty_cache(model, 1, 2, 16))
