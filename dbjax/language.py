@@ -258,7 +258,8 @@ def stratified_uniform(key, n: int, lo, hi) -> jax.Array:
 
 def masked_elbo_terms(model, net, embedding, tokens, key, lo, hi):
   """Per-sequence (hi - lo) / t * sum_masked CE / T with t ~ U(lo, hi): an unbiased
-  estimate of the part of the MD4 negative ELBO (nats per token) from t in [lo, hi]."""
+  estimate of the part of the MD4 negative ELBO (nats per token) from t in [lo, hi].
+  Returns (terms (N,), (logits, per-token CE, the mask)) for the metrics."""
   n, length = tokens.shape
   key_t, key_mask = jax.random.split(key)
   t = jnp.maximum(stratified_uniform(key_t, n, lo, hi), MIN_MASKING)
@@ -266,7 +267,7 @@ def masked_elbo_terms(model, net, embedding, tokens, key, lo, hi):
   logits = masked_logits(model, net, embedding, tokens, masked, t)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
   terms = (hi - lo) / t * jnp.sum(jnp.where(masked, cross_entropy, 0.0), axis=1) / length
-  return terms, logits, masked
+  return terms, (logits, cross_entropy, masked)
 
 
 def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, interval):
@@ -274,11 +275,10 @@ def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, i
   embedding = token_embedding(shared_params)
   net = network(model, block_params)
   if model.kind == "masked":
-    terms, logits, masked = masked_elbo_terms(model, net, embedding, tokens, key,
-                                              interval[0], interval[1])
+    terms, (logits, cross_entropy, masked) = masked_elbo_terms(
+        model, net, embedding, tokens, key, interval[0], interval[1])
     hits = jnp.where(masked, jnp.argmax(logits, -1) == tokens, False)
     count = jnp.maximum(jnp.sum(masked), 1)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     return jnp.mean(terms), {
         "cross_entropy": jnp.sum(jnp.where(masked, cross_entropy, 0.0)) / count,
         "accuracy": jnp.sum(hits) / count}
@@ -356,8 +356,7 @@ def _causal_cross_entropy(model, stacked_params, shared_params, tokens):
 @functools.partial(jax.jit, static_argnames=("model",))
 def _masked_elbo_stratum(model, stacked_params, shared_params, tokens, key, lo, hi, block):
   net = network(model, _block_params(stacked_params, block))
-  terms, _, _ = masked_elbo_terms(model, net, token_embedding(shared_params), tokens, key,
-                                  lo, hi)
+  terms, _ = masked_elbo_terms(model, net, token_embedding(shared_params), tokens, key, lo, hi)
   return terms
 
 
