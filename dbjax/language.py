@@ -541,6 +541,13 @@ def _generate_masked(model, stacked_params, shared_params, prompt, key, levels, 
   return tokens
 
 
+def generation_steps(config) -> int | None:
+  """The config's steps for `generate`: denoising calls per token (autoregressive) or
+  unmasking steps (masked); None = the default."""
+  lang = config.language
+  return (lang.sample_steps if lang.kind == "masked" else lang.inference_steps) or None
+
+
 def generate(model: LanguageModel, block_params, shared_params, prompt_ids, num_samples: int,
              seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
              num_steps: int | None = None) -> np.ndarray:

@@ -89,9 +89,13 @@ def load_train_data(config):
     train_data, _ = language.load_data(config)
     return language.with_vocabulary(config, train_data.vocabulary), train_data
   train_data = data_lib.load_images(config.data.name, "train", config.data.data_dir)
+  _check_training_images(config, train_data)
+  return config, train_data
+
+
+def _check_training_images(config, train_data: data_lib.ImageData):
   data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
                         config.data.channels, config.data.num_classes, "training images")
-  return config, train_data
 
 
 def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
@@ -162,8 +166,7 @@ def train(config, workdir: str, train_data=None) -> TrainedRun:
   if train_data is None:
     config, train_data = load_train_data(config)
   elif isinstance(train_data, data_lib.ImageData):
-    data_lib.check_images(train_data.images, train_data.labels, config.data.image_size,
-                          config.data.channels, config.data.num_classes, "training images")
+    _check_training_images(config, train_data)
   if isinstance(train_data, text.TextData):
     train_data.vocabulary.save(os.path.join(workdir, text.VOCABULARY_FILE))
   task = task_module(config)
@@ -335,13 +338,12 @@ def generate_text(config, model, states, shared, vocabulary: text.Vocabulary, se
   lang = config.language
   prompt = vocabulary.encode(lang.prompt, "config.language.prompt")
   params = [s.params for s in states]
-  steps = lang.sample_steps if lang.kind == "masked" else lang.inference_steps
+  steps = language.generation_steps(config)
   texts, speed = {}, None
   for name, (temperature, top_p) in tqdm(sampling_settings(config).items(), desc="generating",
                                          disable=not progress, leave=False):
     generate = lambda: language.generate(model, params, shared.params, prompt,
-                                         lang.num_samples, seed, temperature, top_p,
-                                         steps or None)
+                                         lang.num_samples, seed, temperature, top_p, steps)
     ids = generate()
     if speed is None:
       start = time.perf_counter()

@@ -40,8 +40,7 @@ def sample_text(config, model, states, shared):
   temperature = lang.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value
   top_p = _TOP_P.value if _TOP_P.value is not None else (
       1.0 if _TEMPERATURE.value is not None else lang.top_p)
-  steps = _NUM_STEPS.value or (lang.sample_steps if lang.kind == "masked"
-                               else lang.inference_steps) or None
+  steps = _NUM_STEPS.value or language.generation_steps(config)
   ids = language.generate(model, [s.params for s in states], shared.params,
                           vocabulary.encode(prompt, "--prompt"),
                           _NUM_SAMPLES.value or lang.num_samples, _SEED.value, temperature,
