@@ -10,6 +10,7 @@ optax state: an inactive block gets no update, no momentum and no weight decay, 
 step count (which drives its learning-rate schedule) does not move.
 """
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -174,10 +175,19 @@ def block_loss(model: BlockModel, params, images, labels, key, interval):
   return jnp.mean(edm.weighted_l2_loss(denoised, images, sigma, model.sigma_data))
 
 
-def train_step(model: BlockModel, state: BlockState, images, labels, key, interval):
-  """(state, batch, key) -> (state, metrics) for one block; pure, jit it with donation."""
-  loss, grads = jax.value_and_grad(block_loss, argnums=1)(
-      model, state.params, images, labels, key, interval)
+def no_reduction(tree):
+  return tree
+
+
+def train_step(model: BlockModel, state: BlockState, images, labels, key, interval,
+               reduce=no_reduction):
+  """(state, batch, key) -> (state, metrics) for one block; pure, jit it with donation.
+
+  reduce((loss, grads)) combines them across data-parallel shards before the update:
+  dbjax.parallel passes a mean over the mesh's "data" axis.
+  """
+  loss, grads = reduce(jax.value_and_grad(block_loss, argnums=1)(
+      model, state.params, images, labels, key, interval))
   updates, opt_state = model.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -197,26 +207,30 @@ def update(optimizer, state: BlockState, grads) -> BlockState:
 
 
 def train_step_with_shared(loss_fn, block_optimizer, shared_optimizer, state: BlockState,
-                           shared: BlockState, batch: tuple, key, interval):
+                           shared: BlockState, batch: tuple, key, interval,
+                           reduce=no_reduction):
   """One block's step when the run also has a shared state (a label or token embedding):
   (block state, shared state) -> (block state, shared state, metrics).
 
   loss_fn(block params, shared params, *batch, key, interval) -> (loss, metrics). The
   block and the shared group each clip their own gradients and keep their own AdamW
-  state; the shared group steps with every block's iterations.
+  state; the shared group steps with every block's iterations. reduce: as in train_step.
   """
-  (loss, metrics), (block_grads, shared_grads) = jax.value_and_grad(
+  (loss, metrics), (block_grads, shared_grads) = reduce(jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, shared.params, *batch, key,
-                                             interval)
+                                             interval))
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(block_grads))
   return (update(block_optimizer, state, block_grads),
           update(shared_optimizer, shared, shared_grads), metrics)
 
 
-def jit_run_step(model: BlockModel):
+def run_step(model: BlockModel, state, shared, images, labels, key, interval,
+             reduce=no_reduction):
   """The driver's step, (state, shared, images, labels, key, interval) ->
   (state, shared, metrics), which image blocks serve with shared = None."""
-  def step(state, shared, images, labels, key, interval):
-    state, metrics = train_step(model, state, images, labels, key, interval)
-    return state, shared, metrics
-  return jax.jit(step, donate_argnums=0)
+  state, metrics = train_step(model, state, images, labels, key, interval, reduce)
+  return state, shared, metrics
+
+
+def jit_run_step(model: BlockModel):
+  return jax.jit(functools.partial(run_step, model), donate_argnums=0)

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from dbjax import edm, noise
 from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_host,
-                          make_optimizer, noise_plan, shared_optimizer, train_step_with_shared)
-from dbjax.config import num_trained_blocks, total_iterations
+                          make_optimizer, noise_plan, no_reduction, shared_optimizer,
+                          train_step_with_shared)
+from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
 from dbjax.vit import ViT, ViTConfig
 
@@ -105,7 +106,7 @@ def build(config) -> ClassifierModel:
   graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: ViT(vit, rngs=nnx.Rngs(0))),
                              in_shared_group(shared_modules), ...)
   shared_optim = shared_optimizer(
-      config.train, total_iterations(config),
+      config.train, shared_updates(config),
       lambda params: {"label_embedding": "train" if train_label_embedding else "frozen",
                       "network": jax.tree.map(lambda _: "train", params["network"])})
   return ClassifierModel(
@@ -213,12 +214,12 @@ def block_loss(model: ClassifierModel, block_params, shared_params, images, labe
 
 
 def train_step(model: ClassifierModel, state: BlockState, shared: BlockState, images, labels,
-               key, interval):
+               key, interval, reduce=no_reduction):
   """(block state, shared state, batch, key) -> (block state, shared state, metrics);
   see blocks.train_step_with_shared."""
   return train_step_with_shared(functools.partial(block_loss, model), model.block_optimizer,
                                 model.shared_optimizer, state, shared, (images, labels), key,
-                                interval)
+                                interval, reduce)
 
 
 def jit_train_step(model: ClassifierModel):
@@ -226,7 +227,8 @@ def jit_train_step(model: ClassifierModel):
   return jax.jit(functools.partial(train_step, model), donate_argnums=(0, 1))
 
 
-jit_run_step = jit_train_step  # the driver's name for it (see dbjax.train)
+# The driver's names for them (see dbjax.train and dbjax.parallel).
+jit_run_step, run_step = jit_train_step, train_step
 
 
 # ------------------------------------------------------------------------- inference

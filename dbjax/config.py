@@ -12,6 +12,7 @@ from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
 TASKS = ("generation", "classification", "language")
+PARALLEL_MODES = ("none", "blocks")
 SOLVERS = ("euler", "heun")
 LANGUAGE_CHOICES = {
     "kind": ("autoregressive", "masked"),
@@ -96,6 +97,17 @@ def default_config() -> ml_collections.ConfigDict:
       prompt="",                 # generated text starts with it
       num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
       temperature=0.8, top_p=0.9,
+  ))
+  c.parallel = ml_collections.ConfigDict(dict(
+      # "none": every iteration trains one block drawn at random (paper, Sec. 4), one
+      # block on the device at a time. "blocks": every step trains all B blocks at once,
+      # each on its own batch, on a ("block", "data") mesh of the devices present, with
+      # no communication between blocks (dbjax.parallel); train.num_steps such steps.
+      mode="none",
+      # Steps between averaging learned shared parameters (a joint label or token
+      # embedding, shared modules) across blocks, one small all-reduce; 0 = never, which
+      # needs them frozen. Must divide train.checkpoint_every.
+      shared_sync_every=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
       # Budget in end-to-end iterations. DiffusionBlocks runs num_steps * B iterations
@@ -205,6 +217,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
   _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
   _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
+  p = config.parallel
+  _require(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
+  _require(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0
+           and (p.shared_sync_every == 0 or t.checkpoint_every % p.shared_sync_every == 0),
+           "parallel.shared_sync_every", p.shared_sync_every,
+           f"an integer >= 0 (0 = never) that divides train.checkpoint_every="
+           f"{t.checkpoint_every}, so every checkpoint holds one shared state")
   _require(s.solver in SOLVERS, "sample.solver", s.solver, f"one of {SOLVERS}")
   _require(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
            ">= 0 (1 means no guidance)")
@@ -219,3 +238,10 @@ def num_trained_blocks(config) -> int:
 def total_iterations(config) -> int:
   """Iterations at the matched budget of layer evaluations (one block per iteration)."""
   return config.train.num_steps * num_trained_blocks(config)
+
+
+def shared_updates(config) -> int:
+  """Updates the shared state (label or token embedding) gets: one per iteration, or,
+  with parallel.mode="blocks", one per step to each block's copy of it."""
+  return config.train.num_steps if config.parallel.mode == "blocks" else total_iterations(
+      config)

@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from dbjax import edm, noise, text
 from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_host,
-                          make_optimizer, noise_plan, shared_optimizer, train_step_with_shared)
+                          make_optimizer, noise_plan, no_reduction, shared_optimizer,
+                          train_step_with_shared)
 from dbjax.classify import bridge_estimate
-from dbjax.config import num_trained_blocks, total_iterations
+from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.lm_net import LMConfig, LMNet
 from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
 
@@ -104,7 +105,7 @@ def build(config) -> LanguageModel:
                          np.float32)
   train_embedding = lang.token_embedding == "joint"
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LMNet(net, rngs=nnx.Rngs(0))))
-  shared_optim = shared_optimizer(config.train, total_iterations(config),
+  shared_optim = shared_optimizer(config.train, shared_updates(config),
                                   {"token_embedding": "train" if train_embedding else "frozen"})
   return LanguageModel(
       net=net, kind=lang.kind, num_blocks=num_blocks,
@@ -300,15 +301,19 @@ def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, i
 
 
 def train_step(model: LanguageModel, state: BlockState, shared: BlockState, tokens, key,
-               interval):
+               interval, reduce=no_reduction):
   """(block state, shared state, tokens, key) -> (block state, shared state, metrics)."""
   return train_step_with_shared(functools.partial(block_loss, model), model.block_optimizer,
-                                model.shared_optimizer, state, shared, (tokens,), key, interval)
+                                model.shared_optimizer, state, shared, (tokens,), key, interval,
+                                reduce)
 
 
 def jit_run_step(model: LanguageModel):
   """The driver's step; the block's and shared buffers are donated."""
   return jax.jit(functools.partial(train_step, model), donate_argnums=(0, 1))
+
+
+run_step = train_step  # the driver's name for the un-jitted step (see dbjax.parallel)
 
 
 def example_batch(model: LanguageModel, batch_size: int, rng=None):

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dbjax import (blocks, classify, config as config_lib, data as data_lib, evaluation,
-                   language, plots, sampling, text)
+                   language, parallel, plots, sampling, text)
 from dbjax.checkpoint import RunCheckpointer
 from dbjax.errors import NonFiniteLossError, WorkdirError
 
@@ -138,8 +138,6 @@ def _train_interval(step_fn, states, shared, model, chunk, train_data, config, b
     state, shared, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), shared,
                                                 model, b, own_steps, train_data, config, bar)
     for step, m in zip(own_steps, metrics):
-      if not np.isfinite(m["loss"]):
-        raise NonFiniteLossError(int(step), b, float(m["loss"]))
       rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
     states[b] = jax.device_get(state)  # back to host: the device holds one block
     del state  # free its device buffers before the next block is put there
@@ -153,13 +151,39 @@ class TrainedRun(NamedTuple):
   history: list[dict]        # one metrics row per iteration
 
 
-def train(config, workdir: str, train_data=None) -> TrainedRun:
+def _check_finite(rows: list[dict]):
+  """Raise NonFiniteLossError for the first row whose loss is NaN or inf, before any
+  checkpoint holds its parameters."""
+  for row in rows:
+    if not np.isfinite(row["loss"]):
+      raise NonFiniteLossError(row["step"], row["block"], row["loss"])
+
+
+def _saved_shared_target(config, model, shared_target):
+  """The checkpoint's shared state: one, or one copy per block with parallel.mode
+  "blocks" (each block's copy has its own optimizer state; see dbjax.parallel)."""
+  if config.parallel.mode == "blocks" and shared_target is not None:
+    return parallel.stacked_abstract(shared_target, model.num_blocks)
+  return shared_target
+
+
+def _one_shared(config, shared):
+  """The shared state a trained run is evaluated with: the copies are equal after
+  every average (parallel.mode "blocks"), so block 0's."""
+  if config.parallel.mode == "blocks" and shared is not None:
+    return jax.tree.map(lambda x: x[0], shared)
+  return shared
+
+
+def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   """Train (or resume) the run in `workdir`.
 
   train_data: the training split (default: loaded by `load_train_data`). A language
   run's config must then already carry its vocabulary size (language.with_vocabulary).
+  devices: those a parallel.mode="blocks" run may use (default: all).
   Raises NonFiniteLossError, naming step and block, if a loss becomes NaN or inf; the
-  last good checkpoint stays in place.
+  last good checkpoint stays in place. On many hosts every process calls it; only
+  process 0 writes the metrics file.
   """
   config_lib.validate(config)
   prepare_workdir(workdir)
@@ -167,39 +191,59 @@ def train(config, workdir: str, train_data=None) -> TrainedRun:
     config, train_data = load_train_data(config)
   elif isinstance(train_data, data_lib.ImageData):
     _check_training_images(config, train_data)
-  if isinstance(train_data, text.TextData):
+  chief = jax.process_index() == 0
+  if isinstance(train_data, text.TextData) and chief:
     train_data.vocabulary.save(os.path.join(workdir, text.VOCABULARY_FILE))
   task = task_module(config)
   model = task.build(config)
+  in_parallel = config.parallel.mode == "blocks"
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  model.num_blocks, config.train.max_checkpoints)
   if checkpointer.latest_step() is None:
     start, (states, shared) = 0, task.init_on_host(model, config.seed)
+    if in_parallel and shared is not None:
+      shared = parallel.stack([shared] * model.num_blocks)
   else:
     block_target, shared_target = task.abstract_states(model)
-    start, states, shared, _ = checkpointer.restore([block_target] * model.num_blocks, config,
-                                                    target_shared=shared_target)
+    start, states, shared, _ = checkpointer.restore(
+        [block_target] * model.num_blocks, config,
+        target_shared=_saved_shared_target(config, model, shared_target))
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = _read_history(metrics_path, start)
+  history = _read_history(metrics_path, start) if chief else []
 
-  total = config_lib.total_iterations(config)
-  step_fn = task.jit_run_step(model)
+  if in_parallel:  # train.num_steps steps, each of all B blocks at once
+    total = config.train.num_steps
+    trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared,
+                                            devices)
+    def train_chunk(chunk, states, shared):
+      del states, shared  # the trainer holds them on the devices
+      rows = trainer.train(chunk, bar)
+      return (rows, *trainer.host_states())
+  else:  # total_iterations iterations of one block each
+    total = config_lib.total_iterations(config)
+    step_fn = task.jit_run_step(model)
+    def train_chunk(chunk, states, shared):
+      rows, shared = _train_interval(step_fn, states, shared, model, chunk, train_data,
+                                     config, bar)
+      return rows, states, shared
   bar = tqdm(total=total, initial=start, desc=f"training {config.method}",
-             disable=not config.train.progress, unit="it")
+             disable=not (config.train.progress and chief),
+             unit="step" if in_parallel else "it")
   try:
     for chunk_start in range(start, total, config.train.checkpoint_every):
       chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
-      rows, shared = _train_interval(step_fn, states, shared, model, chunk, train_data,
-                                     config, bar)
-      with open(metrics_path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+      rows, states, shared = train_chunk(chunk, states, shared)
+      _check_finite(rows)
+      if chief:
+        with open(metrics_path, "a") as f:
+          f.writelines(json.dumps(r) + "\n" for r in rows)
       history += rows
       checkpointer.save(int(chunk[-1]) + 1, states, config, {"iterations": total}, shared)
       bar.set_postfix(loss=f"{np.mean([r['loss'] for r in rows]):.4g}")
   finally:
     bar.close()
     checkpointer.close()
-  return TrainedRun(model, states, shared, history)
+  return TrainedRun(model, states, _one_shared(config, shared), history)
 
 
 def restore_run(workdir: str, config=None):
@@ -224,10 +268,11 @@ def restore_run(workdir: str, config=None):
   model = task.build(config)
   block_target, shared_target = task.abstract_states(model)
   checkpointer = RunCheckpointer(directory, model.num_blocks, config.train.max_checkpoints)
-  _, states, shared, _ = checkpointer.restore([block_target] * model.num_blocks, config,
-                                              target_shared=shared_target)
+  _, states, shared, _ = checkpointer.restore(
+      [block_target] * model.num_blocks, config,
+      target_shared=_saved_shared_target(config, model, shared_target))
   checkpointer.close()
-  return config, model, states, shared
+  return config, model, states, _one_shared(config, shared)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -396,6 +441,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config, train_data = load_train_data(config)
   model, states, shared, history = train(config, workdir, train_data)
   train_seconds = time.perf_counter() - start
+  if jax.process_index() != 0:  # on many hosts, process 0 evaluates and writes the files
+    return {}
   metric = "loss" if config.task == "generation" else "cross_entropy"
   plots.save_loss_curves(history, model.num_blocks, os.path.join(workdir, "loss_curves.png"),
                          title=f"{config.method}, {config.data.name}", metric=metric)

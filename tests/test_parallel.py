@@ -1,0 +1,237 @@
+"""All blocks at once on a ("block", "data") mesh: the same parameters as one block after
+another, no collective across blocks, resume on other device counts, two processes.
+
+Runs on 8 fake CPU devices: XLA reads XLA_FLAGS when the backend starts, which is at
+the first computation, so setting it here, before this module imports jax, is in time
+as long as no test module computes at import.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+
+import re  # pylint: disable=wrong-import-position
+import shutil  # pylint: disable=wrong-import-position
+import socket  # pylint: disable=wrong-import-position
+import subprocess  # pylint: disable=wrong-import-position
+import sys  # pylint: disable=wrong-import-position
+
+import chex  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+from dbjax import blocks, classify, data, parallel, train  # pylint: disable=wrong-import-position
+from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
+from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
+from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+               "all-to-all")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+  assert jax.device_count() == 8, (
+      "the CPU backend started before this module set XLA_FLAGS: some module computes "
+      "at import")
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load_images("digits", "train")
+
+
+def parallel_config(num_blocks=4, **overrides):
+  config = tiny_config(diffusion__num_blocks=num_blocks, **overrides)
+  config.parallel.mode = "blocks"
+  return config
+
+
+def train_in_parallel(config, train_data, devices, num_steps):
+  """A BlockParallelTrainer of `config` on `devices` after `num_steps` steps."""
+  task = train.task_module(config)
+  model = task.build(config)
+  states, shared = task.init_on_host(model, config.seed)
+  shared = None if shared is None else parallel.stack([shared] * model.num_blocks)
+  trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared,
+                                          devices)
+  trainer.train(np.arange(num_steps))
+  return trainer
+
+
+@pytest.fixture(scope="module")
+def one_device_per_block(digits):
+  """B = 4 blocks on a 4 x 1 mesh, 3 steps."""
+  return train_in_parallel(parallel_config(), digits, jax.devices()[:4], num_steps=3)
+
+
+@pytest.fixture(scope="module")
+def two_devices_per_block(digits):
+  """B = 4 blocks on a 4 x 2 mesh, 1 step."""
+  return train_in_parallel(parallel_config(), digits, jax.devices(), num_steps=1)
+
+
+@pytest.fixture(scope="module")
+def joint_label_embedding(digits):
+  """B = 2 classifier blocks on 2 devices training their label embedding, averaged
+  after every step; 4 steps (the zero-initialised head passes the embedding no
+  gradient before the third)."""
+  config = parallel_config(num_blocks=2, task="classification")
+  config.classifier.label_embedding = "joint"
+  config.parallel.shared_sync_every = 1
+  return train_in_parallel(config, digits, jax.devices()[:2], num_steps=4)
+
+
+def test_mesh_shape_uses_the_largest_block_group_that_fits():
+  assert parallel.mesh_shape(4, 8) == (4, 2)
+  assert parallel.mesh_shape(4, 4) == (4, 1)
+  assert parallel.mesh_shape(4, 2) == (2, 1)   # two blocks per device
+  assert parallel.mesh_shape(4, 1) == (1, 1)
+  assert parallel.mesh_shape(3, 8) == (3, 2)   # 6 of 8 devices
+  assert parallel.mesh_shape(6, 4) == (3, 1)
+
+
+def test_parallel_blocks_equal_blocks_trained_one_after_another(one_device_per_block, digits):
+  trainer, config = one_device_per_block, one_device_per_block.config
+  assert trainer.mesh.devices.shape == (4, 1)
+  parallel_states, _ = trainer.host_states()
+  # The reference: each block alone on one device, through the same steps, batches
+  # and keys.
+  step_fn = blocks.jit_run_step(trainer.model)
+  for b, initial in enumerate(blocks.init_blocks_on_host(trainer.model, config.seed)):
+    state = jax.device_put(initial)
+    for step in range(3):
+      index = data.batch_indices(config.seed, step, digits.num_examples,
+                                 config.train.batch_size, block=b)
+      state, _, _ = step_fn(state, None, *digits.batch(index),
+                            train.step_key(config.seed, step, b),
+                            jnp.asarray(trainer.model.intervals[b]))
+    chex.assert_trees_all_close(jax.device_get(state), parallel_states[b], atol=2e-6)
+    assert int(parallel_states[b].step) == 3
+
+
+def test_data_parallel_gradient_is_the_mean_over_the_data_shards(two_devices_per_block,
+                                                                 digits):
+  trainer, config = two_devices_per_block, two_devices_per_block.config
+  model = trainer.model
+  assert trainer.mesh.devices.shape == (4, 2)
+  states, _ = trainer.host_states()
+  # Block 2 by hand: each half of its batch with the key folded with its shard index.
+  b, half = 2, config.train.batch_size // 2
+  initial = blocks.init_blocks_on_host(model, config.seed)[b]
+  images, labels = digits.batch(data.batch_indices(config.seed, 0, digits.num_examples,
+                                                   config.train.batch_size, block=b))
+  key = train.step_key(config.seed, 0, b)
+
+  @jax.jit
+  def one_step_by_hand(state):
+    grads = [jax.grad(blocks.block_loss, argnums=1)(
+        model, state.params, images[d * half:(d + 1) * half],
+        labels[d * half:(d + 1) * half], jax.random.fold_in(key, d), model.intervals[b])
+             for d in range(2)]
+    return blocks.update(model.optimizer, state,
+                         jax.tree.map(lambda g0, g1: (g0 + g1) / 2, *grads))
+  expected = one_step_by_hand(initial)
+  chex.assert_trees_all_close(states[b].params, jax.device_get(expected.params), atol=2e-6)
+
+
+def _replica_groups(line: str, num_devices: int) -> list[set[int]]:
+  """The device groups of one collective in compiled HLO: {{0,1},{2,3}} or the iota
+  form [groups,size]<=[dims]T(perm)."""
+  listed = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", line)
+  if listed:
+    return [set(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", listed.group(1))]
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+  if iota:
+    groups, size = int(iota.group(1)), int(iota.group(2))
+    ids = np.arange(num_devices).reshape([int(d) for d in iota.group(3).split(",")])
+    if iota.group(4):
+      ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
+    return [set(row) for row in ids.reshape(groups, size).tolist()]
+  return [set(range(num_devices))]  # no groups: every device
+
+
+def collective_groups(trainer, sync_shared=False) -> list[set[int]]:
+  """The device groups of every collective in a trainer's compiled step (mesh
+  position (b, d) is logical device b * width + d)."""
+  text = trainer.compiled[sync_shared].as_text()
+  return [group for line in text.splitlines()
+          if any(re.search(rf"\b{op}(-start)?\(", line) for op in COLLECTIVES)
+          for group in _replica_groups(line, trainer.mesh.size)]
+
+
+def test_compiled_step_has_no_collective_across_blocks(one_device_per_block,
+                                                       two_devices_per_block):
+  # One device per block: nothing at all to communicate.
+  assert collective_groups(one_device_per_block) == []
+  # Two devices per block: gradient means, each within one block's data group.
+  groups = collective_groups(two_devices_per_block)
+  assert groups
+  rows = [{2 * b, 2 * b + 1} for b in range(4)]
+  assert all(any(group <= row for row in rows) for group in groups), groups
+
+
+def test_joint_label_embedding_is_averaged_across_blocks(joint_label_embedding):
+  """The check above can see a collective across blocks: averaging a trained label
+  embedding makes one, and leaves every block's copy equal."""
+  trainer = joint_label_embedding
+  assert {0, 1} in collective_groups(trainer, sync_shared=True)
+  _, shared = trainer.host_states()
+  embedding = shared.params["label_embedding"]
+  np.testing.assert_allclose(embedding[0], embedding[1], atol=1e-6)
+  initial = classify.init_on_host(trainer.model, trainer.config.seed)[1]
+  assert not np.allclose(embedding[0], initial.params["label_embedding"])
+
+
+def test_bad_parallel_settings_are_named(digits):
+  def trainer(config):
+    return parallel.BlockParallelTrainer(classify, classify.build(config), config, digits,
+                                         None, None, jax.devices())
+  with pytest.raises(ConfigError, match="train.batch_size=31"):
+    trainer(parallel_config(task="classification", train__batch_size=31))
+  config = parallel_config(task="classification")
+  config.classifier.label_embedding = "joint"
+  with pytest.raises(ConfigError, match="parallel.shared_sync_every=0"):
+    trainer(config)
+
+
+def test_resume_on_fewer_devices_gives_the_same_parameters(tmp_path, digits):
+  config = parallel_config(train__num_steps=4, train__checkpoint_every=2)
+  whole = train.train(config, str(tmp_path), digits, devices=jax.devices()[:4])
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  resumed = train.train(config, str(tmp_path), digits, devices=jax.devices()[:1])
+  chex.assert_trees_all_close(resumed.states, whole.states, atol=2e-6)
+  assert [r["step"] for r in resumed.history] == [s for s in range(4) for _ in range(4)]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+  worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
+  address = f"localhost:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=os.path.dirname(os.path.dirname(worker)))
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  # Output to files, not pipes: a full pipe would stall one process in a collective.
+  processes = [subprocess.Popen([sys.executable, worker, address, str(i), str(tmp_path)],
+                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+               for i, log in enumerate(logs)]
+  for p in processes:
+    p.wait(timeout=300)
+  assert all(p.returncode == 0 for p in processes), "\n".join(
+      log.read_text()[-3000:] for log in logs)
+  params = np.load(tmp_path / "params.npz")
+  uninterrupted = {k.split("/", 1)[1]: params[k] for k in params if k.startswith("unint")}
+  for name, value in uninterrupted.items():
+    np.testing.assert_array_equal(params[f"resumed/{name}"], value)
+  # Any device count can read it back: here, this process's own.
+  _, _, states, _ = train.restore_run(str(tmp_path))
+  restored = flat_params(states)
+  assert restored.keys() == uninterrupted.keys()
+  for name, value in restored.items():
+    np.testing.assert_array_equal(value, uninterrupted[name])

@@ -1,0 +1,56 @@
+"""One of two processes of a localhost multi-host run (tests/test_parallel.py).
+
+  python tests/two_process_worker.py COORDINATOR_ADDRESS PROCESS_ID WORKDIR
+
+Each process has 2 fake CPU devices; B = 2 blocks train on a 2 x 2 ("block", "data")
+mesh, so each block lives on one process and its gradient mean runs over that process's
+two devices. The run trains 4 steps (checkpoints at 2 and 4), then the step-4
+checkpoint is removed and the run resumes from step 2; process 0 writes both results'
+parameters to WORKDIR/params.npz.
+"""
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+
+def two_process_config():
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(train__num_steps=4, train__checkpoint_every=2)
+  config.parallel.mode = "blocks"
+  return config
+
+
+def flat_params(states) -> dict:
+  return {f"{b}/{jax.tree_util.keystr(path)}": np.asarray(leaf)
+          for b, state in enumerate(states)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+def main(coordinator: str, process_id: int, workdir: str):
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=2,
+                             process_id=process_id)
+  from dbjax import train  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  config = two_process_config()
+  uninterrupted = train.train(config, workdir)
+  multihost_utils.sync_global_devices("trained")
+  if process_id == 0:
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  multihost_utils.sync_global_devices("removed the last checkpoint")
+  resumed = train.train(config, workdir)
+  if process_id == 0:
+    np.savez(os.path.join(workdir, "params.npz"),
+             **{f"uninterrupted/{k}": v for k, v in flat_params(uninterrupted.states).items()},
+             **{f"resumed/{k}": v for k, v in flat_params(resumed.states).items()})
+  multihost_utils.sync_global_devices("done")
+
+
+if __name__ == "__main__":
+  # Before the backend starts, which is at the first computation.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
