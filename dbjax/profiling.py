@@ -38,13 +38,8 @@ def _example_batch(model, batch_size: int, rng=None):
           jnp.asarray(rng.integers(0, net.num_classes, batch_size).astype(np.int32)))
 
 
-def train_step_memory(model, batch_size: int) -> dict:
-  """Compiled memory of one block's train step, in bytes (no allocation needed)."""
-  batch = _example_batch(model, batch_size)
-  block, shared = _task(model).abstract_states(model)
-  compiled = _task(model).jit_run_step(model).lower(
-      block, shared, *batch, jax.random.key(0),
-      jnp.asarray(model.intervals[0])).compile()
+def compiled_memory(compiled) -> dict:
+  """Bytes a compiled step needs on each device (see the module docstring)."""
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,
          "output_bytes": stats.output_size_in_bytes,
@@ -53,6 +48,15 @@ def train_step_memory(model, batch_size: int) -> dict:
   out["step_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                        + out["temp_bytes"])
   return out
+
+
+def train_step_memory(model, batch_size: int) -> dict:
+  """Compiled memory of one block's train step, in bytes (no allocation needed)."""
+  batch = _example_batch(model, batch_size)
+  block, shared = _task(model).abstract_states(model)
+  return compiled_memory(_task(model).jit_run_step(model).lower(
+      block, shared, *batch, jax.random.key(0),
+      jnp.asarray(model.intervals[0])).compile())
 
 
 def _live_device_bytes() -> int:

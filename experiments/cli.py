@@ -5,6 +5,7 @@ import glob
 import os
 import sys
 
+import jax
 from absl import app, logging
 
 from dbjax import language
@@ -49,6 +50,15 @@ def run(main):
   except AttributeError as e:
     text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "").strip("'")
     _fail(f"unknown config field in a --config override: {text}")
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed.initialize, before any computation; on localhost CPUs (tests,
+  laptops) the gloo collectives are jax's default."""
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  print(f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} of {jax.device_count()} devices")
 
 
 def method_variant(base_config, method: str, **diffusion_and_model_overrides):

@@ -12,6 +12,15 @@ workdir: samples.png (generation), confusion.png and accuracy_vs_steps.png
 
 Any config field can be overridden with --config.<field>=<value>. Re-running the same
 command resumes from the latest checkpoint in the workdir.
+
+All blocks at once, one slice of the devices each (README, "Scaling out"):
+
+  python -m experiments.train --config=experiments/configs/digits.py --parallel=blocks \
+      --workdir=runs/digits_parallel
+
+On many hosts, run the same command on every host with --distributed (TPU pods and
+SLURM find their peers; elsewhere add --coordinator_address, --num_processes and
+--process_id).
 """
 import json
 import os
@@ -19,20 +28,38 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
+from dbjax.config import PARALLEL_MODES
 from dbjax.train import SAMPLES_FILE, train_and_evaluate
-from experiments.cli import run, config_help
+from experiments.cli import config_help, initialize_distributed, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and images")
+_PARALLEL = flags.DEFINE_enum("parallel", None, PARALLEL_MODES,
+                              "sets config.parallel.mode: 'blocks' trains all blocks at once "
+                              "on a (block, data) mesh of the devices present")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "call jax.distributed.initialize() first (many hosts)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, where not auto-detected")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _DISTRIBUTED.value:
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  if _PARALLEL.value is not None:
+    config = config.copy_and_resolve_references()
+    config.parallel.mode = _PARALLEL.value
+  results = train_and_evaluate(config, _WORKDIR.value)
+  if not results:  # not process 0 of a multi-host run
+    return
   print(json.dumps(results, indent=2))
   samples = os.path.join(_WORKDIR.value, SAMPLES_FILE)
-  if _CONFIG.value.task == "language" and os.path.exists(samples):
+  if config.task == "language" and os.path.exists(samples):
     with open(samples, encoding="utf-8") as f:
       print(f.read())
   print(f"wrote metrics.json, loss_curves.png and pictures to {_WORKDIR.value}")

@@ -10,7 +10,6 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 
-import re  # pylint: disable=wrong-import-position
 import shutil  # pylint: disable=wrong-import-position
 import socket  # pylint: disable=wrong-import-position
 import subprocess  # pylint: disable=wrong-import-position
@@ -26,10 +25,6 @@ from dbjax import blocks, classify, data, parallel, train  # pylint: disable=wro
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-               "all-to-all")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
@@ -137,29 +132,9 @@ def test_data_parallel_gradient_is_the_mean_over_the_data_shards(two_devices_per
   chex.assert_trees_all_close(states[b].params, jax.device_get(expected.params), atol=2e-6)
 
 
-def _replica_groups(line: str, num_devices: int) -> list[set[int]]:
-  """The device groups of one collective in compiled HLO: {{0,1},{2,3}} or the iota
-  form [groups,size]<=[dims]T(perm)."""
-  listed = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", line)
-  if listed:
-    return [set(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", listed.group(1))]
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-  if iota:
-    groups, size = int(iota.group(1)), int(iota.group(2))
-    ids = np.arange(num_devices).reshape([int(d) for d in iota.group(3).split(",")])
-    if iota.group(4):
-      ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
-    return [set(row) for row in ids.reshape(groups, size).tolist()]
-  return [set(range(num_devices))]  # no groups: every device
-
-
 def collective_groups(trainer, sync_shared=False) -> list[set[int]]:
-  """The device groups of every collective in a trainer's compiled step (mesh
-  position (b, d) is logical device b * width + d)."""
-  text = trainer.compiled[sync_shared].as_text()
-  return [group for line in text.splitlines()
-          if any(re.search(rf"\b{op}(-start)?\(", line) for op in COLLECTIVES)
-          for group in _replica_groups(line, trainer.mesh.size)]
+  return parallel.collective_groups(trainer.compiled[sync_shared].as_text(),
+                                    trainer.mesh.size)
 
 
 def test_compiled_step_has_no_collective_across_blocks(one_device_per_block,
