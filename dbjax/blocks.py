@@ -55,19 +55,25 @@ class BlockModel:
     return DiT(self.dit, rngs=nnx.Rngs(params=key))
 
 
+# optax.apply_if_finite applies the update anyway after this many non-finite ones in a
+# row; the driver stops or counts long before (config train.on_nonfinite).
+_NEVER = 2**31 - 1
+
+
 def make_optimizer(train_cfg, num_updates: int | None = None) -> optax.GradientTransformation:
   """AdamW with global-norm clipping and warmup + cosine decay over `num_updates` steps
-  (default train.num_steps: about the updates each block gets)."""
+  (default train.num_steps: about the updates each block gets). A step whose gradients
+  hold a NaN or inf changes neither the parameters nor the AdamW state."""
   num_updates = train_cfg.num_steps if num_updates is None else num_updates
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_cfg.learning_rate,
       warmup_steps=train_cfg.warmup_steps,
       decay_steps=max(num_updates, train_cfg.warmup_steps + 1),
       end_value=0.1 * train_cfg.learning_rate)
-  return optax.chain(
+  return optax.apply_if_finite(optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
-                  weight_decay=train_cfg.weight_decay))
+                  weight_decay=train_cfg.weight_decay)), max_consecutive_errors=_NEVER)
 
 
 def noise_plan(config):
@@ -190,8 +196,16 @@ def train_step(model: BlockModel, state: BlockState, images, labels, key, interv
       model, state.params, images, labels, key, interval))
   updates, opt_state = model.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-  return BlockState(params, opt_state, state.step + 1), metrics
+  return BlockState(params, opt_state, state.step + 1), step_metrics(loss, grads)
+
+
+def step_metrics(loss, grads, **others) -> dict:
+  """Loss, gradient norm and whether the update was skipped (a NaN or inf in the loss
+  or the gradients; see make_optimizer)."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return dict(others, loss=loss, grad_norm=grad_norm,
+              skipped=jnp.logical_not(finite).astype(jnp.float32))
 
 
 def jit_train_step(model: BlockModel):
@@ -219,7 +233,7 @@ def train_step_with_shared(loss_fn, block_optimizer, shared_optimizer, state: Bl
   (loss, metrics), (block_grads, shared_grads) = reduce(jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, shared.params, *batch, key,
                                              interval))
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(block_grads))
+  metrics = step_metrics(loss, block_grads, **metrics)
   return (update(block_optimizer, state, block_grads),
           update(shared_optimizer, shared, shared_grads), metrics)
 

@@ -13,6 +13,7 @@ from dbjax.noise import PARTITIONS
 METHODS = ("diffusion_blocks", "end_to_end")
 TASKS = ("generation", "classification", "language")
 PARALLEL_MODES = ("none", "blocks")
+NONFINITE_POLICIES = ("stop", "skip")
 SOLVERS = ("euler", "heun")
 LANGUAGE_CHOICES = {
     "kind": ("autoregressive", "masked"),
@@ -117,7 +118,11 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=128, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.99, grad_clip=1.0,
       checkpoint_every=200,  # iterations between checkpoints (and metric flushes)
-      max_checkpoints=2,
+      max_checkpoints=2,     # checkpoints kept on disk, the newest ones
+      # A NaN or inf in a block's loss or gradients: its update is never applied, and
+      # then the run "stop"s (naming step and block, last good checkpoint kept) or
+      # "skip"s the step and counts it (train_metrics.jsonl, metrics.json).
+      on_nonfinite="stop",
       progress=True,
   ))
   c.sample = ml_collections.ConfigDict(dict(
@@ -217,6 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
   _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
   _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
+  _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
+           f"one of {NONFINITE_POLICIES}")
   p = config.parallel
   _require(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
   _require(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0

@@ -122,6 +122,8 @@ def check_images(images, labels, image_size: int, channels: int, num_classes: in
   if images.ndim != 4 or images.shape[1:] != expected:
     raise DataError(f"{what} have shape {images.shape}; expected (N, {image_size}, "
                     f"{image_size}, {channels}) from config.data.image_size and .channels")
+  if images.shape[0] == 0:
+    raise DataError(f"{what} are empty: no examples to train or test on")
   if not np.issubdtype(images.dtype, np.floating):
     raise DataError(f"{what} have dtype {images.dtype}; expected a float dtype scaled to "
                     "[-1, 1] (see dbjax.data.load_images)")

@@ -14,14 +14,29 @@ class DataError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A block's loss became NaN or inf; training stopped before saving it."""
+  """A block's loss or gradients became NaN or inf; its update was not applied and
+  training stopped before saving anything."""
 
-  def __init__(self, step: int, block_index: int, loss: float):
+  def __init__(self, step: int, block_index: int, loss: float, grad_norm: float = float("nan")):
     self.step, self.block_index, self.loss = step, block_index, loss
     super().__init__(
-        f"loss of block {block_index} is {loss} at step {step}; training stopped "
-        "and the last good checkpoint was kept (try a lower train.learning_rate)")
+        f"block {block_index} at step {step}: loss {loss}, gradient norm {grad_norm}; its "
+        "update was not applied, training stopped and the last good checkpoint was kept "
+        "(try a lower train.learning_rate, or train.on_nonfinite='skip' to skip such steps)")
 
 
 class WorkdirError(OSError):
   """The work directory cannot be written, or holds no run to restore."""
+
+
+class CheckpointError(OSError):
+  """No checkpoint could be read or written (corrupt files, a full disk)."""
+
+
+class TrainingInterrupted(Exception):
+  """A signal (SIGTERM: preemption) stopped training after a final checkpoint."""
+
+  def __init__(self, signal_name: str, step: int, workdir: str):
+    self.signal_name, self.step = signal_name, step
+    super().__init__(f"stopped by {signal_name} after saving the checkpoint of step {step} "
+                     f"in {workdir}; run the same command to resume")

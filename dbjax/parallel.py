@@ -191,9 +191,10 @@ class BlockParallelTrainer:
     self.shared = None if shared is None else put(shared, self.mesh, P(BLOCK))
     self.intervals = put(np.asarray(model.intervals, np.float32), self.mesh, P(BLOCK))
 
-  def train(self, steps: np.ndarray, bar=None) -> list[dict]:
-    """Run parallel steps `steps`; return one metrics row per (step, block). bar: a
-    tqdm bar to advance, if any."""
+  def train(self, steps: np.ndarray, bar=None, should_stop=None) -> list[dict]:
+    """Run parallel steps `steps`; return one metrics row per (step, block) done.
+    bar: a tqdm bar to advance, if any; should_stop(): checked after every step, ends
+    the run of steps early when true."""
     cfg, num_blocks = self.config, self.model.num_blocks
     pending = []
     for step in steps:
@@ -214,6 +215,8 @@ class BlockParallelTrainer:
       pending.append((step, metrics))
       if bar is not None:
         bar.update(1)
+      if should_stop is not None and should_stop():
+        break
     rows = []
     for step, metrics in pending:
       metrics = gather(metrics)

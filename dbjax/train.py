@@ -22,18 +22,21 @@ uninterrupted one would.
 """
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from dbjax import (blocks, classify, config as config_lib, data as data_lib, evaluation,
                    language, parallel, plots, sampling, text)
 from dbjax.checkpoint import RunCheckpointer
-from dbjax.errors import NonFiniteLossError, WorkdirError
+from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError
 
 METRICS_FILE = "train_metrics.jsonl"
 
@@ -151,12 +154,40 @@ class TrainedRun(NamedTuple):
   history: list[dict]        # one metrics row per iteration
 
 
-def _check_finite(rows: list[dict]):
-  """Raise NonFiniteLossError for the first row whose loss is NaN or inf, before any
-  checkpoint holds its parameters."""
-  for row in rows:
-    if not np.isfinite(row["loss"]):
-      raise NonFiniteLossError(row["step"], row["block"], row["loss"])
+def _skipped_steps(rows: list[dict], policy: str) -> list[dict]:
+  """The rows whose update was skipped for a NaN or inf. policy "stop" (config
+  train.on_nonfinite) raises NonFiniteLossError for the first, before any checkpoint
+  could hold what followed it."""
+  skipped = [r for r in rows if r["skipped"]]
+  if skipped and policy == "stop":
+    first = skipped[0]
+    raise NonFiniteLossError(first["step"], first["block"], first["loss"], first["grad_norm"])
+  for r in skipped:
+    logging.warning("skipped the update of block %d at step %d: loss %s, gradient norm %s",
+                    r["block"], r["step"], r["loss"], r["grad_norm"])
+  return skipped
+
+
+class _StopOnSigterm:
+  """Within it, SIGTERM (how schedulers preempt a job) sets `.signal_name` instead of
+  killing the process, so the driver can checkpoint and stop. Only the main thread can
+  take signals; elsewhere this does nothing."""
+
+  def __init__(self):
+    self.signal_name = None
+
+  def __enter__(self):
+    self._installed = threading.current_thread() is threading.main_thread()
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, _):
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *_):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _saved_shared_target(config, model, shared_target):
@@ -205,24 +236,30 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
       shared = parallel.stack([shared] * model.num_blocks)
   else:
     block_target, shared_target = task.abstract_states(model)
-    start, states, shared, _ = checkpointer.restore(
+    start, states, shared, _ = checkpointer.restore_latest_good(
         [block_target] * model.num_blocks, config,
         target_shared=_saved_shared_target(config, model, shared_target))
+    if chief:
+      print(f"resuming from the checkpoint of step {start} in {workdir}", flush=True)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   history = _read_history(metrics_path, start) if chief else []
+  num_skipped = sum(r.get("skipped", 0) for r in history)
 
   if in_parallel:  # train.num_steps steps, each of all B blocks at once
     total = config.train.num_steps
     trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared,
                                             devices)
-    def train_chunk(chunk, states, shared):
+    def train_chunk(chunk, states, shared, stop):
       del states, shared  # the trainer holds them on the devices
-      rows = trainer.train(chunk, bar)
+      rows = trainer.train(chunk, bar, should_stop=lambda: stop.signal_name is not None)
       return (rows, *trainer.host_states())
   else:  # total_iterations iterations of one block each
     total = config_lib.total_iterations(config)
     step_fn = task.jit_run_step(model)
-    def train_chunk(chunk, states, shared):
+    def train_chunk(chunk, states, shared, stop):
+      # Regrouped by block, a part of the interval is no prefix of the iterations:
+      # a stop request is served at its end.
+      del stop
       rows, shared = _train_interval(step_fn, states, shared, model, chunk, train_data,
                                      config, bar)
       return rows, states, shared
@@ -230,16 +267,21 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
              disable=not (config.train.progress and chief),
              unit="step" if in_parallel else "it")
   try:
-    for chunk_start in range(start, total, config.train.checkpoint_every):
-      chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
-      rows, states, shared = train_chunk(chunk, states, shared)
-      _check_finite(rows)
-      if chief:
-        with open(metrics_path, "a") as f:
-          f.writelines(json.dumps(r) + "\n" for r in rows)
-      history += rows
-      checkpointer.save(int(chunk[-1]) + 1, states, config, {"iterations": total}, shared)
-      bar.set_postfix(loss=f"{np.mean([r['loss'] for r in rows]):.4g}")
+    with _StopOnSigterm() as stop:
+      for chunk_start in range(start, total, config.train.checkpoint_every):
+        chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
+        rows, states, shared = train_chunk(chunk, states, shared, stop)
+        num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite))
+        if chief:
+          with open(metrics_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        history += rows
+        done = max(r["step"] for r in rows) + 1  # all iterations before it are done
+        checkpointer.save(done, states, config, {"iterations": total}, shared)
+        bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
+                        **({"skipped": num_skipped} if num_skipped else {}))
+        if stop.signal_name is not None:
+          raise TrainingInterrupted(stop.signal_name, done, workdir)
   finally:
     bar.close()
     checkpointer.close()
@@ -268,7 +310,7 @@ def restore_run(workdir: str, config=None):
   model = task.build(config)
   block_target, shared_target = task.abstract_states(model)
   checkpointer = RunCheckpointer(directory, model.num_blocks, config.train.max_checkpoints)
-  _, states, shared, _ = checkpointer.restore(
+  _, states, shared, _ = checkpointer.restore_latest_good(
       [block_target] * model.num_blocks, config,
       target_shared=_saved_shared_target(config, model, shared_target))
   checkpointer.close()
@@ -323,8 +365,8 @@ def generate_and_evaluate(config, workdir: str, model, states, test_data=None,
 
 
 def final_losses(history: list[dict], num_blocks: int, window: int = 20) -> dict:
-  """Mean loss of each block's last `window` iterations (None if it never trained)."""
-  losses = {b: [r["loss"] for r in history if r["block"] == b][-window:]
+  """Mean loss of each block's last `window` applied iterations (None if none)."""
+  losses = {b: [r["loss"] for r in history if r["block"] == b and not r.get("skipped")][-window:]
             for b in range(num_blocks)}
   return {b: float(np.mean(v)) if v else None for b, v in losses.items()}
 
@@ -449,7 +491,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {"task": config.task, "method": config.method, "num_blocks": model.num_blocks,
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
-             "final_loss_per_block": final_losses(history, model.num_blocks)}
+             "final_loss_per_block": final_losses(history, model.num_blocks),
+             "skipped_updates": int(sum(r.get("skipped", 0) for r in history))}
   if config.task == "language":
     results["kind"] = config.language.kind
     if config.eval.enabled:

@@ -3,6 +3,7 @@ app.run, config variants (by method, or one field from text) and a plain table p
 import functools
 import glob
 import os
+import signal
 import sys
 
 import jax
@@ -10,11 +11,12 @@ from absl import app, logging
 
 from dbjax import language
 from dbjax.config import validate
-from dbjax.errors import ConfigError, DataError, NonFiniteLossError, WorkdirError
+from dbjax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
+                          TrainingInterrupted, WorkdirError)
 from dbjax.train import task_module
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, WorkdirError)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteLossError, WorkdirError)
 
 
 def available_configs() -> list[str]:
@@ -39,6 +41,9 @@ def one_line_errors(main):
       return main(argv)
     except USER_ERRORS as e:
       _fail(str(e))
+    except TrainingInterrupted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(128 + signal.SIGTERM)  # the status of a process ended by SIGTERM
   return wrapped
 
 
