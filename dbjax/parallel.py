@@ -64,7 +64,8 @@ def stack(trees: list):
 
 
 def unstack(tree, n: int) -> list:
-  return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(n)]
+  """The n trees of numpy arrays (0-d ones too, which orbax saves) along the first axis."""
+  return [jax.tree.map(lambda leaf: np.asarray(leaf[i]), tree) for i in range(n)]
 
 
 def stacked_abstract(tree, n: int):

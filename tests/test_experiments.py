@@ -162,6 +162,7 @@ TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
               "--config.train.batch_size=8", "--config.sample.num_steps=2"]
 
 
+@pytest.mark.slow
 def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   out = tmp_path / "memory.jsonl"
   result = run_cli("experiments.bench_memory", "--config=experiments/configs/digits.py",
@@ -177,6 +178,7 @@ def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   assert "step_ratio" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_speed_reports_the_ratio(tmp_path):
   out = tmp_path / "speed.json"
   run_cli("experiments.bench_speed", "--config=experiments/configs/digits.py",
@@ -188,6 +190,24 @@ def test_bench_speed_reports_the_ratio(tmp_path):
   assert db["layers_per_step"] == 1 and e2e["layers_per_step"] == 2
 
 
+@pytest.mark.slow
+def test_bench_scaling_counts_collectives_on_fake_devices(tmp_path):
+  out = tmp_path / "scaling.json"
+  subprocess.run([sys.executable, "-m", "experiments.bench_scaling",
+                  "--config=experiments/configs/digits.py", "--config.diffusion.num_blocks=2",
+                  f"--out={out}", *TINY_FLAGS], cwd=ROOT, check=True, capture_output=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu",
+                          XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  summary = json.loads(out.read_text())
+  sequential, parallel = summary["rows"]
+  assert summary["fake_devices"] and "speedup" not in summary
+  assert parallel["mesh"] == "2x2" and parallel["blocks_per_device"] == 1
+  assert parallel["collectives_across_blocks"] == 0 < parallel["collectives_within_blocks"]
+  # Half of each block's batch per device: less than one device training a block.
+  assert parallel["step_memory_mib"] < sequential["step_memory_mib"]
+
+
+@pytest.mark.slow
 def test_compare_trains_both_methods_at_a_matched_budget(tmp_path):
   run_cli("experiments.compare", "--config=experiments/configs/digits.py",
           f"--workdir={tmp_path}", "--config.diffusion.num_blocks=2",
@@ -203,6 +223,7 @@ def test_compare_trains_both_methods_at_a_matched_budget(tmp_path):
   assert summary["frechet_ratio_db_over_e2e"] > 0
 
 
+@pytest.mark.slow
 def test_compare_classification_reports_the_accuracy_gap(tmp_path):
   run_cli("experiments.compare", "--config=experiments/configs/classify_digits.py",
           f"--workdir={tmp_path}", "--config.diffusion.num_blocks=2",
@@ -215,6 +236,7 @@ def test_compare_classification_reports_the_accuracy_gap(tmp_path):
   assert summary["memory_ratio_e2e_over_db"] > 1
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_value(tmp_path):
   run_cli("experiments.sweep", "--config=experiments/configs/digits.py",
           "--field=diffusion.num_blocks", "--values=1,2", f"--workdir={tmp_path}",

@@ -3,12 +3,12 @@ another, no collective across blocks, resume on other device counts, two process
 
 Runs on 8 fake CPU devices: XLA reads XLA_FLAGS when the backend starts, which is at
 the first computation, so setting it here, before this module imports jax, is in time
-as long as no test module computes at import.
+as long as no test module collected before it computes at import.
 """
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8"
 
 import shutil  # pylint: disable=wrong-import-position
 import socket  # pylint: disable=wrong-import-position
@@ -26,9 +26,17 @@ from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
 
+# Start the backend now, with the flag, then put the environment back, so that the
+# command-line tests' child processes in this worker see their usual one device.
+NUM_DEVICES = jax.device_count()
+if _XLA_FLAGS is None:
+  del os.environ["XLA_FLAGS"]
+else:
+  os.environ["XLA_FLAGS"] = _XLA_FLAGS
+
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
-  assert jax.device_count() == 8, (
+  assert NUM_DEVICES == 8, (
       "the CPU backend started before this module set XLA_FLAGS: some module computes "
       "at import")
 
