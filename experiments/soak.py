@@ -59,6 +59,13 @@ def _newest(workdir: str) -> int:
   return (saved_steps(workdir) or [0])[-1]
 
 
+def reference_run(command: list[str]):
+  """The uninterrupted run, as a child process like the killed one: the same process
+  set-up gives the same floating-point results (a process with other devices, e.g. a
+  test worker with fake CPU devices, can differ in the last bits)."""
+  subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
                    max_kills: int, seconds: float, sigterm_share: float = 0.0,
                    kill_window: float = 1.0, poll: float = 0.05) -> list[dict]:
@@ -127,8 +134,7 @@ def main(argv):
   del argv
   start = time.monotonic()
   reference = _WORKDIR.value.rstrip("/") + "_reference"
-  subprocess.run(train_command(_CONFIG.value, reference, _OVERRIDES.value), check=True,
-                 stdout=subprocess.DEVNULL)
+  reference_run(train_command(_CONFIG.value, reference, _OVERRIDES.value))
   launches = run_with_kills(train_command(_CONFIG.value, _WORKDIR.value, _OVERRIDES.value),
                             _WORKDIR.value, np.random.default_rng(_SEED.value),
                             _MAX_KILLS.value, 60 * _MINUTES.value, _SIGTERM_SHARE.value)

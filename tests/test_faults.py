@@ -42,9 +42,10 @@ def test_killed_and_terminated_run_ends_bit_identical(tmp_path):
   assert [l["signal"] for l in launches] == ["SIGTERM", "SIGKILL", None]
   assert summary["sigterm_exit_143"]
   assert summary["steps_lost_beyond_last_save"] == 0
-  config, _, states, _ = train.restore_run(workdir)
-  _, uninterrupted, _, _ = train.train(config, str(tmp_path / "straight"))
-  chex.assert_trees_all_equal(states, uninterrupted)
+  straight = str(tmp_path / "straight")
+  soak.reference_run(soak.train_command("experiments/configs/digits.py", straight,
+                                        TINY_OVERRIDES))
+  assert soak.same_parameters(workdir, straight)
 
 
 def _largest_file(directory) -> str:

@@ -3,11 +3,13 @@ import json
 import os
 
 import matplotlib
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "notebooks", "quickstart.ipynb")
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   matplotlib.use("Agg")
   monkeypatch.chdir(tmp_path)
