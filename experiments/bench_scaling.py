@@ -13,8 +13,6 @@ Fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share the 
 cores, so there the table gives the counts (mesh, blocks per device, collectives,
 memory) and no speed.
 """
-import json
-import os
 import time
 
 import jax
@@ -23,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dbjax import parallel, profiling, train
-from experiments.cli import config_help, method_variant, print_table, run
+from experiments.cli import config_help, method_variant, print_table, run, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -97,10 +95,7 @@ def main(argv):
   else:
     print(f"parallel / sequential block iterations per second = {summary['speedup']:.2f} "
           f"on {num_devices} x {summary['device']}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(summary, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  write_json(_OUT.value, summary)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ one run, and sampling throughput of both.
 A block holds L/B layers, so its step should take about 1/B of an end-to-end step
 (paper, Table 12: 0.0507 s against 0.0181 s per iteration on an H100, B=3).
 """
-import json
-import os
 import time
 
 import jax
@@ -17,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dbjax import blocks, profiling, sampling
-from experiments.cli import config_help, method_variant, print_table, run
+from experiments.cli import config_help, method_variant, print_table, run, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -61,10 +59,7 @@ def main(argv):
   print(f"end-to-end step / one block step = {summary['step_time_ratio']:.2f} "
         f"(B = {b}; target >= {0.8 * b:.1f}); sampling speed DB / end-to-end = "
         f"{summary['sampling_speed_ratio']:.2f}; device: {summary['device']}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(summary, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  write_json(_OUT.value, summary)
 
 
 if __name__ == "__main__":

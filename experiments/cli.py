@@ -2,6 +2,7 @@
 app.run, config variants (by method, or one field from text) and a plain table printer."""
 import functools
 import glob
+import json
 import os
 import signal
 import sys
@@ -91,6 +92,14 @@ def with_field(config, dotted: str, text: str):
   kind = type(holder[name])
   holder[name] = (text.lower() in ("1", "true")) if kind is bool else kind(text)
   return validate(config)
+
+
+def write_json(path: str, summary: dict):
+  """Write a benchmark's summary to `path` (folders made as needed) and say so."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  print(f"wrote {path}")
 
 
 def print_table(rows: list[dict], columns: list[str]):

@@ -13,7 +13,6 @@ share of kills), then restarts the same command, until --minutes have passed or
   command (run first, in <workdir>_reference).
 It prints a table of kills and writes the summary as JSON.
 """
-import json
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ import numpy as np
 from absl import flags
 
 from dbjax import train
-from experiments.cli import print_table, run
+from experiments.cli import print_table, run, write_json
 
 _CONFIG = flags.DEFINE_string("config", "experiments/configs/digits.py", "experiment config")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/soak", "workdir of the killed run")
@@ -147,10 +146,7 @@ def main(argv):
         f"{summary['sigterm']} SIGTERM); steps lost beyond the last save: "
         f"{summary['steps_lost_beyond_last_save']}; final parameters equal to the "
         f"uninterrupted run's: {summary['final_parameters_equal']}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(summary, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  write_json(_OUT.value, summary)
   if not summary["final_parameters_equal"] or summary["steps_lost_beyond_last_save"]:
     sys.exit(1)
 
