@@ -53,7 +53,8 @@ def step_key(seed: int, step: int, block_index: int) -> jax.Array:
 def prepare_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # Per process: the hosts of a multi-host run probe the same shared workdir.
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
