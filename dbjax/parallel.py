@@ -68,6 +68,13 @@ def unstack(tree, n: int) -> list:
   return [jax.tree.map(lambda leaf: np.asarray(leaf[i]), tree) for i in range(n)]
 
 
+def init_on_host(task, model, seed: int):
+  """(all blocks' host states, the host shared state stacked over the blocks or None):
+  a fresh run's states in the form BlockParallelTrainer and its checkpoints take."""
+  states, shared = task.init_on_host(model, seed)
+  return states, None if shared is None else stack([shared] * model.num_blocks)
+
+
 def stacked_abstract(tree, n: int):
   """Abstract `tree` with a leading axis of n (a checkpoint target)."""
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), tree)

@@ -20,6 +20,7 @@ Determinism: the block, the batch and the key of iteration `step` are pure funct
 of (seed, step), so a run resumed from a checkpoint continues exactly as an
 uninterrupted one would.
 """
+import functools
 import json
 import os
 import signal
@@ -232,9 +233,8 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  model.num_blocks, config.train.max_checkpoints)
   if checkpointer.latest_step() is None:
-    start, (states, shared) = 0, task.init_on_host(model, config.seed)
-    if in_parallel and shared is not None:
-      shared = parallel.stack([shared] * model.num_blocks)
+    init = functools.partial(parallel.init_on_host, task) if in_parallel else task.init_on_host
+    start, (states, shared) = 0, init(model, config.seed)
   else:
     block_target, shared_target = task.abstract_states(model)
     start, states, shared, _ = checkpointer.restore_latest_good(

@@ -40,8 +40,7 @@ def parallel_trainer(config, model):
   config.parallel.mode = "blocks"
   task = train.task_module(config)
   _, train_data = train.load_train_data(config)
-  states, shared = task.init_on_host(model, config.seed)
-  shared = None if shared is None else parallel.stack([shared] * model.num_blocks)
+  states, shared = parallel.init_on_host(task, model, config.seed)
   trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared)
   trainer.train(np.arange(1))
   return trainer

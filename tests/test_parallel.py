@@ -56,8 +56,7 @@ def train_in_parallel(config, train_data, devices, num_steps):
   """A BlockParallelTrainer of `config` on `devices` after `num_steps` steps."""
   task = train.task_module(config)
   model = task.build(config)
-  states, shared = task.init_on_host(model, config.seed)
-  shared = None if shared is None else parallel.stack([shared] * model.num_blocks)
+  states, shared = parallel.init_on_host(task, model, config.seed)
   trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared,
                                           devices)
   trainer.train(np.arange(num_steps))
