@@ -15,15 +15,19 @@ Pieces, each usable on its own:
   dbjax.evaluation  Frechet distance in a cached classifier's feature space
   dbjax.data        image data sets and the step-indexed batch order
   dbjax.checkpoint  orbax checkpoints, one item per block
+  dbjax.user_layers dbjax.wrap: your own Flax layers as a DiffusionBlocks model
+  dbjax.metric_log  train metrics to JSONL, TensorBoard and the console
 """
 from dbjax import (blocks, classify, config, data, dit, edm, errors, evaluation, language,
-                   lm_net, noise, plots, sampling, text, vit)
+                   lm_net, metric_log, noise, plots, sampling, text, user_layers, vit)
 from dbjax.config import default_config
 from dbjax.noise import block_boundaries, block_of_sigma
 from dbjax.train import train_and_evaluate
+from dbjax.user_layers import DiffusionBlocks, wrap
 
 __version__ = "0.1.0"
 
 __all__ = ["blocks", "classify", "config", "data", "dit", "edm", "errors", "evaluation",
-           "language", "lm_net", "noise", "plots", "sampling", "text", "vit", "default_config",
-           "block_boundaries", "block_of_sigma", "train_and_evaluate"]
+           "language", "lm_net", "metric_log", "noise", "plots", "sampling", "text",
+           "user_layers", "vit", "default_config", "block_boundaries", "block_of_sigma",
+           "train_and_evaluate", "DiffusionBlocks", "wrap"]

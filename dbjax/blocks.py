@@ -52,6 +52,7 @@ class BlockModel:
     return self.dit
 
   def new_network(self, key) -> DiT:
+    """A freshly initialised network of one block."""
     return DiT(self.dit, rngs=nnx.Rngs(params=key))
 
 
@@ -87,15 +88,16 @@ def noise_plan(config):
                                                     d.sigma_max)
 
 
-def build(config) -> BlockModel:
-  """The BlockModel of a validated config (see dbjax.config)."""
+def build(config, layer=None) -> BlockModel:
+  """The BlockModel of a validated config (see dbjax.config); layer: a user's layer
+  factory in the place of the DiT's (dbjax.dit.DiTConfig.layer)."""
   m, d, data = config.model, config.diffusion, config.data
   num_blocks = num_trained_blocks(config)
   dit = DiTConfig(image_size=data.image_size, channels=data.channels,
                   patch_size=m.patch_size, hidden_size=m.hidden_size,
                   num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
-                  frequency_dim=m.frequency_dim, remat=m.remat)
+                  frequency_dim=m.frequency_dim, remat=m.remat, layer=layer)
   dist, boundaries, intervals = noise_plan(config)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0))))
   return BlockModel(dit=dit, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
@@ -182,6 +184,7 @@ def block_loss(model: BlockModel, params, images, labels, key, interval):
 
 
 def no_reduction(tree):
+  """The identity: a step on one device combines nothing across shards."""
   return tree
 
 
@@ -247,4 +250,5 @@ def run_step(model: BlockModel, state, shared, images, labels, key, interval,
 
 
 def jit_run_step(model: BlockModel):
+  """run_step compiled once for all blocks; the block's state is donated."""
   return jax.jit(functools.partial(run_step, model), donate_argnums=0)

@@ -99,6 +99,7 @@ class RunCheckpointer:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def latest_step(self):
+    """The newest saved step, or None when there is no checkpoint."""
     return self.manager.latest_step()
 
   def save(self, step: int, block_states, config, metadata: dict, shared=None):
@@ -193,4 +194,5 @@ class RunCheckpointer:
     return target
 
   def close(self):
+    """Wait for pending saves and release the manager."""
     self.manager.close()

@@ -81,6 +81,7 @@ class ClassifierModel:
     return self.denoising and (self.train_label_embedding or bool(self.shared_modules))
 
   def is_shared(self, path, value) -> bool:
+    """Whether the network parameter at `path` belongs to the shared group."""
     return in_shared_group(self.shared_modules)(path, value)
 
 
@@ -89,8 +90,9 @@ def in_shared_group(shared_modules):
   return lambda path, _: path[0] in shared_modules
 
 
-def build(config) -> ClassifierModel:
-  """The ClassifierModel of a validated classification config."""
+def build(config, layer=None) -> ClassifierModel:
+  """The ClassifierModel of a validated classification config; layer: a user's layer
+  factory in the place of the DiT's (dbjax.dit.DiTConfig.layer)."""
   m, c, data = config.model, config.classifier, config.data
   denoising = config.method == "diffusion_blocks"
   num_blocks = num_trained_blocks(config)
@@ -98,7 +100,7 @@ def build(config) -> ClassifierModel:
                   patch_size=m.patch_size, hidden_size=m.hidden_size,
                   num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
-                  frequency_dim=m.frequency_dim, remat=m.remat,
+                  frequency_dim=m.frequency_dim, remat=m.remat, layer=layer,
                   target_token=c.target_token if denoising else "none")
   dist, boundaries, intervals = noise_plan(config)
   shared_modules = SHAREABLE_MODULES if denoising and c.shared_modules == "shared" else ()
@@ -121,21 +123,22 @@ def build(config) -> ClassifierModel:
 # ----------------------------------------------------------------------------- state
 
 
-def _split_network(model: ClassifierModel, key):
+def split_network(model: ClassifierModel, key):
   """(shared part, block part) of a freshly initialised network."""
   _, shared, own = nnx.split(ViT(model.vit, rngs=nnx.Rngs(params=key)), model.is_shared, ...)
   return shared, own
 
 
 def init_block(model: ClassifierModel, key) -> BlockState:
-  _, params = _split_network(model, key)
+  """A fresh block: its part of the ViT, its own optimizer state, step 0."""
+  _, params = split_network(model, key)
   return BlockState(params, model.block_optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
 def init_shared(model: ClassifierModel, key) -> BlockState:
   """The shared group: label embedding (C, D) and the shared network modules."""
   key_net, key_embed = jax.random.split(key)
-  network, _ = _split_network(model, key_net)
+  network, _ = split_network(model, key_net)
   params = {"network": network,
             "label_embedding": jax.random.normal(
                 key_embed, (model.vit.num_classes, model.vit.hidden_size))}
@@ -162,6 +165,7 @@ def label_embedding(shared_params) -> jax.Array:
 
 
 def network(model: ClassifierModel, block_params, shared_params) -> ViT:
+  """The ViT of one block: its own params merged with the shared network part."""
   return nnx.merge(model.graphdef, shared_params["network"], block_params)
 
 

@@ -30,6 +30,7 @@ CLASSIFIER_CHOICES = {
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """The default run: a DiffusionBlocks DiT (12 layers, B = 3) on digits; every field commented."""
   c = ml_collections.ConfigDict()
   # "diffusion_blocks": B blocks, each a denoiser over its own noise interval, trained
   # one at a time. "end_to_end": the same layers as one denoiser over all noise levels.

@@ -31,6 +31,7 @@ class ImageData:
 
   @property
   def num_examples(self) -> int:
+    """How many images the split holds."""
     return len(self.labels)
 
   def batch(self, index):

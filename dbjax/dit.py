@@ -12,6 +12,7 @@ lets XLA fold the recomputation away); without remat it is unrolled (see __call_
 """
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,13 @@ class DiTConfig:
   num_classes: int = 10
   frequency_dim: int = 128
   remat: bool = False
+  # A user's layer in the place of DiTLayer: make_layer(rngs) -> an nnx.Module mapping
+  # (x (N, T, D), cond (N, D)) -> x (see dbjax.wrap). None: DiTLayer.
+  layer: Callable[[nnx.Rngs], nnx.Module] | None = None
 
   @property
   def num_patches(self) -> int:
+    """Tokens per image: (image_size / patch_size)^2."""
     return (self.image_size // self.patch_size)**2
 
   @property
@@ -169,10 +174,28 @@ class DiTLayer(nnx.Module):
     return x + gate(mlp, gate_mlp), (k, v)
 
 
-def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer:
-  """cfg.num_layers DiTLayers as one module whose parameters have a leading layer axis."""
+class UserLayer(nnx.Module):
+  """A user's residual layer, (x, cond) -> x, behind DiTLayer's interface. It takes no
+  mask and no key-value context, so it serves the image and label targets, whose
+  attention is unmasked, and dbjax.wrap's token target, whose layers are causal."""
+
+  def __init__(self, layer: nnx.Module):
+    self.layer = layer
+
+  def __call__(self, x, cond, mask=None, context=None, attention=None):
+    if mask is not None or context is not None or attention is not None:
+      raise ValueError("a user layer (x, cond) -> x cannot take an attention mask or a "
+                       "key-value cache")
+    return self.layer(x, cond), None
+
+
+def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer | UserLayer:
+  """cfg.num_layers layers (DiTLayer, or cfg.layer's) as one module whose parameters
+  have a leading layer axis."""
   layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
-  return nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
+  if cfg.layer is None:
+    return nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
+  return nnx.vmap(lambda key: UserLayer(cfg.layer(nnx.Rngs(key))))(layer_keys)
 
 
 def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,

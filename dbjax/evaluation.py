@@ -40,6 +40,7 @@ class FeatureNet(nnx.Module):
     self.head = nnx.Linear(FEATURE_DIM, num_classes, rngs=rngs)
 
   def features(self, images):
+    """The penultimate activations (N, feature_dim) the Frechet distance is computed in."""
     x = nnx.relu(self.conv2(nnx.relu(self.conv1(images))))
     return nnx.relu(self.dense(jnp.mean(x, axis=(1, 2))))
 
@@ -56,11 +57,13 @@ def _cache_path(cache_dir: str, dataset_name: str, train: ImageData, steps: int)
 
 
 def default_cache_dir() -> str:
+  """Where feature classifiers are cached: $DBJAX_CACHE, else ~/.cache/dbjax."""
   return os.environ.get("DBJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dbjax"))
 
 
 def train_feature_net(train: ImageData, steps: int, seed: int = 0,
                       batch_size: int = 128, progress: bool = False) -> FeatureNet:
+  """Train the feature classifier on a data set's training split; return the network."""
   net = FeatureNet(train.images.shape[-1], train.num_classes, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(net)
   optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
@@ -99,6 +102,7 @@ def load_or_train_feature_net(dataset_name: str, train: ImageData, steps: int,
 
 
 def batched_apply(fn, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+  """fn over `images` in batches of batch_size, results concatenated (numpy)."""
   return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
                          for i in range(0, len(images), batch_size)])
 

@@ -72,10 +72,12 @@ class LanguageModel:
 
   @property
   def network_config(self):
+    """The config of one block's network."""
     return self.net
 
   @property
   def couples_blocks(self) -> bool:
+    """Whether blocks share trained parameters (a jointly trained token embedding)."""
     return self.num_blocks > 1 and self.train_token_embedding
 
   @property
@@ -143,6 +145,7 @@ def load_data(config, vocabulary: text.Vocabulary | None = None):
 
 
 def init_block(model: LanguageModel, key) -> BlockState:
+  """A fresh block: its LMNet params, its own optimizer state, step 0."""
   params = nnx.state(LMNet(model.net, rngs=nnx.Rngs(params=key)))
   return BlockState(params, model.block_optimizer.init(params), jnp.zeros((), jnp.int32))
 
@@ -178,6 +181,7 @@ def autoregressive_mask(seq_len: int) -> np.ndarray:
 
 
 def causal_mask(seq_len: int) -> np.ndarray:
+  """(T, T) lower-triangular mask of the end-to-end causal LM."""
   return np.tri(seq_len, dtype=bool)
 
 
@@ -213,6 +217,7 @@ def token_embedding(shared_params) -> jax.Array:
 
 
 def network(model: LanguageModel, block_params) -> LMNet:
+  """The LMNet of one block's params."""
   return nnx.merge(model.graphdef, block_params)
 
 

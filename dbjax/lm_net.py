@@ -13,6 +13,7 @@ so the shared token embedding stays outside the network; `token_in` maps them in
 model. `decode` runs one token against a key-value cache, for generation.
 """
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,11 @@ class LMConfig:
   mlp_ratio: float = 4.0
   frequency_dim: int = 128
   remat: bool = False
+  layer: Callable[[nnx.Rngs], nnx.Module] | None = None  # a user's layer (dbjax.dit.DiTConfig)
 
   @property
   def head_dim(self) -> int:
+    """Width of one attention head."""
     return self.hidden_size // self.num_heads
 
 
@@ -58,6 +61,7 @@ class LMNet(nnx.Module):
     return flat.reshape(c_noise.shape + (self.cfg.hidden_size,))
 
   def embed(self, vectors, positions, blank=None):
+    """Input vectors (blank where `blank` is True) mapped into the model, plus positions."""
     if blank is not None:
       vectors = jnp.where(blank[..., None], self.blank.value, vectors)
     return self.token_in(vectors) + self.position(positions)

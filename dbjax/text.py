@@ -44,6 +44,7 @@ class Vocabulary:
 
   @property
   def size(self) -> int:
+    """Number of distinct characters (token ids 0 .. size - 1)."""
     return len(self.characters)
 
   def _code_points(self) -> np.ndarray:
@@ -64,9 +65,11 @@ class Vocabulary:
     return order[at].astype(np.int32)
 
   def decode(self, ids) -> str:
+    """Token ids -> text."""
     return "".join(self.characters[int(i)] for i in np.asarray(ids).reshape(-1))
 
   def save(self, path: str):
+    """Write the characters, in id order, to a JSON file."""
     with open(path, "w", encoding="utf-8") as f:
       json.dump({"characters": self.characters}, f, ensure_ascii=False)
 
@@ -86,6 +89,7 @@ class TextData:
 
   @property
   def num_examples(self) -> int:
+    """How many sequences the split holds."""
     return len(self.tokens)
 
   def batch(self, index):

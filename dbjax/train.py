@@ -38,6 +38,7 @@ from dbjax import (blocks, classify, config as config_lib, data as data_lib, eva
                    language, parallel, plots, sampling, text)
 from dbjax.checkpoint import RunCheckpointer
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError
+from dbjax.metric_log import MetricLog, flatten
 
 METRICS_FILE = "train_metrics.jsonl"
 
@@ -48,10 +49,12 @@ def block_for_step(seed: int, step: int, num_blocks: int) -> int:
 
 
 def step_key(seed: int, step: int, block_index: int) -> jax.Array:
+  """The PRNG key of iteration `step`, trained by block `block_index`."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), block_index)
 
 
 def prepare_workdir(workdir: str):
+  """Create the workdir and check that it is writable (WorkdirError if not)."""
   try:
     os.makedirs(workdir, exist_ok=True)
     # Per process: the hosts of a multi-host run probe the same shared workdir.
@@ -264,6 +267,7 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
       rows, shared = _train_interval(step_fn, states, shared, model, chunk, train_data,
                                      config, bar)
       return rows, states, shared
+  log = MetricLog(workdir, METRICS_FILE, enabled=chief)
   bar = tqdm(total=total, initial=start, desc=f"training {config.method}",
              disable=not (config.train.progress and chief),
              unit="step" if in_parallel else "it")
@@ -273,12 +277,11 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
         chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
         rows, states, shared = train_chunk(chunk, states, shared, stop)
         num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite))
-        if chief:
-          with open(metrics_path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        log.write_rows(rows)
         history += rows
         done = max(r["step"] for r in rows) + 1  # all iterations before it are done
         checkpointer.save(done, states, config, {"iterations": total}, shared)
+        log.print_interval(done, total, rows)
         bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
                         **({"skipped": num_skipped} if num_skipped else {}))
         if stop.signal_name is not None:
@@ -286,6 +289,7 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   finally:
     bar.close()
     checkpointer.close()
+    log.close()
   return TrainedRun(model, states, _one_shared(config, shared), history)
 
 
@@ -306,7 +310,7 @@ def restore_run(workdir: str, config=None):
     meta = probe.read_metadata(step)
     probe.close()
     config = config_lib.default_config()
-    config.update_from_flattened_dict(_flatten(meta["config"]))
+    config.update_from_flattened_dict(flatten(meta["config"]))
   task = task_module(config_lib.validate(config))
   model = task.build(config)
   block_target, shared_target = task.abstract_states(model)
@@ -316,16 +320,6 @@ def restore_run(workdir: str, config=None):
       target_shared=_saved_shared_target(config, model, shared_target))
   checkpointer.close()
   return config, model, states, _one_shared(config, shared)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def grid_labels(config) -> np.ndarray:
@@ -443,6 +437,7 @@ def generate_text(config, model, states, shared, vocabulary: text.Vocabulary, se
 
 
 def write_samples(path: str, texts: dict):
+  """Write generated texts, each under a title naming its sampling setting."""
   with open(path, "w", encoding="utf-8") as f:
     for name, samples in texts.items():
       for i, sample in enumerate(samples):
@@ -506,4 +501,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          train_data=train_data))
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
+  log = MetricLog(workdir, METRICS_FILE)
+  log.write_results(results["iterations"], results)
+  log.close()
   return results

@@ -29,6 +29,7 @@ class ViTConfig(DiTConfig):
 
   @property
   def has_cls_token(self) -> bool:
+    """Whether the network has a learnable [CLS] token (not when the label is it)."""
     return self.target_token != "class_token"
 
 

@@ -1,0 +1,137 @@
+"""dbjax.wrap: a user's own layers as DiffusionBlocks, for each target, and the move
+to and from the end-to-end network of the same layers."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dbjax
+from dbjax import data
+from dbjax.errors import ConfigError
+
+WIDTH = 32
+
+
+class Attention(nnx.Module):
+  """A pre-norm attention and MLP layer, each gated by a Linear of the conditioning."""
+  causal = False
+
+  def __init__(self, rngs, width=WIDTH):
+    self.norm = nnx.LayerNorm(width, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(2, width, decode=False, keep_rngs=False,
+                                            rngs=rngs)
+    self.mlp = nnx.Linear(width, width, rngs=rngs)
+    self.gates = nnx.Linear(width, 2 * width, rngs=rngs)
+
+  def __call__(self, x, cond):
+    gate_attention, gate_mlp = jnp.split(self.gates(cond)[:, None], 2, axis=-1)
+    mask = nnx.make_causal_mask(x[..., 0]) if self.causal else None
+    x = x + gate_attention * self.attention(self.norm(x), mask=mask)
+    return x + gate_mlp * nnx.gelu(self.mlp(self.norm(x)))
+
+
+class CausalAttention(Attention):
+  causal = True
+
+
+def train(db, batches, steps):
+  """Round-robin over blocks; each block's mean cross-entropy over its first and last 5
+  updates (the weighted loss swings with w(sigma) from batch to batch)."""
+  states = db.init(jax.random.key(0))
+  step = jax.jit(db.train_step, donate_argnums=0)
+  losses = [[] for _ in range(db.num_blocks)]
+  for i in range(steps):
+    block = i % db.num_blocks
+    states[block], metrics = step(states[block], batches(i), jax.random.key(i), block)
+    losses[block].append(float(metrics["cross_entropy"]))
+  assert step._cache_size() == 1  # one compiled step for every block
+  return states, [(np.mean(l[:5]), np.mean(l[-5:])) for l in losses]
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load_images("digits", "train")
+
+
+def test_label_target_learns_and_predicts(digits):
+  db = dbjax.wrap(Attention, num_layers=4, hidden_size=WIDTH, num_blocks=2, target="label",
+                  image_shape=(8, 8, 1), patch_size=4, num_classes=10)
+  def batches(i):
+    rows = np.random.default_rng(i).integers(0, 1000, 64)
+    return digits.images[rows], digits.labels[rows]
+  states, losses = train(db, batches, 140)
+  for first, last in losses:
+    assert last < 0.5 * first
+  predicted = db.sample([s.params for s in states], jax.random.key(0), digits.images[1000:1200])
+  chex.assert_shape(predicted, (200,))
+  assert np.mean(np.asarray(predicted) == digits.labels[1000:1200]) > 0.5  # chance: 0.1
+
+
+def periodic_text(i, batch=32, length=16, period=4):
+  """Sequences of 0 1 2 3 0 1 2 3 ... from random offsets."""
+  offsets = np.random.default_rng(i).integers(0, period, (batch, 1))
+  return (jnp.asarray((offsets + np.arange(length)) % period, jnp.int32),)
+
+
+def test_token_target_learns_a_periodic_text_and_continues_it():
+  db = dbjax.wrap(CausalAttention, num_layers=2, hidden_size=WIDTH, num_blocks=2,
+                  target="token", vocab_size=6, seq_len=16, gamma=0.1)
+  states, losses = train(db, periodic_text, 300)
+  for first, last in losses:
+    assert last < 0.5 * first
+  ids = db.sample([s.params for s in states], jax.random.key(0), jnp.array([2, 3]),
+                  num_steps=4, num_samples=3)
+  chex.assert_shape(ids, (3, 16))
+  np.testing.assert_array_equal(ids[:, :2], [[2, 3]] * 3)  # the prompt stays
+  assert np.mean(np.asarray(ids) == (2 + np.arange(16)) % 4) > 0.9
+
+
+def test_image_target_round_trips_the_end_to_end_network():
+  db = dbjax.wrap(Attention, num_layers=4, hidden_size=WIDTH, num_blocks=2, target="image",
+                  image_shape=(8, 8, 1), patch_size=2)
+  blocks = [s.params for s in db.init(jax.random.key(0))]
+  e2e = db.to_end_to_end(blocks)
+  # Block b's layer j is the end-to-end network's layer 2b + j.
+  for b, params in enumerate(blocks):
+    chex.assert_trees_all_equal(params["layers"],
+                                jax.tree.map(lambda p: p[2 * b:2 * b + 2], e2e["layers"]))
+  # The adapters come from the last block; importing copies them into every block.
+  chex.assert_trees_all_equal(e2e["final"], blocks[-1]["final"])
+  back = db.from_end_to_end(e2e)
+  chex.assert_trees_all_equal(back[1]["layers"], blocks[1]["layers"])
+  chex.assert_trees_all_equal(back[0]["patch_embed"], blocks[-1]["patch_embed"])
+  chex.assert_trees_all_equal(db.to_end_to_end(back), e2e)
+  # The end-to-end model is the same network with all four layers: it trains and samples.
+  plain = db.end_to_end()
+  assert plain.num_blocks == 1 and tuple(plain.intervals[0]) == (0.002, 80.0)
+  state, = plain.init(jax.random.key(1))
+  chex.assert_trees_all_equal_shapes(state.params, e2e)
+  labels = jnp.arange(4)
+  state, metrics = jax.jit(plain.train_step)(state._replace(params=e2e),
+                                             (jnp.zeros((4, 8, 8, 1)), labels),
+                                             jax.random.key(2), 0)
+  assert np.isfinite(metrics["loss"])
+  chex.assert_shape(plain.sample([e2e], jax.random.key(0), labels, num_steps=2), (4, 8, 8, 1))
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (dict(target="video"), "target='video' is invalid: one of"),
+    (dict(num_layers=5), "num_layers=5 is invalid: a multiple of num_blocks=3"),
+    (dict(gamma=1.5), "gamma=1.5 is invalid"),
+    (dict(partition="linear"), "partition='linear' is invalid"),
+    (dict(patch_size=3), "patch_size=3 is invalid: a divisor of the image size 8"),
+    (dict(target="token", vocab_size=10), "seq_len=0 is invalid"),
+    (dict(target="token", vocab_size=10, seq_len=8, make_layer=Attention),
+     "target='token' needs causal layers"),
+    (dict(make_layer=lambda rngs: nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs)),
+     "make_layer(rngs)(x, cond) failed"),
+    (dict(make_layer=lambda rngs: nnx.Dropout(0.1, rngs=rngs)), "only nnx.Param variables"),
+])
+def test_bad_arguments_are_named(arguments, message):
+  arguments = {"make_layer": Attention, "num_layers": 6, "hidden_size": WIDTH,
+               "target": "image", **arguments}
+  with pytest.raises(ConfigError, match="dbjax.wrap.*" + message.replace("(", r"\(")
+                     .replace(")", r"\)")):
+    dbjax.wrap(arguments.pop("make_layer"), **arguments)
