@@ -13,6 +13,7 @@ from dbjax.train import train_and_evaluate
 from experiments.cli import available_configs, with_field
 from tests.conftest import shrink_model
 from tests.test_data import write_idx
+from tests.test_metric_log import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [os.path.basename(p)[:-3] for p in available_configs()]
@@ -80,10 +81,19 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
            "--config.sample.num_steps=3", "--config.sample.grid_size=2",
            "--config.eval.num_samples=50", "--config.eval.classifier_steps=5",
            f"--config.eval.cache_dir={tmp_path / 'cache'}"]
-  run_cli("experiments.train", "--config=experiments/configs/digits.py",
-          f"--workdir={workdir}", *small)
+  trained = run_cli("experiments.train", "--config=experiments/configs/digits.py",
+                    f"--workdir={workdir}", *small)
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["iterations"] == 6
+  # Metrics on the console, in the JSONL file and in TensorBoard, one curve per block.
+  assert "step 6/6  loss  block " in trained.stdout
+  scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  for b in {r["block"] for r in rows}:
+    assert scalars[f"block_{b}/loss"] == [(r["step"], pytest.approx(r["loss"]))
+                                          for r in rows if r["block"] == b]
+  assert "eval/frechet_distance" in scalars
   out = str(tmp_path / "heun.png")
   run_cli("experiments.sample", f"--workdir={workdir}", "--solver=heun", "--num_steps=4",
           f"--out={out}")

@@ -3,15 +3,20 @@ import os
 import re
 
 import chex
+import numpy as np
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def python_snippets() -> list[str]:
+  with open(README) as f:
+    return re.findall(r"```python\n(.*?)```", f.read(), re.S)
 
 
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("DBJAX_CACHE", str(tmp_path / "cache"))
-  with open(README) as f:
-    snippet = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+  snippet = python_snippets()[0]
   assert "config.train.num_steps = 300" in snippet
   snippet = snippet.replace("config.train.num_steps = 300",
                             "config.train.num_steps = 2; config.eval.num_samples = 100; "
@@ -28,3 +33,20 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   chex.assert_shape(namespace["predicted"], (10,))
   assert float(namespace["metrics"]["cross_entropy"]) > 0
   chex.assert_shape(namespace["ids"], (2, 64))
+
+
+def test_readme_wrap_snippet_runs_exactly_as_written(tmp_path, monkeypatch):
+  """Issue 6: the under-30-line snippet that wraps a user's layer, unchanged."""
+  monkeypatch.chdir(tmp_path)
+  snippet, = [s for s in python_snippets() if "dbjax.wrap(" in s]
+  assert len(snippet.strip().splitlines()) < 30
+  namespace = {}
+  exec(compile(snippet, README, "exec"), namespace)
+  assert np.isfinite(float(namespace["metrics"]["loss"]))
+  for name in ("images", "e2e_images"):
+    chex.assert_shape(namespace[name], (10, 8, 8, 1))
+    chex.assert_tree_all_finite(namespace[name])
+  trained = [state.params for state in namespace["states"]]
+  # Back from the end-to-end network, every block has its own layers again.
+  for block, restored in zip(trained, namespace["params"]):
+    chex.assert_trees_all_equal(restored["layers"], block["layers"])

@@ -1,0 +1,43 @@
+"""API reference: every public module, class, function and method of dbjax has a
+docstring, and every docs page is linked from the README."""
+import importlib
+import inspect
+import os
+import pkgutil
+
+import dbjax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def public_objects():
+  for info in pkgutil.iter_modules(dbjax.__path__):
+    module = importlib.import_module(f"dbjax.{info.name}")
+    yield module.__name__, module
+    for name, obj in vars(module).items():
+      if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+        continue
+      if inspect.isfunction(obj):
+        yield f"{module.__name__}.{name}", obj
+      elif inspect.isclass(obj):
+        yield f"{module.__name__}.{name}", obj
+        for member_name, member in vars(obj).items():
+          member = member.fget if isinstance(member, property) else member
+          if not member_name.startswith("_") and inspect.isfunction(member):
+            yield f"{module.__name__}.{name}.{member_name}", member
+
+
+def test_every_public_object_has_a_docstring():
+  names = [name for name, _ in public_objects()]
+  assert "dbjax.user_layers.DiffusionBlocks.train_step" in names  # the walk finds methods
+  missing = [name for name, obj in public_objects() if not (obj.__doc__ or "").strip()]
+  assert not missing, f"no docstring: {missing}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  pages = sorted(os.listdir(os.path.join(ROOT, "docs")))
+  assert {"generation.md", "classification.md", "language.md", "user_layers.md"} <= set(pages)
+  for page in pages:
+    assert f"(docs/{page})" in readme, page
