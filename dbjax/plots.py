@@ -1,10 +1,15 @@
 """Pictures a person would rather look at than read: sample grids, loss curves, and a
 classifier's confusion matrix and accuracy against inference steps."""
-import matplotlib
+import matplotlib.image
+import numpy as np
+# Figures made without pyplot render to files on any machine (CI, servers) and leave
+# pyplot's backend alone, so a notebook that imports dbjax still shows its own plots.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: CI, servers and notebooks alike
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(figsize):
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots()
 
 
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
@@ -21,8 +26,8 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
 def save_image_grid(images: np.ndarray, path: str, rows: int, scale: int = 4):
   """Save images as a PNG grid, each pixel enlarged `scale` times (8x8 digits are tiny)."""
   grid = image_grid(images, rows).repeat(scale, 0).repeat(scale, 1)
-  plt.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0,
-             vmax=255)
+  matplotlib.image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
+                          vmin=0, vmax=255)
 
 
 LOSS_LABELS = {"loss": "weighted denoising loss", "cross_entropy": "cross-entropy"}
@@ -31,7 +36,7 @@ LOSS_LABELS = {"loss": "weighted denoising loss", "cross_entropy": "cross-entrop
 def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = "",
                      metric: str = "loss"):
   """One line per block: a training metric (moving average) against the iteration."""
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _figure((7, 4))
   for b in range(num_blocks):
     steps = np.array([r["step"] for r in rows if r["block"] == b])
     losses = np.array([r[metric] for r in rows if r["block"] == b])
@@ -45,14 +50,13 @@ def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = 
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
   """Row-normalised confusion matrix (true class down, predicted across), counts inside."""
   rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
   num_classes = len(counts)
-  fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
+  fig, ax = _figure((1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
   ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
   if num_classes <= 20:
     for (i, j), count in np.ndenumerate(counts):
@@ -61,13 +65,12 @@ def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
   ax.set(xlabel="predicted class", ylabel="true class", title=title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def save_accuracy_vs_steps(accuracy: dict, num_blocks: int, path: str):
   """Test accuracy against the number of denoising calls at inference, N = B marked."""
   steps = sorted(accuracy)
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = _figure((5, 3.5))
   ax.plot(steps, [accuracy[n] for n in steps], "o-")
   ax.axvline(num_blocks, color="gray", linestyle=":", label=f"N = B = {num_blocks}")
   ax.set(xlabel="inference steps N", ylabel="test accuracy", xscale="log")
@@ -75,4 +78,3 @@ def save_accuracy_vs_steps(accuracy: dict, num_blocks: int, path: str):
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

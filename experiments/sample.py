@@ -66,7 +66,8 @@ def main(argv):
   guidance = config.sample.guidance_scale if _GUIDANCE.value is None else _GUIDANCE.value
   images = sampling.sample_in_batches(
       model, sampling.stack_params([s.params for s in states]), jax.random.key(_SEED.value),
-      grid_labels(config), num_steps, solver, guidance, batch_size=config.sample.grid_size**2)
+      grid_labels(config), num_steps, solver, guidance, batch_size=config.sample.grid_size**2,
+      progress=config.train.progress)
   out = _OUT.value or os.path.join(_WORKDIR.value, f"samples_{solver}_{num_steps}.png")
   plots.save_image_grid(images, out, rows=config.sample.grid_size)
   print(f"wrote {out}")

@@ -1,4 +1,8 @@
 """Sample grids: layout, gaps and the [-1, 1] -> [0, 255] mapping."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from dbjax import plots
@@ -25,3 +29,12 @@ def test_loss_curves_one_line_per_trained_block(tmp_path):
   rows = [{"step": s, "block": s % 2, "loss": 1.0 / (s + 1)} for s in range(40)]
   plots.save_loss_curves(rows, 3, str(tmp_path / "loss.png"))  # block 2 never trained
   assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_importing_dbjax_leaves_the_pyplot_backend_alone():
+  """A notebook's inline plots keep working after `import dbjax` (the pictures dbjax
+  writes are made without pyplot)."""
+  code = "import dbjax, matplotlib; print(matplotlib.get_backend())"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, env=dict(os.environ, MPLBACKEND="svg")).stdout
+  assert out.strip() == "svg"
