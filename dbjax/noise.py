@@ -40,7 +40,8 @@ def _cdf_levels(dist: NoiseDistribution, num_intervals: int) -> np.ndarray:
   Shared by the partition and the sampling grid, so with a grid of k * B steps the
   grid points that fall on block boundaries are bit-identical to them.
   """
-  with jax.enable_x64(True):
+  # Constants even inside a jit trace (a sampler jitted whole), so they stay float64.
+  with jax.enable_x64(True), jax.ensure_compile_time_eval():
     z = (jnp.log(jnp.array([dist.sigma_min, dist.sigma_max], jnp.float64))
          - dist.p_mean) / dist.p_std
     q_min, q_max = norm.cdf(z)

@@ -224,7 +224,8 @@ def _probe_layer(make_layer, hidden_size: int, causal: bool):
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class DiffusionBlocks:
-  """A user's layers as B block denoisers; made by `wrap`. All methods are pure."""
+  """A user's layers as B block denoisers; made by `wrap`. All methods are pure and
+  jittable (`sample` with num_steps and its options static)."""
   target: str
   model: Any            # blocks.BlockModel | classify.ClassifierModel | TokenModel
   optimizer: optax.GradientTransformation

@@ -113,7 +113,8 @@ def test_image_target_round_trips_the_end_to_end_network():
                                              (jnp.zeros((4, 8, 8, 1)), labels),
                                              jax.random.key(2), 0)
   assert np.isfinite(metrics["loss"])
-  chex.assert_shape(plain.sample([e2e], jax.random.key(0), labels, num_steps=2), (4, 8, 8, 1))
+  sample = jax.jit(plain.sample, static_argnames="num_steps")  # jittable as a whole
+  chex.assert_shape(sample([e2e], jax.random.key(0), labels, num_steps=2), (4, 8, 8, 1))
 
 
 @pytest.mark.parametrize("arguments,message", [
