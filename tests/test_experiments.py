@@ -201,6 +201,19 @@ def test_bench_speed_reports_the_ratio(tmp_path):
 
 
 @pytest.mark.slow
+def test_single_stream_probe_trains_and_reports_its_memory(tmp_path):
+  out = tmp_path / "probe.json"
+  run_cli("experiments.probe_single_stream", "--config.train.num_steps=1",
+          "--config.model.num_layers=4", "--config.language.seq_len=16",
+          "--config.eval.max_test_examples=32", f"--out={out}")
+  summary = json.loads(out.read_text())
+  assert summary["iterations"] == 4
+  # One block of 1 layer on T tokens against 4 layers end to end.
+  assert summary["memory_ratio_vs_end_to_end"] > 2
+  assert 0 < summary["first_call_bits_per_character"] < 8
+
+
+@pytest.mark.slow
 def test_bench_scaling_counts_collectives_on_fake_devices(tmp_path):
   out = tmp_path / "scaling.json"
   subprocess.run([sys.executable, "-m", "experiments.bench_scaling",
