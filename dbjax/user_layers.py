@@ -117,45 +117,79 @@ def token_loss(model, params, embedding, tokens, key, interval):
                 "accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens)}
 
 
+def position_chain(model, stacked_params, embedding, tokens, position, key, sigmas, owners):
+  """Logits (calls, N, V) of the denoising chain of token `position` given the tokens
+  before it: z ~ N(0, sigma_max^2), one call per grid step by the block owning its sigma
+  (noise.block_of_sigma), the prefix re-noised at that sigma (what training saw), Euler
+  steps toward the argmax embedding row between calls. Tokens at and after `position`
+  are not read: the layers are causal."""
+  batch, length = tokens.shape
+  width = embedding.shape[1]
+  z = model.dist.sigma_max * jax.random.normal(key, (batch, width))
+
+  def call(z, xs):
+    sigma, sigma_next, block, step = xs
+    prefix = embedding[tokens] + sigma * jax.random.normal(
+        jax.random.fold_in(key, step + 1), (batch, length, width))
+    net = nnx.merge(model.graphdef, jax.tree.map(lambda p: p[block], stacked_params))
+    logits = token_logits(net, embedding, tokens, prefix.at[:, position].set(z),
+                          jnp.full((batch,), sigma), model.sigma_data)[:, position]
+    estimate = classify.bridge_estimate(logits, embedding, "argmax")
+    return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
+
+  _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], owners[:-1],
+                                     jnp.arange(sigmas.shape[0] - 1)))
+  return logits
+
+
+def _plan(model, num_steps: int):
+  """The sampling grid and each step's block, computed on the host in float64."""
+  sigmas, owners = sampling.sampling_plan(model, num_steps)
+  return jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners, jnp.int32)
+
+
 def generate_tokens(model, stacked_params, embedding, prompt, key, num_samples: int,
                     num_steps: int, temperature: float = 0.0, top_p: float = 1.0):
-  """Token ids (num_samples, T) led by `prompt`. Per position: z ~ N(0, sigma_max^2),
-  num_steps denoising calls down the sampling grid, each by the block owning its sigma
-  (noise.block_of_sigma) with the prefix re-noised at that sigma, Euler steps toward
-  the argmax embedding row between calls, the token drawn from the last call."""
-  sigmas, owners = sampling.sampling_plan(model, num_steps)  # on the host, in float64
+  """Token ids (num_samples, T) led by `prompt`; each next token drawn from the last
+  call of its `position_chain` (num_steps calls)."""
   return _generate_tokens(model, stacked_params, embedding, prompt, key,
-                          jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners, jnp.int32),
-                          num_samples, float(temperature), float(top_p))
+                          *_plan(model, num_steps), num_samples, float(temperature),
+                          float(top_p))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_samples", "temperature", "top_p"))
 def _generate_tokens(model, stacked_params, embedding, prompt, key, sigmas, owners,
                      num_samples, temperature, top_p):
-  num_steps = sigmas.shape[0] - 1
-  length, width = model.net.seq_len, embedding.shape[1]
-  tokens = jnp.zeros((num_samples, length), jnp.int32).at[:, :len(prompt)].set(prompt)
+  tokens = jnp.zeros((num_samples, model.net.seq_len), jnp.int32).at[:, :len(prompt)].set(prompt)
 
   def position_step(position, tokens):
     key_position = jax.random.fold_in(key, position)
-    z = model.dist.sigma_max * jax.random.normal(key_position, (num_samples, width))
-
-    def call(z, xs):
-      sigma, sigma_next, block, step = xs
-      prefix = embedding[tokens] + sigma * jax.random.normal(
-          jax.random.fold_in(key_position, step + 1), (num_samples, length, width))
-      net = nnx.merge(model.graphdef, jax.tree.map(lambda p: p[block], stacked_params))
-      logits = token_logits(net, embedding, tokens, prefix.at[:, position].set(z),
-                            jnp.full((num_samples,), sigma), model.sigma_data)[:, position]
-      estimate = classify.bridge_estimate(logits, embedding, "argmax")
-      return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
-
-    _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], owners[:-1],
-                                       jnp.arange(num_steps)))
+    logits = position_chain(model, stacked_params, embedding, tokens, position,
+                            key_position, sigmas, owners)
     choice = sample_token(jax.random.fold_in(key_position, 0), logits[-1], temperature, top_p)
     return tokens.at[:, position].set(choice)
 
-  return jax.lax.fori_loop(len(prompt), length, position_step, tokens)
+  return jax.lax.fori_loop(len(prompt), model.net.seq_len, position_step, tokens)
+
+
+def chain_nats(model, stacked_params, embedding, tokens, key, num_steps: int):
+  """Teacher-forced cross-entropy (nats) summed over all tokens (N, T), of the first
+  call and of the last call of each token's num_steps-call `position_chain`. Exact, one
+  chain per position, so it costs T times a parallel evaluation."""
+  return _chain_nats(model, stacked_params, embedding, tokens, key, *_plan(model, num_steps))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _chain_nats(model, stacked_params, embedding, tokens, key, sigmas, owners):
+  def position_step(position, totals):
+    logits = position_chain(model, stacked_params, embedding, tokens, position,
+                            jax.random.fold_in(key, position), sigmas, owners)
+    nats = optax.softmax_cross_entropy_with_integer_labels(
+        logits[jnp.array([0, -1])], tokens[None, :, position])
+    return totals + jnp.sum(nats, axis=1)
+
+  first, last = jax.lax.fori_loop(0, tokens.shape[1], position_step, jnp.zeros(2))
+  return first, last
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
