@@ -289,20 +289,36 @@ def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, i
         "cross_entropy": jnp.sum(jnp.where(masked, cross_entropy, 0.0)) / count,
         "accuracy": jnp.sum(hits) / count}
   if model.denoising:
-    key_sigma, key_noise = jax.random.split(key)
-    sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
-                               model.dist.p_mean, model.dist.p_std)
-    target = embedding[tokens]
-    z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
-    logits = denoiser_logits(model, net, embedding, tokens, z, sigma)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    loss = jnp.mean(edm.loss_weight(sigma, model.sigma_data) * jnp.mean(cross_entropy, 1))
+    loss, logits, cross_entropy = denoising_cross_entropy(
+        model, lambda z, sigma: denoiser_logits(model, net, embedding, tokens, z, sigma),
+        embedding, tokens, key, interval)
   else:
     logits = causal_logits(model, net, embedding, tokens)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     loss = jnp.mean(cross_entropy)
-  return loss, {"cross_entropy": jnp.mean(cross_entropy),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens)}
+  return loss, token_metrics(logits, cross_entropy, tokens)
+
+
+def denoising_cross_entropy(model, logits_of, embedding, tokens, key, interval):
+  """(loss, logits, per-token CE) of next-token-embedding denoising: z = E[x] + sigma eps
+  with one sigma per sequence from the block's interval, logits = logits_of(z, sigma),
+  loss = mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6, per example). Shared with the
+  single-stream form of dbjax.user_layers."""
+  key_sigma, key_noise = jax.random.split(key)
+  sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
+                             model.dist.p_mean, model.dist.p_std)
+  target = embedding[tokens]
+  z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
+  logits = logits_of(z, sigma)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+  loss = jnp.mean(edm.loss_weight(sigma, model.sigma_data) * jnp.mean(cross_entropy, 1))
+  return loss, logits, cross_entropy
+
+
+def token_metrics(logits, cross_entropy, tokens) -> dict:
+  """Mean cross-entropy and accuracy of every position's prediction."""
+  return {"cross_entropy": jnp.mean(cross_entropy),
+          "accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens)}
 
 
 def train_step(model: LanguageModel, state: BlockState, shared: BlockState, tokens, key,

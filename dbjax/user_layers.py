@@ -43,12 +43,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dbjax import blocks, classify, edm, noise, sampling
+from dbjax import blocks, classify, edm, language, noise, sampling
 from dbjax.blocks import BlockState
 from dbjax.config import default_config, validate
 from dbjax.dit import DiT, FinalLayer, SigmaEmbedder, apply_layers, stacked_layers
 from dbjax.errors import ConfigError
-from dbjax.language import sample_token
 from dbjax.lm_net import LMConfig
 from dbjax.vit import ViT
 
@@ -89,11 +88,6 @@ class CausalTokenNet(nnx.Module):
     return self.head(apply_layers(self.layers, x, cond, self.cfg.remat), cond)
 
 
-def unit_rows(raw: jax.Array) -> jax.Array:
-  """A target embedding with unit-norm rows (METHOD.md, task table)."""
-  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
-
-
 def token_logits(net: CausalTokenNet, embedding, tokens, z, sigma, sigma_data) -> jax.Array:
   """Logits (N, T, V) of every position's token from the clean tokens before it and
   its noisy embedding z (N, T, D) at sigma (N,)."""
@@ -102,19 +96,12 @@ def token_logits(net: CausalTokenNet, embedding, tokens, z, sigma, sigma_data) -
 
 
 def token_loss(model, params, embedding, tokens, key, interval):
-  """mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6 per example), every position noised at
-  its sequence's sigma from the block's interval."""
-  key_sigma, key_noise = jax.random.split(key)
-  sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
-                             model.dist.p_mean, model.dist.p_std)
-  target = embedding[tokens]
-  z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
-  logits = token_logits(nnx.merge(model.graphdef, params), embedding, tokens, z, sigma,
-                        model.sigma_data)
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-  loss = jnp.mean(edm.loss_weight(sigma, model.sigma_data) * jnp.mean(cross_entropy, 1))
-  return loss, {"cross_entropy": jnp.mean(cross_entropy),
-                "accuracy": jnp.mean(jnp.argmax(logits, -1) == tokens)}
+  """(loss, metrics): language.denoising_cross_entropy with the single-stream logits."""
+  net = nnx.merge(model.graphdef, params)
+  loss, logits, cross_entropy = language.denoising_cross_entropy(
+      model, lambda z, sigma: token_logits(net, embedding, tokens, z, sigma, model.sigma_data),
+      embedding, tokens, key, interval)
+  return loss, language.token_metrics(logits, cross_entropy, tokens)
 
 
 def position_chain(model, stacked_params, embedding, tokens, position, key, sigmas, owners):
@@ -166,7 +153,7 @@ def _generate_tokens(model, stacked_params, embedding, prompt, key, sigmas, owne
     key_position = jax.random.fold_in(key, position)
     logits = position_chain(model, stacked_params, embedding, tokens, position,
                             key_position, sigmas, owners)
-    choice = sample_token(jax.random.fold_in(key_position, 0), logits[-1], temperature, top_p)
+    choice = language.sample_token(jax.random.fold_in(key_position, 0), logits[-1], temperature, top_p)
     return tokens.at[:, position].set(choice)
 
   return jax.lax.fori_loop(len(prompt), model.net.seq_len, position_step, tokens)
@@ -276,6 +263,13 @@ class DiffusionBlocks:
     """(B, 2) training noise interval of each block; block 0 owns the highest noise."""
     return self.model.intervals
 
+  @property
+  def target_embedding(self):
+    """The frozen target space E (rows of unit norm) of the label and token targets."""
+    if self.target == "label":
+      return classify.label_embedding(self.shared_params)
+    return language.token_embedding(self.shared_params)
+
   def new_network(self, key) -> nnx.Module:
     """A fresh network of one block (its layers and the target's adapters)."""
     rngs = nnx.Rngs(params=key)
@@ -314,7 +308,7 @@ class DiffusionBlocks:
     if self.target == "label":
       return classify.block_loss(self.model, params, self.shared_params, *batch, key,
                                  interval)
-    return token_loss(self.model, params, unit_rows(self.shared_params), *batch, key,
+    return token_loss(self.model, params, self.target_embedding, *batch, key,
                       interval)
 
   def train_step(self, state: BlockState, batch: tuple, key, block):
@@ -344,7 +338,7 @@ class DiffusionBlocks:
       logits = classify.chain_logits(self.model, stacked, self.shared_params,
                                      jnp.asarray(inputs), num_steps, key)
       return jnp.argmax(logits[-1], axis=-1)
-    return generate_tokens(self.model, stacked, unit_rows(self.shared_params),
+    return generate_tokens(self.model, stacked, self.target_embedding,
                            jnp.asarray(inputs, jnp.int32), key, num_steps=num_steps,
                            **{"num_samples": 1, **options})
 
@@ -449,6 +443,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
     model = TokenModel(net=net, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
                        intervals=intervals, sigma_data=config.diffusion.sigma_data,
                        graphdef=graphdef)
-    shared = jax.device_get(jax.random.normal(key, (vocab_size, hidden_size)))
+    shared = {"token_embedding": jax.device_get(jax.random.normal(key, (vocab_size,
+                                                                        hidden_size)))}
   return DiffusionBlocks(target=target, model=model, optimizer=optimizer,
                          shared_params=shared, arguments=arguments)

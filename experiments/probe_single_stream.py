@@ -55,7 +55,7 @@ def test_bits(db, block_params, tokens, seed=0, batch_size=32) -> dict:
   from the clean prefix alone) and after the B-call chain, teacher-forced, one exact
   chain per position (user_layers.chain_nats)."""
   stacked = sampling.stack_params(block_params)
-  embedding = user_layers.unit_rows(db.shared_params)
+  embedding = db.target_embedding
   totals = np.zeros(2)
   for i in tqdm(range(0, len(tokens), batch_size), desc="chain bits per character"):
     totals += np.array(user_layers.chain_nats(

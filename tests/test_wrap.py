@@ -90,7 +90,7 @@ def test_token_target_learns_a_periodic_text_and_continues_it():
   # one before it, so the chain's cross-entropy is far below the uniform ln 6 per token.
   tokens, = periodic_text(10_000, batch=4)
   first, last = user_layers.chain_nats(db.model, sampling.stack_params(
-      [s.params for s in states]), user_layers.unit_rows(db.shared_params), tokens,
+      [s.params for s in states]), db.target_embedding, tokens,
       jax.random.key(1), num_steps=2)
   assert float(last) / tokens.size < 0.5 < np.log(6)
   assert float(first) / tokens.size < 0.5  # block 0 alone already reads the prefix
