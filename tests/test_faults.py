@@ -31,6 +31,7 @@ def digits():
   return data.load_images("digits", "train")
 
 
+@pytest.mark.slow  # four CLI launches, 99 s: a soak, run by README's slow command
 def test_killed_and_terminated_run_ends_bit_identical(tmp_path):
   workdir = str(tmp_path / "killed")
   command = soak.train_command("experiments/configs/digits.py", workdir, TINY_OVERRIDES)
