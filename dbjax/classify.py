@@ -44,7 +44,8 @@ from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_
                           make_optimizer, noise_plan, no_reduction, shared_optimizer,
                           train_step_with_shared)
 from dbjax.config import num_trained_blocks, shared_updates
-from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
+from dbjax.sampling import (bridge_estimate, embedding_chain, fixed_size_batches,
+                            sampling_plan, stack_params)
 from dbjax.vit import ViT, ViTConfig
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
@@ -238,29 +239,19 @@ jit_run_step, run_step = jit_train_step, train_step
 # ------------------------------------------------------------------------- inference
 
 
-def bridge_estimate(logits, embedding, bridge: str) -> jax.Array:
-  """The clean estimate x0 that the Euler step moves toward."""
-  if bridge == "argmax":
-    return embedding[jnp.argmax(logits, axis=-1)]
-  return jax.nn.softmax(logits, axis=-1) @ embedding
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _chain_logits(model, stacked_params, shared_params, images, key, sigmas, blocks):
   embedding = label_embedding(shared_params)
   z = model.dist.sigma_max * jax.random.normal(key, (images.shape[0], embedding.shape[1]))
 
-  def call(z, xs):
-    sigma, sigma_next, block = xs
+  def logits_of(z, sigma, block, step):
+    del step
     params = jax.tree.map(lambda p: p[block], stacked_params)
     c = edm.preconditioning(sigma, model.sigma_data)
     c_noise = jnp.full((images.shape[0],), c.c_noise)
-    logits = network(model, params, shared_params)(images, c.c_in * z, c_noise)
-    estimate = bridge_estimate(logits, embedding, model.bridge)
-    return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
+    return network(model, params, shared_params)(images, c.c_in * z, c_noise)
 
-  _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], blocks[:-1]))
-  return logits
+  return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

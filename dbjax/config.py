@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
       token_embedding="frozen",
       bridge="argmax",           # Euler bridge of the autoregressive chain, as classifier
       inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
+      # autoregressive: independent chains per token whose mixed last calls give the
+      # chain's likelihood (sampling.mixture_log_probs; README, Language); 0 = skip it.
+      mixture_chains=16,
       sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len
       prompt="",                 # generated text starts with it
       num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
@@ -172,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   lang = config.language
   _require(isinstance(lang.seq_len, int) and lang.seq_len >= 2, "language.seq_len",
            lang.seq_len, "an integer >= 2")
-  for field in ("inference_steps", "sample_steps"):
+  for field in ("inference_steps", "sample_steps", "mixture_chains"):
     _require(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
   _require(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
   _require(lang.temperature >= 0, "language.temperature", lang.temperature,

@@ -41,10 +41,10 @@ from dbjax import edm, noise, text
 from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_host,
                           make_optimizer, noise_plan, no_reduction, shared_optimizer,
                           train_step_with_shared)
-from dbjax.classify import bridge_estimate
 from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.lm_net import LMConfig, LMNet
-from dbjax.sampling import fixed_size_batches, sampling_plan, stack_params
+from dbjax.sampling import (embedding_chain, fixed_size_batches, mixture_log_probs,
+                            sampling_plan, stack_params)
 
 KINDS = ("autoregressive", "masked")
 # The smallest masking level drawn: bounds the 1/t weight. Masking with probability t
@@ -360,16 +360,43 @@ def _chain_cross_entropy(model, stacked_params, shared_params, tokens, key, sigm
   embedding = token_embedding(shared_params)
   z = model.dist.sigma_max * jax.random.normal(key, tokens.shape + (embedding.shape[1],))
 
-  def call(z, xs):
-    sigma, sigma_next, block = xs
+  def logits_of(z, sigma, block, step):
+    del step
     net = network(model, _block_params(stacked_params, block))
-    logits = denoiser_logits(model, net, embedding, tokens, z, jnp.full(tokens.shape[:1], sigma))
-    estimate = bridge_estimate(logits, embedding, model.bridge)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    return z + (sigma_next - sigma) * (z - estimate) / sigma, jnp.mean(cross_entropy, 1)
+    return denoiser_logits(model, net, embedding, tokens, z, jnp.full(tokens.shape[:1], sigma))
 
-  _, cross_entropy = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], blocks[:-1]))
-  return cross_entropy
+  def mean_cross_entropy(logits):  # kept per call instead of (N, T, V) logits
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
+
+  return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge,
+                         keep=mean_cross_entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_chains"))
+def _chain_mixture_nats(model, stacked_params, shared_params, tokens, key, sigmas, blocks,
+                        num_chains):
+  """Nats per token (N,) of the mixture of num_chains independent teacher-forced chains'
+  last calls (sampling.mixture_log_probs), chains run one after another."""
+  embedding = token_embedding(shared_params)
+
+  def true_log_prob(chain_key):
+    z = model.dist.sigma_max * jax.random.normal(chain_key,
+                                                 tokens.shape + (embedding.shape[1],))
+
+    def logits_of(z, sigma, block, step):
+      del step
+      net = network(model, _block_params(stacked_params, block))
+      return denoiser_logits(model, net, embedding, tokens, z,
+                             jnp.full(tokens.shape[:1], sigma))
+
+    def of_true_token(logits):  # (N, T), kept per call instead of (N, T, V) logits
+      return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+
+    return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge,
+                           keep=of_true_token)[-1]
+
+  log_probs = jax.lax.map(true_log_prob, jax.random.split(key, num_chains))
+  return -jnp.mean(mixture_log_probs(log_probs), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -393,10 +420,14 @@ def elbo_strata(num_blocks: int, at_least: int = 12) -> np.ndarray:
 
 
 def sequence_nats(model: LanguageModel, stacked_params, shared_params, tokens, key,
-                  num_steps: int | None = None) -> dict:
+                  num_steps: int | None = None, num_chains: int = 0) -> dict:
   """Nats per token of each test sequence (N,), by kind:
-  - autoregressive DiffusionBlocks: {"chain": CE after the N-call chain (default N = B),
-    "first_call": CE of the first call alone (block 0 at sigma_max)};
+  - autoregressive DiffusionBlocks: {"chain": CE of the last call of one N-call chain
+    (default N = B) with a fixed noise seed, "first_call": CE of the first call alone
+    (block 0 at sigma_max: the predictive distribution), and with num_chains > 0
+    "chain_mixture": CE of the mixture of num_chains chains' last calls, the chain's
+    likelihood as a sampler (one chain's last call is near-certain of where it ended, so
+    "chain" is far above the entropy even for the exact denoiser; tests/test_sampling.py)};
   - causal LM: {"chain": its CE};
   - masked: {"chain": the MD4 negative ELBO, stratified over t}.
   """
@@ -415,12 +446,17 @@ def sequence_nats(model: LanguageModel, stacked_params, shared_params, tokens, k
   per_call = _chain_cross_entropy(model, stacked_params, shared_params, tokens, key,
                                   jnp.asarray(sigmas, jnp.float32),
                                   jnp.asarray(blocks, jnp.int32))
-  return {"chain": per_call[-1], "first_call": per_call[0]}
+  nats = {"chain": per_call[-1], "first_call": per_call[0]}
+  if num_chains:
+    nats["chain_mixture"] = _chain_mixture_nats(
+        model, stacked_params, shared_params, tokens, jax.random.fold_in(key, 1),
+        jnp.asarray(sigmas, jnp.float32), jnp.asarray(blocks, jnp.int32), num_chains)
+  return nats
 
 
 def bits_per_character(model, block_params, shared_params, tokens, seed: int = 0,
                        num_steps: int | None = None, batch_size: int = 64,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, num_chains: int = 0) -> dict:
   """Test bits per character (see `sequence_nats`), over fixed-size batches with a
   fixed noise seed."""
   stacked = stack_params(block_params)
@@ -431,7 +467,7 @@ def bits_per_character(model, block_params, shared_params, tokens, seed: int = 0
                                  leave=False)):
     keep = min(batch_size, len(tokens) - i * batch_size)  # drop the padding rows
     nats = sequence_nats(model, stacked, shared_params, batch, jax.random.fold_in(key, i),
-                         num_steps)
+                         num_steps, num_chains)
     for name, values in nats.items():
       totals[name] = totals.get(name, 0.0) + float(jnp.sum(values[:keep]))
   return {name: total / len(tokens) / np.log(2) for name, total in totals.items()}
@@ -491,16 +527,15 @@ def _generate_autoregressive(model, stacked_params, shared_params, prompt, key, 
     z = model.dist.sigma_max * jax.random.normal(key_noise, (num_samples, 1,
                                                              embedding.shape[1]))
 
-    def call(z, xs):
-      sigma, sigma_next, block = xs
+    def logits_of(z, sigma, block, step):
+      del step
       c = edm.preconditioning(sigma, model.sigma_data)
       block_cache = tuple(c_[block] for c_ in cache)
       logits, _ = decode(_block_params(stacked_params, block), c.c_in * z, position,
                          c.c_noise, block_cache)
-      estimate = bridge_estimate(logits, embedding, model.bridge)
-      return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
+      return logits
 
-    _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], blocks[:-1]))
+    logits = embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge)
     drawn = sample_token(key_token, logits[-1][:, 0], temperature, top_p)
     token = jnp.where(position < num_prompt, prompt[position], drawn)
     vectors = clean.c_in * embedding[token][:, None]

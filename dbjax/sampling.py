@@ -63,9 +63,10 @@ def _integrate(model, stacked_params, z, labels, sigmas, blocks, solver, guidanc
   def step(z, xs):
     sigma, sigma_next, block = xs
     denoise = denoiser(block)
-    slope = (z - denoise(z, jnp.full((batch,), sigma))) / sigma
-    z_next = z + (sigma_next - sigma) * slope
+    denoised = denoise(z, jnp.full((batch,), sigma))
+    z_next = euler_step(z, denoised, sigma, sigma_next)
     if solver == "heun":
+      slope = (z - denoised) / sigma
       slope_next = (z_next - denoise(z_next, jnp.full((batch,), sigma_next))) / sigma_next
       z_next = z + (sigma_next - sigma) * 0.5 * (slope + slope_next)
     return z_next, None
@@ -87,6 +88,52 @@ def sample(model: BlockModel, stacked_params, key: jax.Array, labels: jax.Array,
   z = model.dist.sigma_max * jax.random.normal(key, shape)
   return _integrate(model, stacked_params, z, labels, jnp.asarray(sigmas, jnp.float32),
                     jnp.asarray(blocks, jnp.int32), solver, float(guidance_scale))
+
+
+def euler_step(z, denoised, sigma, sigma_next):
+  """One Euler step of dz/ds = (z - D(z; s)) / s from sigma to sigma_next."""
+  return z + (sigma_next - sigma) * (z - denoised) / sigma
+
+
+def bridge_estimate(logits, embedding, bridge: str) -> jax.Array:
+  """The clean estimate that the Euler step moves toward, for a target that is a row of
+  `embedding` (labels, tokens): the argmax row, which keeps the estimate's norm, or the
+  expected row softmax(logits) @ E, which shrinks it when the logits are unsure
+  (METHOD.md, Known pitfalls)."""
+  if bridge == "argmax":
+    return embedding[jnp.argmax(logits, axis=-1)]
+  return jax.nn.softmax(logits, axis=-1) @ embedding
+
+
+def embedding_chain(logits_of, z, sigmas, blocks, embedding, bridge: str,
+                    keep=lambda logits: logits):
+  """keep(logits) of every call (calls, ...) of the deterministic chain over an embedded
+  target; keep (default: the logits themselves) lets a caller store a per-call statistic
+  instead of every call's logits.
+
+  Call i runs logits_of(z, sigma_i, block_i, i), where block_i owns sigma_i; z then takes
+  one Euler step toward the bridge's estimate (see `bridge_estimate`). With N = B calls
+  each block runs once (METHOD.md, Sampling). The classifier, the autoregressive LMs and
+  the wrapped token model all run their chains through this one function.
+  """
+  def call(z, xs):
+    sigma, sigma_next, block, step = xs
+    logits = logits_of(z, sigma, block, step)
+    estimate = bridge_estimate(logits, embedding, bridge)
+    return euler_step(z, estimate, sigma, sigma_next), keep(logits)
+
+  steps = jnp.arange(sigmas.shape[0] - 1)
+  _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], blocks[:-1], steps))
+  return logits
+
+
+def mixture_log_probs(log_probs) -> jax.Array:
+  """log of the mean over the leading axis (chains with independent noise) of the
+  probabilities exp(log_probs): the predictive distribution of the chain as a sampler,
+  estimated from K chains. Its cross-entropy is the honest likelihood of a chain (one
+  fixed-seed chain's last call is near-certain of where it ended; tests/test_sampling.py),
+  and by Jensen a K-chain estimate errs on the high side."""
+  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
 
 
 def fixed_size_batches(array: np.ndarray, batch_size: int) -> np.ndarray:

@@ -453,11 +453,15 @@ def evaluate_language(config, workdir: str, model, states, shared, test_data,
   lang = config.language
   bits = language.bits_per_character(model, [s.params for s in states], shared.params, tokens,
                                      config.seed, lang.inference_steps or None,
-                                     progress=config.train.progress)
+                                     progress=config.train.progress,
+                                     num_chains=lang.mixture_chains)
   results = {"bits_per_character": bits["chain"], "test_sequences": int(len(tokens)),
              "test_characters": int(tokens.size)}
   if "first_call" in bits:
     results["bits_per_character_first_call"] = bits["first_call"]
+    if "chain_mixture" in bits:
+      results["bits_per_character_chain_mixture"] = bits["chain_mixture"]
+      results["mixture_chains"] = lang.mixture_chains
     results["inference_steps"] = lang.inference_steps or model.num_blocks
   texts, speed = generate_text(config, model, states, shared, test_data.vocabulary,
                                config.seed, config.train.progress)

@@ -114,19 +114,14 @@ def position_chain(model, stacked_params, embedding, tokens, position, key, sigm
   width = embedding.shape[1]
   z = model.dist.sigma_max * jax.random.normal(key, (batch, width))
 
-  def call(z, xs):
-    sigma, sigma_next, block, step = xs
+  def logits_of(z, sigma, block, step):
     prefix = embedding[tokens] + sigma * jax.random.normal(
         jax.random.fold_in(key, step + 1), (batch, length, width))
     net = nnx.merge(model.graphdef, jax.tree.map(lambda p: p[block], stacked_params))
-    logits = token_logits(net, embedding, tokens, prefix.at[:, position].set(z),
-                          jnp.full((batch,), sigma), model.sigma_data)[:, position]
-    estimate = classify.bridge_estimate(logits, embedding, "argmax")
-    return z + (sigma_next - sigma) * (z - estimate) / sigma, logits
+    return token_logits(net, embedding, tokens, prefix.at[:, position].set(z),
+                        jnp.full((batch,), sigma), model.sigma_data)[:, position]
 
-  _, logits = jax.lax.scan(call, z, (sigmas[:-1], sigmas[1:], owners[:-1],
-                                     jnp.arange(sigmas.shape[0] - 1)))
-  return logits
+  return sampling.embedding_chain(logits_of, z, sigmas, owners, embedding, "argmax")
 
 
 def _plan(model, num_steps: int):

@@ -315,6 +315,28 @@ def test_autoregressive_generation_runs_each_block_once_per_token_with_n_equal_b
   np.testing.assert_array_equal(blocks[:-1], [0, 1, 2, 3])
 
 
+def test_chain_mixture_is_one_chain_for_one_and_below_the_mean_of_its_chains():
+  """`chain_mixture` mixes the last calls of K chains, each the fixed-seed chain of its own
+  key: one chain gives that chain's CE, and K chains give at most the mean of their CEs
+  (Jensen: log of a mean >= mean of logs)."""
+  model = language.build(lm_config())
+  states, shared = perturbed_states(model)
+  stacked = language.stack_params([s.params for s in states])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.net.vocab_size, (3, 16)),
+                       jnp.int32)
+  sigmas, blocks = (jnp.asarray(a) for a in language.sampling_plan(model, 2))
+  sigmas = sigmas.astype(jnp.float32)
+  key = jax.random.key(0)
+  one_chain = lambda k: language._chain_cross_entropy(model, stacked, shared.params, tokens,
+                                                      k, sigmas, blocks)[-1]
+  mixture = lambda n: language._chain_mixture_nats(model, stacked, shared.params, tokens,
+                                                   key, sigmas, blocks, n)
+  chex.assert_trees_all_close(mixture(1), one_chain(jax.random.split(key, 1)[0]), rtol=1e-5)
+  separate = jnp.mean(jnp.stack([one_chain(k) for k in jax.random.split(key, 4)]), 0)
+  assert bool(jnp.all(mixture(4) <= separate + 1e-5))
+  assert float(jnp.mean(mixture(4))) < float(jnp.mean(separate))
+
+
 def test_sample_token_greedy_and_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   assert int(language.sample_token(jax.random.key(0), logits, 0.0, 1.0)[0]) == 0
