@@ -95,9 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
       token_embedding="frozen",
       bridge="argmax",           # Euler bridge of the autoregressive chain, as classifier
       inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
-      # autoregressive: independent chains per token whose mixed last calls give the
-      # chain's likelihood (sampling.mixture_log_probs; README, Language); 0 = skip it.
-      mixture_chains=16,
+      # autoregressive: independent chains per token whose mixed last calls estimate the
+      # chain's likelihood (sampling.mixture_log_probs; README, Language). The estimate is
+      # high unless chains >> 1 / p(true token), and costs chains x the chain: 0 = skip.
+      mixture_chains=0,
       sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len
       prompt="",                 # generated text starts with it
       num_samples=4,             # texts generated per setting (greedy, temperature, top-p)

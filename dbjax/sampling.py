@@ -127,6 +127,19 @@ def embedding_chain(logits_of, z, sigmas, blocks, embedding, bridge: str,
   return logits
 
 
+def exact_posterior_logits(log_prior, embedding):
+  """logits_of(z, sigma, block, step) for `embedding_chain` of the exact denoiser of a
+  target y ~ exp(log_prior) (one prior (V,), or one per row (N, V)) embedded as the rows
+  e_y of `embedding`: log p(y | z) = log p_y - |z - e_y|^2 / (2 sigma^2) + const. Every
+  block is exact, so a chain run with it shows what the chain itself does to a perfect
+  model (tests; experiments/exact_chain.py)."""
+  def logits_of(z, sigma, block, step):
+    del block, step
+    distance = jnp.sum((z[:, None, :] - embedding[None]) ** 2, -1)
+    return log_prior - distance / (2 * sigma**2)
+  return logits_of
+
+
 def mixture_log_probs(log_probs) -> jax.Array:
   """log of the mean over the leading axis (chains with independent noise) of the
   probabilities exp(log_probs): the predictive distribution of the chain as a sampler,

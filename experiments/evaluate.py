@@ -14,10 +14,13 @@ its confusion.png and accuracy_vs_steps.png beside it.
       --bridge=expected
 
 Language: test bits per character (autoregressive: after --num_steps denoising calls
-per token, and after the first call; MD4: the ELBO) and generated text; writes
-eval_steps_<N>.json and eval_steps_<N>_samples.txt.
+per token, after the first call, and with --mixture_chains=K the mixture of K chains;
+MD4: the ELBO) and generated text; writes eval_steps_<N>_<bridge>.json and
+eval_steps_<N>_<bridge>_samples.txt.
 
   python -m experiments.evaluate --workdir=runs/shakespeare --num_steps=8
+  python -m experiments.evaluate --workdir=runs/shakespeare --mixture_chains=256 \
+      --max_test_examples=16 --bridge=expected
 """
 import json
 import os
@@ -38,6 +41,11 @@ _BRIDGE = flags.DEFINE_enum("bridge", None, ["argmax", "expected"],
                             "classifier, autoregressive LM: the Euler bridge's estimate "
                             "(default: the run's)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "generated images (default: the run's)")
+_MIXTURE_CHAINS = flags.DEFINE_integer(
+    "mixture_chains", None, "autoregressive LM: chains per character whose mixture "
+    "estimates the chain's likelihood (language.mixture_chains; default: the run's)")
+_MAX_TEST = flags.DEFINE_integer("max_test_examples", None,
+                                 "language: test sequences (default: the run's)")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -62,12 +70,17 @@ def evaluate_classifier(config, model, states, shared):
 def evaluate_text(config, model, states, shared):
   if _NUM_STEPS.value:
     config.language.inference_steps = _NUM_STEPS.value
+  if _MIXTURE_CHAINS.value is not None:
+    config.language.mixture_chains = _MIXTURE_CHAINS.value
+  if _MAX_TEST.value:
+    config.eval.max_test_examples = _MAX_TEST.value
   if _BRIDGE.value:
     config.language.bridge = _BRIDGE.value
     model = language.build(config)
   _, test_data = language.load_data(config, text.Vocabulary.load(
       os.path.join(_WORKDIR.value, text.VOCABULARY_FILE)))
-  name = f"eval_steps_{config.language.inference_steps or model.num_blocks}"
+  name = (f"eval_steps_{config.language.inference_steps or model.num_blocks}"
+          f"_{config.language.bridge}")
   results = evaluate_language(config, _WORKDIR.value, model, states, shared, test_data,
                               prefix=f"{name}_")
   print_table([results], list(results))

@@ -143,9 +143,14 @@ def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
   result = run_cli("experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO.",
                    "--temperature=0", "--num_samples=2")
   assert result.stdout.count("=====\nROMEO.") == 2
-  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=4")
-  with open(os.path.join(workdir, "eval_steps_4.json")) as f:
-    assert json.load(f)["inference_steps"] == 4
+  result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=4",
+                   "--mixture_chains=3", "--max_test_examples=2")
+  with open(os.path.join(workdir, "eval_steps_4_argmax.json")) as f:
+    evaluated = json.load(f)
+  assert evaluated["inference_steps"] == 4 and evaluated["mixture_chains"] == 3
+  assert evaluated["test_characters"] == 32
+  # Jensen: the mixture's CE is at most the mean of its chains', and positive.
+  assert 0 < evaluated["bits_per_character_chain_mixture"]
 
 
 def test_help_lists_every_config():
@@ -211,6 +216,36 @@ def test_single_stream_probe_trains_and_reports_its_memory(tmp_path):
   # One block of 1 layer on T tokens against 4 layers end to end.
   assert summary["memory_ratio_vs_end_to_end"] > 2
   assert 0 < summary["first_call_bits_per_character"] < 8
+
+
+@pytest.mark.slow
+def test_classifier_chain_probe_reports_every_block(tmp_path):
+  workdir = str(tmp_path / "run")
+  run_cli("experiments.train", "--config=experiments/configs/classify_digits.py",
+          f"--workdir={workdir}", "--config.model.num_layers=3", "--config.model.hidden_size=32",
+          "--config.model.num_heads=2", "--config.train.num_steps=3",
+          "--config.train.batch_size=8", "--config.train.progress=False",
+          "--config.eval.enabled=False")
+  out = tmp_path / "probe.json"
+  run_cli("experiments.probe_classifier_chain", f"--workdir={workdir}",
+          "--test_examples=40", "--repeats=1", f"--out={out}")
+  summary = json.loads(out.read_text())
+  assert [row["block"] for row in summary["blocks"]] == [0, 1, 2]
+  first = summary["blocks"][0]  # at sigma_max the token carries nothing
+  assert first["sigma"] == 80 and first["true_label"] == first["random_label"]
+  assert summary["accuracy_by_steps"]["1"] == pytest.approx(summary["block_0_accuracy"])
+
+
+@pytest.mark.slow
+def test_exact_chain_tables(tmp_path):
+  out = tmp_path / "exact.json"
+  run_cli("experiments.exact_chain", "--rows=320", f"--out={out}")
+  tables = json.loads(out.read_text())
+  for row in tables["classification"]:
+    assert row["chain_argmax"] <= row["first_call_argmax"] + 0.01
+  for row in tables["language"]:
+    assert row["first_call_expected"] == pytest.approx(row["entropy"], abs=1e-3)
+    assert row["one_chain_argmax"] > 5 * row["entropy"]
 
 
 @pytest.mark.slow
