@@ -140,6 +140,20 @@ def exact_posterior_logits(log_prior, embedding):
   return logits_of
 
 
+def exact_posterior_chain(log_prior, embedding, num_steps: int, num_blocks: int, bridge: str,
+                          key, dist: noise.NoiseDistribution = noise.NoiseDistribution()):
+  """Per-call logits (calls, N, V) of one N-call chain per row of log_prior (N, V), every
+  block the exact denoiser (`exact_posterior_logits`) and z ~ N(0, sigma_max^2): what
+  the chain does to a perfect model."""
+  sigmas = noise.sampling_sigmas(num_steps, dist)
+  owners = noise.block_of_sigma(sigmas, noise.block_boundaries(
+      num_blocks, dist.p_mean, dist.p_std, dist.sigma_min, dist.sigma_max))
+  z = dist.sigma_max * jax.random.normal(key, (log_prior.shape[0], embedding.shape[1]))
+  return embedding_chain(exact_posterior_logits(log_prior, embedding), z,
+                         jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners), embedding,
+                         bridge)
+
+
 def mixture_log_probs(log_probs) -> jax.Array:
   """log of the mean over the leading axis (chains with independent noise) of the
   probabilities exp(log_probs): the predictive distribution of the chain as a sampler,

@@ -148,7 +148,8 @@ def _generate_tokens(model, stacked_params, embedding, prompt, key, sigmas, owne
     key_position = jax.random.fold_in(key, position)
     logits = position_chain(model, stacked_params, embedding, tokens, position,
                             key_position, sigmas, owners)
-    choice = language.sample_token(jax.random.fold_in(key_position, 0), logits[-1], temperature, top_p)
+    choice = language.sample_token(jax.random.fold_in(key_position, 0), logits[-1],
+                                   temperature, top_p)
     return tokens.at[:, position].set(choice)
 
   return jax.lax.fori_loop(len(prompt), model.net.seq_len, position_step, tokens)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from dbjax import noise, sampling
+from dbjax import sampling
 from experiments.cli import print_table, run
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for both tables")
@@ -30,17 +30,6 @@ _ROWS = flags.DEFINE_integer("rows", 4000, "inputs (posteriors) per setting")
 def unit_rows(key, count: int, width: int) -> jax.Array:
   raw = jax.random.normal(key, (count, width))
   return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
-
-
-def exact_chain(log_prior, embedding, num_steps: int, num_blocks: int, bridge: str, key):
-  """Per-call logits (calls, N, V) of one chain per row of log_prior, all blocks exact."""
-  dist = noise.NoiseDistribution()
-  sigmas = noise.sampling_sigmas(num_steps, dist)
-  owners = noise.block_of_sigma(sigmas, noise.block_boundaries(num_blocks))
-  z = dist.sigma_max * jax.random.normal(key, (log_prior.shape[0], embedding.shape[1]))
-  return sampling.embedding_chain(sampling.exact_posterior_logits(log_prior, embedding), z,
-                                  jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners),
-                                  embedding, bridge)
 
 
 def accuracy(logits, labels) -> float:
@@ -57,7 +46,8 @@ def classification_rows(num_rows: int) -> list[dict]:
     labels = jax.random.categorical(jax.random.key(3), log_posterior)  # calibrated
     row = {"bayes_accuracy": accuracy(log_posterior, labels)}
     for bridge in ("argmax", "expected"):
-      logits = exact_chain(log_posterior, embedding, 3, 3, bridge, jax.random.key(4))
+      logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, bridge,
+                                              jax.random.key(4))
       row[f"first_call_{bridge}"] = accuracy(logits[0], labels)
       row[f"chain_{bridge}"] = accuracy(logits[-1], labels)
     rows.append(row)
@@ -79,10 +69,12 @@ def language_rows(num_rows: int, num_chains=(16, 256)) -> list[dict]:
         sharpness * jax.random.normal(jax.random.key(2), (num_rows // 16, 84)))
     row = {"entropy": cross_entropy(log_prior, log_prior)}
     for bridge in ("argmax", "expected"):
-      first_and_last = jax.jit(lambda key, bridge=bridge: jax.nn.log_softmax(
-          exact_chain(log_prior, embedding, 4, 4, bridge, key)[jnp.array([0, -1])]))
-      chains = jax.lax.map(first_and_last, jax.random.split(jax.random.key(4),
-                                                            max(num_chains)))  # (K, 2, N, V)
+      def first_and_last(key, bridge=bridge):
+        logits = sampling.exact_posterior_chain(log_prior, embedding, 4, 4, bridge, key)
+        return jax.nn.log_softmax(logits[jnp.array([0, -1])])
+
+      keys = jax.random.split(jax.random.key(4), max(num_chains))
+      chains = jax.lax.map(jax.jit(first_and_last), keys)  # (K, 2, N, V)
       row[f"first_call_{bridge}"] = cross_entropy(chains[0, 0], log_prior)
       row[f"one_chain_{bridge}"] = cross_entropy(chains[0, 1], log_prior)
       for k in num_chains:

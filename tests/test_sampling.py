@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from dbjax import blocks, edm, noise, sampling
-from experiments.exact_chain import exact_chain
 from tests.conftest import tiny_config
 
 
@@ -117,6 +116,11 @@ def test_unknown_solver_is_refused(model):
 KEY = jax.random.key(0)
 
 
+def rows_of(probs, count=4000):
+  """One chain per row: the same log prior repeated."""
+  return jnp.tile(jnp.log(probs), (count, 1))
+
+
 @pytest.fixture(scope="module")
 def categorical():
   probs = jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
@@ -133,7 +137,7 @@ def test_exact_denoiser_chain_first_call_is_the_predictive_distribution(categori
   """At sigma_max = 80 the exact posterior is the prior: the first call's cross-entropy is
   the entropy of y. This is the likelihood the autoregressive LM's first call reports."""
   probs, embedding = categorical
-  logits = exact_chain(jnp.tile(jnp.log(probs), (2000, 1)), embedding, 4, 4, "argmax", KEY)
+  logits = sampling.exact_posterior_chain(rows_of(probs, 2000), embedding, 4, 4, "argmax", KEY)
   entropy = float(-jnp.sum(probs * jnp.log(probs)))
   assert cross_entropy(probs, logits[0]) == pytest.approx(entropy, abs=1e-3)
 
@@ -149,10 +153,10 @@ def test_fixed_seed_chain_is_no_likelihood_but_the_mixture_over_chains_is(catego
   cross-entropy."""
   probs, embedding = categorical
   entropy = float(-jnp.sum(probs * jnp.log(probs)))
-  greedy = exact_chain(jnp.tile(jnp.log(probs), (4000, 1)), embedding, 4, 4, "argmax", KEY)[-1]
+  greedy = sampling.exact_posterior_chain(rows_of(probs), embedding, 4, 4, "argmax", KEY)[-1]
   assert float(jnp.mean(jnp.argmax(greedy, -1) == 0)) > 0.7  # p(mode) = 0.4
   assert cross_entropy(probs, greedy) > 5 * entropy
-  flow = exact_chain(jnp.tile(jnp.log(probs), (4000, 1)), embedding, 4, 4, "expected", KEY)[-1]
+  flow = sampling.exact_posterior_chain(rows_of(probs), embedding, 4, 4, "expected", KEY)[-1]
   assert cross_entropy(probs, flow) > 5 * entropy
   mixture = sampling.mixture_log_probs(jax.nn.log_softmax(flow))
   assert float(-mixture @ probs) == pytest.approx(entropy, abs=0.03)
@@ -177,7 +181,7 @@ def test_exact_chain_of_a_classifier_loses_to_its_first_call():
   embedding = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
   log_posterior = jax.nn.log_softmax(7.0 * jax.random.normal(jax.random.key(2), (4000, 10)))
   labels = jax.random.categorical(jax.random.key(3), log_posterior)
-  logits = exact_chain(log_posterior, embedding, 3, 3, "argmax", KEY)
+  logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY)
   accuracy = [float(jnp.mean(jnp.argmax(l, -1) == labels)) for l in logits]
   bayes = float(jnp.mean(jnp.argmax(log_posterior, -1) == labels))
   assert accuracy[0] == pytest.approx(bayes, abs=2e-3) and 0.8 < bayes < 0.88
