@@ -352,6 +352,16 @@ def _block_params(stacked_params, block):
   return jax.tree.map(lambda p: p[block], stacked_params)
 
 
+def _teacher_forced(model, stacked_params, embedding, tokens):
+  """logits_of for `embedding_chain`: every position's call at once, each noisy row
+  reading the clean (true) tokens before it."""
+  def logits_of(z, sigma, block, step):
+    del step
+    net = network(model, _block_params(stacked_params, block))
+    return denoiser_logits(model, net, embedding, tokens, z, jnp.full(tokens.shape[:1], sigma))
+  return logits_of
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _chain_cross_entropy(model, stacked_params, shared_params, tokens, key, sigmas, blocks):
   """Per-call mean CE (calls, N) of the teacher-forced autoregressive chain: every
@@ -360,16 +370,11 @@ def _chain_cross_entropy(model, stacked_params, shared_params, tokens, key, sigm
   embedding = token_embedding(shared_params)
   z = model.dist.sigma_max * jax.random.normal(key, tokens.shape + (embedding.shape[1],))
 
-  def logits_of(z, sigma, block, step):
-    del step
-    net = network(model, _block_params(stacked_params, block))
-    return denoiser_logits(model, net, embedding, tokens, z, jnp.full(tokens.shape[:1], sigma))
-
   def mean_cross_entropy(logits):  # kept per call instead of (N, T, V) logits
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
 
-  return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge,
-                         keep=mean_cross_entropy)
+  return embedding_chain(_teacher_forced(model, stacked_params, embedding, tokens), z, sigmas,
+                         blocks, embedding, model.bridge, keep=mean_cross_entropy)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_chains"))
@@ -379,19 +384,14 @@ def _chain_mixture_nats(model, stacked_params, shared_params, tokens, key, sigma
   last calls (sampling.mixture_log_probs), chains run one after another."""
   embedding = token_embedding(shared_params)
 
+  logits_of = _teacher_forced(model, stacked_params, embedding, tokens)
+
+  def of_true_token(logits):  # (N, T), kept per call instead of (N, T, V) logits
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+
   def true_log_prob(chain_key):
     z = model.dist.sigma_max * jax.random.normal(chain_key,
                                                  tokens.shape + (embedding.shape[1],))
-
-    def logits_of(z, sigma, block, step):
-      del step
-      net = network(model, _block_params(stacked_params, block))
-      return denoiser_logits(model, net, embedding, tokens, z,
-                             jnp.full(tokens.shape[:1], sigma))
-
-    def of_true_token(logits):  # (N, T), kept per call instead of (N, T, V) logits
-      return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
-
     return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge,
                            keep=of_true_token)[-1]
 
