@@ -45,7 +45,7 @@ from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_
                           train_step_with_shared)
 from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.sampling import (bridge_estimate, embedding_chain, fixed_size_batches,
-                            sampling_plan, stack_params)
+                            sampling_plan, stack_params, unit_rows)
 from dbjax.vit import ViT, ViTConfig
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
@@ -161,8 +161,7 @@ def abstract_states(model: ClassifierModel):
 
 def label_embedding(shared_params) -> jax.Array:
   """E with unit-norm rows: the target space (METHOD.md, task table)."""
-  raw = shared_params["label_embedding"]
-  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+  return unit_rows(shared_params["label_embedding"])
 
 
 def network(model: ClassifierModel, block_params, shared_params) -> ViT:

@@ -44,7 +44,7 @@ from dbjax.blocks import (BlockState, abstract_with_shared, init_with_shared_on_
 from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.lm_net import LMConfig, LMNet
 from dbjax.sampling import (embedding_chain, fixed_size_batches, mixture_log_probs,
-                            sampling_plan, stack_params)
+                            sampling_plan, stack_params, unit_rows)
 
 KINDS = ("autoregressive", "masked")
 # The smallest masking level drawn: bounds the 1/t weight. Masking with probability t
@@ -212,8 +212,7 @@ def block_diffusion_attention(q, k, v) -> jax.Array:
 
 def token_embedding(shared_params) -> jax.Array:
   """E with unit-norm rows: the target space."""
-  raw = shared_params["token_embedding"]
-  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+  return unit_rows(shared_params["token_embedding"])
 
 
 def network(model: LanguageModel, block_params) -> LMNet:

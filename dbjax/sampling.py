@@ -95,6 +95,11 @@ def euler_step(z, denoised, sigma, sigma_next):
   return z + (sigma_next - sigma) * (z - denoised) / sigma
 
 
+def unit_rows(raw) -> jax.Array:
+  """A target embedding (labels, tokens) with unit-norm rows (METHOD.md, task table)."""
+  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+
+
 def bridge_estimate(logits, embedding, bridge: str) -> jax.Array:
   """The clean estimate that the Euler step moves toward, for a target that is a row of
   `embedding` (labels, tokens): the argmax row, which keeps the estimate's norm, or the

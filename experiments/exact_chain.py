@@ -27,9 +27,8 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for both tables")
 _ROWS = flags.DEFINE_integer("rows", 4000, "inputs (posteriors) per setting")
 
 
-def unit_rows(key, count: int, width: int) -> jax.Array:
-  raw = jax.random.normal(key, (count, width))
-  return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+def random_unit_rows(key, count: int, width: int) -> jax.Array:
+  return sampling.unit_rows(jax.random.normal(key, (count, width)))
 
 
 def accuracy(logits, labels) -> float:
@@ -38,7 +37,7 @@ def accuracy(logits, labels) -> float:
 
 def classification_rows(num_rows: int) -> list[dict]:
   """10 classes in 128 dimensions, B = N = 3 (the Fashion-MNIST classifier's setting)."""
-  embedding = unit_rows(jax.random.key(1), 10, 128)
+  embedding = random_unit_rows(jax.random.key(1), 10, 128)
   rows = []
   for sharpness in (4.0, 5.5, 7.0, 10.0):
     log_posterior = jax.nn.log_softmax(
@@ -62,7 +61,7 @@ def cross_entropy(log_probs, log_prior) -> float:
 def language_rows(num_rows: int, num_chains=(16, 256)) -> list[dict]:
   """84 characters in 128 dimensions, B = N = 4 (the Shakespeare LM's setting); one
   predictive distribution per row, sharp enough to have about end-to-end's entropy."""
-  embedding = unit_rows(jax.random.key(1), 84, 128)
+  embedding = random_unit_rows(jax.random.key(1), 84, 128)
   rows = []
   for sharpness in (2.0, 3.0):
     log_prior = jax.nn.log_softmax(

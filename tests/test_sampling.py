@@ -125,7 +125,7 @@ def rows_of(probs, count=4000):
 def categorical():
   probs = jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
   raw = jax.random.normal(jax.random.key(1), (6, 32))
-  return probs, raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+  return probs, sampling.unit_rows(raw)
 
 
 def cross_entropy(probs, logits):
@@ -178,7 +178,7 @@ def test_exact_chain_of_a_classifier_loses_to_its_first_call():
   partly readable, and sometimes moves to another class: the last call's argmax is about
   one point less accurate. That cost is the chain's, not the blocks' training."""
   raw = jax.random.normal(jax.random.key(1), (10, 128))
-  embedding = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+  embedding = sampling.unit_rows(raw)
   log_posterior = jax.nn.log_softmax(7.0 * jax.random.normal(jax.random.key(2), (4000, 10)))
   labels = jax.random.categorical(jax.random.key(3), log_posterior)
   logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY)
