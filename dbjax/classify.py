@@ -15,6 +15,11 @@ row E[argmax logits] (keeps the unit norm) or the expected row softmax(logits) @
 (shrinks toward the centroid when unsure: METHOD.md, pitfalls). The prediction is the
 argmax of the last call's logits.
 
+The chain hands block b the label of block b-1's answer, which is sometimes wrong, while
+the paper trains every block on noisy true labels only. token_corruption > 0 (dbjax's
+option, off by default) builds that fraction of training tokens from a random class and
+keeps the true label as the target, so a block learns how far to trust its token.
+
 Parameters come in two groups. Each block owns its layers (and, with
 shared_modules="per_block", its own patch embedding, [CLS] token, sigma embedder and
 head). The shared group holds the label embedding and, with shared_modules="shared",
@@ -65,6 +70,7 @@ class ClassifierModel:
   loss_weighting: str           # "per_example" (paper, Eq. 6) or "batch_mean" (code)
   bridge: str                   # "argmax" or "expected"
   augment: bool
+  token_corruption: float       # fraction of label tokens drawn from a random class
   shared_modules: tuple[str, ...]
   train_label_embedding: bool
   graphdef: nnx.GraphDef        # merges (shared network part, block part)
@@ -116,6 +122,7 @@ def build(config, layer=None) -> ClassifierModel:
       vit=vit, num_blocks=num_blocks, denoising=denoising, dist=dist,
       boundaries=boundaries, intervals=intervals, sigma_data=config.diffusion.sigma_data,
       loss_weighting=c.loss_weighting, bridge=c.bridge, augment=c.augment,
+      token_corruption=c.token_corruption,
       shared_modules=shared_modules, train_label_embedding=train_label_embedding,
       graphdef=graphdef, block_optimizer=make_optimizer(config.train),
       shared_optimizer=shared_optim)
@@ -191,6 +198,14 @@ def augment_images(key, images) -> jax.Array:
   return jax.vmap(crop)(padded, offsets)
 
 
+def corrupt_labels(key, labels, num_classes: int, rate: float) -> jax.Array:
+  """labels with each replaced, with probability `rate`, by a uniformly random class (which
+  may be the true one): the classes whose embeddings build the noisy token."""
+  key_which, key_class = jax.random.split(key)
+  replace = jax.random.bernoulli(key_which, rate, labels.shape)
+  return jnp.where(replace, jax.random.randint(key_class, labels.shape, 0, num_classes), labels)
+
+
 def block_loss(model: ClassifierModel, block_params, shared_params, images, labels, key,
                interval):
   """(loss, metrics) of one block on a batch; interval = the block's (lo, hi), traced."""
@@ -206,7 +221,11 @@ def block_loss(model: ClassifierModel, block_params, shared_params, images, labe
   else:
     sigma = noise.sample_sigma(key_sigma, (batch,), interval[0], interval[1],
                                model.dist.p_mean, model.dist.p_std)
-    target = label_embedding(shared_params)[labels]
+    token_labels = labels
+    if model.token_corruption:  # its own key, so runs without it keep their random stream
+      token_labels = corrupt_labels(jax.random.fold_in(key, 1), labels, model.vit.num_classes,
+                                    model.token_corruption)
+    target = label_embedding(shared_params)[token_labels]
     noisy = target + sigma[:, None] * jax.random.normal(key_noise, target.shape)
     c = edm.preconditioning(sigma, model.sigma_data)
     logits = net(images, c.c_in[:, None] * noisy, c.c_noise)

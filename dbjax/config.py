@@ -82,6 +82,12 @@ def default_config() -> ml_collections.ConfigDict:
       # accurate on digits (README) and no communication between blocks.
       shared_modules="per_block",
       augment=False,             # random flip and crop of training images
+      # dbjax's addition, not the paper's: the fraction of training examples whose noisy
+      # label token is built from a uniformly random class while the target stays the
+      # true one. At inference block b > 0 reads the label of block b-1's answer, which is
+      # sometimes wrong; trained only on true labels it trusts the token (README,
+      # "Classification"). 0 = the paper's training.
+      token_corruption=0.0,
       inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
   ))
   c.language = ml_collections.ConfigDict(dict(
@@ -216,6 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"a multiple of 4 and of model.num_heads={m.num_heads}")
   _require(data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
            f"must divide data.image_size={data.image_size}")
+  _require(0.0 <= config.classifier.token_corruption < 1.0, "classifier.token_corruption",
+           config.classifier.token_corruption, "in [0, 1)")
   _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
   _require(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
   _require(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")

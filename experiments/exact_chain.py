@@ -7,7 +7,9 @@ predictive distribution p(y | input), so anything the chain changes after it is 
 chain's doing, not the blocks' training. Two tables:
 
 - classification: accuracy of the first call (the Bayes classifier) and of the chain's
-  last call, for posteriors calibrated at several accuracies (unit-norm labels);
+  last call, for posteriors calibrated at several accuracies (unit-norm labels), and of
+  the last call when the blocks are exact for training tokens built from a random class
+  at a rate of 0.2 or 0.5 (classifier.token_corruption);
 - language: cross-entropy (nats) of the first call, of one fixed-seed chain's last call,
   and of the mixture of K chains' last calls (sampling.mixture_log_probs), against the
   entropy.
@@ -49,6 +51,10 @@ def classification_rows(num_rows: int) -> list[dict]:
                                               jax.random.key(4))
       row[f"first_call_{bridge}"] = accuracy(logits[0], labels)
       row[f"chain_{bridge}"] = accuracy(logits[-1], labels)
+    for rate in (0.2, 0.5):  # blocks exact for corrupted training tokens
+      logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax",
+                                              jax.random.key(4), token_corruption=rate)
+      row[f"chain_argmax_corruption_{rate}"] = accuracy(logits[-1], labels)
     rows.append(row)
   return rows
 

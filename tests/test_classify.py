@@ -122,6 +122,36 @@ def test_block_loss_weights_cross_entropy_by_edm_weight(weighting):
   np.testing.assert_allclose(metrics["cross_entropy"], np.mean(ce), rtol=1e-6)
 
 
+def test_corrupt_labels_replaces_the_given_fraction_uniformly():
+  labels = jnp.arange(40000) % 10
+  assert jnp.array_equal(classify.corrupt_labels(jax.random.key(0), labels, 10, 0.0), labels)
+  corrupted = classify.corrupt_labels(jax.random.key(0), labels, 10, 0.4)
+  # A replacement draws the true class one time in ten: 0.4 * 0.9 of the labels change.
+  np.testing.assert_allclose(jnp.mean(corrupted != labels), 0.36, atol=0.01)
+  changed = corrupted[corrupted != labels]
+  np.testing.assert_allclose(np.bincount(changed, minlength=10) / changed.size, 0.1, atol=0.01)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_token_corruption_changes_the_token_not_the_target(monkeypatch, rate):
+  """With a network whose logits are the token's similarity to each label row, a near-clean
+  token is read back as the class it was built from: right for all examples without
+  corruption, for about 1 - 0.9 rate with it; the loss is always against the true label."""
+  config = classify_config(**{"classifier__token_corruption": rate})
+  model = classify.build(config)
+  shared = classify.init_shared(model, jax.random.key(1)).params
+  embedding = classify.label_embedding(shared)
+  monkeypatch.setattr(classify, "network",
+                      lambda *_: lambda images, token, c_noise: 100.0 * token @ embedding.T)
+  labels = jnp.arange(4000) % 10
+  interval = jnp.array([0.002, 0.0021])
+  _, metrics = classify.block_loss(model, None, shared, jnp.zeros((4000, 8, 8, 1)), labels,
+                                   jax.random.key(2), interval)
+  np.testing.assert_allclose(metrics["accuracy"], 1.0 - 0.9 * rate, atol=0.025)
+  if rate == 0.0:
+    assert metrics["cross_entropy"] < 1e-3
+
+
 @pytest.mark.parametrize("shared_modules", ["per_block", "shared"])
 def test_parameter_groups(shared_modules):
   model = classify.build(classify_config(**{"classifier__shared_modules": shared_modules}))
@@ -245,6 +275,8 @@ def test_bad_classifier_option_is_named():
     config_lib.validate(classify_config(**{"classifier__bridge": "soft"}))
   with pytest.raises(ConfigError, match="classifier.inference_steps"):
     config_lib.validate(classify_config(**{"classifier__inference_steps": (0, 3)}))
+  with pytest.raises(ConfigError, match="classifier.token_corruption.*in \\[0, 1\\)"):
+    config_lib.validate(classify_config(**{"classifier__token_corruption": 1.0}))
 
 
 def test_short_run_is_well_above_chance(tmp_path):
