@@ -187,7 +187,7 @@ def test_exact_chain_of_a_classifier_loses_to_its_first_call():
   assert accuracy[0] == pytest.approx(bayes, abs=2e-3) and 0.8 < bayes < 0.88
   assert 0.005 < bayes - accuracy[-1] < 0.03
   # Exact for tokens built from a random class half the time (classify.token_corruption),
-  # the later calls trust the token less and lose a third as much (0.4 against 1.2 points).
+  # the later calls trust the token less and lose a third as much (0.4 against 1.3 points).
   robust = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY,
                                           token_corruption=0.5)
   robust_accuracy = [float(jnp.mean(jnp.argmax(l, -1) == labels)) for l in robust]
