@@ -260,7 +260,7 @@ jit_run_step, run_step = jit_train_step, train_step
 @functools.partial(jax.jit, static_argnames=("model",))
 def _chain_logits(model, stacked_params, shared_params, images, key, sigmas, blocks):
   embedding = label_embedding(shared_params)
-  z = model.dist.sigma_max * jax.random.normal(key, (images.shape[0], embedding.shape[1]))
+  z = noise.pure_noise(key, (images.shape[0], embedding.shape[1]), model.dist)
 
   def logits_of(z, sigma, block, step):
     del step

@@ -367,7 +367,7 @@ def _chain_cross_entropy(model, stacked_params, shared_params, tokens, key, sigm
   position runs its N calls at once, as each noisy row sees only clean columns and
   itself."""
   embedding = token_embedding(shared_params)
-  z = model.dist.sigma_max * jax.random.normal(key, tokens.shape + (embedding.shape[1],))
+  z = noise.pure_noise(key, tokens.shape + (embedding.shape[1],), model.dist)
 
   def mean_cross_entropy(logits):  # kept per call instead of (N, T, V) logits
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
@@ -389,8 +389,7 @@ def _chain_mixture_nats(model, stacked_params, shared_params, tokens, key, sigma
     return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
 
   def true_log_prob(chain_key):
-    z = model.dist.sigma_max * jax.random.normal(chain_key,
-                                                 tokens.shape + (embedding.shape[1],))
+    z = noise.pure_noise(chain_key, tokens.shape + (embedding.shape[1],), model.dist)
     return embedding_chain(logits_of, z, sigmas, blocks, embedding, model.bridge,
                            keep=of_true_token)[-1]
 
@@ -523,8 +522,7 @@ def _generate_autoregressive(model, stacked_params, shared_params, prompt, key, 
   def position_step(carry, position):
     tokens, cache = carry
     key_noise, key_token = jax.random.split(jax.random.fold_in(key, position))
-    z = model.dist.sigma_max * jax.random.normal(key_noise, (num_samples, 1,
-                                                             embedding.shape[1]))
+    z = noise.pure_noise(key_noise, (num_samples, 1, embedding.shape[1]), model.dist)
 
     def logits_of(z, sigma, block, step):
       del step

@@ -34,6 +34,12 @@ class NoiseDistribution(NamedTuple):
   sigma_max: float = 80.0
 
 
+def pure_noise(key, shape, dist: NoiseDistribution) -> jax.Array:
+  """The start of every sampling chain, z ~ N(0, sigma_max^2 I) (METHOD.md, Sampling; the
+  released code uses variance 1 + sigma_max^2, a difference of 0.008%)."""
+  return dist.sigma_max * jax.random.normal(key, shape)
+
+
 def _cdf_levels(dist: NoiseDistribution, num_intervals: int) -> np.ndarray:
   """num_intervals + 1 sigmas, ascending, equally spaced in the log-normal CDF.
 

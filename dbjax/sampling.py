@@ -85,7 +85,7 @@ def sample(model: BlockModel, stacked_params, key: jax.Array, labels: jax.Array,
     raise ValueError(f"solver={solver!r} is not one of ('euler', 'heun')")
   sigmas, blocks = sampling_plan(model, num_steps)
   shape = (labels.shape[0], model.dit.image_size, model.dit.image_size, model.dit.channels)
-  z = model.dist.sigma_max * jax.random.normal(key, shape)
+  z = noise.pure_noise(key, shape, model.dist)
   return _integrate(model, stacked_params, z, labels, jnp.asarray(sigmas, jnp.float32),
                     jnp.asarray(blocks, jnp.int32), solver, float(guidance_scale))
 
@@ -161,7 +161,7 @@ def exact_posterior_chain(log_prior, embedding, num_steps: int, num_blocks: int,
   sigmas = noise.sampling_sigmas(num_steps, dist)
   owners = noise.block_of_sigma(sigmas, noise.block_boundaries(
       num_blocks, dist.p_mean, dist.p_std, dist.sigma_min, dist.sigma_max))
-  z = dist.sigma_max * jax.random.normal(key, (log_prior.shape[0], embedding.shape[1]))
+  z = noise.pure_noise(key, (log_prior.shape[0], embedding.shape[1]), dist)
   return embedding_chain(exact_posterior_logits(log_prior, embedding, token_corruption), z,
                          jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners), embedding,
                          bridge)

@@ -112,7 +112,7 @@ def position_chain(model, stacked_params, embedding, tokens, position, key, sigm
   are not read: the layers are causal."""
   batch, length = tokens.shape
   width = embedding.shape[1]
-  z = model.dist.sigma_max * jax.random.normal(key, (batch, width))
+  z = noise.pure_noise(key, (batch, width), model.dist)
 
   def logits_of(z, sigma, block, step):
     prefix = embedding[tokens] + sigma * jax.random.normal(
