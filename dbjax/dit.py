@@ -91,6 +91,22 @@ def gate(x, gate_values):
   return _per_segment(x, lambda x, g: g * x, gate_values)
 
 
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (RoFormer, Su et al. 2021; as in Llama): rotate each pair
+  (x_j, x_{j + d/2}) of queries or keys x (N, T, heads, d) by positions (T,) x base^(-2j/d).
+
+  The score q_i . k_j then depends on i - j however q was formed. That matters for a
+  noisy row at sigma_max: its input is noise, so a position added to it is drowned, but
+  a query made of the conditioning's shift alone still attends by distance.
+  """
+  half = x.shape[-1] // 2
+  angles = positions[:, None] * base ** (-jnp.arange(half) / half)  # (T, d/2)
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]      # over heads
+  first, second = x[..., :half], x[..., half:]
+  return jnp.concatenate([first * cos - second * sin, first * sin + second * cos],
+                         -1).astype(x.dtype)
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(N, H, W, C) -> (N, H/p * W/p, p * p * C), patches in row-major order."""
   n, h, w, c = images.shape
@@ -148,7 +164,7 @@ class DiTLayer(nnx.Module):
                         3, axis=2)
     return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
-  def __call__(self, x, cond, mask=None, context=None, attention=None):
+  def __call__(self, x, cond, mask=None, context=None, attention=None, positions=None):
     """x (N, T, D) conditioned on cond (N, D) or (N, G, D) (per segment).
 
     mask: optional (T, T + C) boolean, True where a row may attend to a column.
@@ -157,10 +173,14 @@ class DiTLayer(nnx.Module):
       the key-value cache of dbjax.language. Returns (x, (keys, values) of x).
     attention: optional f(q, k, v) -> (N, T, heads, head_dim) in place of masked dense
       attention, for masks with structure (dbjax.language.block_diffusion_attention).
+    positions: optional (T,) positions of x's rows: queries and keys are rotated by them
+      (`rotary`), so the returned keys are rotated too and a cache of them stays valid.
     """
     (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp,
      gate_mlp) = jnp.split(self.modulation(nnx.silu(cond)), 6, axis=-1)
     q, k, v = self.heads(modulate(self.norm1(x), shift_attn, scale_attn))
+    if positions is not None:
+      q, k = rotary(q, positions), rotary(k, positions)
     keys, values = (k, v) if context is None else (
         jnp.concatenate([context[0], k], 1), jnp.concatenate([context[1], v], 1))
     if attention is not None:
@@ -182,10 +202,10 @@ class UserLayer(nnx.Module):
   def __init__(self, layer: nnx.Module):
     self.layer = layer
 
-  def __call__(self, x, cond, mask=None, context=None, attention=None):
-    if mask is not None or context is not None or attention is not None:
-      raise ValueError("a user layer (x, cond) -> x cannot take an attention mask or a "
-                       "key-value cache")
+  def __call__(self, x, cond, mask=None, context=None, attention=None, positions=None):
+    if any(a is not None for a in (mask, context, attention, positions)):
+      raise ValueError("a user layer (x, cond) -> x cannot take an attention mask, a "
+                       "key-value cache or rotary positions")
     return self.layer(x, cond), None
 
 
@@ -199,15 +219,15 @@ def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer | UserLayer:
 
 
 def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,
-                 mask: jax.Array | None = None, attention=None):
+                 mask: jax.Array | None = None, attention=None, positions=None):
   """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D) or
   (N, G, D), attending where mask (T, T) is True (everywhere if None), or with the
-  given attention function (see DiTLayer)."""
+  given attention function, with rotary positions (T,) if given (see DiTLayer)."""
   layer_graph, layer_states = nnx.split(layers)
 
   def apply_layer(tokens, layer_state):
     layer = nnx.merge(layer_graph, layer_state)
-    return layer(tokens, cond, mask, attention=attention)[0], None
+    return layer(tokens, cond, mask, attention=attention, positions=positions)[0], None
 
   if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
     apply_layer = jax.checkpoint(apply_layer)

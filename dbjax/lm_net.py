@@ -21,6 +21,8 @@ from flax import nnx
 
 from dbjax.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
 
+POSITIONS = ("learned", "rotary")
+
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
@@ -32,6 +34,9 @@ class LMConfig:
   mlp_ratio: float = 4.0
   frequency_dim: int = 128
   remat: bool = False
+  # "learned": an embedding added to the input; "rotary": queries and keys rotated in
+  # every layer (dbjax.dit.rotary; the paper's Llama-style blocks).
+  positions: str = "learned"
   layer: Callable[[nnx.Rngs], nnx.Module] | None = None  # a user's layer (dbjax.dit.DiTConfig)
 
   @property
@@ -50,7 +55,8 @@ class LMNet(nnx.Module):
     # The input of a position whose token is not given: masked (MD4), or the start of
     # the text (the causal LM's first position).
     self.blank = nnx.Param(init(rngs.params(), (d,)))
-    self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
+    if cfg.positions == "learned":
+      self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
     self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
@@ -61,10 +67,17 @@ class LMNet(nnx.Module):
     return flat.reshape(c_noise.shape + (self.cfg.hidden_size,))
 
   def embed(self, vectors, positions, blank=None):
-    """Input vectors (blank where `blank` is True) mapped into the model, plus positions."""
+    """Input vectors (blank where `blank` is True) mapped into the model, plus learned
+    positions."""
     if blank is not None:
       vectors = jnp.where(blank[..., None], self.blank.value, vectors)
+    if self.cfg.positions == "rotary":
+      return self.token_in(vectors)
     return self.token_in(vectors) + self.position(positions)
+
+  def rotary_positions(self, positions):
+    """The positions the layers rotate queries and keys by, or None."""
+    return positions if self.cfg.positions == "rotary" else None
 
   def __call__(self, vectors: jax.Array, positions: jax.Array, c_noise: jax.Array,
                mask: jax.Array | None = None, blank: jax.Array | None = None,
@@ -75,7 +88,7 @@ class LMNet(nnx.Module):
     the input is the blank vector."""
     cond = self.condition(c_noise)
     x = apply_layers(self.layers, self.embed(vectors, positions, blank), cond,
-                     self.cfg.remat, mask, attention)
+                     self.cfg.remat, mask, attention, self.rotary_positions(positions))
     return self.head(x, cond)
 
   def decode(self, vectors, position, c_noise, cache, valid, blank=None):
@@ -87,13 +100,15 @@ class LMNet(nnx.Module):
     each (layers, N, 1, heads, head_dim)) for the caller to write into the cache.
     """
     cond = self.condition(c_noise)
-    x = self.embed(vectors, jnp.reshape(position, (1,)), blank)
+    positions = jnp.reshape(position, (1,))
+    x = self.embed(vectors, positions, blank)
     mask = jnp.concatenate([valid, jnp.ones((1,), bool)])[None]  # (1, C + 1)
     graph, states = nnx.split(self.layers)
 
     def layer(x, xs):
       state, keys, values = xs
-      return nnx.merge(graph, state)(x, cond, mask, (keys, values))
+      return nnx.merge(graph, state)(x, cond, mask, (keys, values),
+                                     positions=self.rotary_positions(positions))
 
     x, own_keys_values = jax.lax.scan(layer, x, (states, *cache))
     return self.head(x, cond), own_keys_values

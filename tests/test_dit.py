@@ -1,4 +1,5 @@
-"""The DiT: shapes, identity at initialisation, patchify round trip, remat equivalence."""
+"""The DiT: shapes, identity at initialisation, patchify round trip, remat equivalence,
+rotary positions."""
 import dataclasses
 
 import chex
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dbjax.dit import DiT, DiTConfig, patchify, sincos_position_embedding, unpatchify
+from dbjax.dit import (DiT, DiTConfig, patchify, rotary, sincos_position_embedding,
+                       unpatchify)
 
 CFG = DiTConfig(image_size=8, channels=1, patch_size=2, hidden_size=32, num_layers=3,
                 num_heads=2, frequency_dim=32)
@@ -65,3 +67,22 @@ def test_position_embedding_is_distinct_per_patch():
   emb = sincos_position_embedding(32, 4)
   chex.assert_shape(emb, (16, 32))
   assert len({tuple(np.round(r, 5)) for r in emb}) == 16
+
+
+def test_rotary_scores_depend_only_on_the_offset_and_norms_are_kept():
+  """q_i . k_j after rotation by positions i and j is a function of i - j alone (RoFormer,
+  Eq. 16); position 0 is the identity; every row keeps its norm."""
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32) for _ in range(2))
+
+  def score(i, j):
+    return float(jnp.sum(rotary(q, jnp.array([i])) * rotary(k, jnp.array([j]))))
+
+  for offset in (0, 1, 5, 40):
+    np.testing.assert_allclose([score(i + offset, i) for i in (0, 3, 17)],
+                               score(offset, 0), rtol=1e-4, atol=1e-4)
+  assert abs(score(1, 0) - score(5, 0)) > 1e-2  # and it does depend on the offset
+  np.testing.assert_array_equal(rotary(q, jnp.array([0])), q)
+  x = jnp.asarray(rng.standard_normal((2, 7, 3, 16)), jnp.float32)
+  np.testing.assert_allclose(jnp.linalg.norm(rotary(x, jnp.arange(7.0)), axis=-1),
+                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
