@@ -19,6 +19,7 @@ LANGUAGE_CHOICES = {
     "kind": ("autoregressive", "masked"),
     "token_embedding": ("frozen", "joint"),
     "bridge": ("argmax", "expected"),
+    "positions": ("learned", "rotary"),
 }
 CLASSIFIER_CHOICES = {
     "target_token": ("class_token", "concat"),
@@ -100,6 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
       # (blocks stay independent) or "joint", trained with whichever block is active.
       token_embedding="frozen",
       bridge="argmax",           # Euler bridge of the autoregressive chain, as classifier
+      # Positions: "learned", an embedding added to the input, or "rotary", queries and
+      # keys rotated in every layer (Llama-style, as the paper's LM blocks). A noisy row's
+      # input is noise at high sigma, so an added position is drowned (README, Language).
+      positions="learned",
+      # Autoregressive, dbjax's option (not the paper's): the share of block 0's training
+      # sequences drawn at sigma_max, where every chain's first call runs (with N = B, its
+      # only call); the log-normal puts 0.2% of its mass above sigma = 10. 0 = the paper.
+      sigma_max_share=0.0,
       inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
       # autoregressive: independent chains per token whose mixed last calls estimate the
       # chain's likelihood (sampling.mixture_log_probs; README, Language). The estimate is
@@ -184,6 +193,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            lang.seq_len, "an integer >= 2")
   for field in ("inference_steps", "sample_steps", "mixture_chains"):
     _require(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
+  _require(0.0 <= lang.sigma_max_share <= 1.0, "language.sigma_max_share",
+           lang.sigma_max_share, "in [0, 1]")
   _require(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
   _require(lang.temperature >= 0, "language.temperature", lang.temperature,
            ">= 0 (0 = greedy)")

@@ -65,6 +65,7 @@ class LanguageModel:
   intervals: np.ndarray         # (B, 2) each block's training interval (sigma or t)
   sigma_data: float
   bridge: str
+  sigma_max_share: float        # autoregressive: block 0's sequences drawn at sigma_max
   train_token_embedding: bool
   graphdef: nnx.GraphDef
   block_optimizer: optax.GradientTransformation
@@ -99,7 +100,7 @@ def build(config) -> LanguageModel:
   net = LMConfig(vocab_size=config.data.num_classes, seq_len=lang.seq_len,
                  hidden_size=m.hidden_size, num_layers=m.num_layers // num_blocks,
                  num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                 frequency_dim=m.frequency_dim, remat=m.remat)
+                 frequency_dim=m.frequency_dim, remat=m.remat, positions=lang.positions)
   dist, boundaries, intervals = noise_plan(config)
   if lang.kind == "masked":
     boundaries = masking_boundaries(num_blocks)
@@ -113,6 +114,7 @@ def build(config) -> LanguageModel:
       net=net, kind=lang.kind, num_blocks=num_blocks,
       denoising=config.method == "diffusion_blocks", dist=dist, boundaries=boundaries,
       intervals=intervals, sigma_data=config.diffusion.sigma_data, bridge=lang.bridge,
+      sigma_max_share=lang.sigma_max_share,
       train_token_embedding=train_embedding, graphdef=graphdef,
       block_optimizer=make_optimizer(config.train), shared_optimizer=shared_optim)
 
@@ -290,7 +292,7 @@ def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, i
   if model.denoising:
     loss, logits, cross_entropy = denoising_cross_entropy(
         model, lambda z, sigma: denoiser_logits(model, net, embedding, tokens, z, sigma),
-        embedding, tokens, key, interval)
+        embedding, tokens, key, interval, model.sigma_max_share)
   else:
     logits = causal_logits(model, net, embedding, tokens)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
@@ -298,14 +300,24 @@ def block_loss(model: LanguageModel, block_params, shared_params, tokens, key, i
   return loss, token_metrics(logits, cross_entropy, tokens)
 
 
-def denoising_cross_entropy(model, logits_of, embedding, tokens, key, interval):
+def denoising_cross_entropy(model, logits_of, embedding, tokens, key, interval,
+                            sigma_max_share: float = 0.0):
   """(loss, logits, per-token CE) of next-token-embedding denoising: z = E[x] + sigma eps
   with one sigma per sequence from the block's interval, logits = logits_of(z, sigma),
   loss = mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6, per example). Shared with the
-  single-stream form of dbjax.user_layers."""
+  single-stream form of dbjax.user_layers.
+
+  sigma_max_share (dbjax's option, not the paper's): in the block whose interval reaches
+  sigma_max, that fraction of sequences is drawn at sigma_max itself. The first call of
+  every chain runs there, and with N = B it is block 0's only call, but the log-normal
+  puts 0.2% of its mass above sigma = 10 (README, Language)."""
   key_sigma, key_noise = jax.random.split(key)
   sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
                              model.dist.p_mean, model.dist.p_std)
+  if sigma_max_share > 0:  # its own key: the paper's stream is unchanged without it
+    at_top = jax.random.bernoulli(jax.random.fold_in(key, 2), sigma_max_share, sigma.shape)
+    top_block = interval[1] >= model.dist.sigma_max
+    sigma = jnp.where(at_top & top_block, jnp.asarray(model.dist.sigma_max, sigma.dtype), sigma)
   target = embedding[tokens]
   z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
   logits = logits_of(z, sigma)

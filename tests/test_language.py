@@ -46,10 +46,10 @@ def perturbed_states(model, seed=0, scale=0.2):
   return [s._replace(params=jax.tree.map(jitter, s.params)) for s in states], shared
 
 
-def random_block_and_inputs(block: int, batch: int, seed: int):
+def random_block_and_inputs(block: int, batch: int, seed: int, positions="learned"):
   """(model, one perturbed block's network, the token embedding, random tokens (batch, 16),
-  random noisy vectors z (batch, 16, 16)) of `lm_config()`."""
-  model = language.build(lm_config())
+  random noisy vectors z (batch, 16, 16)) of `lm_config(positions=positions)`."""
+  model = language.build(lm_config(positions=positions))
   states, shared = perturbed_states(model)
   net = language.network(model, states[block].params)
   rng = np.random.default_rng(seed)
@@ -124,6 +124,8 @@ def test_config_rejects_bad_language_fields():
     validate(config)
   with pytest.raises(ConfigError, match="language.prompt"):
     lm_config(prompt="x" * 16)
+  with pytest.raises(ConfigError, match="language.positions='absolute'.*'rotary'"):
+    lm_config(positions="absolute")
 
 
 # ---------------------------------------------------------------------- the masks
@@ -151,10 +153,12 @@ def test_block_diffusion_attention_equals_dense_attention_under_the_mask():
   np.testing.assert_allclose(language.block_diffusion_attention(q, k, v), dense, atol=1e-5)
 
 
-def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself():
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself(positions):
   """Changing token j or the noise at j leaves the logits before j unchanged, and at j
   only through its own noise (not its clean token: that would leak the answer)."""
-  model, net, embedding, tokens, z = random_block_and_inputs(block=0, batch=1, seed=1)
+  model, net, embedding, tokens, z = random_block_and_inputs(block=0, batch=1, seed=1,
+                                                             positions=positions)
   logits = jax.jit(lambda t, z: language.denoiser_logits(model, net, embedding, t, z,
                                                         jnp.ones((1,))))
   base = logits(tokens, z)
@@ -258,10 +262,13 @@ def test_md4_elbo_of_a_constant_predictor_is_its_cross_entropy():
 # -------------------------------------------------------------- cache and generation
 
 
-def test_cached_decode_equals_the_full_forward_pass():
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_cached_decode_equals_the_full_forward_pass(positions):
   """Filling a block's cache token by token with the clean stream, then decoding the
-  noisy row at position i, gives the logits of the full 2T forward pass at row i."""
-  model, net, embedding, tokens, z = random_block_and_inputs(block=1, batch=2, seed=2)
+  noisy row at position i, gives the logits of the full 2T forward pass at row i (with
+  rotary positions the cache holds keys already rotated by their own positions)."""
+  model, net, embedding, tokens, z = random_block_and_inputs(block=1, batch=2, seed=2,
+                                                             positions=positions)
   sigma = jnp.full((2,), 0.7)
   full = language.denoiser_logits(model, net, embedding, tokens, z, sigma)
   cache = tuple(c[0] for c in language._empty_cache(model, 1, 2, 16))
@@ -277,10 +284,11 @@ def test_cached_decode_equals_the_full_forward_pass():
     cache = language._write(cache, new, i)
 
 
-def test_greedy_causal_generation_agrees_with_teacher_forcing():
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_greedy_causal_generation_agrees_with_teacher_forcing(positions):
   """Each greedily generated token is the argmax of the causal LM's logits on the text
   generated before it: the cached decoder computes what training computes."""
-  model = language.build(lm_config(method="end_to_end"))
+  model = language.build(lm_config(method="end_to_end", positions=positions))
   states, shared = perturbed_states(model)
   prompt = np.array([3, 1, 4], np.int32)
   tokens = language.generate(model, [states[0].params], shared.params, prompt, 2)
@@ -370,3 +378,29 @@ def test_loss_falls_on_a_tiny_run(kind, text_file, tmp_path):
   config.language.seq_len = 8  # the checkpoint's position embeddings do not fit
   with pytest.raises(ConfigError, match="language.seq_len"):
     train.train(config, str(tmp_path), train_data)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_sigma_max_share_draws_block_zero_at_sigma_max_and_leaves_other_blocks(share):
+  """language.sigma_max_share: that fraction of block 0's sequences is at sigma_max; the
+  block below keeps the paper's draw, and share 0 is the paper's stream exactly."""
+  model = language.build(lm_config(sigma_max_share=share))
+  paper = language.build(lm_config())
+  tokens = jnp.zeros((4000, 2), jnp.int32)
+  embedding = jnp.eye(model.net.vocab_size, 3)
+
+  def sigmas(model, block):
+    seen = []
+    language.denoising_cross_entropy(
+        model, lambda z, sigma: seen.append(sigma) or jnp.zeros(z.shape[:2] + (3,)),
+        embedding, tokens, jax.random.key(0), jnp.asarray(model.intervals[block]),
+        model.sigma_max_share)
+    return np.asarray(seen[0])
+
+  top = sigmas(model, 0)
+  assert np.mean(top == model.dist.sigma_max) == pytest.approx(share, abs=0.03)
+  np.testing.assert_array_equal(sigmas(model, 1), sigmas(paper, 1))
+  if share == 0.0:
+    np.testing.assert_array_equal(top, sigmas(paper, 0))
+  with pytest.raises(ConfigError, match="language.sigma_max_share=1.5"):
+    lm_config(sigma_max_share=1.5)
