@@ -195,6 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
   _require(0.0 <= lang.sigma_max_share <= 1.0, "language.sigma_max_share",
            lang.sigma_max_share, "in [0, 1]")
+  _require(lang.sigma_max_share == 0.0 or lang.kind == "autoregressive",
+           "language.sigma_max_share", lang.sigma_max_share,
+           "0 unless language.kind='autoregressive' (MD4 has no sigma)")
   _require(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
   _require(lang.temperature >= 0, "language.temperature", lang.temperature,
            ">= 0 (0 = greedy)")

@@ -21,8 +21,6 @@ from flax import nnx
 
 from dbjax.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
 
-POSITIONS = ("learned", "rotary")
-
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:

@@ -404,3 +404,5 @@ def test_sigma_max_share_draws_block_zero_at_sigma_max_and_leaves_other_blocks(s
     np.testing.assert_array_equal(top, sigmas(paper, 0))
   with pytest.raises(ConfigError, match="language.sigma_max_share=1.5"):
     lm_config(sigma_max_share=1.5)
+  with pytest.raises(ConfigError, match="language.sigma_max_share=0.5.*autoregressive"):
+    lm_config("masked", sigma_max_share=0.5)
