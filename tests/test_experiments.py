@@ -295,6 +295,23 @@ def test_compare_classification_reports_the_accuracy_gap(tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_autoregressive_lm_holds_the_first_call_to_the_target(tmp_path):
+  run_cli("experiments.compare", "--config=experiments/configs/shakespeare_ar.py",
+          f"--workdir={tmp_path}", "--config.model.num_layers=2",
+          "--config.model.hidden_size=16", "--config.model.num_heads=2",
+          "--config.model.frequency_dim=16", "--config.diffusion.num_blocks=2",
+          "--config.train.num_steps=2", "--config.train.batch_size=4",
+          "--config.train.progress=False", "--config.language.seq_len=16",
+          "--config.language.num_samples=1", "--config.eval.max_test_examples=4",
+          "--config.language.sigma_max_share=0.5")
+  summary = json.loads((tmp_path / "compare.json").read_text())
+  e2e, db = summary["rows"]
+  assert (e2e["iterations"], db["iterations"]) == (2, 4)
+  assert summary["bpc_first_call_ratio_db_over_e2e"] == db["bpc_first_call"] / e2e["bpc"]
+  assert summary["bpc_ratio_db_over_e2e"] == db["bpc"] / e2e["bpc"]
+
+
+@pytest.mark.slow
 def test_sweep_trains_each_value(tmp_path):
   run_cli("experiments.sweep", "--config=experiments/configs/digits.py",
           "--field=diffusion.num_blocks", "--values=1,2", f"--workdir={tmp_path}",
