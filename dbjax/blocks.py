@@ -42,6 +42,7 @@ class BlockModel:
   label_dropout: float
   graphdef: nnx.GraphDef
   optimizer: optax.GradientTransformation
+  partition: str = "equiprobable"  # of the noise levels (noise.PARTITIONS)
 
   # Image blocks share no trained parameters: the driver may regroup their iterations.
   couples_blocks = False
@@ -103,7 +104,7 @@ def build(config, layer=None) -> BlockModel:
   return BlockModel(dit=dit, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
                     intervals=intervals, sigma_data=d.sigma_data,
                     label_dropout=m.label_dropout, graphdef=graphdef,
-                    optimizer=make_optimizer(config.train))
+                    optimizer=make_optimizer(config.train), partition=d.partition)
 
 
 def init_block(model: BlockModel, key: jax.Array) -> BlockState:

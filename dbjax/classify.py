@@ -76,6 +76,7 @@ class ClassifierModel:
   graphdef: nnx.GraphDef        # merges (shared network part, block part)
   block_optimizer: optax.GradientTransformation
   shared_optimizer: optax.GradientTransformation
+  partition: str = "equiprobable"  # of the noise levels (noise.PARTITIONS)
 
   @property
   def network_config(self):
@@ -125,7 +126,7 @@ def build(config, layer=None) -> ClassifierModel:
       token_corruption=c.token_corruption,
       shared_modules=shared_modules, train_label_embedding=train_label_embedding,
       graphdef=graphdef, block_optimizer=make_optimizer(config.train),
-      shared_optimizer=shared_optim)
+      shared_optimizer=shared_optim, partition=config.diffusion.partition)
 
 
 # ----------------------------------------------------------------------------- state

@@ -151,9 +151,21 @@ def sample_sigma(key: jax.Array, shape, lo, hi, p_mean: float = -1.2,
   return jnp.clip(jnp.exp(p_mean + p_std * norm.ppf(u)), lo, hi)
 
 
-def sampling_sigmas(num_steps: int, dist: NoiseDistribution) -> np.ndarray:
-  """num_steps + 1 descending sigmas from sigma_max to sigma_min, equally spaced in
-  the log-normal CDF (so each block gets about num_steps / B steps)."""
+def sampling_sigmas(num_steps: int, dist: NoiseDistribution, kind: str = "equiprobable",
+                    boundaries: np.ndarray | None = None) -> np.ndarray:
+  """num_steps + 1 descending sigmas from sigma_max to sigma_min: the partition named
+  `kind` with num_steps intervals in place of B. So the grid follows the blocks' own
+  partition: with num_steps = k B each block gets k steps, under either partition
+  (equally spaced in the log-normal CDF for "equiprobable", in log sigma for
+  "uniform_log"). Grid points within 1e-9 (relative) of a block boundary in
+  `boundaries` are set to it exactly, so `block_of_sigma` routes them to the block whose
+  upper end they are (two float grids can differ there by an ulp)."""
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  return _cdf_levels(dist, num_steps)[::-1].copy()
+  grid = partition(kind, num_steps, dist)
+  if boundaries is not None:
+    boundaries = np.asarray(boundaries, np.float64)
+    nearest = np.abs(grid[:, None] - boundaries[None]).argmin(1)
+    on_boundary = np.isclose(grid, boundaries[nearest], rtol=1e-9, atol=0)
+    grid = np.where(on_boundary, boundaries[nearest], grid)
+  return grid[::-1].copy()

@@ -28,8 +28,9 @@ def stack_params(params_per_block):
 
 
 def sampling_plan(model: BlockModel, num_steps: int):
-  """Host-side (float64) grid: sigmas (num_steps + 1,) and the block of each step."""
-  sigmas = noise.sampling_sigmas(num_steps, model.dist)
+  """Host-side (float64) grid: sigmas (num_steps + 1,), following the model's partition
+  (noise.sampling_sigmas), and the block of each step."""
+  sigmas = noise.sampling_sigmas(num_steps, model.dist, model.partition, model.boundaries)
   blocks = noise.block_of_sigma(sigmas, model.boundaries)
   return sigmas, blocks
 

@@ -185,6 +185,7 @@ class TokenModel:
   intervals: np.ndarray
   sigma_data: float
   graphdef: nnx.GraphDef
+  partition: str = "equiprobable"  # of the noise levels (noise.PARTITIONS)
 
 
 # ------------------------------------------------------------------ checking layers
@@ -438,7 +439,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
     dist, boundaries, intervals = blocks.noise_plan(config)
     model = TokenModel(net=net, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
                        intervals=intervals, sigma_data=config.diffusion.sigma_data,
-                       graphdef=graphdef)
+                       graphdef=graphdef, partition=partition)
     shared = {"token_embedding": jax.device_get(jax.random.normal(key, (vocab_size,
                                                                         hidden_size)))}
   return DiffusionBlocks(target=target, model=model, optimizer=optimizer,

@@ -125,3 +125,20 @@ def test_top_block_sampler_reaches_sigma_max():
 def test_bad_num_blocks_is_refused(bad):
   with pytest.raises(ValueError, match="num_blocks"):
     noise.block_boundaries(bad)
+
+
+@pytest.mark.parametrize("kind", noise.PARTITIONS)
+@pytest.mark.parametrize("num_blocks", [2, 3, 4])
+def test_sampling_grid_follows_the_partition(kind, num_blocks):
+  """With N = 10 B steps each block runs 10 under either partition (a grid equally spaced
+  in the CDF under uniform_log once gave B = 3 blocks 2, 25 and 3 steps)."""
+  bounds = noise.partition(kind, num_blocks, DIST)
+  sigmas = noise.sampling_sigmas(10 * num_blocks, DIST, kind, bounds)
+  assert sigmas[0] == DIST.sigma_max and sigmas[-1] == DIST.sigma_min
+  assert np.all(np.diff(sigmas) < 0)
+  owners = noise.block_of_sigma(sigmas[:-1], bounds)
+  np.testing.assert_array_equal(owners, np.repeat(np.arange(num_blocks), 10))
+  if kind == "uniform_log":  # equally spaced in log sigma
+    np.testing.assert_allclose(np.diff(np.log(sigmas)), np.diff(np.log(sigmas))[0], rtol=1e-9)
+  else:  # unchanged: the partition's own levels
+    np.testing.assert_array_equal(sigmas, noise.sampling_sigmas(10 * num_blocks, DIST))
