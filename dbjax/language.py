@@ -70,6 +70,7 @@ class LanguageModel:
   graphdef: nnx.GraphDef
   block_optimizer: optax.GradientTransformation
   shared_optimizer: optax.GradientTransformation
+  partition: str = "equiprobable"  # of the noise levels (noise.PARTITIONS)
 
   @property
   def network_config(self):
@@ -90,6 +91,17 @@ class LanguageModel:
 def masking_boundaries(num_blocks: int) -> np.ndarray:
   """B + 1 ascending masking levels 0, 1/B, .., 1 (MD4's linear schedule: uniform t)."""
   return np.linspace(0.0, 1.0, num_blocks + 1)
+
+
+def masking_owner(numerator, denominator: int, num_blocks: int):
+  """The block that owns masking level t = numerator / denominator, in exact integer
+  arithmetic: block b owns (1 - (b+1)/B, 1 - b/B], so t on a boundary belongs to the
+  block whose upper end it is (as noise.block_of_sigma). Float grids cannot be used:
+  np.linspace(1, 0, 4)[1] is one ulp above np.linspace(0, 1, 4)[2], which sent that step
+  to the block above."""
+  numerator = np.asarray(numerator)
+  interval = np.maximum(-(-numerator * num_blocks // denominator) - 1, 0)  # ceil(t B) - 1
+  return num_blocks - 1 - interval
 
 
 def build(config) -> LanguageModel:
@@ -116,7 +128,8 @@ def build(config) -> LanguageModel:
       intervals=intervals, sigma_data=config.diffusion.sigma_data, bridge=lang.bridge,
       sigma_max_share=lang.sigma_max_share,
       train_token_embedding=train_embedding, graphdef=graphdef,
-      block_optimizer=make_optimizer(config.train), shared_optimizer=shared_optim)
+      block_optimizer=make_optimizer(config.train), shared_optimizer=shared_optim,
+      partition=config.diffusion.partition)
 
 
 # ------------------------------------------------------------------------------ data
@@ -431,15 +444,16 @@ def elbo_strata(num_blocks: int, at_least: int = 12) -> np.ndarray:
 
 def sequence_nats(model: LanguageModel, stacked_params, shared_params, tokens, key,
                   num_steps: int | None = None, num_chains: int = 0) -> dict:
-  """Nats per token of each test sequence (N,), by kind:
-  - autoregressive DiffusionBlocks: {"chain": CE of the last call of one N-call chain
-    (default N = B) with a fixed noise seed, "first_call": CE of the first call alone
-    (block 0 at sigma_max: the predictive distribution), and with num_chains > 0
-    "chain_mixture": CE of the mixture of num_chains chains' last calls, the chain's
-    likelihood as a sampler (one chain's last call is near-certain of where it ended, so
-    "chain" is far above the entropy even for the exact denoiser; tests/test_sampling.py)};
-  - causal LM: {"chain": its CE};
-  - masked: {"chain": the MD4 negative ELBO, stratified over t}.
+  """Nats per token of each test sequence (N,), by kind; "headline" is the honest figure:
+  - autoregressive DiffusionBlocks: {"headline": CE of the first call (block 0 at
+    sigma_max, where z carries nothing: the model's predictive distribution),
+    "fixed_seed_chain": CE of the last call of one N-call chain (default N = B) with a
+    fixed noise seed, which is no likelihood (its last call is near-certain of where the
+    chain ended, so it is far above the entropy even for the exact denoiser;
+    tests/test_sampling.py), and with num_chains > 0 "chain_mixture": CE of the mixture
+    of num_chains chains' last calls, the chain's likelihood as a sampler};
+  - causal LM: {"headline": its CE};
+  - masked: {"headline": the MD4 negative ELBO, stratified over t}.
   """
   tokens = jnp.asarray(tokens)
   if model.kind == "masked":
@@ -447,16 +461,16 @@ def sequence_nats(model: LanguageModel, stacked_params, shared_params, tokens, k
     terms = [_masked_elbo_stratum(
         model, stacked_params, shared_params, tokens, jax.random.fold_in(key, k),
         jnp.float32(lo), jnp.float32(hi),
-        int(noise.block_of_sigma(np.float64(hi), model.boundaries)))
+        int(masking_owner(k + 1, len(levels) - 1, model.num_blocks)))
         for k, (lo, hi) in enumerate(zip(levels[:-1], levels[1:]))]
-    return {"chain": sum(terms)}
+    return {"headline": sum(terms)}
   if not model.denoising:
-    return {"chain": _causal_cross_entropy(model, stacked_params, shared_params, tokens)}
+    return {"headline": _causal_cross_entropy(model, stacked_params, shared_params, tokens)}
   sigmas, blocks = sampling_plan(model, num_steps or model.num_blocks)
   per_call = _chain_cross_entropy(model, stacked_params, shared_params, tokens, key,
                                   jnp.asarray(sigmas, jnp.float32),
                                   jnp.asarray(blocks, jnp.int32))
-  nats = {"chain": per_call[-1], "first_call": per_call[0]}
+  nats = {"headline": per_call[0], "fixed_seed_chain": per_call[-1]}
   if num_chains:
     nats["chain_mixture"] = _chain_mixture_nats(
         model, stacked_params, shared_params, tokens, jax.random.fold_in(key, 1),
@@ -611,6 +625,14 @@ def _generate_masked(model, stacked_params, shared_params, prompt, key, levels, 
   return tokens
 
 
+def unmasking_plan(num_steps: int, num_blocks: int):
+  """MD4 sampling grid: levels (num_steps + 1,) from t = 1 down to 0, and the block of
+  each step, the one owning the step's start t = (num_steps - i) / num_steps (routed in
+  exact fractions, `masking_owner`). With num_steps = k B every block runs k steps."""
+  levels = np.linspace(1.0, 0.0, num_steps + 1)
+  return levels, masking_owner(num_steps - np.arange(num_steps), num_steps, num_blocks)
+
+
 def generation_steps(config) -> int | None:
   """The config's steps for `generate`: denoising calls per token (autoregressive) or
   unmasking steps (masked); None = the default."""
@@ -635,8 +657,7 @@ def generate(model: LanguageModel, block_params, shared_params, prompt_ids, num_
   args = (float(temperature), float(top_p))
   if model.kind == "masked":
     steps = num_steps or model.net.seq_len
-    levels = np.linspace(1.0, 0.0, steps + 1)
-    blocks = noise.block_of_sigma(levels[:-1], model.boundaries)  # the block owning (s, t]
+    levels, blocks = unmasking_plan(steps, model.num_blocks)
     out = _generate_masked(model, stacked, shared_params, jnp.asarray(prompt_ids), key,
                            jnp.asarray(levels, jnp.float32), jnp.asarray(blocks, jnp.int32),
                            num_samples, *args)

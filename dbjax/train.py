@@ -455,10 +455,10 @@ def evaluate_language(config, workdir: str, model, states, shared, test_data,
                                      config.seed, lang.inference_steps or None,
                                      progress=config.train.progress,
                                      num_chains=lang.mixture_chains)
-  results = {"bits_per_character": bits["chain"], "test_sequences": int(len(tokens)),
+  results = {"bits_per_character": bits["headline"], "test_sequences": int(len(tokens)),
              "test_characters": int(tokens.size)}
-  if "first_call" in bits:
-    results["bits_per_character_first_call"] = bits["first_call"]
+  if "fixed_seed_chain" in bits:
+    results["bits_per_character_fixed_seed_chain"] = bits["fixed_seed_chain"]
     if "chain_mixture" in bits:
       results["bits_per_character_chain_mixture"] = bits["chain_mixture"]
       results["mixture_chains"] = lang.mixture_chains

@@ -65,17 +65,29 @@ def test_chain_runs_block_b_at_step_b(num_blocks, num_steps, expected):
 
 
 def test_euler_bridge_moves_toward_the_argmax_row():
-  """With every block saying 'class c', the chain's z ends near E[c] (closed form:
-  z_{i+1} = x0 + (s_{i+1}/s_i)(z_i - x0), so z_N - x0 = (s_N/s_0)(z_0 - x0))."""
+  """With every call saying 'class c', the chain's z moves to E[c] in closed form:
+  z_{i+1} - x0 = (s_{i+1}/s_i)(z_i - x0), so |z_i - x0| = (s_i/s_0)|z_0 - x0|. Each call
+  reports |z - E[c]| in its logits (below class c's, so the argmax stays c)."""
   config = classify_config(**{"diffusion__num_blocks": 2})
   model = classify.build(config)
-  shared = classify.init_shared(model, jax.random.key(9)).params
-  params = constant_logit_blocks(model)
-  for p in params:
-    p["head"]["out"]["bias"].value = 10.0 * jax.nn.one_hot(7, 10)
-  logits = classify.chain_logits(model, classify.stack_params(params), shared,
-                                 jnp.zeros((2, 8, 8, 1)), 4, jax.random.key(3))
+  embedding = classify.label_embedding(classify.init_shared(model, jax.random.key(9)).params)
+  sigmas, blocks = classify.sampling_plan(model, 4)
+  target = embedding[7]
+
+  def logits_of(z, sigma, block, step):
+    distance = jnp.linalg.norm(z - target, axis=-1)
+    return jnp.where(jnp.arange(10) == 7, 10.0, -100.0 - distance[:, None])
+
+  z0 = noise.pure_noise(jax.random.key(3), (2, embedding.shape[1]), model.dist)
+  logits = classify.embedding_chain(logits_of, z0, jnp.asarray(sigmas, jnp.float32),
+                                    jnp.asarray(blocks), embedding, "argmax")
   assert np.all(np.argmax(logits, -1) == 7)
+  distances = -100.0 - np.asarray(logits[:, :, 0])              # (calls, batch)
+  expected = sigmas[:-1, None] / sigmas[0] * np.linalg.norm(z0 - target, axis=-1)
+  np.testing.assert_allclose(distances, expected, rtol=1e-4)
+  # The last Euler step, to sigma_min, shrinks that by s_N / s_{N-1}: z ends within 5% of
+  # the unit-norm E[c], from hundreds away.
+  assert distances[-1].max() * sigmas[-1] / sigmas[-2] < 0.05 and distances[0].min() > 100
 
 
 def test_bridge_estimates():

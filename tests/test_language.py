@@ -189,6 +189,25 @@ def test_masking_levels_partition_zero_to_one_top_block_first(num_blocks):
     assert model.intervals[block, 0] - 1e-7 <= lo and hi <= model.intervals[block, 1] + 1e-7
 
 
+@pytest.mark.parametrize("num_blocks", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("per_block", [1, 2])
+def test_unmasking_runs_every_block_equally_in_order(num_blocks, per_block):
+  """With steps = k B, block b runs steps b k .. (b+1) k - 1, each inside its own range
+  (np.linspace's grids differ by an ulp at shared points: B = 3, steps = 3 once ran
+  blocks [0, 0, 1])."""
+  levels, blocks = language.unmasking_plan(per_block * num_blocks, num_blocks)
+  np.testing.assert_array_equal(blocks, np.repeat(np.arange(num_blocks), per_block))
+  bounds = language.masking_boundaries(num_blocks)
+  for t, block in zip(levels[:-1], blocks):
+    assert bounds[num_blocks - 1 - block] - 1e-12 <= t <= bounds[num_blocks - block] + 1e-12
+
+
+def test_masking_owner_is_exact_on_boundaries():
+  assert list(language.masking_owner(np.arange(1, 4), 3, 3)) == [2, 1, 0]
+  assert list(language.masking_owner(np.arange(1, 13), 12, 3)) == [2] * 4 + [1] * 4 + [0] * 4
+  assert language.masking_owner(0, 5, 2) == 1  # t = 0 belongs to the last block
+
+
 def _with_blocks(config, num_blocks):
   config.diffusion.num_blocks, config.model.num_layers = num_blocks, 2 * num_blocks
   return config
@@ -239,7 +258,7 @@ def test_md4_elbo_matches_a_direct_computation_on_a_tiny_vocabulary():
     direct += (hi - lo) / 2 * sum(w * float(expected_terms(t, block))
                                   for t, w in zip(ts, weights))
   estimates = language.sequence_nats(model, stacked, shared.params,
-                                     jnp.tile(tokens, (4096, 1)), jax.random.key(0))["chain"]
+                                     jnp.tile(tokens, (4096, 1)), jax.random.key(0))["headline"]
   assert float(jnp.mean(estimates)) == pytest.approx(direct, rel=0.03)
 
 
@@ -254,7 +273,7 @@ def test_md4_elbo_of_a_constant_predictor_is_its_cross_entropy():
     s.params["head"]["out"]["bias"].value = bias
   tokens = np.random.default_rng(1).integers(0, model.net.vocab_size, (512, 16))
   bits = language.bits_per_character(model, [s.params for s in states], shared.params,
-                                     tokens, batch_size=512)["chain"]
+                                     tokens, batch_size=512)["headline"]
   expected = -float(np.mean(jax.nn.log_softmax(bias)[tokens])) / np.log(2)
   assert bits == pytest.approx(expected, rel=0.03)
 
