@@ -13,6 +13,11 @@ Faults:
 - A full disk: reported as a CheckpointError naming the step kept; the partial step is
   removed.
 - A state with NaN or inf is never written.
+
+Another config is no fault: before reading any array, the saved trees (orbax metadata)
+are compared with this run's, and the first path whose presence, shape or dtype
+differs is a ConfigError naming it and the config fields that cause it. Such a
+checkpoint is left where it is.
 """
 import errno
 import hashlib
@@ -25,36 +30,54 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dbjax.errors import CheckpointError, ConfigError
 
-# Fields that fix the shapes of the saved state: a checkpoint whose values differ
-# cannot be restored into this run.
-SHAPE_FIELDS = ("method", "task", "model.num_layers", "model.hidden_size", "model.num_heads",
-                "model.mlp_ratio", "model.patch_size", "model.frequency_dim",
-                "diffusion.num_blocks", "data.image_size", "data.channels",
-                "data.num_classes")
-# ... and those of a DiffusionBlocks classifier (an end-to-end ViT has neither).
-CLASSIFIER_SHAPE_FIELDS = ("classifier.target_token", "classifier.shared_modules")
-# ... and those of a language run (data.num_classes is then the vocabulary size).
-LANGUAGE_SHAPE_FIELDS = ("language.kind", "language.seq_len")
+# A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
+# the same trees can mean another schedule, so this field must match as well.
+SCHEDULE_FIELD = "parallel.mode"
 
 
-def shape_fields(config_dict: dict) -> tuple[str, ...]:
-  """The fields that fix the saved state's shapes for this kind of run."""
-  task = config_dict.get("task")
-  if task == "classification" and config_dict.get("method") == "diffusion_blocks":
-    return SHAPE_FIELDS + CLASSIFIER_SHAPE_FIELDS
-  if task == "language":
-    return SHAPE_FIELDS + LANGUAGE_SHAPE_FIELDS
-  return SHAPE_FIELDS
+def _key_name(key) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def tree_signature(tree) -> dict:
+  """{path: (shape, dtype)} of every leaf of a tree of arrays, abstract arrays or orbax
+  array metadata; paths as "a/b/0/c", the same for all three."""
+  return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def first_difference(saved: dict, expected: dict) -> str | None:
+  """The first leaf, in this run's order, missing, extra or of another shape or dtype
+  in `saved` than in `expected` (tree_signature dicts), in words; None if they agree."""
+  for path, spec in expected.items():
+    if path not in saved:
+      return f"{path} is in this run's state but not in the checkpoint"
+    if saved[path] != spec:
+      return (f"{path} has shape {saved[path][0]} {saved[path][1]} in the checkpoint, "
+              f"{spec[0]} {spec[1]} in this run")
+  extra = next((path for path in saved if path not in expected), None)
+  return None if extra is None else f"{extra} is in the checkpoint but not in this run's state"
+
+
+def _flat_config(config_dict: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      flat.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def _field(config_dict: dict, dotted: str):
-  value = config_dict
-  for part in dotted.split("."):
-    value = value.get(part) if isinstance(value, dict) else None
-  return value
+  return _flat_config(config_dict).get(dotted)
 
 
 def checksum(tree) -> str:
@@ -84,8 +107,10 @@ def _is_disk_full(error: BaseException | None) -> bool:
 class RunCheckpointer:
   """Saves and restores the B block states of a run, with its config and metadata."""
 
-  def __init__(self, directory: str, num_blocks: int, max_to_keep: int):
-    self.num_blocks, self.directory = num_blocks, directory
+  def __init__(self, directory: str, num_blocks: int, max_to_keep: int, targets_of=None):
+    """targets_of(config) -> {item name: abstract tree}: the trees a run of `config`
+    saves, used only to name the config fields behind a checkpoint that does not fit."""
+    self.num_blocks, self.directory, self.targets_of = num_blocks, directory, targets_of
     self._remove_partial_saves()
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
@@ -138,22 +163,17 @@ class RunCheckpointer:
 
     target_states, target_shared: this run's states, concrete or abstract
       (jax.ShapeDtypeStruct), giving structure and shapes.
-    Refuses a checkpoint made with a config of other shapes, naming the field.
+    Refuses (ConfigError, nothing moved) a checkpoint whose trees differ from the
+    targets', naming the first differing path and the config fields behind it.
     """
     step = self.manager.latest_step() if step is None else step
     meta = self.read_metadata(step)
-    ours = json.loads(config.to_json())
-    for field in shape_fields(ours):
-      if _field(meta["config"], field) != _field(ours, field):
-        raise ConfigError(
-            f"checkpoint at step {step} was made with config.{field}="
-            f"{_field(meta['config'], field)!r}, this run has {_field(ours, field)!r}; "
-            "use another workdir or the same config")
-    as_numpy = lambda tree: jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     targets = {f"block_{b}": state for b, state in enumerate(target_states)}
     if target_shared is not None:
       targets["shared"] = target_shared
+    self._check_fits(step, meta, targets, config)
+    as_numpy = lambda tree: jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
         name: ocp.args.PyTreeRestore(item=target, restore_args=as_numpy(target))
         for name, target in targets.items()}))
@@ -162,6 +182,71 @@ class RunCheckpointer:
         raise CheckpointError(f"{name} does not match the checksum saved with it")
     return (step, [restored[f"block_{b}"] for b in range(self.num_blocks)],
             restored["shared"] if target_shared is not None else None, meta)
+
+  def saved_signatures(self, step: int) -> dict:
+    """{item: tree_signature} of every tree saved at `step`, from orbax's metadata
+    (no array is read)."""
+    step_dir = os.path.join(self.directory, str(step))
+    handler = ocp.PyTreeCheckpointHandler()
+    return {name: tree_signature(handler.metadata(epath.Path(step_dir) / name).tree)
+            for name in sorted(os.listdir(step_dir))
+            if name.startswith("block_") or name == "shared"}
+
+  def _check_fits(self, step: int, meta: dict, targets: dict, config):
+    """ConfigError unless the checkpoint at `step` holds exactly the trees of `targets`
+    (structure, shapes, dtypes) under the same schedule."""
+    ours = json.loads(config.to_json())
+    saved_config = meta.get("config", {})
+    where = f"the checkpoint of step {step} in {self.directory}"
+    if _field(saved_config, SCHEDULE_FIELD) not in (None, _field(ours, SCHEDULE_FIELD)):
+      raise ConfigError(
+          f"{where} was trained with config.{SCHEDULE_FIELD}="
+          f"{_field(saved_config, SCHEDULE_FIELD)!r}, this run has "
+          f"{_field(ours, SCHEDULE_FIELD)!r} (its steps would mean another schedule); "
+          "use the saved config or another workdir")
+    saved = self.saved_signatures(step)
+    expected = {name: tree_signature(tree) for name, tree in targets.items()}
+    problem = next((f"the checkpoint has no {name}" for name in expected if name not in saved),
+                   None) or next((f"the checkpoint holds {name}, which this run lacks"
+                                  for name in saved if name not in expected), None)
+    if problem is None:
+      problem = next((f"{name}/{difference}" for name in expected
+                      if (difference := first_difference(saved[name], expected[name]))),
+                     None)
+    if problem is None:
+      return
+    causes = self._causes(saved_config, ours, targets)
+    raise ConfigError(
+        f"{where} does not fit this run: {problem}"
+        + (f"; caused by {causes}" if causes else "")
+        + "; use the saved config or another workdir (the checkpoints are left as they are)")
+
+  def _causes(self, saved_config: dict, ours: dict, targets: dict) -> str:
+    """The config fields that differ from the saved run's and change the state's trees:
+    each alone set back to its saved value changes this run's targets (found with
+    self.targets_of; every differing field when that is not given)."""
+    saved_flat, our_flat = _flat_config(saved_config), _flat_config(ours)
+    differing = [f for f in our_flat if f in saved_flat and saved_flat[f] != our_flat[f]]
+    if self.targets_of is not None:
+      expected = {name: tree_signature(tree) for name, tree in targets.items()}
+      differing = [f for f in differing
+                   if self._changes_trees(ours, f, saved_flat[f], expected)]
+    return ", ".join(f"config.{f}={our_flat[f]!r} (the checkpoint's: {saved_flat[f]!r})"
+                     for f in differing)
+
+  def _changes_trees(self, ours: dict, field: str, value, expected: dict) -> bool:
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    config = ml_collections.ConfigDict(ours)
+    *sections, name = field.split(".")
+    holder = config
+    for section in sections:
+      holder = holder[section]
+    try:
+      holder[name] = type(holder[name])(value) if value is not None else value
+      targets = self.targets_of(config)
+    except Exception:  # pylint: disable=broad-except  # not a valid config on its own
+      return False
+    return {n: tree_signature(t) for n, t in targets.items()} != expected
 
   def restore_latest_good(self, target_states, config, target_shared=None):
     """`restore` of the newest step that reads back intact. A truncated or altered

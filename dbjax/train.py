@@ -203,6 +203,19 @@ def _saved_shared_target(config, model, shared_target):
   return shared_target
 
 
+def checkpoint_targets(config) -> dict:
+  """{item name: abstract tree} of what a run of `config` saves: one item per block and
+  the shared state, if any."""
+  task = task_module(config_lib.validate(config))
+  model = task.build(config)
+  block, shared = task.abstract_states(model)
+  targets = {f"block_{b}": block for b in range(model.num_blocks)}
+  shared = _saved_shared_target(config, model, shared)
+  if shared is not None:
+    targets["shared"] = shared
+  return targets
+
+
 def _one_shared(config, shared):
   """The shared state a trained run is evaluated with: the copies are equal after
   every average (parallel.mode "blocks"), so block 0's."""
@@ -234,7 +247,8 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   model = task.build(config)
   in_parallel = config.parallel.mode == "blocks"
   checkpointer = RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 model.num_blocks, config.train.max_checkpoints)
+                                 model.num_blocks, config.train.max_checkpoints,
+                                 targets_of=checkpoint_targets)
   if checkpointer.latest_step() is None:
     init = functools.partial(parallel.init_on_host, task) if in_parallel else task.init_on_host
     start, (states, shared) = 0, init(model, config.seed)
