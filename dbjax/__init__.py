@@ -1,33 +1,27 @@
 """dbjax: DiffusionBlocks (block-wise training of transformers as diffusion denoisers) in JAX.
 
-Pieces, each usable on its own:
-  dbjax.noise       the noise partition and the one sigma -> block map
-  dbjax.edm         EDM preconditioning and loss weighting
-  dbjax.dit         a class-conditional DiT with adaLN-Zero layers (Flax NNX)
-  dbjax.blocks      one block's state, loss and jittable train step
-  dbjax.vit         a ViT classifier with adaLN-Zero layers, the denoiser of a label
-  dbjax.classify    classification: label-embedding denoising, the inference chain
-  dbjax.lm_net      a token transformer with adaLN-Zero layers, masks and a KV-cache decode
-  dbjax.language    autoregressive and masked-diffusion (MD4) LMs: losses, BPC, generation
-  dbjax.text        character-level text data sets and the saved vocabulary
-  dbjax.sampling    Euler / Heun samplers with classifier-free guidance
-  dbjax.train       train_and_evaluate(config, workdir): the whole run
-  dbjax.evaluation  Frechet distance in a cached classifier's feature space
-  dbjax.data        image data sets and the step-indexed batch order
-  dbjax.checkpoint  orbax checkpoints, one item per block
-  dbjax.user_layers dbjax.wrap: your own Flax layers as a DiffusionBlocks model
-  dbjax.metric_log  train metrics to JSONL, TensorBoard and the console
+  dbjax.noise, dbjax.edm   the noise partition, the one sigma -> block map, EDM
+  dbjax.config             the experiment config, validated with one-line errors
+  dbjax.tasks              the registry of tasks; each task owns its networks, shared state,
+                           loss, sampler and evaluation (images, classification, language)
+  dbjax.engine             what never asks which task it runs: block states and optimizers,
+                           the train step, the sequential and parallel drivers, checkpoints,
+                           metric logs, profiling
+  dbjax.nets               the networks of one block (DiT, ViT, token transformer)
+  dbjax.data               image and text data sets, the step-indexed batch order
+  dbjax.sampling           the Euler step and the chain over an embedded target
+  dbjax.eval               Frechet distance features and plots (imported where used)
+  dbjax.train              train_and_evaluate(config, workdir) and restore_run(workdir)
+  dbjax.wrap               your own Flax layers as a DiffusionBlocks model
 """
-from dbjax import (blocks, classify, config, data, dit, edm, errors, evaluation, language,
-                   lm_net, metric_log, noise, plots, sampling, text, user_layers, vit)
+from dbjax import config, edm, engine, errors, noise, sampling, tasks
 from dbjax.config import default_config
 from dbjax.noise import block_boundaries, block_of_sigma
-from dbjax.train import train_and_evaluate
-from dbjax.user_layers import DiffusionBlocks, wrap
+from dbjax.train import restore_run, train_and_evaluate
+from dbjax.wrap import DiffusionBlocks, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "classify", "config", "data", "dit", "edm", "errors", "evaluation",
-           "language", "lm_net", "metric_log", "noise", "plots", "sampling", "text",
-           "user_layers", "vit", "default_config", "block_boundaries", "block_of_sigma",
+__all__ = ["config", "edm", "engine", "errors", "noise", "sampling", "tasks",
+           "default_config", "block_boundaries", "block_of_sigma", "restore_run",
            "train_and_evaluate", "DiffusionBlocks", "wrap"]

@@ -7,11 +7,11 @@ the relations between fields, and names the field, its value and what is allowed
 """
 import ml_collections
 
+from dbjax import tasks
 from dbjax.errors import ConfigError
 from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
-TASKS = ("generation", "classification", "language")
 PARALLEL_MODES = ("none", "blocks")
 NONFINITE_POLICIES = ("stop", "skip")
 SOLVERS = ("euler", "heun")
@@ -49,7 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
       name="digits",
       data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
       image_size=8, channels=1,
-      num_classes=10,       # classes; for text the vocabulary size, 0 = from the text
+      num_classes=10,       # image classes (generation, classification)
+      vocab_size=0,         # text: the vocabulary size, 0 = from the text
       max_chars=0,          # text: characters read per split, 0 = all
   ))
   c.model = ml_collections.ConfigDict(dict(
@@ -181,7 +182,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_fields(config, default_config())
   m, d, t, s, data = config.model, config.diffusion, config.train, config.sample, config.data
   _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
-  _require(config.task in TASKS, "task", config.task, f"one of {TASKS}")
+  _require(config.task in tasks.REGISTRY, "task", config.task, f"one of {tuple(tasks.REGISTRY)}")
   for field, allowed in CLASSIFIER_CHOICES.items():
     _require(config.classifier[field] in allowed, f"classifier.{field}",
              config.classifier[field], f"one of {allowed}")
@@ -221,11 +222,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("sample.num_steps", s.num_steps), ("sample.grid_size", s.grid_size),
                        ("eval.num_samples", config.eval.num_samples)]:
     _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
+  _require(isinstance(data.num_classes, int) and data.num_classes >= 1, "data.num_classes",
+           data.num_classes, "a positive integer (the number of image classes; a text's "
+           "vocabulary size is config.data.vocab_size)")
+  _require(config.task != "language" or data.num_classes == 10, "data.num_classes",
+           data.num_classes, "left at its default for language runs: the vocabulary size "
+           "is config.data.vocab_size (0 = from the text)")
   # Text runs learn their vocabulary size from the data (0 until then).
-  _require(isinstance(data.num_classes, int)
-           and data.num_classes >= (0 if config.task == "language" else 1),
-           "data.num_classes", data.num_classes,
-           "a positive integer (for text: the vocabulary size, or 0 = from the text)")
+  _require(isinstance(data.vocab_size, int) and data.vocab_size >= 0, "data.vocab_size",
+           data.vocab_size, "an integer >= 0 (0 = from the text)")
   if config.method == "diffusion_blocks":
     _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
              f"must divide model.num_layers={m.num_layers} so every block gets the same "
@@ -262,6 +267,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
            ">= 0 (1 means no guidance)")
   return config
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The config of a dict a run saved (checkpoint metadata, config.json), on today's
+  schema: a text run saved before data.vocab_size existed kept its vocabulary size in
+  data.num_classes."""
+  saved = {section: dict(value) if isinstance(value, dict) else value
+           for section, value in saved.items()}
+  data = saved.get("data", {})
+  if saved.get("task") == "language" and "vocab_size" not in data:
+    data["vocab_size"], data["num_classes"] = data.get("num_classes", 0), 10
+  config = default_config()
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return flat
 
 
 def num_trained_blocks(config) -> int:

@@ -18,7 +18,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import profiling
+from dbjax.engine import profiling
 from experiments.cli import config_help, method_variant, print_table, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/fashion_mnist.py",
@@ -28,13 +28,14 @@ _OUT = flags.DEFINE_string("out", "results/bench_memory.jsonl", "JSON lines outp
 
 
 def measure(config, method: str, num_blocks: int, remat: bool) -> dict:
-  config, model = method_variant(config, method, diffusion__num_blocks=num_blocks,
-                                 model__remat=remat)
+  config, task = method_variant(config, method, diffusion__num_blocks=num_blocks,
+                                model__remat=remat)
   batch = config.train.batch_size
-  memory = profiling.train_step_memory(model, batch)
+  memory = profiling.train_step_memory(task, batch)
   name = method + ("_remat" if remat else "")
   return {"method": name, "num_blocks": num_blocks,
-          "layers_per_block": model.network_config.num_layers, **memory, "resident_bytes": profiling.resident_bytes(model, batch)}
+          "layers_per_block": task.network_config.num_layers, **memory,
+          "resident_bytes": profiling.resident_bytes(task, batch)}
 
 
 def main(argv):
@@ -52,10 +53,10 @@ def main(argv):
       row["resident_ratio"] = baseline["resident_bytes"] / row["resident_bytes"]
       row["step_ratio_over_B"] = row["step_ratio"] / b
       rows.append(row)
-  tokens = (config.language.seq_len if config.task == "language"
-            else (config.data.image_size // config.model.patch_size)**2)
-  print(f"network: {config.model.num_layers} layers, d={config.model.hidden_size}, "
-        f"{tokens} tokens, batch {config.train.batch_size}; ratios are end-to-end / "
+  _, task = method_variant(config, "end_to_end")
+  shapes = " and ".join(str(tuple(x.shape)) for x in task.example_batch(config.train.batch_size))
+  print(f"network: {config.model.num_layers} layers, d={config.model.hidden_size}, batch "
+        f"{shapes}; ratios are end-to-end / "
         "DiffusionBlocks (remat rows against end-to-end with remat)")
   mib = [{**r, **{k: r[k] / 2**20 for k in ("step_bytes", "temp_bytes", "resident_bytes")}}
          for r in rows]

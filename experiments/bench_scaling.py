@@ -20,8 +20,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import parallel, profiling, train
+from dbjax import tasks
+from dbjax.engine import parallel, profiling
 from experiments.cli import config_help, method_variant, print_table, run, write_json
+from experiments.hlo import collective_groups, crosses_blocks
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -34,14 +36,13 @@ def fake_devices() -> bool:
   return jax.devices()[0].platform == "cpu" and jax.local_device_count() > 1
 
 
-def parallel_trainer(config, model):
+def parallel_trainer(config, task):
   """A trainer on all devices, compiled and warmed up by one step."""
   config = config.copy_and_resolve_references()
   config.parallel.mode = "blocks"
-  task = train.task_module(config)
-  _, train_data = train.load_train_data(config)
-  states, shared = parallel.init_on_host(task, model, config.seed)
-  trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared)
+  _, data = tasks.load_data(config)
+  states, shared = parallel.init_on_host(task, config.seed)
+  trainer = parallel.BlockParallelTrainer(task, config, data.train, states, shared)
   trainer.train(np.arange(1))
   return trainer
 
@@ -58,28 +59,28 @@ def parallel_step_seconds(trainer, repeats: int) -> float:
 
 def main(argv):
   del argv
-  config, model = method_variant(_CONFIG.value, "diffusion_blocks")
-  num_blocks, num_devices = model.num_blocks, jax.device_count()
-  trainer = parallel_trainer(config, model)
+  config, task = method_variant(_CONFIG.value, "diffusion_blocks")
+  num_blocks, num_devices = task.num_blocks, jax.device_count()
+  trainer = parallel_trainer(config, task)
   compiled = trainer.compiled[False]
   width = trainer.mesh.shape[parallel.DATA]
-  groups = parallel.collective_groups(compiled.as_text(), trainer.mesh.size)
+  groups = collective_groups(compiled.as_text(), trainer.mesh.size)
   rows = [{"schedule": "sequential", "devices": 1, "mesh": "-", "blocks_per_device": "all*",
            "step_memory_mib": profiling.train_step_memory(
-               model, config.train.batch_size)["step_bytes"] / 2**20},
+               task, config.train.batch_size)["step_bytes"] / 2**20},
           {"schedule": "parallel", "devices": trainer.mesh.size,
            "mesh": "x".join(map(str, trainer.mesh.devices.shape)),
            "blocks_per_device": num_blocks // trainer.mesh.shape[parallel.BLOCK],
            "step_memory_mib": profiling.compiled_memory(compiled)["step_bytes"] / 2**20,
-           "collectives_within_blocks": sum(not parallel.crosses_blocks(g, width)
+           "collectives_within_blocks": sum(not crosses_blocks(g, width)
                                             for g in groups),
-           "collectives_across_blocks": sum(parallel.crosses_blocks(g, width)
+           "collectives_across_blocks": sum(crosses_blocks(g, width)
                                             for g in groups)}]
   summary = {"device": jax.devices()[0].device_kind, "num_devices": num_devices,
              "num_blocks": num_blocks, "batch_size_per_block": config.train.batch_size,
              "fake_devices": fake_devices()}
   if not fake_devices():
-    block_step = profiling.time_train_step(model, config.train.batch_size, _REPEATS.value)
+    block_step = profiling.time_train_step(task, config.train.batch_size, _REPEATS.value)
     rows[0]["block_iterations_per_s"] = 1.0 / block_step
     rows[1]["block_iterations_per_s"] = num_blocks / parallel_step_seconds(trainer,
                                                                            _REPEATS.value)

@@ -14,7 +14,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import blocks, profiling, sampling
+from dbjax.engine import profiling, state
+from dbjax.errors import ConfigError
+from dbjax.sampling import stack_params
+from dbjax.tasks import images
 from experiments.cli import config_help, method_variant, print_table, run, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
@@ -24,14 +27,13 @@ _SAMPLES = flags.DEFINE_integer("num_samples", 500, "images generated per method
 _OUT = flags.DEFINE_string("out", "results/bench_speed_digits.json", "JSON output")
 
 
-def samples_per_second(model, config, num_samples: int) -> float:
-  states = blocks.init_blocks_on_host(model, 0)
-  stacked = sampling.stack_params([s.params for s in states])
+def samples_per_second(task, config, num_samples: int) -> float:
+  states, _ = state.init_on_host(task, 0)
+  stacked = stack_params([s.params for s in states])
   labels = np.arange(num_samples) % config.data.num_classes
-  run = lambda: sampling.sample_in_batches(model, stacked, jax.random.key(0), labels,
-                                           config.sample.num_steps, config.sample.solver,
-                                           config.sample.guidance_scale,
-                                           batch_size=num_samples)
+  run = lambda: images.sample_in_batches(task, stacked, jax.random.key(0), labels,
+                                         config.sample.num_steps, config.sample.solver,
+                                         config.sample.guidance_scale, batch_size=num_samples)
   run()  # compile
   start = time.perf_counter()
   run()
@@ -40,14 +42,17 @@ def samples_per_second(model, config, num_samples: int) -> float:
 
 def main(argv):
   del argv
+  if _CONFIG.value.task != "generation":
+    raise ConfigError(f"config.task={_CONFIG.value.task!r}: bench_speed times image "
+                      "sampling; give an image generation config")
   rows = []
   for method in ("end_to_end", "diffusion_blocks"):
-    config, model = method_variant(_CONFIG.value, method)
-    rows.append({"method": method, "num_blocks": model.num_blocks,
-                 "layers_per_step": model.network_config.num_layers,
-                 "step_seconds": profiling.time_train_step(model, config.train.batch_size,
+    config, task = method_variant(_CONFIG.value, method)
+    rows.append({"method": method, "num_blocks": task.num_blocks,
+                 "layers_per_step": task.network_config.num_layers,
+                 "step_seconds": profiling.time_train_step(task, config.train.batch_size,
                                                            _REPEATS.value),
-                 "samples_per_second": samples_per_second(model, config, _SAMPLES.value)})
+                 "samples_per_second": samples_per_second(task, config, _SAMPLES.value)})
   e2e, db = rows
   b = db["num_blocks"]
   summary = {"device": jax.devices()[0].device_kind, "batch_size": config.train.batch_size,

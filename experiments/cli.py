@@ -10,11 +10,10 @@ import sys
 import jax
 from absl import app, logging
 
-from dbjax import language
+from dbjax import tasks
 from dbjax.config import validate
 from dbjax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
                           TrainingInterrupted, WorkdirError)
-from dbjax.train import task_module
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 USER_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteLossError, WorkdirError)
@@ -68,7 +67,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
 
 def method_variant(base_config, method: str, **diffusion_and_model_overrides):
-  """A validated copy of `base_config` trained by `method`, and its model.
+  """A validated copy of `base_config` trained by `method` (data-derived fields filled
+  in), and its task.
 
   Overrides are given as section__field=value, e.g. diffusion__num_blocks=4.
   """
@@ -77,9 +77,8 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
   for dotted, value in diffusion_and_model_overrides.items():
     section, field = dotted.split("__")
     config[section][field] = value
-  if validate(config).task == "language":
-    config = language.resolve_vocabulary(config)
-  return config, task_module(config).build(config)
+  config, _ = tasks.load_data(validate(config))
+  return config, tasks.build(config)
 
 
 def with_field(config, dotted: str, text: str):
@@ -91,6 +90,25 @@ def with_field(config, dotted: str, text: str):
     holder = holder[section]
   kind = type(holder[name])
   holder[name] = (text.lower() in ("1", "true")) if kind is bool else kind(text)
+  return validate(config)
+
+
+def set_flags(config, task, flag_fields: dict, values: dict, command: str):
+  """A copy of config with each given flag's field set (task.evaluate_flags or
+  task.sample_flags: flag -> dotted field); a flag the task does not take is one line."""
+  config = config.copy_and_resolve_references()
+  for flag, value in values.items():
+    if value is None:
+      continue
+    if flag not in flag_fields:
+      raise ConfigError(f"--{flag} does not apply to a config.task={config.task!r} run "
+                        f"({type(task).__name__}); {command} takes: "
+                        + ", ".join(f"--{f}" for f in flag_fields))
+    *sections, name = flag_fields[flag].split(".")
+    holder = config
+    for section in sections:
+      holder = holder[section]
+    holder[name] = (value,) if isinstance(holder[name], tuple) else value
   return validate(config)
 
 

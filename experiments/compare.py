@@ -11,12 +11,14 @@ same data, evaluated side by side in one table.
 Each method trains in <workdir>/<method> (resuming if interrupted) with the config's
 train.num_steps as the budget: end-to-end runs num_steps iterations of all L layers,
 DiffusionBlocks num_steps * B iterations of L/B layers. Prints a table and writes
-<workdir>/compare.json. Targets: for generation, DiffusionBlocks' Frechet distance at
-most 1.1x end-to-end's (paper, Table 1: 37.20 against 39.83 FID on CIFAR-10); for
-classification, test accuracy within 1.5 points of end-to-end's (paper: 59.30 against
-60.25 on CIFAR-100); for language, bits per character at most 1.05x end-to-end's for
-MD4 (paper: 1.45 against 1.56 on text8) and 1.10x for the autoregressive model. All:
-train-step memory end-to-end / DiffusionBlocks >= 0.8 B.
+<workdir>/compare.json: each method's task summary metrics (the task's headline first),
+compiled train-step memory and step time, and the ratios DiffusionBlocks / end-to-end of
+the headline and end-to-end / DiffusionBlocks of memory and time. Targets (docs/results.md):
+for generation, DiffusionBlocks' Frechet distance at most 1.1x end-to-end's (paper, Table
+1: 37.20 against 39.83 FID on CIFAR-10); for classification, test accuracy within 1.5
+points (paper: 59.30 against 60.25 on CIFAR-100); for language, bits per character at most
+1.05x for MD4 (paper: 1.45 against 1.56 on text8) and 1.10x for the autoregressive model.
+All: train-step memory end-to-end / DiffusionBlocks >= 0.8 B.
 """
 import json
 import os
@@ -24,7 +26,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import profiling
+from dbjax.engine import profiling
 from dbjax.train import train_and_evaluate
 from experiments.cli import config_help, method_variant, print_table, run
 
@@ -33,57 +35,44 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "one subdirectory per method")
 
 
-def quality_columns(config, results) -> dict:
-  if config.task == "classification":
-    return {"accuracy": results["accuracy"]}
-  if config.task == "language":
-    # The autoregressive model's headline is its first call's (language.sequence_nats).
-    return {"bpc": results["bits_per_character"]}
-  return {"frechet_distance": results["frechet_distance"],
-          "class_accuracy": results["class_accuracy"]}
-
-
-def speed_columns(config, results, step_seconds: float) -> dict:
-  """Language: characters per second through one iteration's layers, and generated."""
-  if config.task != "language":
-    return {}
-  return {"train_chars_per_s": config.train.batch_size * config.language.seq_len / step_seconds,
-          "generated_chars_per_s": results["generated_chars_per_second"]}
+def summary_columns(task, results) -> dict:
+  """The task's summary metrics that are numbers (a dict is flattened by its keys)."""
+  columns = {}
+  for name in task.summary_metrics:
+    value = results.get(name)
+    if isinstance(value, dict):
+      columns.update({f"{name}@{k}": v for k, v in value.items()})
+    elif value is not None:
+      columns[name] = value
+  return columns
 
 
 def main(argv):
   del argv
   rows = []
   for method in ("end_to_end", "diffusion_blocks"):
-    config, model = method_variant(_CONFIG.value, method)
+    config, task = method_variant(_CONFIG.value, method)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, method))
-    memory = profiling.train_step_memory(model, config.train.batch_size)
-    step_seconds = profiling.time_train_step(model, config.train.batch_size)
+    memory = profiling.train_step_memory(task, config.train.batch_size)
+    step_seconds = profiling.time_train_step(task, config.train.batch_size)
     rows.append({"method": method, "iterations": results["iterations"],
-                 "layers_per_iteration": model.network_config.num_layers,
-                 **quality_columns(config, results),
+                 "layers_per_iteration": task.network_config.num_layers,
+                 **summary_columns(task, results),
                  "step_MiB": memory["step_bytes"] / 2**20, "step_ms": 1000 * step_seconds,
-                 **speed_columns(config, results, step_seconds),
                  "train_seconds": results["train_seconds_this_session"]})
   e2e, db = rows
-  summary = {"task": _CONFIG.value.task, "config": _CONFIG.value.data.name, "rows": rows,
+  headline = task.headline_metric
+  summary = {"task": _CONFIG.value.task, "config": _CONFIG.value.data.name,
+             "headline": headline, "rows": rows,
+             f"{headline}_ratio_db_over_e2e": db[headline] / e2e[headline],
+             f"{headline}_e2e_minus_db": e2e[headline] - db[headline],
              "memory_ratio_e2e_over_db": e2e["step_MiB"] / db["step_MiB"],
              "step_time_ratio_e2e_over_db": e2e["step_ms"] / db["step_ms"]}
-  print_table(rows, list(rows[0]))
-  if _CONFIG.value.task == "language":
-    summary["bpc_ratio_db_over_e2e"] = db["bpc"] / e2e["bpc"]
-    target = 1.05 if _CONFIG.value.language.kind == "masked" else 1.10
-    print(f"bits per character DB / end-to-end = {summary['bpc_ratio_db_over_e2e']:.3f} "
-          f"(target <= {target})", end="")
-  elif _CONFIG.value.task == "classification":
-    summary["accuracy_gap_points"] = 100 * (e2e["accuracy"] - db["accuracy"])
-    print(f"accuracy end-to-end - DB = {summary['accuracy_gap_points']:.2f} points "
-          "(target <= 1.5)", end="")
-  else:
-    summary["frechet_ratio_db_over_e2e"] = db["frechet_distance"] / e2e["frechet_distance"]
-    print(f"Frechet distance DB / end-to-end = {summary['frechet_ratio_db_over_e2e']:.3f} "
-          "(target <= 1.1)", end="")
-  print(f"; train-step memory end-to-end / DB = {summary['memory_ratio_e2e_over_db']:.2f}")
+  print_table(rows, list(dict.fromkeys(k for row in rows for k in row)))
+  print(f"{headline}: DB / end-to-end = {summary[f'{headline}_ratio_db_over_e2e']:.3f}, "
+        f"end-to-end - DB = {summary[f'{headline}_e2e_minus_db']:.4g}; train-step memory "
+        f"end-to-end / DB = {summary['memory_ratio_e2e_over_db']:.2f}; step time "
+        f"end-to-end / DB = {summary['step_time_ratio_e2e_over_db']:.2f}")
   with open(os.path.join(_WORKDIR.value, "compare.json"), "w") as f:
     json.dump(summary, f, indent=2)
 

@@ -2,7 +2,7 @@
 
 The classifier and the autoregressive LM read their answer off the last call of an Euler
 chain over an embedded target (sampling.embedding_chain). With exact blocks
-(sampling.exact_posterior_logits), the first call at sigma_max is already the exact
+(experiments/exact_posteriors.py), the first call at sigma_max is already the exact
 predictive distribution p(y | input), so anything the chain changes after it is the
 chain's doing, not the blocks' training. Two tables:
 
@@ -24,6 +24,7 @@ from absl import flags
 
 from dbjax import sampling
 from experiments.cli import print_table, run
+from experiments.exact_posteriors import exact_posterior_chain
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for both tables")
 _ROWS = flags.DEFINE_integer("rows", 4000, "inputs (posteriors) per setting")
@@ -47,12 +48,12 @@ def classification_rows(num_rows: int) -> list[dict]:
     labels = jax.random.categorical(jax.random.key(3), log_posterior)  # calibrated
     row = {"bayes_accuracy": accuracy(log_posterior, labels)}
     for bridge in ("argmax", "expected"):
-      logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, bridge,
+      logits = exact_posterior_chain(log_posterior, embedding, 3, 3, bridge,
                                               jax.random.key(4))
       row[f"first_call_{bridge}"] = accuracy(logits[0], labels)
       row[f"chain_{bridge}"] = accuracy(logits[-1], labels)
     for rate in (0.2, 0.5):  # blocks exact for corrupted training tokens
-      logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax",
+      logits = exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax",
                                               jax.random.key(4), token_corruption=rate)
       row[f"chain_argmax_corruption_{rate}"] = accuracy(logits[-1], labels)
     rows.append(row)
@@ -75,7 +76,7 @@ def language_rows(num_rows: int, num_chains=(16, 256)) -> list[dict]:
     row = {"entropy": cross_entropy(log_prior, log_prior)}
     for bridge in ("argmax", "expected"):
       def first_and_last(key, bridge=bridge):
-        logits = sampling.exact_posterior_chain(log_prior, embedding, 4, 4, bridge, key)
+        logits = exact_posterior_chain(log_prior, embedding, 4, 4, bridge, key)
         return jax.nn.log_softmax(logits[jnp.array([0, -1])])
 
       keys = jax.random.split(jax.random.key(4), max(num_chains))

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dbjax import classify, data as data_lib, edm
-from dbjax.sampling import sampling_plan
+from dbjax import data as data_lib, edm
+from dbjax.tasks import classification
+from dbjax.tasks.base import sampling_plan
 from dbjax.train import restore_run
 from experiments.cli import print_table, run
 
@@ -37,19 +38,19 @@ def accuracy(logits, labels) -> float:
 def main(argv):
   del argv
   config, model, states, shared = restore_run(_WORKDIR.value)
-  if config.task != "classification" or not model.denoising:
+  if not isinstance(model, classification.LabelDenoising):
     raise SystemExit(f"{_WORKDIR.value!r} is not a DiffusionBlocks classifier run")
   test = data_lib.load_images(config.data.name, "test", config.data.data_dir)
   images = jnp.asarray(test.images[:_COUNT.value], jnp.float32)
   labels = np.asarray(test.labels[:_COUNT.value])
-  embedding = classify.label_embedding(shared.params)
-  sigmas, _ = sampling_plan(model, model.num_blocks)
+  embedding = classification.label_embedding(shared.params)
+  sigmas, _ = sampling_plan(model.noise, model.num_blocks)
 
   @jax.jit
   def logits_at(params, clean_tokens, sigma, key):
     noisy = clean_tokens + sigma * jax.random.normal(key, clean_tokens.shape)
-    c = edm.preconditioning(sigma, model.sigma_data)
-    net = classify.network(model, params, shared.params)
+    c = edm.preconditioning(sigma, model.noise.sigma_data)
+    net = model.network(params, shared.params)
     return net(images, c.c_in * noisy, jnp.full((images.shape[0],), c.c_noise))
 
   key = jax.random.key(config.seed)
@@ -71,7 +72,7 @@ def main(argv):
     rows.append(row)
   print_table(rows, list(rows[0]))
   params = [s.params for s in states]
-  chain = {n: float(np.mean(classify.predict(model, params, shared.params, np.asarray(images),
+  chain = {n: float(np.mean(classification.predict(model, params, shared.params, np.asarray(images),
                                              n, seed=config.seed) == labels))
            for n in range(1, model.num_blocks + 1)}
   print("accuracy after N calls:", chain)

@@ -24,11 +24,14 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import dbjax
-from dbjax import blocks, data, language, profiling, sampling, user_layers
+from dbjax import data, sampling, tasks
 from dbjax.config import total_iterations
-from dbjax.dit import DiTLayer
-from dbjax.lm_net import LMConfig
-from dbjax.train import block_for_step, step_key
+from dbjax.engine import profiling
+from dbjax.engine.driver import block_for_step, step_key
+from dbjax.engine.state import make_optimizer
+from dbjax.nets.dit import DiTLayer
+from dbjax.nets.lm import LMConfig
+from dbjax.tasks.language import single_stream
 from experiments.cli import config_help, method_variant, print_table, run, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/shakespeare_ar.py",
@@ -53,13 +56,13 @@ def causal_dit_layer(config):
 def test_bits(db, block_params, tokens, seed=0, batch_size=32) -> dict:
   """Test bits per character of the first call (block 0 at sigma_max: the prediction
   from the clean prefix alone) and after the B-call chain, teacher-forced, one exact
-  chain per position (user_layers.chain_nats)."""
+  chain per position (dbjax.tasks.language.single_stream.chain_nats)."""
   stacked = sampling.stack_params(block_params)
   embedding = db.target_embedding
   totals = np.zeros(2)
   for i in tqdm(range(0, len(tokens), batch_size), desc="chain bits per character"):
-    totals += np.array(user_layers.chain_nats(
-        db.model, stacked, embedding, jnp.asarray(tokens[i:i + batch_size]),
+    totals += np.array(single_stream.chain_nats(
+        db.task, stacked, embedding, jnp.asarray(tokens[i:i + batch_size]),
         jax.random.key(seed + i), db.num_blocks))
   first, chain = totals / tokens.size / np.log(2)
   return {"first_call_bits_per_character": float(first),
@@ -69,12 +72,11 @@ def test_bits(db, block_params, tokens, seed=0, batch_size=32) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
-  train_data, test_data = language.load_data(config)
-  config = language.with_vocabulary(config, train_data.vocabulary)
+  config, (train_data, test_data) = tasks.load_data(config)
   m, d, t = config.model, config.diffusion, config.train
   db = dbjax.wrap(causal_dit_layer(config), num_layers=m.num_layers, hidden_size=m.hidden_size,
                   num_blocks=d.num_blocks, target="token", gamma=d.overlap_gamma,
-                  optimizer=blocks.make_optimizer(t), vocab_size=config.data.num_classes,
+                  optimizer=make_optimizer(t), vocab_size=config.data.vocab_size,
                   seq_len=config.language.seq_len, seed=config.seed)
   states = db.init(jax.random.key(config.seed))
   step = jax.jit(db.train_step, donate_argnums=0)

@@ -18,9 +18,11 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from dbjax import profiling
-from dbjax.train import task_module, train_and_evaluate
+from dbjax import tasks
+from dbjax.engine import profiling
+from dbjax.train import train_and_evaluate
 from experiments.cli import config_help, print_table, run, with_field
+from experiments.compare import summary_columns
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
@@ -36,16 +38,11 @@ def main(argv):
   for text in _VALUES.value:
     config = with_field(_CONFIG.value, _FIELD.value, text)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, f"{_FIELD.value}={text}"))
-    memory = profiling.train_step_memory(task_module(config).build(config),
-                                         config.train.batch_size)
-    quality = ({"accuracy": results["accuracy"],
-                **{f"acc@{n}": a for n, a in results.get("accuracy_by_steps", {}).items()}}
-               if config.task == "classification" else
-               {"frechet_distance": results["frechet_distance"],
-                "class_accuracy": results["class_accuracy"]})
-    rows.append({_FIELD.value: text, "iterations": results["iterations"], **quality,
-                 "step_MiB": memory["step_bytes"] / 2**20})
-  print_table(rows, list(rows[0]))
+    task = tasks.build(tasks.load_data(config)[0])
+    memory = profiling.train_step_memory(task, config.train.batch_size)
+    rows.append({_FIELD.value: text, "iterations": results["iterations"],
+                 **summary_columns(task, results), "step_MiB": memory["step_bytes"] / 2**20})
+  print_table(rows, list(dict.fromkeys(k for row in rows for k in row)))
   with open(os.path.join(_WORKDIR.value, "sweep.json"), "w") as f:
     json.dump({"field": _FIELD.value, "rows": rows}, f, indent=2)
 

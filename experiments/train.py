@@ -29,7 +29,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from dbjax.config import PARALLEL_MODES
-from dbjax.train import SAMPLES_FILE, train_and_evaluate
+from dbjax.tasks.language.common import SAMPLES_FILE
+from dbjax.train import train_and_evaluate
 from experiments.cli import config_help, initialize_distributed, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
@@ -59,7 +60,7 @@ def main(argv):
     return
   print(json.dumps(results, indent=2))
   samples = os.path.join(_WORKDIR.value, SAMPLES_FILE)
-  if config.task == "language" and os.path.exists(samples):
+  if os.path.exists(samples):  # generated text: print it too
     with open(samples, encoding="utf-8") as f:
       print(f.read())
   print(f"wrote metrics.json, loss_curves.png and pictures to {_WORKDIR.value}")

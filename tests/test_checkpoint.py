@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from dbjax import data, text, train
-from dbjax.checkpoint import first_difference, tree_signature
+from dbjax import data, train
+from dbjax.data import text
+from dbjax.engine.checkpoint import first_difference, tree_signature
 from dbjax.errors import ConfigError
 from tests.conftest import tiny_config
 from tests.test_language import TEXT, lm_config

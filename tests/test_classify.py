@@ -10,7 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from dbjax import classify, config as config_lib, data, edm, noise, train
+from dbjax import config as config_lib, data, edm, engine, noise, sampling, train
+from dbjax.tasks import classification as classify
+from dbjax.tasks.base import sampling_plan
 from dbjax.errors import ConfigError, DataError
 from tests.conftest import tiny_config
 
@@ -38,7 +40,7 @@ def constant_logit_blocks(model, key=0):
   kernel is zero at initialisation, so its bias is the output."""
   params = []
   for b in range(model.num_blocks):
-    state = classify.init_block(model, jax.random.key(key + b)).params
+    state = engine.init_block(model, jax.random.key(key + b)).params
     bias = state["head"]["out"]["bias"]
     bias.value = 10.0 * jax.nn.one_hot(b, bias.value.shape[0])
     params.append(state)
@@ -53,15 +55,15 @@ def constant_logit_blocks(model, key=0):
 def test_chain_runs_block_b_at_step_b(num_blocks, num_steps, expected):
   config = classify_config(**{"diffusion__num_blocks": num_blocks, "model__num_layers": 6})
   model = classify.build(config)
-  shared = classify.init_shared(model, jax.random.key(9)).params
-  stacked = classify.stack_params(constant_logit_blocks(model))
+  shared = engine.init_shared(model, jax.random.key(9)).params
+  stacked = sampling.stack_params(constant_logit_blocks(model))
   images = jnp.zeros((4, 8, 8, 1))
-  logits = classify.chain_logits(model, stacked, shared, images, num_steps, jax.random.key(1))
+  logits = model.chain_logits(stacked, shared, images, num_steps, jax.random.key(1))
   chex.assert_shape(logits, (num_steps, 4, 10))
   ran = np.argmax(np.asarray(logits), axis=-1)  # block b's logits say "class b"
   np.testing.assert_array_equal(ran, np.repeat(np.array(expected)[:, None], 4, axis=1))
   np.testing.assert_array_equal(noise.block_of_sigma(
-      noise.sampling_sigmas(num_steps, model.dist)[:-1], model.boundaries), expected)
+      noise.sampling_sigmas(num_steps, model.noise.dist)[:-1], model.noise.boundaries), expected)
 
 
 def test_euler_bridge_moves_toward_the_argmax_row():
@@ -70,16 +72,16 @@ def test_euler_bridge_moves_toward_the_argmax_row():
   reports |z - E[c]| in its logits (below class c's, so the argmax stays c)."""
   config = classify_config(**{"diffusion__num_blocks": 2})
   model = classify.build(config)
-  embedding = classify.label_embedding(classify.init_shared(model, jax.random.key(9)).params)
-  sigmas, blocks = classify.sampling_plan(model, 4)
+  embedding = classify.label_embedding(engine.init_shared(model, jax.random.key(9)).params)
+  sigmas, blocks = sampling_plan(model.noise, 4)
   target = embedding[7]
 
   def logits_of(z, sigma, block, step):
     distance = jnp.linalg.norm(z - target, axis=-1)
     return jnp.where(jnp.arange(10) == 7, 10.0, -100.0 - distance[:, None])
 
-  z0 = noise.pure_noise(jax.random.key(3), (2, embedding.shape[1]), model.dist)
-  logits = classify.embedding_chain(logits_of, z0, jnp.asarray(sigmas, jnp.float32),
+  z0 = noise.pure_noise(jax.random.key(3), (2, embedding.shape[1]), model.noise.dist)
+  logits = sampling.embedding_chain(logits_of, z0, jnp.asarray(sigmas, jnp.float32),
                                     jnp.asarray(blocks), embedding, "argmax")
   assert np.all(np.argmax(logits, -1) == 7)
   distances = -100.0 - np.asarray(logits[:, :, 0])              # (calls, batch)
@@ -94,10 +96,10 @@ def test_bridge_estimates():
   embedding = classify.label_embedding(
       {"label_embedding": jax.random.normal(jax.random.key(0), (5, 16))})
   logits = jnp.array([[0.0, 3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
-  argmax = classify.bridge_estimate(logits, embedding, "argmax")
+  argmax = sampling.bridge_estimate(logits, embedding, "argmax")
   np.testing.assert_allclose(argmax[0], embedding[1])
   np.testing.assert_allclose(jnp.linalg.norm(argmax, axis=1), 1.0, rtol=1e-6)
-  expected = classify.bridge_estimate(logits, embedding, "expected")
+  expected = sampling.bridge_estimate(logits, embedding, "expected")
   np.testing.assert_allclose(expected[1], embedding.mean(0), rtol=1e-5, atol=1e-6)
   assert jnp.linalg.norm(expected[1]) < 1.0  # the soft readout shrinks when unsure
 
@@ -117,14 +119,14 @@ def test_block_loss_weights_cross_entropy_by_edm_weight(weighting):
   block's interval; logits are constant (head bias), so CE_i depends on the label only."""
   config = classify_config(**{"classifier__loss_weighting": weighting})
   model = classify.build(config)
-  state = classify.init_block(model, jax.random.key(0)).params
+  state = engine.init_block(model, jax.random.key(0)).params
   bias = jnp.linspace(-1.0, 1.0, 10)
   state["head"]["out"]["bias"].value = bias
-  shared = classify.init_shared(model, jax.random.key(1)).params
+  shared = engine.init_shared(model, jax.random.key(1)).params
   labels = jnp.arange(16) % 10
   key, interval = jax.random.key(4), jnp.asarray(model.intervals[1])
-  loss, metrics = classify.block_loss(model, state, shared, jnp.zeros((16, 8, 8, 1)), labels,
-                                      key, interval)
+  loss, metrics = model.loss(state, shared, (jnp.zeros((16, 8, 8, 1)), labels), key,
+                             interval)
   sigma = noise.sample_sigma(jax.random.split(key, 3)[0], (16,), interval[0], interval[1])
   assert np.all((sigma >= interval[0]) & (sigma <= interval[1]))
   ce = optax.softmax_cross_entropy_with_integer_labels(jnp.broadcast_to(bias, (16, 10)), labels)
@@ -151,14 +153,14 @@ def test_token_corruption_changes_the_token_not_the_target(monkeypatch, rate):
   corruption, for about 1 - 0.9 rate with it; the loss is always against the true label."""
   config = classify_config(**{"classifier__token_corruption": rate})
   model = classify.build(config)
-  shared = classify.init_shared(model, jax.random.key(1)).params
+  shared = engine.init_shared(model, jax.random.key(1)).params
   embedding = classify.label_embedding(shared)
-  monkeypatch.setattr(classify, "network",
+  monkeypatch.setattr(classify.LabelDenoising, "network",
                       lambda *_: lambda images, token, c_noise: 100.0 * token @ embedding.T)
   labels = jnp.arange(4000) % 10
   interval = jnp.array([0.002, 0.0021])
-  _, metrics = classify.block_loss(model, None, shared, jnp.zeros((4000, 8, 8, 1)), labels,
-                                   jax.random.key(2), interval)
+  _, metrics = model.loss(None, shared, (jnp.zeros((4000, 8, 8, 1)), labels),
+                          jax.random.key(2), interval)
   np.testing.assert_allclose(metrics["accuracy"], 1.0 - 0.9 * rate, atol=0.025)
   if rate == 0.0:
     assert metrics["cross_entropy"] < 1e-3
@@ -167,7 +169,7 @@ def test_token_corruption_changes_the_token_not_the_target(monkeypatch, rate):
 @pytest.mark.parametrize("shared_modules", ["per_block", "shared"])
 def test_parameter_groups(shared_modules):
   model = classify.build(classify_config(**{"classifier__shared_modules": shared_modules}))
-  block, shared = classify.abstract_states(model)
+  block, shared = engine.abstract_states(model)
   in_block = set(block.params.keys())
   in_shared = set(shared.params["network"].keys())
   assert "layers" in in_block and "layers" not in in_shared
@@ -178,21 +180,21 @@ def test_parameter_groups(shared_modules):
     assert modules <= in_block and not in_shared
   assert shared.params["label_embedding"].shape == (10, 32)
   # The network of one block still has all of them once the groups are merged.
-  net = classify.network(model, classify.init_block(model, jax.random.key(0)).params,
-                         classify.init_shared(model, jax.random.key(1)).params)
+  net = model.network(engine.init_block(model, jax.random.key(0)).params,
+                      engine.init_shared(model, jax.random.key(1)).params)
   chex.assert_shape(net(jnp.zeros((2, 8, 8, 1)), jnp.zeros((2, 32)), jnp.zeros(2)), (2, 10))
 
 
 @pytest.mark.parametrize("target_token", ["class_token", "concat"])
 def test_target_token_options(target_token):
   model = classify.build(classify_config(**{"classifier__target_token": target_token}))
-  block = classify.init_block(model, jax.random.key(0)).params
+  block = engine.init_block(model, jax.random.key(0)).params
   assert ("cls_token" in block) == (target_token == "concat")
-  shared = classify.init_shared(model, jax.random.key(1)).params
+  shared = engine.init_shared(model, jax.random.key(1)).params
   # The noisy label is an input: at init the head is zero, so perturb it to see it matter.
   block["head"]["out"]["kernel"].value = jax.random.normal(jax.random.key(2), (32, 10))
   block["head"]["modulation"]["bias"].value = jnp.ones(64)
-  net = classify.network(model, block, shared)
+  net = model.network(block, shared)
   images = jnp.zeros((2, 8, 8, 1))
   a, b = (net(images, jax.random.normal(jax.random.key(k), (2, 32)), jnp.zeros(2))
           for k in (3, 4))
@@ -205,9 +207,10 @@ def test_target_token_options(target_token):
 def test_end_to_end_is_a_plain_classifier():
   config = classify_config(method="end_to_end")
   model = classify.build(config)
-  assert not model.denoising and model.num_blocks == 1 and not model.couples_blocks
+  assert isinstance(model, classify.PlainClassifier)
+  assert model.num_blocks == 1 and not model.couples_blocks
   assert model.vit.num_layers == config.model.num_layers
-  block, shared = classify.abstract_states(model)
+  block, shared = engine.abstract_states(model)
   assert "cls_token" in block.params and not shared.params["network"]
 
 
@@ -226,14 +229,14 @@ def test_augmentation_is_a_flip_and_shifted_crop():
 def interleaved_reference(config, train_data):
   """The paper's order, one iteration at a time, with the shared state carried along."""
   model = classify.build(config)
-  states, shared = classify.init_on_host(model, config.seed)
-  step_fn = classify.jit_train_step(model)
+  states, shared = engine.init_on_host(model, config.seed)
+  step_fn = engine.jit_train_step(model)
   for step in range(config_lib.total_iterations(config)):
     b = train.block_for_step(config.seed, step, model.num_blocks)
     index = data.batch_indices(config.seed, step, len(train_data.labels),
                                config.train.batch_size)
     new, shared, _ = step_fn(jax.device_put(states[b]), jax.device_put(shared),
-                             train_data.images[index], train_data.labels[index],
+                             (train_data.images[index], train_data.labels[index]),
                              train.step_key(config.seed, step, b),
                              jnp.asarray(model.intervals[b]))
     states[b], shared = jax.device_get((new, shared))
@@ -252,7 +255,7 @@ def test_driver_matches_interleaved_training(tmp_path, digits, label_embedding, 
   want_states, want_shared = interleaved_reference(config, digits)
   chex.assert_trees_all_equal(states, want_states)
   chex.assert_trees_all_equal(shared, want_shared)
-  initial = classify.init_on_host(model, config.seed)[1].params["label_embedding"]
+  initial = engine.init_on_host(model, config.seed)[1].params["label_embedding"]
   moved = not np.array_equal(shared.params["label_embedding"], initial)
   assert moved == (label_embedding == "joint")  # frozen means bit-identical
   assert int(shared.step) == config_lib.total_iterations(config)

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dbjax import data
+from dbjax.data import images as image_data
 from dbjax.errors import DataError
 
 
@@ -48,7 +49,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
     data.load_images("fashion_mnist", "train", str(tmp_path))
 
 
-@pytest.mark.skipif(not __import__("os").path.exists(data.FASHION_MNIST_DIR),
+@pytest.mark.skipif(not __import__("os").path.exists(image_data.FASHION_MNIST_DIR),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist():
   test = data.load_images("fashion_mnist", "test")

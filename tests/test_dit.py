@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dbjax.dit import (DiT, DiTConfig, patchify, rotary, sincos_position_embedding,
+from dbjax.nets.dit import (DiT, DiTConfig, patchify, rotary, sincos_position_embedding,
                        unpatchify)
 
 CFG = DiTConfig(image_size=8, channels=1, patch_size=2, hidden_size=32, num_layers=3,

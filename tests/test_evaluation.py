@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from dbjax import data, evaluation
+from dbjax import data
+from dbjax.eval import features as evaluation
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():

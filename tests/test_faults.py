@@ -11,8 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dbjax import config as config_lib, data, text, train
-from dbjax.checkpoint import RunCheckpointer
+from dbjax import config as config_lib, data, train
+from dbjax.data import text
+from dbjax.engine.checkpoint import RunCheckpointer
 from dbjax.errors import CheckpointError, ConfigError, DataError
 from experiments import soak
 from tests.conftest import tiny_config

@@ -10,7 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from dbjax import edm, language, noise, text, train
+from dbjax import edm, engine, noise, sampling, train
+from dbjax.data import text
+from dbjax.tasks import language
+from dbjax.tasks.base import sampling_plan
+from dbjax.tasks.language import autoregressive, causal, common, masked
 from dbjax.errors import ConfigError, DataError
 from tests.conftest import shrink_model
 from dbjax.config import default_config, validate
@@ -25,7 +29,7 @@ def lm_config(kind="autoregressive", method="diffusion_blocks", **language_field
   """A 2-block, 4-layer, d=16 language config on `TEXT` (vocabulary set)."""
   config = shrink_model(default_config())
   config.task, config.method = "language", method
-  config.data.name, config.data.num_classes = "shakespeare", len(set(TEXT))
+  config.data.name, config.data.vocab_size = "shakespeare", len(set(TEXT))
   config.model.num_layers, config.model.hidden_size, config.model.num_heads = 4, 16, 2
   config.model.frequency_dim = 16
   config.diffusion.num_blocks = 2
@@ -40,7 +44,7 @@ def lm_config(kind="autoregressive", method="diffusion_blocks", **language_field
 def perturbed_states(model, seed=0, scale=0.2):
   """Block and shared states with every parameter moved off its zero/identity init, so
   each layer, gate and head does something."""
-  states, shared = language.init_on_host(model, seed)
+  states, shared = engine.init_on_host(model, seed)
   rng = np.random.default_rng(seed)
   jitter = lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype)
   return [s._replace(params=jax.tree.map(jitter, s.params)) for s in states], shared
@@ -51,11 +55,11 @@ def random_block_and_inputs(block: int, batch: int, seed: int, positions="learne
   random noisy vectors z (batch, 16, 16)) of `lm_config(positions=positions)`."""
   model = language.build(lm_config(positions=positions))
   states, shared = perturbed_states(model)
-  net = language.network(model, states[block].params)
+  net = model.network(states[block].params)
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, model.net.vocab_size, (batch, 16)), jnp.int32)
   z = jnp.asarray(rng.standard_normal((batch, 16, 16)), jnp.float32)
-  return model, net, language.token_embedding(shared.params), tokens, z
+  return model, net, common.token_embedding(shared.params), tokens, z
 
 
 @pytest.fixture
@@ -142,15 +146,15 @@ def test_autoregressive_mask_matches_a_hand_written_case():
       [1, 0, 0, 0, 1, 0],  # n1: c0 and itself
       [1, 1, 0, 0, 0, 1],  # n2: c0, c1 and itself
   ], bool)
-  np.testing.assert_array_equal(language.autoregressive_mask(3), expected)
+  np.testing.assert_array_equal(autoregressive.autoregressive_mask(3), expected)
 
 
 def test_block_diffusion_attention_equals_dense_attention_under_the_mask():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(3))
   dense = jax.nn.dot_product_attention(
-      q, k, v, mask=jnp.asarray(language.autoregressive_mask(8))[None, None])
-  np.testing.assert_allclose(language.block_diffusion_attention(q, k, v), dense, atol=1e-5)
+      q, k, v, mask=jnp.asarray(autoregressive.autoregressive_mask(8))[None, None])
+  np.testing.assert_allclose(autoregressive.block_diffusion_attention(q, k, v), dense, atol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
@@ -159,7 +163,7 @@ def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself(positions):
   only through its own noise (not its clean token: that would leak the answer)."""
   model, net, embedding, tokens, z = random_block_and_inputs(block=0, batch=1, seed=1,
                                                              positions=positions)
-  logits = jax.jit(lambda t, z: language.denoiser_logits(model, net, embedding, t, z,
+  logits = jax.jit(lambda t, z: autoregressive.denoiser_logits(model, net, embedding, t, z,
                                                         jnp.ones((1,))))
   base = logits(tokens, z)
   other_token = logits(tokens.at[0, 9].set((tokens[0, 9] + 1) % model.net.vocab_size), z)
@@ -181,11 +185,11 @@ def test_masking_levels_partition_zero_to_one_top_block_first(num_blocks):
   np.testing.assert_allclose(model.intervals[-1], [0, 1 / num_blocks], atol=1e-7)
   np.testing.assert_allclose(model.intervals[1:, 1], model.intervals[:-1, 0], atol=1e-7)
   t = np.random.default_rng(0).uniform(0, 1, 1000)
-  owner = noise.block_of_sigma(t, model.boundaries)
+  owner = noise.block_of_sigma(t, model.masking_levels)
   assert np.all((model.intervals[owner, 0] <= t) & (t <= model.intervals[owner, 1]))
-  strata = language.elbo_strata(num_blocks)
+  strata = masked.elbo_strata(num_blocks)
   for lo, hi in zip(strata[:-1], strata[1:]):
-    block = noise.block_of_sigma(np.float64(hi), model.boundaries)
+    block = noise.block_of_sigma(np.float64(hi), model.masking_levels)
     assert model.intervals[block, 0] - 1e-7 <= lo and hi <= model.intervals[block, 1] + 1e-7
 
 
@@ -195,17 +199,17 @@ def test_unmasking_runs_every_block_equally_in_order(num_blocks, per_block):
   """With steps = k B, block b runs steps b k .. (b+1) k - 1, each inside its own range
   (np.linspace's grids differ by an ulp at shared points: B = 3, steps = 3 once ran
   blocks [0, 0, 1])."""
-  levels, blocks = language.unmasking_plan(per_block * num_blocks, num_blocks)
+  levels, blocks = masked.unmasking_plan(per_block * num_blocks, num_blocks)
   np.testing.assert_array_equal(blocks, np.repeat(np.arange(num_blocks), per_block))
-  bounds = language.masking_boundaries(num_blocks)
+  bounds = masked.masking_boundaries(num_blocks)
   for t, block in zip(levels[:-1], blocks):
     assert bounds[num_blocks - 1 - block] - 1e-12 <= t <= bounds[num_blocks - block] + 1e-12
 
 
 def test_masking_owner_is_exact_on_boundaries():
-  assert list(language.masking_owner(np.arange(1, 4), 3, 3)) == [2, 1, 0]
-  assert list(language.masking_owner(np.arange(1, 13), 12, 3)) == [2] * 4 + [1] * 4 + [0] * 4
-  assert language.masking_owner(0, 5, 2) == 1  # t = 0 belongs to the last block
+  assert list(masked.masking_owner(np.arange(1, 4), 3, 3)) == [2, 1, 0]
+  assert list(masked.masking_owner(np.arange(1, 13), 12, 3)) == [2] * 4 + [1] * 4 + [0] * 4
+  assert masked.masking_owner(0, 5, 2) == 1  # t = 0 belongs to the last block
 
 
 def _with_blocks(config, num_blocks):
@@ -227,23 +231,23 @@ def test_md4_elbo_matches_a_direct_computation_on_a_tiny_vocabulary():
   blocks, masks and positions still all change the logits.
   """
   config = lm_config("masked")
-  config.data.num_classes, config.language.seq_len = 3, 3
+  config.data.vocab_size, config.language.seq_len = 3, 3
   model = language.build(config)
   states, shared = perturbed_states(model, scale=0.5)
   for s in states:
     for part in ("kernel", "bias"):
       s.params["sigma_embed"]["fc2"][part].value *= 0
-  stacked = language.stack_params([s.params for s in states])
-  embedding = language.token_embedding(shared.params)
+  stacked = sampling.stack_params([s.params for s in states])
+  embedding = common.token_embedding(shared.params)
   tokens = jnp.array([[2, 0, 1]], jnp.int32)
 
   masks = jnp.array(list(itertools.product([False, True], repeat=3)))  # all 2^T masks
 
   @jax.jit
   def expected_terms(t, block):  # exact expectation over masks at masking level t
-    net = language.network(model, language._block_params(stacked, block))
+    net = model.network(common.block_params(stacked, block))
     batch = jnp.tile(tokens, (len(masks), 1))
-    logits = language.masked_logits(model, net, embedding, batch, masks,
+    logits = masked.masked_logits(model, net, embedding, batch, masks,
                                     jnp.full((len(masks),), t))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch)
     count = jnp.sum(masks, axis=1)
@@ -254,10 +258,10 @@ def test_md4_elbo_matches_a_direct_computation_on_a_tiny_vocabulary():
   direct = 0.0
   for lo, hi in model.intervals.astype(np.float64):
     ts = lo + (hi - lo) * (nodes + 1) / 2
-    block = int(noise.block_of_sigma(np.float64(hi), model.boundaries))
+    block = int(noise.block_of_sigma(np.float64(hi), model.masking_levels))
     direct += (hi - lo) / 2 * sum(w * float(expected_terms(t, block))
                                   for t, w in zip(ts, weights))
-  estimates = language.sequence_nats(model, stacked, shared.params,
+  estimates = model.sequence_nats(stacked, shared.params,
                                      jnp.tile(tokens, (4096, 1)), jax.random.key(0))["headline"]
   assert float(jnp.mean(estimates)) == pytest.approx(direct, rel=0.03)
 
@@ -267,12 +271,12 @@ def test_md4_elbo_of_a_constant_predictor_is_its_cross_entropy():
   so the NELBO is the mean cross-entropy of softmax(b): the 1/t weight is right."""
   config = lm_config("masked")
   model = language.build(config)
-  states, shared = language.init_on_host(model, 0)  # zero-initialised head: logits = bias
+  states, shared = engine.init_on_host(model, 0)  # zero-initialised head: logits = bias
   bias = np.random.default_rng(0).standard_normal(model.net.vocab_size).astype(np.float32)
   for s in states:
     s.params["head"]["out"]["bias"].value = bias
   tokens = np.random.default_rng(1).integers(0, model.net.vocab_size, (512, 16))
-  bits = language.bits_per_character(model, [s.params for s in states], shared.params,
+  bits = common.bits_per_character(model, [s.params for s in states], shared.params,
                                      tokens, batch_size=512)["headline"]
   expected = -float(np.mean(jax.nn.log_softmax(bias)[tokens])) / np.log(2)
   assert bits == pytest.approx(expected, rel=0.03)
@@ -289,8 +293,8 @@ def test_cached_decode_equals_the_full_forward_pass(positions):
   model, net, embedding, tokens, z = random_block_and_inputs(block=1, batch=2, seed=2,
                                                              positions=positions)
   sigma = jnp.full((2,), 0.7)
-  full = language.denoiser_logits(model, net, embedding, tokens, z, sigma)
-  cache = tuple(c[0] for c in language._empty_cache(model, 1, 2, 16))
+  full = autoregressive.denoiser_logits(model, net, embedding, tokens, z, sigma)
+  cache = tuple(c[0] for c in common.empty_cache(model, 1, 2, 16))
   clean = edm.preconditioning(model.clean_sigma, model.sigma_data)
   c = edm.preconditioning(sigma, model.sigma_data)
   decode = jax.jit(lambda vectors, i, c_noise, cache: net.decode(
@@ -298,9 +302,9 @@ def test_cached_decode_equals_the_full_forward_pass(positions):
   for i in range(16):
     logits, _ = decode(c.c_in[:, None, None] * z[:, i:i + 1], i, c.c_noise, cache)
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=2e-4)
-    _, new = decode(language.clean_vectors(model, embedding, tokens[:, i:i + 1]), i,
+    _, new = decode(common.clean_vectors(model, embedding, tokens[:, i:i + 1]), i,
                     jnp.full((2,), clean.c_noise), cache)
-    cache = language._write(cache, new, i)
+    cache = common.write_cache(cache, new, i)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
@@ -310,10 +314,10 @@ def test_greedy_causal_generation_agrees_with_teacher_forcing(positions):
   model = language.build(lm_config(method="end_to_end", positions=positions))
   states, shared = perturbed_states(model)
   prompt = np.array([3, 1, 4], np.int32)
-  tokens = language.generate(model, [states[0].params], shared.params, prompt, 2)
+  tokens = model.generate([states[0].params], shared.params, prompt, 2)
   np.testing.assert_array_equal(tokens[:, :3], np.tile(prompt, (2, 1)))
-  net = language.network(model, states[0].params)
-  logits = language.causal_logits(model, net, language.token_embedding(shared.params),
+  net = model.network(states[0].params)
+  logits = causal.causal_logits(model, net, common.token_embedding(shared.params),
                                   jnp.asarray(tokens))
   np.testing.assert_array_equal(np.argmax(logits, -1)[:, 3:], tokens[:, 3:])
 
@@ -326,7 +330,7 @@ def test_generation_shapes_prompt_and_determinism(kind, method):
   states, shared = perturbed_states(model)
   params = [s.params for s in states]
   prompt = np.array([5, 6], np.int32)
-  draw = lambda seed: language.generate(model, params, shared.params, prompt, 3, seed=seed,
+  draw = lambda seed: model.generate(params, shared.params, prompt, 3, seed=seed,
                                         temperature=1.0, top_p=0.95)
   first, again, other = draw(0), draw(0), draw(1)
   chex.assert_shape(first, (3, 16))
@@ -338,7 +342,7 @@ def test_generation_shapes_prompt_and_determinism(kind, method):
 
 def test_autoregressive_generation_runs_each_block_once_per_token_with_n_equal_b():
   model = language.build(_with_blocks(lm_config(), 4))
-  sigmas, blocks = language.sampling_plan(model, model.num_blocks)
+  sigmas, blocks = sampling_plan(model.noise, model.num_blocks)
   np.testing.assert_array_equal(blocks[:-1], [0, 1, 2, 3])
 
 
@@ -348,15 +352,15 @@ def test_chain_mixture_is_one_chain_for_one_and_below_the_mean_of_its_chains():
   (Jensen: log of a mean >= mean of logs)."""
   model = language.build(lm_config())
   states, shared = perturbed_states(model)
-  stacked = language.stack_params([s.params for s in states])
+  stacked = sampling.stack_params([s.params for s in states])
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.net.vocab_size, (3, 16)),
                        jnp.int32)
-  sigmas, blocks = (jnp.asarray(a) for a in language.sampling_plan(model, 2))
+  sigmas, blocks = (jnp.asarray(a) for a in sampling_plan(model.noise, 2))
   sigmas = sigmas.astype(jnp.float32)
   key = jax.random.key(0)
-  one_chain = lambda k: language._chain_cross_entropy(model, stacked, shared.params, tokens,
+  one_chain = lambda k: autoregressive._chain_cross_entropy(model, stacked, shared.params, tokens,
                                                       k, sigmas, blocks)[-1]
-  mixture = lambda n: language._chain_mixture_nats(model, stacked, shared.params, tokens,
+  mixture = lambda n: autoregressive._chain_mixture_nats(model, stacked, shared.params, tokens,
                                                    key, sigmas, blocks, n)
   chex.assert_trees_all_close(mixture(1), one_chain(jax.random.split(key, 1)[0]), rtol=1e-5)
   separate = jnp.mean(jnp.stack([one_chain(k) for k in jax.random.split(key, 4)]), 0)
@@ -366,13 +370,13 @@ def test_chain_mixture_is_one_chain_for_one_and_below_the_mean_of_its_chains():
 
 def test_sample_token_greedy_and_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  assert int(language.sample_token(jax.random.key(0), logits, 0.0, 1.0)[0]) == 0
-  draws = jax.vmap(lambda k: language.sample_token(k, logits, 1.0, 0.75))(
+  assert int(common.sample_token(jax.random.key(0), logits, 0.0, 1.0)[0]) == 0
+  draws = jax.vmap(lambda k: common.sample_token(k, logits, 1.0, 0.75))(
       jax.random.split(jax.random.key(0), 2000))
   counts = np.bincount(np.asarray(draws).ravel(), minlength=4)
   assert counts[2] == counts[3] == 0           # outside the 0.75 nucleus {0, 1}
   assert counts[0] / 2000 == pytest.approx(0.5 / 0.8, abs=0.04)
-  tiny = jax.vmap(lambda k: language.sample_token(k, logits, 1.0, 1e-6))(
+  tiny = jax.vmap(lambda k: common.sample_token(k, logits, 1.0, 1e-6))(
       jax.random.split(jax.random.key(1), 100))
   assert np.all(np.asarray(tiny) == 0)
 
@@ -383,11 +387,10 @@ def test_sample_token_greedy_and_nucleus():
 @pytest.mark.parametrize("kind", ["autoregressive", "masked"])
 def test_loss_falls_on_a_tiny_run(kind, text_file, tmp_path):
   config = lm_config(kind)
-  config.data.name, config.data.num_classes = f"file:{text_file}", 0
+  config.data.name, config.data.vocab_size = f"file:{text_file}", 0
   config.train.num_steps, config.train.learning_rate = 60, 3e-3
   config.train.checkpoint_every = 60
-  train_data, _ = language.load_data(config)
-  config = language.with_vocabulary(config, train_data.vocabulary)
+  config, (train_data, _) = language.load_data(config)
   run = train.train(config, str(tmp_path), train_data)
   for b in range(2):
     ce = [r["cross_entropy"] for r in run.history if r["block"] == b]
@@ -410,14 +413,14 @@ def test_sigma_max_share_draws_block_zero_at_sigma_max_and_leaves_other_blocks(s
 
   def sigmas(model, block):
     seen = []
-    language.denoising_cross_entropy(
+    autoregressive.denoising_cross_entropy(
         model, lambda z, sigma: seen.append(sigma) or jnp.zeros(z.shape[:2] + (3,)),
         embedding, tokens, jax.random.key(0), jnp.asarray(model.intervals[block]),
         model.sigma_max_share)
     return np.asarray(seen[0])
 
   top = sigmas(model, 0)
-  assert np.mean(top == model.dist.sigma_max) == pytest.approx(share, abs=0.03)
+  assert np.mean(top == model.noise.dist.sigma_max) == pytest.approx(share, abs=0.03)
   np.testing.assert_array_equal(sigmas(model, 1), sigmas(paper, 1))
   if share == 0.0:
     np.testing.assert_array_equal(top, sigmas(paper, 0))

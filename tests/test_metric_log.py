@@ -7,7 +7,7 @@ import struct
 import pytest
 from tensorboardX.proto import event_pb2
 
-from dbjax.metric_log import TENSORBOARD_DIR, MetricLog, flatten
+from dbjax.engine.metric_log import TENSORBOARD_DIR, MetricLog, flatten
 
 
 def read_scalars(logdir: str) -> dict:

@@ -21,7 +21,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
-from dbjax import blocks, classify, data, parallel, train  # pylint: disable=wrong-import-position
+from dbjax import data, engine, tasks, train  # pylint: disable=wrong-import-position
+from dbjax.engine import parallel  # pylint: disable=wrong-import-position
+from dbjax.engine.step import update  # pylint: disable=wrong-import-position
+from experiments import hlo  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
@@ -54,11 +57,9 @@ def parallel_config(num_blocks=4, **overrides):
 
 def train_in_parallel(config, train_data, devices, num_steps):
   """A BlockParallelTrainer of `config` on `devices` after `num_steps` steps."""
-  task = train.task_module(config)
-  model = task.build(config)
-  states, shared = parallel.init_on_host(task, model, config.seed)
-  trainer = parallel.BlockParallelTrainer(task, model, config, train_data, states, shared,
-                                          devices)
+  task = tasks.build(config)
+  states, shared = parallel.init_on_host(task, config.seed)
+  trainer = parallel.BlockParallelTrainer(task, config, train_data, states, shared, devices)
   trainer.train(np.arange(num_steps))
   return trainer
 
@@ -101,15 +102,16 @@ def test_parallel_blocks_equal_blocks_trained_one_after_another(one_device_per_b
   parallel_states, _ = trainer.host_states()
   # The reference: each block alone on one device, through the same steps, batches
   # and keys.
-  step_fn = blocks.jit_run_step(trainer.model)
-  for b, initial in enumerate(blocks.init_blocks_on_host(trainer.model, config.seed)):
+  step_fn = engine.jit_train_step(trainer.task)
+  initial_states, empty = engine.init_on_host(trainer.task, config.seed)
+  for b, initial in enumerate(initial_states):
     state = jax.device_put(initial)
     for step in range(3):
       index = data.batch_indices(config.seed, step, digits.num_examples,
                                  config.train.batch_size, block=b)
-      state, _, _ = step_fn(state, None, *digits.batch(index),
+      state, _, _ = step_fn(state, jax.device_put(empty), digits.batch(index),
                             train.step_key(config.seed, step, b),
-                            jnp.asarray(trainer.model.intervals[b]))
+                            jnp.asarray(trainer.task.intervals[b]))
     chex.assert_trees_all_close(jax.device_get(state), parallel_states[b], atol=2e-6)
     assert int(parallel_states[b].step) == 3
 
@@ -117,31 +119,28 @@ def test_parallel_blocks_equal_blocks_trained_one_after_another(one_device_per_b
 def test_data_parallel_gradient_is_the_mean_over_the_data_shards(two_devices_per_block,
                                                                  digits):
   trainer, config = two_devices_per_block, two_devices_per_block.config
-  model = trainer.model
+  model = trainer.task
   assert trainer.mesh.devices.shape == (4, 2)
   states, _ = trainer.host_states()
   # Block 2 by hand: each half of its batch with the key folded with its shard index.
   b, half = 2, config.train.batch_size // 2
-  initial = blocks.init_blocks_on_host(model, config.seed)[b]
+  initial = engine.init_on_host(model, config.seed)[0][b]
   images, labels = digits.batch(data.batch_indices(config.seed, 0, digits.num_examples,
                                                    config.train.batch_size, block=b))
   key = train.step_key(config.seed, 0, b)
 
   @jax.jit
   def one_step_by_hand(state):
-    grads = [jax.grad(blocks.block_loss, argnums=1)(
-        model, state.params, images[d * half:(d + 1) * half],
-        labels[d * half:(d + 1) * half], jax.random.fold_in(key, d), model.intervals[b])
-             for d in range(2)]
-    return blocks.update(model.optimizer, state,
-                         jax.tree.map(lambda g0, g1: (g0 + g1) / 2, *grads))
+    grads = [jax.grad(lambda params: model.loss(
+        params, {}, (images[d * half:(d + 1) * half], labels[d * half:(d + 1) * half]),
+        jax.random.fold_in(key, d), model.intervals[b])[0])(state.params) for d in range(2)]
+    return update(model.optimizer, state, jax.tree.map(lambda g0, g1: (g0 + g1) / 2, *grads))
   expected = one_step_by_hand(initial)
   chex.assert_trees_all_close(states[b].params, jax.device_get(expected.params), atol=2e-6)
 
 
 def collective_groups(trainer, sync_shared=False) -> list[set[int]]:
-  return parallel.collective_groups(trainer.compiled[sync_shared].as_text(),
-                                    trainer.mesh.size)
+  return hlo.collective_groups(trainer.compiled[sync_shared].as_text(), trainer.mesh.size)
 
 
 def test_compiled_step_has_no_collective_across_blocks(one_device_per_block,
@@ -163,14 +162,14 @@ def test_joint_label_embedding_is_averaged_across_blocks(joint_label_embedding):
   _, shared = trainer.host_states()
   embedding = shared.params["label_embedding"]
   np.testing.assert_allclose(embedding[0], embedding[1], atol=1e-6)
-  initial = classify.init_on_host(trainer.model, trainer.config.seed)[1]
+  initial = engine.init_on_host(trainer.task, trainer.config.seed)[1]
   assert not np.allclose(embedding[0], initial.params["label_embedding"])
 
 
 def test_bad_parallel_settings_are_named(digits):
   def trainer(config):
-    return parallel.BlockParallelTrainer(classify, classify.build(config), config, digits,
-                                         None, None, jax.devices())
+    return parallel.BlockParallelTrainer(tasks.build(config), config, digits, None, None,
+                                         jax.devices())
   with pytest.raises(ConfigError, match="train.batch_size=31"):
     trainer(parallel_config(task="classification", train__batch_size=31))
   config = parallel_config(task="classification")

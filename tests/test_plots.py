@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from dbjax import plots
+from dbjax.eval import plots
 
 
 def test_image_grid_layout_and_values():

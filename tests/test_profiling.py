@@ -3,7 +3,8 @@ import functools
 
 import pytest
 
-from dbjax import blocks, profiling
+from dbjax import tasks
+from dbjax.engine import profiling
 from tests.conftest import tiny_config
 
 
@@ -12,7 +13,7 @@ def step_bytes(method, num_blocks, remat=False):
   config = tiny_config(method=method, diffusion__num_blocks=num_blocks)
   config.model.num_layers, config.model.hidden_size, config.model.num_heads = 12, 64, 4
   config.model.remat = remat
-  return profiling.train_step_memory(blocks.build(config), 64)["step_bytes"]
+  return profiling.train_step_memory(tasks.build(config), 64)["step_bytes"]
 
 
 @pytest.mark.parametrize("num_blocks", [2, 3, 4])

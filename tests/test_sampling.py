@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dbjax import blocks, edm, noise, sampling
+from dbjax import edm, engine, noise, sampling, tasks
+from dbjax.tasks import images
+from dbjax.tasks.base import sampling_plan
+from experiments.exact_posteriors import exact_posterior_chain
 from tests.conftest import tiny_config
 
 
@@ -17,7 +20,7 @@ def constant_output_blocks(model, values):
   """
   params = []
   for b, v in enumerate(values):
-    state = blocks.init_block(model, jax.random.key(b)).params
+    state = engine.init_block(model, jax.random.key(b)).params
     state["final"]["out"]["bias"].value = jnp.full_like(state["final"]["out"]["bias"].value, v)
     params.append(state)
   return sampling.stack_params(params)
@@ -26,8 +29,8 @@ def constant_output_blocks(model, values):
 def reference_sample(z, model, values, num_steps, solver):
   """The sampler written out in numpy float64 with the METHOD.md rule: block 0 runs
   at the highest sigmas, each step by the block that owns its starting sigma."""
-  sigmas = noise.sampling_sigmas(num_steps, model.dist)
-  owner = noise.block_of_sigma(sigmas, model.boundaries)
+  sigmas = noise.sampling_sigmas(num_steps, model.noise.dist)
+  owner = noise.block_of_sigma(sigmas, model.noise.boundaries)
   z = np.asarray(z, np.float64)
 
   def denoise(z, s, b):
@@ -47,7 +50,7 @@ def reference_sample(z, model, values, num_steps, solver):
 def model():
   config = tiny_config()
   config.diffusion.num_blocks = 2
-  return blocks.build(config)
+  return tasks.build(config)
 
 
 @pytest.mark.parametrize("solver,num_steps", [("euler", 2), ("euler", 6), ("heun", 4)])
@@ -56,18 +59,18 @@ def test_sampler_matches_closed_form_with_block_routing(model, solver, num_steps
   stacked = constant_output_blocks(model, values)
   labels = jnp.arange(3)
   key = jax.random.key(5)
-  out = sampling.sample(model, stacked, key, labels, num_steps, solver)
-  z0 = model.dist.sigma_max * jax.random.normal(key, out.shape)
+  out = images.sample(model, stacked, key, labels, num_steps, solver)
+  z0 = model.noise.dist.sigma_max * jax.random.normal(key, out.shape)
   expected = reference_sample(z0, model, values, num_steps, solver)
   np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
   # Swapping the blocks' roles changes the result: routing is really by sigma.
-  swapped = sampling.sample(model, constant_output_blocks(model, values[::-1]), key, labels,
+  swapped = images.sample(model, constant_output_blocks(model, values[::-1]), key, labels,
                             num_steps, solver)
   assert not np.allclose(out, swapped, atol=1e-3)
 
 
 def test_one_step_per_block_runs_each_block_once_in_order(model):
-  sigmas, owners = sampling.sampling_plan(model, model.num_blocks)
+  sigmas, owners = sampling_plan(model.noise, model.num_blocks)
   np.testing.assert_array_equal(owners[:-1], np.arange(model.num_blocks))
   assert owners[-1] == model.num_blocks - 1  # the final D at sigma_min
 
@@ -75,9 +78,9 @@ def test_one_step_per_block_runs_each_block_once_in_order(model):
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
 def test_sample_shapes_and_finiteness(model, solver, guidance_scale):
-  states = [blocks.init_block(model, jax.random.key(b)) for b in range(model.num_blocks)]
+  states = [engine.init_block(model, jax.random.key(b)) for b in range(model.num_blocks)]
   stacked = sampling.stack_params([s.params for s in states])
-  out = sampling.sample(model, stacked, jax.random.key(0), jnp.arange(5) % 10, 3, solver,
+  out = images.sample(model, stacked, jax.random.key(0), jnp.arange(5) % 10, 3, solver,
                         guidance_scale)
   chex.assert_shape(out, (5, 8, 8, 1))
   chex.assert_tree_all_finite(out)
@@ -85,13 +88,13 @@ def test_sample_shapes_and_finiteness(model, solver, guidance_scale):
 
 def test_guidance_zero_is_unconditional(model):
   """w = 0 gives D_uncond: labels must not matter; at w = 1 they must."""
-  params = [blocks.init_block(model, jax.random.key(b)).params for b in range(2)]
+  params = [engine.init_block(model, jax.random.key(b)).params for b in range(2)]
   leaves, tree = jax.tree.flatten(sampling.stack_params(params))
   keys = jax.random.split(jax.random.key(9), len(leaves))
   stacked = jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape)
                                       for l, k in zip(leaves, keys)])
   key = jax.random.key(1)
-  run = lambda labels, w: sampling.sample(model, stacked, key, jnp.array(labels), 3,
+  run = lambda labels, w: images.sample(model, stacked, key, jnp.array(labels), 3,
                                           guidance_scale=w)
   np.testing.assert_allclose(run([1, 2], 0.0), run([7, 8], 0.0), atol=1e-5)
   assert not np.allclose(run([1, 2], 1.0), run([7, 8], 1.0), atol=1e-3)
@@ -99,14 +102,14 @@ def test_guidance_zero_is_unconditional(model):
 
 def test_sample_in_batches_pads_and_trims(model):
   stacked = constant_output_blocks(model, [0.0, 0.0])
-  out = sampling.sample_in_batches(model, stacked, jax.random.key(0), np.arange(7) % 10, 2,
+  out = images.sample_in_batches(model, stacked, jax.random.key(0), np.arange(7) % 10, 2,
                                    batch_size=4)
   assert out.shape == (7, 8, 8, 1)
 
 
 def test_unknown_solver_is_refused(model):
   with pytest.raises(ValueError, match="solver"):
-    sampling.sample(model, constant_output_blocks(model, [0, 0]), jax.random.key(0),
+    images.sample(model, constant_output_blocks(model, [0, 0]), jax.random.key(0),
                     jnp.arange(2), 2, solver="rk4")
 
 
@@ -137,7 +140,7 @@ def test_exact_denoiser_chain_first_call_is_the_predictive_distribution(categori
   """At sigma_max = 80 the exact posterior is the prior: the first call's cross-entropy is
   the entropy of y. This is the likelihood the autoregressive LM's first call reports."""
   probs, embedding = categorical
-  logits = sampling.exact_posterior_chain(rows_of(probs, 2000), embedding, 4, 4, "argmax", KEY)
+  logits = exact_posterior_chain(rows_of(probs, 2000), embedding, 4, 4, "argmax", KEY)
   entropy = float(-jnp.sum(probs * jnp.log(probs)))
   assert cross_entropy(probs, logits[0]) == pytest.approx(entropy, abs=1e-3)
 
@@ -153,10 +156,10 @@ def test_fixed_seed_chain_is_no_likelihood_but_the_mixture_over_chains_is(catego
   cross-entropy."""
   probs, embedding = categorical
   entropy = float(-jnp.sum(probs * jnp.log(probs)))
-  greedy = sampling.exact_posterior_chain(rows_of(probs), embedding, 4, 4, "argmax", KEY)[-1]
+  greedy = exact_posterior_chain(rows_of(probs), embedding, 4, 4, "argmax", KEY)[-1]
   assert float(jnp.mean(jnp.argmax(greedy, -1) == 0)) > 0.7  # p(mode) = 0.4
   assert cross_entropy(probs, greedy) > 5 * entropy
-  flow = sampling.exact_posterior_chain(rows_of(probs), embedding, 4, 4, "expected", KEY)[-1]
+  flow = exact_posterior_chain(rows_of(probs), embedding, 4, 4, "expected", KEY)[-1]
   assert cross_entropy(probs, flow) > 5 * entropy
   mixture = sampling.mixture_log_probs(jax.nn.log_softmax(flow))
   assert float(-mixture @ probs) == pytest.approx(entropy, abs=0.03)
@@ -181,14 +184,14 @@ def test_exact_chain_of_a_classifier_loses_to_its_first_call():
   embedding = sampling.unit_rows(raw)
   log_posterior = jax.nn.log_softmax(7.0 * jax.random.normal(jax.random.key(2), (4000, 10)))
   labels = jax.random.categorical(jax.random.key(3), log_posterior)
-  logits = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY)
+  logits = exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY)
   accuracy = [float(jnp.mean(jnp.argmax(l, -1) == labels)) for l in logits]
   bayes = float(jnp.mean(jnp.argmax(log_posterior, -1) == labels))
   assert accuracy[0] == pytest.approx(bayes, abs=2e-3) and 0.8 < bayes < 0.88
   assert 0.005 < bayes - accuracy[-1] < 0.03
   # Exact for tokens built from a random class half the time (classify.token_corruption),
   # the later calls trust the token less and lose a third as much (0.4 against 1.3 points).
-  robust = sampling.exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY,
+  robust = exact_posterior_chain(log_posterior, embedding, 3, 3, "argmax", KEY,
                                           token_corruption=0.5)
   robust_accuracy = [float(jnp.mean(jnp.argmax(l, -1) == labels)) for l in robust]
   assert robust_accuracy[0] == pytest.approx(bayes, abs=2e-3)

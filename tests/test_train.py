@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dbjax import blocks, config as config_lib, data, train
+from dbjax import config as config_lib, data, engine, tasks, train
 from dbjax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import tiny_config
 
@@ -21,17 +21,17 @@ def digits():
 def interleaved_reference(config, train_data):
   """Train the paper's way, one iteration at a time in order, recording that every
   step leaves the inactive blocks bit-identical."""
-  model = blocks.build(config)
-  states = blocks.init_blocks_on_host(model, config.seed)
-  step_fn = blocks.jit_train_step(model)
+  model = tasks.build(config)
+  states, shared = engine.init_on_host(model, config.seed)
+  step_fn = engine.jit_train_step(model)
   for step in range(config_lib.total_iterations(config)):
     b = train.block_for_step(config.seed, step, model.num_blocks)
     before = [jax.tree.map(np.copy, s) for s in states]
     index = data.batch_indices(config.seed, step, len(train_data.labels),
                                config.train.batch_size)
-    new, _ = step_fn(jax.device_put(states[b]), train_data.images[index],
-                     train_data.labels[index], train.step_key(config.seed, step, b),
-                     jax.numpy.asarray(model.intervals[b]))
+    new, shared, _ = step_fn(jax.device_put(states[b]), jax.device_put(shared),
+                             train_data.batch(index), train.step_key(config.seed, step, b),
+                             jax.numpy.asarray(model.intervals[b]))
     states[b] = jax.device_get(new)
     for other in range(model.num_blocks):
       if other != b:
@@ -73,7 +73,7 @@ def test_loss_falls_on_a_short_run(tmp_path, digits):
 
 def test_end_to_end_is_one_block_with_the_whole_range(tmp_path, digits):
   config = tiny_config(method="end_to_end")
-  model = blocks.build(config)
+  model = tasks.build(config)
   assert model.num_blocks == 1 and model.dit.num_layers == config.model.num_layers
   np.testing.assert_array_equal(model.intervals, [[np.float32(0.002), np.float32(80.0)]])
   _, states, _, history = train.train(config, str(tmp_path), digits)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import dbjax
-from dbjax import data, sampling, user_layers
+from dbjax import data, sampling
+from dbjax.tasks.language import single_stream
 from dbjax.errors import ConfigError
 
 WIDTH = 32
@@ -89,7 +90,7 @@ def test_token_target_learns_a_periodic_text_and_continues_it():
   # Teacher-forced, one chain per position: every token after the first follows from the
   # one before it, so the chain's cross-entropy is far below the uniform ln 6 per token.
   tokens, = periodic_text(10_000, batch=4)
-  first, last = user_layers.chain_nats(db.model, sampling.stack_params(
+  first, last = single_stream.chain_nats(db.task, sampling.stack_params(
       [s.params for s in states]), db.target_embedding, tokens,
       jax.random.key(1), num_steps=2)
   assert float(last) / tokens.size < 0.5 < np.log(6)

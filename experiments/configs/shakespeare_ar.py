@@ -14,7 +14,7 @@ def get_config():
   config = default_config()
   config.task = "language"
   config.data.name = "shakespeare"
-  config.data.num_classes = 0          # the vocabulary size, from the text
+  config.data.vocab_size = 0           # the vocabulary size: from the text
   config.model.num_layers = 12
   config.model.hidden_size = 128
   config.diffusion.num_blocks = 4      # paper, task table: Llama-style 12 layers, B=4

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.dit import (DiTConfig, FinalLayer, SigmaEmbedder, apply_layers, patchify,
+from dbjax.nets.dit import (DiTConfig, FinalLayer, SigmaEmbedder, apply_layers, patchify,
                        sincos_position_embedding, stacked_layers)
 
 

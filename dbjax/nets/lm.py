@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
+from dbjax.nets.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
 
 
 @dataclasses.dataclass(frozen=True)

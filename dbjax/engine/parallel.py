@@ -3,7 +3,7 @@
 DiffusionBlocks' blocks share no activations and, for images, no parameters (METHOD.md,
 "Shared parameters"), so with parallel.mode="blocks" every step trains all B blocks,
 each on its own batch, and the compiled step has no collective across the "block" axis
-(tests/test_parallel.py reads the HLO to check). Within a block the batch is split over
+(tests/test_parallel.py reads the HLO to check, with experiments/hlo.py). Within a block the batch is split over
 the "data" axis, and the mean of the gradients over that axis is the step's only
 collective.
 
@@ -27,16 +27,15 @@ state on its own slice. On many hosts (after jax.distributed.initialize) each ho
 only the batches of the blocks on its devices; checkpoints gather every block to every
 host (numpy), so a checkpoint is the same orbax layout as a one-device run's.
 """
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dbjax import data as data_lib
-from dbjax.blocks import no_reduction
+from dbjax.data.batches import batch_indices
+from dbjax.engine import state as state_lib
+from dbjax.engine.step import no_reduction, train_step
 from dbjax.errors import ConfigError
 
 BLOCK, DATA = "block", "data"
@@ -68,11 +67,11 @@ def unstack(tree, n: int) -> list:
   return [jax.tree.map(lambda leaf: np.asarray(leaf[i]), tree) for i in range(n)]
 
 
-def init_on_host(task, model, seed: int):
-  """(all blocks' host states, the host shared state stacked over the blocks or None):
-  a fresh run's states in the form BlockParallelTrainer and its checkpoints take."""
-  states, shared = task.init_on_host(model, seed)
-  return states, None if shared is None else stack([shared] * model.num_blocks)
+def init_on_host(task, seed: int):
+  """(all blocks' host states, the host shared state stacked over the blocks): a fresh
+  run's states in the form BlockParallelTrainer and its checkpoints take."""
+  states, shared = state_lib.init_on_host(task, seed)
+  return states, stack([shared] * task.num_blocks)
 
 
 def stacked_abstract(tree, n: int):
@@ -103,12 +102,12 @@ def _average_over_blocks(tree):
   return jax.tree.map(average, tree)
 
 
-def make_step(task, model, mesh, sync_shared: bool = False):
+def make_step(task, mesh, sync_shared: bool = False):
   """The compiled parallel step (states, shared, batch, key_data, intervals) ->
   (states, shared, metrics), every argument and result stacked over the B blocks.
 
-  task: dbjax.blocks, dbjax.classify or dbjax.language (their run_step). batch: the
-  task's batch with shape (B, batch_size, ...); key_data: (B, 2) uint32 raw keys.
+  task: a dbjax.tasks.Task (engine.step.train_step steps it). batch: the task's batch
+  tuple with shapes (B, batch_size, ...); key_data: (B, 2) uint32 raw keys.
   sync_shared: also average the shared parameters over the blocks at the end.
   """
   width = mesh.shape[DATA]
@@ -127,7 +126,7 @@ def make_step(task, model, mesh, sync_shared: bool = False):
     key = jax.random.wrap_key_data(key_data)
     if width > 1:  # each data shard draws its own noise for its own examples
       key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
-    return None, task.run_step(model, state, shared, *batch, key, interval, reduce=reduce)
+    return None, train_step(task, state, shared, batch, key, interval, reduce=reduce)
 
   def local_blocks(states, shared, batch, key_data, intervals):
     # This device's B / G blocks, one after another: one at a time in activations.
@@ -159,7 +158,7 @@ def global_batch(train_data, mesh, seed: int, step: int, num_blocks: int, batch_
   sharding = NamedSharding(mesh, P(BLOCK, DATA) if mesh.shape[DATA] > 1 else P(BLOCK))
   own = sorted({b for index in sharding.addressable_devices_indices_map(
       (num_blocks, batch_size)).values() for b in range(num_blocks)[index[0]]})
-  batches = {b: train_data.batch(data_lib.batch_indices(
+  batches = {b: train_data.batch(batch_indices(
       seed, step, train_data.num_examples, batch_size, block=b)) for b in own}
   def leaf(i):
     example = batches[own[0]][i]
@@ -173,12 +172,11 @@ def global_batch(train_data, mesh, seed: int, step: int, num_blocks: int, batch_
 class BlockParallelTrainer:
   """Holds all blocks on the mesh between checkpoints; see the module docstring."""
 
-  def __init__(self, task, model, config, train_data, states, shared, devices=None):
-    """task: the module that steps `model` (dbjax.train.task_module); states: the B
-    blocks' host states; shared: the host shared state stacked over
-    the blocks (`stack`), or None."""
-    self.model, self.config, self.train_data = model, config, train_data
-    self.mesh = make_mesh(model.num_blocks, devices)
+  def __init__(self, task, config, train_data, states, shared, devices=None):
+    """task: a dbjax.tasks.Task; states: the B blocks' host states; shared: the host
+    shared state stacked over the blocks (`stack`)."""
+    self.task, self.config, self.train_data = task, config, train_data
+    self.mesh = make_mesh(task.num_blocks, devices)
     width = self.mesh.shape[DATA]
     if config.train.batch_size % width:
       raise ConfigError(
@@ -186,24 +184,23 @@ class BlockParallelTrainer:
           f"parallel.mode='blocks' on {self.mesh.size} devices each block's batch is split "
           f"over a data axis of {width}; use a multiple of {width}")
     sync = config.parallel.shared_sync_every
-    if model.couples_blocks and not sync:
+    if task.couples_blocks and not sync:
       raise ConfigError(
           "config.parallel.shared_sync_every=0 is invalid: this run trains parameters that "
           "all blocks share (a joint label or token embedding, or shared modules); set it "
           ">= 1 to average them every k steps, or freeze them")
-    self.sync_every = sync if model.couples_blocks else 0
-    self.task = task
+    self.sync_every = sync if task.couples_blocks else 0
     # sync_shared -> the step compiled for this run's arrays (.as_text() is its HLO)
     self.compiled = {}
     self.states = put(stack(states), self.mesh, P(BLOCK))
-    self.shared = None if shared is None else put(shared, self.mesh, P(BLOCK))
-    self.intervals = put(np.asarray(model.intervals, np.float32), self.mesh, P(BLOCK))
+    self.shared = put(shared, self.mesh, P(BLOCK))
+    self.intervals = put(np.asarray(task.intervals, np.float32), self.mesh, P(BLOCK))
 
   def train(self, steps: np.ndarray, bar=None, should_stop=None) -> list[dict]:
     """Run parallel steps `steps`; return one metrics row per (step, block) done.
     bar: a tqdm bar to advance, if any; should_stop(): checked after every step, ends
     the run of steps early when true."""
-    cfg, num_blocks = self.config, self.model.num_blocks
+    cfg, num_blocks = self.config, self.task.num_blocks
     pending = []
     for step in steps:
       step = int(step)
@@ -217,8 +214,7 @@ class BlockParallelTrainer:
               put(step_key_data(cfg.seed, step, num_blocks), self.mesh, P(BLOCK)),
               self.intervals)
       if synced not in self.compiled:
-        self.compiled[synced] = make_step(self.task, self.model, self.mesh,
-                                          synced).lower(*args).compile()
+        self.compiled[synced] = make_step(self.task, self.mesh, synced).lower(*args).compile()
       self.states, self.shared, metrics = self.compiled[synced](*args)
       pending.append((step, metrics))
       if bar is not None:
@@ -234,35 +230,5 @@ class BlockParallelTrainer:
     return rows
 
   def host_states(self):
-    """(the B blocks' host states, the host shared state stacked over blocks or None)."""
-    return unstack(gather(self.states), self.model.num_blocks), gather(self.shared)
-
-
-
-def _replica_groups(line: str, num_devices: int) -> list[set[int]]:
-  """The device groups of one collective of compiled HLO: listed ({{0,1},{2,3}}) or
-  in iota form ([groups,size]<=[dims]T(perm))."""
-  listed = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", line)
-  if listed:
-    return [set(map(int, g.split(","))) for g in re.findall(r"\{([\d,]+)\}", listed.group(1))]
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-  if iota:
-    groups, size = int(iota.group(1)), int(iota.group(2))
-    ids = np.arange(num_devices).reshape([int(d) for d in iota.group(3).split(",")])
-    if iota.group(4):
-      ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
-    return [set(row) for row in ids.reshape(groups, size).tolist()]
-  return [set(range(num_devices))]  # no groups: all devices
-
-
-def collective_groups(hlo_text: str, num_devices: int) -> list[set[int]]:
-  """The device groups of every collective in compiled HLO text (compiled.as_text()).
-  Device ids are mesh positions: (b, d) is b * data width + d."""
-  return [group for line in hlo_text.splitlines()
-          if any(re.search(rf"\b{op}(-start)?\(", line) for op in COLLECTIVES)
-          for group in _replica_groups(line, num_devices)]
-
-
-def crosses_blocks(group: set[int], data_width: int) -> bool:
-  """Whether a collective's device group spans more than one block's data group."""
-  return len({device // data_width for device in group}) > 1
+    """(the B blocks' host states, the host shared state stacked over blocks)."""
+    return unstack(gather(self.states), self.task.num_blocks), gather(self.shared)

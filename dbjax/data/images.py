@@ -8,8 +8,9 @@
   files, which needs no TensorFlow; downloads and prepares where the internet is there.
 
 Images come back as float32 (N, H, W, C) in [-1, 1] and labels as int32 (N,).
-The batch of iteration `step` is a pure function of (seed, step), so a resumed run
-sees exactly the batches an uninterrupted one would.
+The batch of iteration `step` is a pure function of (seed, step)
+(dbjax.data.batches), so a resumed run sees exactly the batches an uninterrupted one
+would.
 """
 import dataclasses
 import gzip
@@ -137,11 +138,3 @@ def check_images(images, labels, image_size: int, channels: int, num_classes: in
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f"labels span [{labels.min()}, {labels.max()}]; allowed is "
                     f"[0, {num_classes}) from config.data.num_classes")
-
-
-def batch_indices(seed: int, step: int, num_examples: int, batch_size: int,
-                  block: int | None = None) -> np.ndarray:
-  """Example indices of iteration `step`: a pure function of (seed, step), or, when all
-  blocks train at every step (dbjax.parallel), of (seed, step, block)."""
-  rng = np.random.default_rng([seed, step] if block is None else [seed, step, block, 3])
-  return rng.choice(num_examples, size=batch_size, replace=batch_size > num_examples)

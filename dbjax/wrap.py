@@ -6,7 +6,7 @@
 MyLayer(rngs) must build one residual layer, an nnx.Module mapping (x, cond) -> x with
 x (N, T, D) and cond (N, D), D = hidden_size (the sigma embedding, plus the class
 embedding for images). dbjax adds what the target needs around the layers (input
-embedding, sigma embedder, adaLN head, EDM preconditioning, METHOD.md) and cuts the
+embedding, sigma embedder, adaLN head, EDM preconditioning) and cuts the
 num_layers layers into num_blocks blocks, each a whole denoiser over its own noise
 interval. The returned `DiffusionBlocks` gives pure, jittable functions:
 
@@ -18,23 +18,20 @@ interval. The returned `DiffusionBlocks` gives pure, jittable functions:
 and moves weights between the blocks and the plain end-to-end network built from the
 same num_layers layers: `to_end_to_end`, `from_end_to_end`, `end_to_end()`.
 
-Targets (METHOD.md, task table):
+Targets (paper, Sec. 5):
 - "image": the DiT of dbjax.dit with your layers; batch (images, labels); each block
   owns its embeddings and head (a fixed target space, so blocks share nothing).
 - "label": the ViT classifier of dbjax.vit/classify with your layers; batch
   (images, labels); the target is a frozen unit-norm label embedding, fixed by `seed`,
   which every block shares without training it.
 - "token": a language model whose target is the next token's (frozen, unit-norm)
-  embedding; batch (tokens,). The paper's input is [clean; noisy] (2T) under a
-  block-diffusion mask, which a layer (x, cond) -> x cannot take, so with your layers
-  the token target is single-stream: position i reads the clean token i-1 and the
-  noisy z_i, and your layers must be causal (checked when wrapping). Every position of
-  the sequence is noised at the block's sigma; generation re-noises the prefix at each
-  call's sigma, so it sees what training saw. Unlike dbjax.language there is no
-  key-value cache: generation recomputes the prefix at each call.
+  embedding; batch (tokens,), single-stream through your causal layers
+  (dbjax.tasks.language.single_stream).
+
+Each target is a dbjax.tasks Task built around your layers, the same objects the
+command-line runs train; `DiffusionBlocks.task` is it.
 """
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -43,149 +40,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dbjax import blocks, classify, edm, language, noise, sampling
-from dbjax.blocks import BlockState
 from dbjax.config import default_config, validate
-from dbjax.dit import DiT, FinalLayer, SigmaEmbedder, apply_layers, stacked_layers
+from dbjax.engine import state as state_lib
+from dbjax.engine.state import BlockState
+from dbjax.engine.step import step_metrics, update
 from dbjax.errors import ConfigError
-from dbjax.lm_net import LMConfig
-from dbjax.vit import ViT
+from dbjax.nets.lm import LMConfig
+from dbjax.tasks import classification, images
+from dbjax.tasks.base import noise_plan
+from dbjax.tasks.language.common import token_embedding
+from dbjax.tasks.language.single_stream import CausalTokenNet, SingleStreamDenoiser
 
 TARGETS = ("image", "label", "token")
 PARTITIONS = ("equiprobable", "uniform_log")
 # Parameters under this top-level name are the layers (leading axis = layer); the rest
 # (embeddings, sigma embedder, head) are the adapters of the target around them.
 LAYERS = "layers"
-
-
-# ---------------------------------------------------------------- the token target
-
-
-class CausalTokenNet(nnx.Module):
-  """F(previous tokens, c_in z, c_noise) -> logits (N, T, V), single-stream: position i
-  reads the clean embedding of token i-1 (a learned start vector at i = 0) and the
-  scaled noisy embedding c_in z_i, through causal layers."""
-
-  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, init = cfg.hidden_size, nnx.initializers.normal(0.02)
-    self.previous_in = nnx.Linear(d, d, rngs=rngs)
-    self.noisy_in = nnx.Linear(d, d, rngs=rngs)
-    self.start = nnx.Param(init(rngs.params(), (d,)))
-    self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
-    self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
-    self.layers = stacked_layers(cfg, rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
-
-  def __call__(self, clean: jax.Array, noisy: jax.Array, c_noise: jax.Array) -> jax.Array:
-    """clean (N, T, D): the clean embedding of every position's token (the input at i is
-    that of i-1); noisy (N, T, D) = c_in z; c_noise (N,)."""
-    n, t, d = noisy.shape
-    previous = jnp.concatenate([jnp.broadcast_to(self.start.value, (n, 1, d)),
-                                clean[:, :-1]], axis=1)
-    x = self.previous_in(previous) + self.noisy_in(noisy) + self.position(jnp.arange(t))
-    cond = self.sigma_embed(c_noise)
-    return self.head(apply_layers(self.layers, x, cond, self.cfg.remat), cond)
-
-
-def token_logits(net: CausalTokenNet, embedding, tokens, z, sigma, sigma_data) -> jax.Array:
-  """Logits (N, T, V) of every position's token from the clean tokens before it and
-  its noisy embedding z (N, T, D) at sigma (N,)."""
-  c = edm.preconditioning(sigma, sigma_data)
-  return net(embedding[tokens], c.c_in[:, None, None] * z, c.c_noise)
-
-
-def token_loss(model, params, embedding, tokens, key, interval):
-  """(loss, metrics): language.denoising_cross_entropy with the single-stream logits."""
-  net = nnx.merge(model.graphdef, params)
-  loss, logits, cross_entropy = language.denoising_cross_entropy(
-      model, lambda z, sigma: token_logits(net, embedding, tokens, z, sigma, model.sigma_data),
-      embedding, tokens, key, interval)
-  return loss, language.token_metrics(logits, cross_entropy, tokens)
-
-
-def position_chain(model, stacked_params, embedding, tokens, position, key, sigmas, owners):
-  """Logits (calls, N, V) of the denoising chain of token `position` given the tokens
-  before it: z ~ N(0, sigma_max^2), one call per grid step by the block owning its sigma
-  (noise.block_of_sigma), the prefix re-noised at that sigma (what training saw), Euler
-  steps toward the argmax embedding row between calls. Tokens at and after `position`
-  are not read: the layers are causal."""
-  batch, length = tokens.shape
-  width = embedding.shape[1]
-  z = noise.pure_noise(key, (batch, width), model.dist)
-
-  def logits_of(z, sigma, block, step):
-    prefix = embedding[tokens] + sigma * jax.random.normal(
-        jax.random.fold_in(key, step + 1), (batch, length, width))
-    net = nnx.merge(model.graphdef, jax.tree.map(lambda p: p[block], stacked_params))
-    return token_logits(net, embedding, tokens, prefix.at[:, position].set(z),
-                        jnp.full((batch,), sigma), model.sigma_data)[:, position]
-
-  return sampling.embedding_chain(logits_of, z, sigmas, owners, embedding, "argmax")
-
-
-def _plan(model, num_steps: int):
-  """The sampling grid and each step's block, computed on the host in float64."""
-  sigmas, owners = sampling.sampling_plan(model, num_steps)
-  return jnp.asarray(sigmas, jnp.float32), jnp.asarray(owners, jnp.int32)
-
-
-def generate_tokens(model, stacked_params, embedding, prompt, key, num_samples: int,
-                    num_steps: int, temperature: float = 0.0, top_p: float = 1.0):
-  """Token ids (num_samples, T) led by `prompt`; each next token drawn from the last
-  call of its `position_chain` (num_steps calls)."""
-  return _generate_tokens(model, stacked_params, embedding, prompt, key,
-                          *_plan(model, num_steps), num_samples, float(temperature),
-                          float(top_p))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "num_samples", "temperature", "top_p"))
-def _generate_tokens(model, stacked_params, embedding, prompt, key, sigmas, owners,
-                     num_samples, temperature, top_p):
-  tokens = jnp.zeros((num_samples, model.net.seq_len), jnp.int32).at[:, :len(prompt)].set(prompt)
-
-  def position_step(position, tokens):
-    key_position = jax.random.fold_in(key, position)
-    logits = position_chain(model, stacked_params, embedding, tokens, position,
-                            key_position, sigmas, owners)
-    choice = language.sample_token(jax.random.fold_in(key_position, 0), logits[-1],
-                                   temperature, top_p)
-    return tokens.at[:, position].set(choice)
-
-  return jax.lax.fori_loop(len(prompt), model.net.seq_len, position_step, tokens)
-
-
-def chain_nats(model, stacked_params, embedding, tokens, key, num_steps: int):
-  """Teacher-forced cross-entropy (nats) summed over all tokens (N, T), of the first
-  call and of the last call of each token's num_steps-call `position_chain`. Exact, one
-  chain per position, so it costs T times a parallel evaluation."""
-  return _chain_nats(model, stacked_params, embedding, tokens, key, *_plan(model, num_steps))
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _chain_nats(model, stacked_params, embedding, tokens, key, sigmas, owners):
-  def position_step(position, totals):
-    logits = position_chain(model, stacked_params, embedding, tokens, position,
-                            jax.random.fold_in(key, position), sigmas, owners)
-    nats = optax.softmax_cross_entropy_with_integer_labels(
-        logits[jnp.array([0, -1])], tokens[None, :, position])
-    return totals + jnp.sum(nats, axis=1)
-
-  first, last = jax.lax.fori_loop(0, tokens.shape[1], position_step, jnp.zeros(2))
-  return first, last
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
-class TokenModel:
-  """Everything fixed about the token target's blocks (the fields samplers read)."""
-  net: LMConfig                  # the network of ONE block
-  num_blocks: int
-  dist: noise.NoiseDistribution
-  boundaries: np.ndarray
-  intervals: np.ndarray
-  sigma_data: float
-  graphdef: nnx.GraphDef
-  partition: str = "equiprobable"  # of the noise levels (noise.PARTITIONS)
 
 
 # ------------------------------------------------------------------ checking layers
@@ -245,50 +115,43 @@ class DiffusionBlocks:
   """A user's layers as B block denoisers; made by `wrap`. All methods are pure and
   jittable (`sample` with num_steps and its options static)."""
   target: str
-  model: Any            # blocks.BlockModel | classify.ClassifierModel | TokenModel
-  optimizer: optax.GradientTransformation
-  shared_params: Any    # the frozen target embedding (label, token); None for images
+  task: Any             # the dbjax.tasks Task around the user's layers
+  shared_params: Any    # the frozen target embedding (label, token); {} for images
   arguments: dict       # wrap's arguments, for end_to_end()
 
   @property
   def num_blocks(self) -> int:
     """B, the number of blocks."""
-    return self.model.num_blocks
+    return self.task.num_blocks
 
   @property
   def intervals(self) -> np.ndarray:
     """(B, 2) training noise interval of each block; block 0 owns the highest noise."""
-    return self.model.intervals
+    return self.task.intervals
+
+  @property
+  def optimizer(self) -> optax.GradientTransformation:
+    """Each block's own optimizer."""
+    return self.task.optimizer
 
   @property
   def target_embedding(self):
     """The frozen target space E (rows of unit norm) of the label and token targets."""
     if self.target == "label":
-      return classify.label_embedding(self.shared_params)
-    return language.token_embedding(self.shared_params)
+      return classification.label_embedding(self.shared_params)
+    return token_embedding(self.shared_params)
 
   def new_network(self, key) -> nnx.Module:
     """A fresh network of one block (its layers and the target's adapters)."""
-    rngs = nnx.Rngs(params=key)
-    if self.target == "image":
-      return DiT(self.model.dit, rngs=rngs)
-    if self.target == "label":
-      return ViT(self.model.vit, rngs=rngs)
-    return CausalTokenNet(self.model.net, rngs=rngs)
+    return self.task.new_network(key)
 
   def network(self, params) -> nnx.Module:
     """The nnx.Module of one block's (or the end-to-end network's) params."""
-    if self.target == "label":
-      return classify.network(self.model, params, self.shared_params)
-    return nnx.merge(self.model.graphdef, params)
+    return self.task.network(params, self.shared_params)
 
   def init_block(self, key) -> BlockState:
     """A fresh block: parameters, the optimizer's state for them, step 0."""
-    if self.target == "label":  # the network minus the shared group (empty here)
-      params = classify.split_network(self.model, key)[1]
-    else:
-      params = nnx.state(self.new_network(key))
-    return BlockState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+    return state_lib.init_block(self.task, key)
 
   def init(self, key) -> list[BlockState]:
     """All B blocks, block b from fold_in(key, b)."""
@@ -300,21 +163,14 @@ class DiffusionBlocks:
     weighted denoising loss with sigma drawn from its own interval (paper, Eq. 6)."""
     interval = jnp.asarray(self.intervals, jnp.float32)[block]
     batch = batch if isinstance(batch, tuple) else (batch,)
-    if self.target == "image":
-      return blocks.block_loss(self.model, params, *batch, key, interval), {}
-    if self.target == "label":
-      return classify.block_loss(self.model, params, self.shared_params, *batch, key,
-                                 interval)
-    return token_loss(self.model, params, self.target_embedding, *batch, key,
-                      interval)
+    return self.task.loss(params, self.shared_params, batch, key, interval)
 
   def train_step(self, state: BlockState, batch: tuple, key, block):
     """(state, batch, key, block) -> (state, metrics): one optimizer step of one block.
     Jit it once for all blocks, donating the state: jax.jit(db.train_step, donate_argnums=0)."""
     (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, batch, key, block)
-    return (blocks.update(self.optimizer, state, grads),
-            blocks.step_metrics(loss, grads, **metrics))
+    return update(self.optimizer, state, grads), step_metrics(loss, grads, **metrics)
 
   def sample(self, block_params: list, key, inputs, num_steps: int | None = None,
              **options):
@@ -326,18 +182,8 @@ class DiffusionBlocks:
     token: inputs = prompt ids (P,) -> token ids (num_samples, T); options num_samples,
       temperature (0 = greedy), top_p.
     """
-    num_steps = num_steps or self.num_blocks
-    stacked = sampling.stack_params(block_params)
-    if self.target == "image":
-      return sampling.sample(self.model, stacked, key, jnp.asarray(inputs), num_steps,
-                             **options)
-    if self.target == "label":
-      logits = classify.chain_logits(self.model, stacked, self.shared_params,
-                                     jnp.asarray(inputs), num_steps, key)
-      return jnp.argmax(logits[-1], axis=-1)
-    return generate_tokens(self.model, stacked, self.target_embedding,
-                           jnp.asarray(inputs, jnp.int32), key, num_steps=num_steps,
-                           **{"num_samples": 1, **options})
+    return self.task.sample(block_params, self.shared_params, key, inputs,
+                            num_steps or self.num_blocks, **options)
 
   # ---------------------------------------------------- moving to and from end to end
 
@@ -425,22 +271,23 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   _probe_layer(make_layer, hidden_size, causal=target == "token")
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                        image_shape, patch_size, num_classes)
-  optimizer = optimizer or blocks.make_optimizer(config.train)
   key = jax.random.key(seed)
   if target == "image":
-    model, shared = blocks.build(config, layer=make_layer), None
+    task = images.build(config, layer=make_layer)
   elif target == "label":
-    model = classify.build(config, layer=make_layer)
-    shared = jax.device_get(classify.init_shared(model, key).params)
+    task = classification.build(config, layer=make_layer)
   else:
     net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=hidden_size,
                    num_layers=num_layers // num_blocks, layer=make_layer)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
-    dist, boundaries, intervals = blocks.noise_plan(config)
-    model = TokenModel(net=net, num_blocks=num_blocks, dist=dist, boundaries=boundaries,
-                       intervals=intervals, sigma_data=config.diffusion.sigma_data,
-                       graphdef=graphdef, partition=partition)
-    shared = {"token_embedding": jax.device_get(jax.random.normal(key, (vocab_size,
-                                                                        hidden_size)))}
-  return DiffusionBlocks(target=target, model=model, optimizer=optimizer,
-                         shared_params=shared, arguments=arguments)
+    plan, intervals = noise_plan(config, num_blocks)
+    task = SingleStreamDenoiser(
+        num_blocks=num_blocks, intervals=intervals, optimizer=optax.identity(),
+        shared_optimizer=optax.set_to_zero(), net=net, graphdef=graphdef,
+        train_token_embedding=False, clean_sigma=config.diffusion.sigma_min,
+        sigma_data=config.diffusion.sigma_data, noise=plan)
+  # The user's optimizer (default: dbjax's AdamW); the target embedding stays frozen.
+  task = dataclasses.replace(task, optimizer=optimizer or state_lib.make_optimizer(config.train),
+                             shared_optimizer=optax.set_to_zero())
+  shared = jax.device_get(task.init_shared_params(key))
+  return DiffusionBlocks(target=target, task=task, shared_params=shared, arguments=arguments)

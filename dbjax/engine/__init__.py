@@ -1,0 +1,18 @@
+"""The engine: everything that moves, steps, saves and logs blocks, for any task.
+
+  state       BlockState(params, opt_state, step), each block's own optimizer, host init
+  step        the pure train step (state, shared, batch, key, interval) with its reduce hook
+  driver      the sequential driver: one block on the device at a time, SIGTERM, resume
+  parallel    all blocks at once on a ("block", "data") mesh (jax.shard_map)
+  checkpoint  orbax checkpoints, one item per block, checksummed and checked for fit
+  metric_log  train_metrics.jsonl, TensorBoard and the console
+  profiling   compiled memory and step time of a block's step
+
+It reads only the Task protocol (dbjax.tasks.base).
+"""
+from dbjax.engine.state import (BlockState, abstract_states, init_block, init_on_host,
+                                init_shared, make_optimizer)
+from dbjax.engine.step import jit_train_step, train_step
+
+__all__ = ["BlockState", "abstract_states", "init_block", "init_on_host", "init_shared",
+           "make_optimizer", "jit_train_step", "train_step"]

@@ -1,0 +1,301 @@
+"""The sequential driver: train(task, config, workdir, train_data), the same for every task.
+
+Schedule (paper, Sec. 4): every iteration draws one block uniformly at random and
+trains it on the whole batch; DiffusionBlocks runs B times as many iterations as
+end-to-end training, so both spend the same layer evaluations.
+
+Memory: all blocks' states live in host memory as numpy; only the block being trained
+(and the small shared state, if the task has one) is on the accelerator:
+`_train_block_steps` puts a block there and `_train_interval` takes it back. When blocks
+share no trained parameters (task.couples_blocks is False) the iterations of a
+checkpoint interval are regrouped by block: each block still sees its own iterations in
+order, with the batch and key of that iteration, which gives exactly the parameters of
+the interleaved order while moving each block to the device once per interval. When
+they share trained parameters the interleaved order is kept, and a block moves only
+when the next iteration's block differs.
+
+With parallel.mode="blocks" the driver hands each interval to
+engine.parallel.BlockParallelTrainer instead, which trains all blocks at every step.
+
+Determinism: the block, the batch and the key of iteration `step` are pure functions
+of (seed, step), so a run resumed from a checkpoint continues exactly as an
+uninterrupted one would.
+"""
+import json
+import os
+import signal
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from dbjax import config as config_lib
+from dbjax.data.batches import batch_indices
+from dbjax.engine import parallel, state as state_lib
+from dbjax.engine.checkpoint import RunCheckpointer
+from dbjax.engine.metric_log import MetricLog
+from dbjax.engine.step import jit_train_step
+from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError
+
+METRICS_FILE = "train_metrics.jsonl"
+
+
+def block_for_step(seed: int, step: int, num_blocks: int) -> int:
+  """The block trained at iteration `step`: uniform, derived from (seed, step)."""
+  return int(np.random.default_rng([seed, step, 1]).integers(num_blocks))
+
+
+def step_key(seed: int, step: int, block_index: int) -> jax.Array:
+  """The PRNG key of iteration `step`, trained by block `block_index`."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), block_index)
+
+
+def prepare_workdir(workdir: str):
+  """Create the workdir and check that it is writable (WorkdirError if not)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # Per process: the hosts of a multi-host run probe the same shared workdir.
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
+
+
+def _read_history(path: str, before_step: int) -> list[dict]:
+  """Metric rows of earlier iterations; rows past the checkpoint are dropped."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if r["step"] < before_step]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return rows
+
+
+def read_history(path: str, before_step: int) -> list[dict]:
+  """Metric rows of earlier iterations; rows past the checkpoint are dropped."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if r["step"] < before_step]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return rows
+
+
+def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
+  """[(block, its iterations)] in the order they are trained (see the module docstring):
+  regrouped by block when blocks are independent, interleaved when they are coupled."""
+  order = np.arange(len(chunk)) if couples_blocks else np.argsort(schedule, kind="stable")
+  runs = []
+  for i in order:
+    if runs and runs[-1][0] == schedule[i]:
+      runs[-1][1].append(chunk[i])
+    else:
+      runs.append((int(schedule[i]), [chunk[i]]))
+  return [(b, np.array(steps)) for b, steps in runs]
+
+
+def _train_block_steps(step_fn, state, shared, task, block_index, steps, train_data, config,
+                       bar):
+  """Run one block (already on the device) through its iterations; return its state,
+  the shared state and the metrics."""
+  metrics = []
+  interval = jnp.asarray(task.intervals[block_index])
+  for step in steps:
+    index = batch_indices(config.seed, int(step), train_data.num_examples,
+                          config.train.batch_size)
+    state, shared, step_metrics = step_fn(
+        state, shared, train_data.batch(index), step_key(config.seed, int(step), block_index),
+        interval)
+    metrics.append(step_metrics)
+    bar.update(1)
+  return state, shared, jax.device_get(metrics)
+
+
+def _train_interval(step_fn, states, shared, task, chunk, train_data, config, bar):
+  """Train the iterations in `chunk`; update the host `states` in place and return
+  (metric rows in iteration order, the shared state in host memory)."""
+  schedule = np.array([block_for_step(config.seed, s, task.num_blocks) for s in chunk])
+  rows = []
+  shared = jax.device_put(shared)  # small; stays on the device through the interval
+  for b, own_steps in block_runs(chunk, schedule, task.couples_blocks):
+    # To the device: this block alone, for its iterations of the interval.
+    state, shared, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), shared,
+                                                task, b, own_steps, train_data, config, bar)
+    for step, m in zip(own_steps, metrics):
+      rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
+    states[b] = jax.device_get(state)  # back to host: the device holds one block
+    del state  # free its device buffers before the next block is put there
+  return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
+
+
+class TrainedRun(NamedTuple):
+  task: Any                  # the dbjax.tasks.Task the blocks belong to
+  states: list               # each block's BlockState, in host memory
+  shared: Any                # the shared BlockState (empty params when nothing is shared)
+  history: list[dict]        # one metrics row per iteration
+
+
+def _skipped_steps(rows: list[dict], policy: str) -> list[dict]:
+  """The rows whose update was skipped for a NaN or inf. policy "stop" (config
+  train.on_nonfinite) raises NonFiniteLossError for the first, before any checkpoint
+  could hold what followed it."""
+  skipped = [r for r in rows if r["skipped"]]
+  if skipped and policy == "stop":
+    first = skipped[0]
+    raise NonFiniteLossError(first["step"], first["block"], first["loss"], first["grad_norm"])
+  for r in skipped:
+    logging.warning("skipped the update of block %d at step %d: loss %s, gradient norm %s",
+                    r["block"], r["step"], r["loss"], r["grad_norm"])
+  return skipped
+
+
+class _StopOnSigterm:
+  """Within it, SIGTERM (how schedulers preempt a job) sets `.signal_name` instead of
+  killing the process, so the driver can checkpoint and stop. Only the main thread can
+  take signals; elsewhere this does nothing."""
+
+  def __init__(self):
+    self.signal_name = None
+
+  def __enter__(self):
+    self._installed = threading.current_thread() is threading.main_thread()
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, _):
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *_):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def checkpoint_targets(task, config) -> dict:
+  """{item name: abstract tree} of what a run saves: one item per block and the shared
+  state, when the task has one (one copy per block with parallel.mode "blocks": each
+  block's copy has its own optimizer state; see engine.parallel)."""
+  block, shared = state_lib.abstract_states(task)
+  targets = {f"block_{b}": block for b in range(task.num_blocks)}
+  if state_lib.has_shared(task):
+    in_parallel = config.parallel.mode == "blocks"
+    targets["shared"] = parallel.stacked_abstract(shared, task.num_blocks) if in_parallel else shared
+  return targets
+
+
+def _saved_shared(task, shared):
+  """The shared state as a checkpoint holds it: None when the task shares nothing."""
+  return shared if state_lib.has_shared(task) else None
+
+
+def _restored_shared(task, config, shared):
+  """The shared state of a restored run: rebuilt empty when the task shares nothing."""
+  if shared is not None:
+    return shared
+  empty = jax.device_get(state_lib.init_shared(task, jax.random.key(0)))
+  return parallel.stack([empty] * task.num_blocks) if config.parallel.mode == "blocks" else empty
+
+
+def one_shared(config, shared):
+  """The shared state a trained run is evaluated with: the copies are equal after
+  every average (parallel.mode "blocks"), so block 0's."""
+  if config.parallel.mode == "blocks":
+    return jax.tree.map(lambda x: x[0], shared)
+  return shared
+
+
+def checkpointer_of(task, config, workdir: str, build=None) -> RunCheckpointer:
+  """The run's checkpointer; build(config) -> task (the registry's) lets it name the
+  config fields behind a checkpoint that does not fit."""
+  targets_of = None if build is None else (
+      lambda other: checkpoint_targets(build(other), other))
+  return RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                         task.num_blocks, config.train.max_checkpoints, targets_of=targets_of)
+
+
+def restore(task, config, checkpointer):
+  """(step, host block states, host shared state) of the newest readable checkpoint."""
+  targets = checkpoint_targets(task, config)
+  step, states, shared, _ = checkpointer.restore_latest_good(
+      [targets[f"block_{b}"] for b in range(task.num_blocks)], config,
+      target_shared=targets.get("shared"))
+  return step, states, _restored_shared(task, config, shared)
+
+
+def train(task, config, workdir: str, train_data, devices=None, build=None) -> TrainedRun:
+  """Train (or resume) the run of `task` in `workdir` on `train_data` (a data set whose
+  .batch(index) is the task's batch tuple).
+
+  devices: those a parallel.mode="blocks" run may use (default: all). build(config):
+  the registry's task builder, for naming config fields in checkpoint errors.
+  Raises NonFiniteLossError, naming step and block, if a loss becomes NaN or inf; the
+  last good checkpoint stays in place. On many hosts every process calls it; only
+  process 0 writes the metrics file.
+  """
+  prepare_workdir(workdir)
+  chief = jax.process_index() == 0
+  in_parallel = config.parallel.mode == "blocks"
+  checkpointer = checkpointer_of(task, config, workdir, build)
+  if checkpointer.latest_step() is None:
+    init = parallel.init_on_host if in_parallel else state_lib.init_on_host
+    start, (states, shared) = 0, init(task, config.seed)
+  else:
+    start, states, shared = restore(task, config, checkpointer)
+    if chief:
+      print(f"resuming from the checkpoint of step {start} in {workdir}", flush=True)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  history = read_history(metrics_path, start) if chief else []
+  num_skipped = sum(r.get("skipped", 0) for r in history)
+
+  if in_parallel:  # train.num_steps steps, each of all B blocks at once
+    total = config.train.num_steps
+    trainer = parallel.BlockParallelTrainer(task, config, train_data, states, shared, devices)
+    def train_chunk(chunk, states, shared, stop):
+      del states, shared  # the trainer holds them on the devices
+      rows = trainer.train(chunk, bar, should_stop=lambda: stop.signal_name is not None)
+      return (rows, *trainer.host_states())
+  else:  # total_iterations iterations of one block each
+    total = config_lib.total_iterations(config)
+    step_fn = jit_train_step(task)
+    def train_chunk(chunk, states, shared, stop):
+      # Regrouped by block, a part of the interval is no prefix of the iterations:
+      # a stop request is served at its end.
+      del stop
+      rows, shared = _train_interval(step_fn, states, shared, task, chunk, train_data,
+                                     config, bar)
+      return rows, states, shared
+  log = MetricLog(workdir, METRICS_FILE, enabled=chief)
+  bar = tqdm(total=total, initial=start, desc=f"training {config.method}",
+             disable=not (config.train.progress and chief),
+             unit="step" if in_parallel else "it")
+  try:
+    with _StopOnSigterm() as stop:
+      for chunk_start in range(start, total, config.train.checkpoint_every):
+        chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
+        rows, states, shared = train_chunk(chunk, states, shared, stop)
+        num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite))
+        log.write_rows(rows)
+        history += rows
+        done = max(r["step"] for r in rows) + 1  # all iterations before it are done
+        checkpointer.save(done, states, config, {"iterations": total},
+                          _saved_shared(task, shared))
+        log.print_interval(done, total, rows)
+        bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
+                        **({"skipped": num_skipped} if num_skipped else {}))
+        if stop.signal_name is not None:
+          raise TrainingInterrupted(stop.signal_name, done, workdir)
+  finally:
+    bar.close()
+    checkpointer.close()
+    log.close()
+  return TrainedRun(task, states, one_shared(config, shared), history)

@@ -1,0 +1,93 @@
+"""A block's state and optimizer, and making every block's state in host memory.
+
+A block's state is a plain pytree, BlockState(params, opt_state, step), with its own
+optax state: an inactive block gets no update, no momentum and no weight decay, and its
+step count (which drives its learning-rate schedule) does not move. The shared state
+(a label or token embedding that blocks agree on; empty for images) has the same form
+and its own optimizer (paper, Sec. 4; METHOD.md of the docs, "Shared parameters").
+
+What a state holds comes from the task (dbjax.tasks): task.init_block_params(key),
+task.init_shared_params(key), task.optimizer and task.shared_optimizer.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class BlockState(NamedTuple):
+  params: Any
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+# optax.apply_if_finite applies the update anyway after this many non-finite ones in a
+# row; the driver stops or counts long before (config train.on_nonfinite).
+_NEVER = 2**31 - 1
+
+
+def make_optimizer(train_cfg, num_updates: int | None = None) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and warmup + cosine decay over `num_updates` steps
+  (default train.num_steps: about the updates each block gets). A step whose gradients
+  hold a NaN or inf changes neither the parameters nor the AdamW state."""
+  num_updates = train_cfg.num_steps if num_updates is None else num_updates
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate,
+      warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(num_updates, train_cfg.warmup_steps + 1),
+      end_value=0.1 * train_cfg.learning_rate)
+  return optax.apply_if_finite(optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+                  weight_decay=train_cfg.weight_decay)), max_consecutive_errors=_NEVER)
+
+
+def shared_optimizer(train_cfg, num_updates: int, trained: Any) -> optax.GradientTransformation:
+  """The shared group's optimizer: make_optimizer on the leaves `trained` labels
+  "train", zero updates on those labelled "frozen" (a pytree prefix of the params, or a
+  function of them, as optax.multi_transform takes)."""
+  return optax.multi_transform({"train": make_optimizer(train_cfg, num_updates),
+                                "frozen": optax.set_to_zero()}, trained)
+
+
+def new_state(optimizer, params) -> BlockState:
+  """Fresh state of `params`: the optimizer's initial state, step 0."""
+  return BlockState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def init_block(task, key) -> BlockState:
+  """A fresh block: the task's parameters, its own optimizer state, step 0."""
+  return new_state(task.optimizer, task.init_block_params(key))
+
+
+def init_shared(task, key) -> BlockState:
+  """The fresh shared state (empty for tasks whose blocks share nothing)."""
+  return new_state(task.shared_optimizer, task.init_shared_params(key))
+
+
+def has_shared(task) -> bool:
+  """Whether the task's blocks share any parameters (else the shared state is empty and
+  is neither saved nor moved)."""
+  return bool(jax.tree.leaves(jax.eval_shape(task.init_shared_params, jax.random.key(0))))
+
+
+def init_on_host(task, seed: int) -> tuple[list[BlockState], BlockState]:
+  """(all B blocks' states, the shared state), made one at a time into host memory.
+
+  One compiled init serves every block, and each block goes to host memory before the
+  next is made, so at most one block is ever on the accelerator. Block b's key is
+  fold_in(seed, b); the shared state's is block index B's, so it never repeats a block's.
+  """
+  init = jax.jit(lambda key: init_block(task, key))
+  base = jax.random.key(seed)
+  states = [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(task.num_blocks)]
+  shared = jax.device_get(jax.jit(lambda key: init_shared(task, key))(
+      jax.random.fold_in(base, task.num_blocks)))
+  return states, shared
+
+
+def abstract_states(task) -> tuple[BlockState, BlockState]:
+  """(one block's state, the shared state) as shapes and dtypes, allocating nothing."""
+  return (jax.eval_shape(lambda: init_block(task, jax.random.key(0))),
+          jax.eval_shape(lambda: init_shared(task, jax.random.key(0))))

@@ -1,0 +1,45 @@
+"""The task registry: config.task -> the module that builds its Task.
+
+Each module holds one task's networks, shared state, loss, sampler or predictor,
+evaluation and the baseline it is compared with, and exposes
+
+  build(config) -> Task            (dbjax.tasks.base.Task: what the engine steps)
+  load_data(config, workdir=None) -> (config, RunData)
+      the config with data-derived fields filled in; workdir: a trained run's, whose
+      saved files (a vocabulary) make the data read as that run read it
+
+Adding a task is a module here, an entry below and a config in experiments/configs
+(docs/design.md).
+"""
+import importlib
+
+from dbjax.errors import ConfigError
+from dbjax.tasks.base import NoisePlan, RunData, Task
+
+# config.task -> its module (imported on first use).
+REGISTRY = {
+    "generation": "dbjax.tasks.images",
+    "classification": "dbjax.tasks.classification",
+    "language": "dbjax.tasks.language",
+}
+
+
+def module(name: str):
+  """The module of task `name`; ConfigError naming the known tasks if there is none."""
+  if name not in REGISTRY:
+    raise ConfigError(f"config.task={name!r} is invalid: one of {tuple(REGISTRY)}")
+  return importlib.import_module(REGISTRY[name])
+
+
+def build(config) -> Task:
+  """The Task of a validated config whose data-derived fields are filled in."""
+  return module(config.task).build(config)
+
+
+def load_data(config, workdir: str | None = None):
+  """(config with data-derived fields filled in, RunData) of a validated config; with
+  `workdir`, the data as the run trained there read it."""
+  return module(config.task).load_data(config, workdir)
+
+
+__all__ = ["REGISTRY", "module", "build", "load_data", "NoisePlan", "RunData", "Task"]

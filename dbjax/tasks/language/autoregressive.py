@@ -1,0 +1,273 @@
+"""The autoregressive DiffusionBlocks LM (paper, App. E; METHOD.md of the docs, task table).
+
+Block b denoises y_i = E[x_i] given the clean tokens before i. The input is
+[clean stream (T); noisy stream (T)] under the block-diffusion mask
+(`autoregressive_mask`): clean row i sees clean columns <= i, noisy row i sees clean
+columns < i and itself. The clean stream is presented as if at sigma_min
+(c_in(sigma_min) E[x], conditioned on c_noise(sigma_min)), so its keys and values depend
+on the block alone and are cached at generation. Noisy rows carry c_in z with
+z = y + sigma eps, sigma drawn from the block's interval as for images;
+loss = mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6, per example). Generation makes N
+denoising calls per token (N = B: each block once, `noise.block_of_sigma`), moving z
+between calls by the Euler step toward the argmax (or expected) embedding row, and draws
+the token from the last call's logits.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dbjax import edm, noise
+from dbjax.sampling import embedding_chain, mixture_log_probs, stack_params
+from dbjax.tasks.base import NoisePlan, sampling_plan
+from dbjax.tasks.language.common import (LanguageTask, block_params, clean_vectors,
+                                         empty_cache, sample_token, token_embedding,
+                                         token_metrics, write_cache)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AutoregressiveDenoiser(LanguageTask):
+  """B blocks, each denoising the next token's embedding over its own noise interval."""
+  noise: NoisePlan
+  bridge: str                   # "argmax" or "expected"
+  sigma_max_share: float        # block 0's sequences drawn at sigma_max (dbjax's option)
+
+  evaluate_flags = {**LanguageTask.evaluate_flags, "num_steps": "language.inference_steps",
+                    "bridge": "language.bridge", "mixture_chains": "language.mixture_chains"}
+  sample_flags = {**LanguageTask.sample_flags, "num_steps": "language.inference_steps"}
+
+  def loss(self, params, shared_params, batch, key, interval):
+    """(loss, metrics) of one block on token sequences (N, T)."""
+    (tokens,) = batch
+    embedding = token_embedding(shared_params)
+    net = self.network(params)
+    loss, logits, cross_entropy = denoising_cross_entropy(
+        self, lambda z, sigma: denoiser_logits(self, net, embedding, tokens, z, sigma),
+        embedding, tokens, key, interval, self.sigma_max_share)
+    return loss, token_metrics(logits, cross_entropy, tokens)
+
+  def sequence_nats(self, stacked_params, shared_params, tokens, key, num_steps=None,
+                    num_chains=0):
+    """{"headline": CE of the first call (block 0 at sigma_max, where z carries nothing:
+    the task's predictive distribution), "fixed_seed_chain": CE of the last call of one
+    N-call chain (default N = B) with a fixed noise seed, which is no likelihood (its last
+    call is near-certain of where the chain ended, so it is far above the entropy even
+    for the exact denoiser; tests/test_sampling.py), and with num_chains > 0
+    "chain_mixture": CE of the mixture of num_chains chains' last calls, the chain's
+    likelihood as a sampler}, nats per token of each sequence."""
+    tokens = jnp.asarray(tokens)
+    sigmas, blocks = sampling_plan(self.noise, num_steps or self.num_blocks)
+    sigmas, blocks = jnp.asarray(sigmas, jnp.float32), jnp.asarray(blocks, jnp.int32)
+    per_call = _chain_cross_entropy(self, stacked_params, shared_params, tokens, key, sigmas,
+                                    blocks)
+    nats = {"headline": per_call[0], "fixed_seed_chain": per_call[-1]}
+    if num_chains:
+      nats["chain_mixture"] = _chain_mixture_nats(
+          self, stacked_params, shared_params, tokens, jax.random.fold_in(key, 1), sigmas,
+          blocks, num_chains)
+    return nats
+
+  def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
+               temperature=0.0, top_p=1.0, num_steps=None):
+    """num_steps (default B) denoising calls per token against each block's cache."""
+    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    sigmas, blocks = sampling_plan(self.noise, num_steps or self.num_blocks)
+    return np.asarray(_generate(self, stack_params(block_params_list), shared_params,
+                                jnp.asarray(prompt_ids), jax.random.key(seed),
+                                jnp.asarray(sigmas, jnp.float32), jnp.asarray(blocks, jnp.int32),
+                                num_samples, float(temperature), float(top_p)))
+
+  def generation_steps(self, config):
+    return config.language.inference_steps or None
+
+  def evaluation_settings(self, config):
+    lang = config.language
+    settings = {"inference_steps": lang.inference_steps or self.num_blocks}
+    if lang.mixture_chains:
+      settings["mixture_chains"] = lang.mixture_chains
+    return settings
+
+  def evaluation_name(self, config):
+    return (f"eval_steps_{config.language.inference_steps or self.num_blocks}"
+            f"_{config.language.bridge}")
+
+
+def check_prompt(prompt_ids, seq_len: int) -> np.ndarray:
+  """The prompt as int32 ids; ValueError unless it is shorter than a sequence."""
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  if len(prompt_ids) >= seq_len:
+    raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
+                     f"language.seq_len={seq_len}")
+  return prompt_ids
+
+
+# ------------------------------------------------------------------------ the masks
+
+
+def autoregressive_mask(seq_len: int) -> np.ndarray:
+  """(2T, 2T) block-diffusion mask over [clean; noisy], True where a row may attend:
+  clean row i -> clean columns j <= i; noisy row i -> clean columns j < i and noisy
+  column i (itself)."""
+  causal = np.tri(seq_len, dtype=bool)
+  strictly_causal = np.tri(seq_len, k=-1, dtype=bool)
+  return np.block([[causal, np.zeros_like(causal)],
+                   [strictly_causal, np.eye(seq_len, dtype=bool)]])
+
+
+def block_diffusion_attention(q, k, v) -> jax.Array:
+  """Attention under `autoregressive_mask`, without its empty half.
+
+  q, k, v: (N, 2T, heads, head_dim) over [clean; noisy]. Clean rows attend causally to
+  clean columns; noisy row i to clean columns < i and to its own key. That is 2T^2 + T
+  scores per head where the dense masked form computes (2T)^2 (measured in README:
+  less memory and time per step, same values to float tolerance).
+  """
+  t, head_dim = q.shape[1] // 2, q.shape[-1]
+  (q_clean, q_noisy), (k_clean, k_noisy), (v_clean, v_noisy) = (
+      jnp.split(a, 2, axis=1) for a in (q, k, v))
+  clean = jax.nn.dot_product_attention(q_clean, k_clean, v_clean, is_causal=True)
+  scale = 1.0 / np.sqrt(head_dim)
+  earlier = jnp.einsum("nqhd,nkhd->nhqk", q_noisy, k_clean) * scale
+  earlier = jnp.where(jnp.tri(t, k=-1, dtype=bool), earlier, jnp.finfo(earlier.dtype).min)
+  own = jnp.einsum("nqhd,nqhd->nhq", q_noisy, k_noisy)[..., None] * scale
+  weights = jax.nn.softmax(jnp.concatenate([earlier, own], axis=-1), axis=-1)
+  noisy = (jnp.einsum("nhqk,nkhd->nqhd", weights[..., :t], v_clean)
+           + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
+  return jnp.concatenate([clean, noisy], axis=1)
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def denoiser_logits(task, net, embedding, tokens, z, sigma) -> jax.Array:
+  """Logits (N, T, V) of the noisy stream z (N, T, D) at sigma (N,), given the clean
+  tokens (N, T) under the block-diffusion mask."""
+  n, t = tokens.shape
+  c = edm.preconditioning(sigma, task.sigma_data)
+  clean_c_noise = edm.preconditioning(task.clean_sigma).c_noise
+  vectors = jnp.concatenate([clean_vectors(task, embedding, tokens),
+                             c.c_in[:, None, None] * z], axis=1)
+  c_noise = jnp.stack([jnp.full((n,), clean_c_noise), c.c_noise], axis=1)  # per stream
+  positions = jnp.concatenate([jnp.arange(t), jnp.arange(t)])
+  logits = net(vectors, positions, c_noise, attention=block_diffusion_attention)
+  return logits[:, t:]
+
+
+def denoising_cross_entropy(task, logits_of, embedding, tokens, key, interval,
+                            sigma_max_share: float = 0.0):
+  """(loss, logits, per-token CE) of next-token-embedding denoising: z = E[x] + sigma eps
+  with one sigma per sequence from the block's interval, logits = logits_of(z, sigma),
+  loss = mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6, per example). Shared with the
+  single-stream form of dbjax.user_layers.
+
+  sigma_max_share (dbjax's option, not the paper's): in the block whose interval reaches
+  sigma_max, that fraction of sequences is drawn at sigma_max itself. The first call of
+  every chain runs there, and with N = B it is block 0's only call, but the log-normal
+  puts 0.2% of its mass above sigma = 10 (README, Language)."""
+  key_sigma, key_noise = jax.random.split(key)
+  sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
+                             task.noise.dist.p_mean, task.noise.dist.p_std)
+  if sigma_max_share > 0:  # its own key: the paper's stream is unchanged without it
+    at_top = jax.random.bernoulli(jax.random.fold_in(key, 2), sigma_max_share, sigma.shape)
+    top_block = interval[1] >= task.noise.dist.sigma_max
+    sigma = jnp.where(at_top & top_block, jnp.asarray(task.noise.dist.sigma_max, sigma.dtype), sigma)
+  target = embedding[tokens]
+  z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
+  logits = logits_of(z, sigma)
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+  loss = jnp.mean(edm.loss_weight(sigma, task.sigma_data) * jnp.mean(cross_entropy, 1))
+  return loss, logits, cross_entropy
+
+
+def _teacher_forced(task, stacked_params, embedding, tokens):
+  """logits_of for `embedding_chain`: every position's call at once, each noisy row
+  reading the clean (true) tokens before it."""
+  def logits_of(z, sigma, block, step):
+    del step
+    net = task.network(block_params(stacked_params, block))
+    return denoiser_logits(task, net, embedding, tokens, z, jnp.full(tokens.shape[:1], sigma))
+  return logits_of
+
+
+@functools.partial(jax.jit, static_argnames=("task",))
+def _chain_cross_entropy(task, stacked_params, shared_params, tokens, key, sigmas, blocks):
+  """Per-call mean CE (calls, N) of the teacher-forced autoregressive chain: every
+  position runs its N calls at once, as each noisy row sees only clean columns and
+  itself."""
+  embedding = token_embedding(shared_params)
+  z = noise.pure_noise(key, tokens.shape + (embedding.shape[1],), task.noise.dist)
+
+  def mean_cross_entropy(logits):  # kept per call instead of (N, T, V) logits
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
+
+  return embedding_chain(_teacher_forced(task, stacked_params, embedding, tokens), z, sigmas,
+                         blocks, embedding, task.bridge, keep=mean_cross_entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "num_chains"))
+def _chain_mixture_nats(task, stacked_params, shared_params, tokens, key, sigmas, blocks,
+                        num_chains):
+  """Nats per token (N,) of the mixture of num_chains independent teacher-forced chains'
+  last calls (sampling.mixture_log_probs), chains run one after another."""
+  embedding = token_embedding(shared_params)
+
+  logits_of = _teacher_forced(task, stacked_params, embedding, tokens)
+
+  def of_true_token(logits):  # (N, T), kept per call instead of (N, T, V) logits
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+
+  def true_log_prob(chain_key):
+    z = noise.pure_noise(chain_key, tokens.shape + (embedding.shape[1],), task.noise.dist)
+    return embedding_chain(logits_of, z, sigmas, blocks, embedding, task.bridge,
+                           keep=of_true_token)[-1]
+
+  log_probs = jax.lax.map(true_log_prob, jax.random.split(key, num_chains))
+  return -jnp.mean(mixture_log_probs(log_probs), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "num_samples", "temperature", "top_p"))
+def _generate(task, stacked_params, shared_params, prompt, key, sigmas, blocks,
+                             num_samples, temperature, top_p):
+  """Token ids (num_samples, T) led by `prompt`: per position N denoising calls
+  against each block's cache of the clean stream, then one call per block that
+  writes the chosen token's keys and values into that block's cache."""
+  length = task.net.seq_len
+  embedding = token_embedding(shared_params)
+  clean = edm.preconditioning(task.clean_sigma, task.sigma_data)
+  cache = empty_cache(task, task.num_blocks, num_samples, length)
+  num_prompt = prompt.shape[0]
+  prompt = jnp.pad(prompt, (0, length - num_prompt))
+
+  def decode(params, vectors, position, c_noise, block_cache):
+    return task.network(params).decode(vectors, position, jnp.full((num_samples,), c_noise),
+                                         block_cache, jnp.arange(length) < position)
+
+  def position_step(carry, position):
+    tokens, cache = carry
+    key_noise, key_token = jax.random.split(jax.random.fold_in(key, position))
+    z = noise.pure_noise(key_noise, (num_samples, 1, embedding.shape[1]), task.noise.dist)
+
+    def logits_of(z, sigma, block, step):
+      del step
+      c = edm.preconditioning(sigma, task.sigma_data)
+      block_cache = tuple(c_[block] for c_ in cache)
+      logits, _ = decode(block_params(stacked_params, block), c.c_in * z, position,
+                         c.c_noise, block_cache)
+      return logits
+
+    logits = embedding_chain(logits_of, z, sigmas, blocks, embedding, task.bridge)
+    drawn = sample_token(key_token, logits[-1][:, 0], temperature, top_p)
+    token = jnp.where(position < num_prompt, prompt[position], drawn)
+    vectors = clean.c_in * embedding[token][:, None]
+    _, new = jax.vmap(lambda p, k, v: decode(p, vectors, position, clean.c_noise, (k, v)))(
+        stacked_params, *cache)
+    return (tokens.at[:, position].set(token), write_cache(cache, new, position)), None
+
+  tokens = jnp.zeros((num_samples, length), jnp.int32)
+  (tokens, _), _ = jax.lax.scan(position_step, (tokens, cache), jnp.arange(length))
+  return tokens
+
+
