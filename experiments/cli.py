@@ -112,6 +112,18 @@ def set_flags(config, task, flag_fields: dict, values: dict, command: str):
   return validate(config)
 
 
+def summary_columns(task, results) -> dict:
+  """The task's summary metrics that are numbers (a dict is flattened by its keys)."""
+  columns = {}
+  for name in task.summary_metrics:
+    value = results.get(name)
+    if isinstance(value, dict):
+      columns.update({f"{name}@{k}": v for k, v in value.items()})
+    elif value is not None:
+      columns[name] = value
+  return columns
+
+
 def write_json(path: str, summary: dict):
   """Write a benchmark's summary to `path` (folders made as needed) and say so."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

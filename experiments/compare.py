@@ -28,23 +28,11 @@ from ml_collections import config_flags
 
 from dbjax.engine import profiling
 from dbjax.train import train_and_evaluate
-from experiments.cli import config_help, method_variant, print_table, run
+from experiments.cli import config_help, method_variant, print_table, run, summary_columns
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "one subdirectory per method")
-
-
-def summary_columns(task, results) -> dict:
-  """The task's summary metrics that are numbers (a dict is flattened by its keys)."""
-  columns = {}
-  for name in task.summary_metrics:
-    value = results.get(name)
-    if isinstance(value, dict):
-      columns.update({f"{name}@{k}": v for k, v in value.items()})
-    elif value is not None:
-      columns[name] = value
-  return columns
 
 
 def main(argv):

@@ -21,8 +21,7 @@ from ml_collections import config_flags
 from dbjax import tasks
 from dbjax.engine import profiling
 from dbjax.train import train_and_evaluate
-from experiments.cli import config_help, print_table, run, with_field
-from experiments.compare import summary_columns
+from experiments.cli import config_help, print_table, run, summary_columns, with_field
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
