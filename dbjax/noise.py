@@ -14,7 +14,7 @@ are numbered in the order they run at inference: block 0 owns the HIGHEST interv
 training, sampling and evaluation all go through them.
 
 Boundaries are computed once on the host in float64: in float32 the normal CDF is so
-flat at the top that Phi^-1(Phi(z(80))) comes back as 79.73 (METHOD.md, pitfalls).
+flat at the top that Phi^-1(Phi(z(80))) comes back as 79.73 (docs/method.md, pitfalls).
 """
 from typing import NamedTuple
 
@@ -35,7 +35,7 @@ class NoiseDistribution(NamedTuple):
 
 
 def pure_noise(key, shape, dist: NoiseDistribution) -> jax.Array:
-  """The start of every sampling chain, z ~ N(0, sigma_max^2 I) (METHOD.md, Sampling; the
+  """The start of every sampling chain, z ~ N(0, sigma_max^2 I) (paper, Sec. 3; the
   released code uses variance 1 + sigma_max^2, a difference of 0.008%)."""
   return dist.sigma_max * jax.random.normal(key, shape)
 

@@ -25,7 +25,7 @@ def euler_step(z, denoised, sigma, sigma_next):
 
 
 def unit_rows(raw) -> jax.Array:
-  """A target embedding (labels, tokens) with unit-norm rows (METHOD.md, task table)."""
+  """A target embedding (labels, tokens) with unit-norm rows (docs/method.md, the tasks)."""
   return raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
 
 
@@ -33,7 +33,7 @@ def bridge_estimate(logits, embedding, bridge: str) -> jax.Array:
   """The clean estimate that the Euler step moves toward, for a target that is a row of
   `embedding` (labels, tokens): the argmax row, which keeps the estimate's norm, or the
   expected row softmax(logits) @ E, which shrinks it when the logits are unsure
-  (METHOD.md, Known pitfalls)."""
+  (docs/method.md, pitfalls)."""
   if bridge == "argmax":
     return embedding[jnp.argmax(logits, axis=-1)]
   return jax.nn.softmax(logits, axis=-1) @ embedding
@@ -47,7 +47,7 @@ def embedding_chain(logits_of, z, sigmas, blocks, embedding, bridge: str,
 
   Call i runs logits_of(z, sigma_i, block_i, i), where block_i owns sigma_i; z then takes
   one Euler step toward the bridge's estimate (see `bridge_estimate`). With N = B calls
-  each block runs once (METHOD.md, Sampling). The classifier, the autoregressive LMs and
+  each block runs once (paper, Sec. 3; docs/method.md). The classifier, the autoregressive LMs and
   the wrapped token model all run their chains through this one function.
   """
   def call(z, xs):

@@ -1,6 +1,6 @@
 """All B blocks at once, each on its own slice of a ("block", "data") device mesh.
 
-DiffusionBlocks' blocks share no activations and, for images, no parameters (METHOD.md,
+DiffusionBlocks' blocks share no activations and, for images, no parameters (docs/method.md,
 "Shared parameters"), so with parallel.mode="blocks" every step trains all B blocks,
 each on its own batch, and the compiled step has no collective across the "block" axis
 (tests/test_parallel.py reads the HLO to check, with experiments/hlo.py). Within a block the batch is split over

@@ -4,7 +4,7 @@ A block's state is a plain pytree, BlockState(params, opt_state, step), with its
 optax state: an inactive block gets no update, no momentum and no weight decay, and its
 step count (which drives its learning-rate schedule) does not move. The shared state
 (a label or token embedding that blocks agree on; empty for images) has the same form
-and its own optimizer (paper, Sec. 4; METHOD.md of the docs, "Shared parameters").
+and its own optimizer (paper, Sec. 4; docs/method.md, "Shared parameters").
 
 What a state holds comes from the task (dbjax.tasks): task.init_block_params(key),
 task.init_shared_params(key), task.optimizer and task.shared_optimizer.

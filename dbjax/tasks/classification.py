@@ -191,7 +191,7 @@ class LabelDenoising(Classification):
     return loss, classification_metrics(logits, cross_entropy, labels)
 
   def inference_steps(self, config):
-    # N = B runs each block once (METHOD.md of the docs, "Sampling").
+    # N = B runs each block once (docs/method.md, "Sampling").
     return sorted({self.num_blocks, *config.classifier.inference_steps})
 
   def chain_logits(self, stacked_params, shared_params, images, num_steps, key):

@@ -211,8 +211,8 @@ def sample(task: ImageGeneration, stacked_params, key: jax.Array, labels: jax.Ar
   Deterministic Euler (or Heun, which adds the trapezoidal correction with a second
   evaluation at s_{i+1} by the same block, so one step never mixes blocks) on the
   probability-flow ODE from z ~ N(0, sigma_max^2) down the sampling grid, each step by the
-  block that owns its sigma; a last D at sigma_min gives the output (METHOD.md of the
-  docs, "Sampling"). stacked_params: `stack_params` of all blocks' params.
+  block that owns its sigma; a last D at sigma_min gives the output (docs/method.md,
+  "Sampling"). stacked_params: `stack_params` of all blocks' params.
   """
   if solver not in SOLVERS:
     raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")

@@ -1,6 +1,6 @@
 """DiffusionBlocks ViT classifier on Fashion-MNIST, 28x28 (Debian's dataset-fashion-mnist).
 
-The paper's classification ViT (12 layers, width 128, B = 3; METHOD.md task table) on
+The paper's classification ViT (12 layers, width 128, B = 3; paper, Sec. 5.2) on
 7 x 7 patches of 4 x 4 pixels. End-to-end baseline: --config.method=end_to_end.
 """
 from experiments.configs import classify_digits
@@ -12,7 +12,7 @@ def get_config():
   config.data.image_size, config.data.channels, config.data.num_classes = 28, 1, 10
   config.model.patch_size = 4
   config.model.hidden_size = 128
-  # A budget that fits a 2-core CPU in about ten minutes per method (README).
+  # A budget that fits a 2-core CPU in about ten minutes per method (docs/results.md).
   config.train.num_steps = 600
   config.train.batch_size = 64
   config.train.checkpoint_every = 200

@@ -6,7 +6,7 @@ budget of layer evaluations: --config.method=end_to_end.
 from dbjax.config import default_config
 
 # The defaults are this job's settings: learning rate 3e-3 and guidance 2.0 were chosen
-# by experiments/compare.py (README, "Quality at a matched budget").
+# by experiments/compare.py (docs/results.md, "Quality at a matched budget").
 
 
 def get_config():

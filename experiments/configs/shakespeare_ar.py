@@ -21,8 +21,8 @@ def get_config():
   config.diffusion.overlap_gamma = 0.1  # paper: 0.1 for text
   config.language.kind = "autoregressive"
   # The paper's LM blocks are Llama-style, so rotary. It matters here: a noisy row's input
-  # at high sigma is noise, which drowns a learned position added to it (README, Language:
-  # first-call BPC 4.62 -> 3.45; end-to-end 3.32 -> 2.87).
+  # at high sigma is noise, which drowns a learned position added to it (docs/results.md,
+  # "Language": positions compared).
   config.language.positions = "rotary"
   config.language.seq_len = 128
   config.language.prompt = "The "

@@ -1,4 +1,4 @@
-"""The autoregressive DiffusionBlocks LM (paper, App. E; METHOD.md of the docs, task table).
+"""The autoregressive DiffusionBlocks LM (paper, App. E; docs/method.md).
 
 Block b denoises y_i = E[x_i] given the clean tokens before i. The input is
 [clean stream (T); noisy stream (T)] under the block-diffusion mask
@@ -122,7 +122,7 @@ def block_diffusion_attention(q, k, v) -> jax.Array:
 
   q, k, v: (N, 2T, heads, head_dim) over [clean; noisy]. Clean rows attend causally to
   clean columns; noisy row i to clean columns < i and to its own key. That is 2T^2 + T
-  scores per head where the dense masked form computes (2T)^2 (measured in README:
+  scores per head where the dense masked form computes (2T)^2 (docs/results.md:
   less memory and time per step, same values to float tolerance).
   """
   t, head_dim = q.shape[1] // 2, q.shape[-1]
@@ -166,7 +166,7 @@ def denoising_cross_entropy(task, logits_of, embedding, tokens, key, interval,
   sigma_max_share (dbjax's option, not the paper's): in the block whose interval reaches
   sigma_max, that fraction of sequences is drawn at sigma_max itself. The first call of
   every chain runs there, and with N = B it is block 0's only call, but the log-normal
-  puts 0.2% of its mass above sigma = 10 (README, Language)."""
+  puts 0.2% of its mass above sigma = 10."""
   key_sigma, key_noise = jax.random.split(key)
   sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
                              task.noise.dist.p_mean, task.noise.dist.p_std)
