@@ -1,4 +1,6 @@
 """Config errors name the field, the value and what is allowed."""
+import json
+
 import pytest
 
 from dbjax import config as config_lib
@@ -58,3 +60,30 @@ def test_end_to_end_ignores_num_blocks_divisibility():
 def test_diffusion_blocks_runs_b_times_the_iterations():
   config = tiny_config()
   assert config_lib.total_iterations(config) == 2 * config.train.num_steps
+
+
+def test_a_text_vocabulary_has_its_own_field():
+  """data.num_classes counts image classes; a language run that sets it is told, in one
+  line, that the vocabulary size is data.vocab_size."""
+  config = config_lib.default_config()
+  config.task, config.data.num_classes = "language", 0
+  with pytest.raises(ConfigError, match=r"config\.data\.num_classes=0 .*config\.data\.vocab_size"):
+    config_lib.validate(config)
+  config.data.num_classes, config.data.vocab_size = 10, -1
+  with pytest.raises(ConfigError, match=r"config\.data\.vocab_size=-1"):
+    config_lib.validate(config)
+
+
+def test_a_config_saved_before_vocab_size_is_upgraded():
+  """A language run saved its vocabulary size in data.num_classes before data.vocab_size
+  existed; restoring it moves the value over. Other tasks load unchanged."""
+  saved = json.loads(config_lib.default_config().to_json())
+  saved["task"] = "language"
+  saved["data"]["num_classes"] = 84
+  del saved["data"]["vocab_size"]
+  config = config_lib.validate(config_lib.from_saved(saved))
+  assert (config.data.vocab_size, config.data.num_classes) == (84, 10)
+  images = json.loads(config_lib.default_config().to_json())
+  images["data"]["num_classes"], images["classifier"]["inference_steps"] = 7, [1, 3]
+  config = config_lib.from_saved(images)
+  assert config.data.num_classes == 7 and config.classifier.inference_steps == (1, 3)
