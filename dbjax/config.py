@@ -279,17 +279,20 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   if saved.get("task") == "language" and "vocab_size" not in data:
     data["vocab_size"], data["num_classes"] = data.get("num_classes", 0), 10
   config = default_config()
-  config.update_from_flattened_dict(_flatten(saved))
+  config.update_from_flattened_dict({  # JSON made the config's tuples lists
+      field: tuple(value) if isinstance(value, list) else value
+      for field, value in flatten(saved).items()})
   return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}: a config's (or metrics') dotted fields."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
-      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+      flat[f"{prefix}{key}"] = value
   return flat
 
 

@@ -15,7 +15,7 @@ from dbjax import config as config_lib, tasks
 from dbjax.engine import driver
 from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block_runs,
                                  step_key)
-from dbjax.engine.metric_log import MetricLog, flatten
+from dbjax.engine.metric_log import MetricLog
 from dbjax.errors import WorkdirError
 
 __all__ = ["train", "train_and_evaluate", "restore_run", "TrainedRun", "block_for_step",

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from dbjax.config import flatten
 from dbjax.errors import CheckpointError, ConfigError
 
 # A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
@@ -66,18 +67,8 @@ def first_difference(saved: dict, expected: dict) -> str | None:
   return None if extra is None else f"{extra} is in the checkpoint but not in this run's state"
 
 
-def _flat_config(config_dict: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in config_dict.items():
-    if isinstance(value, dict):
-      flat.update(_flat_config(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def _field(config_dict: dict, dotted: str):
-  return _flat_config(config_dict).get(dotted)
+  return flatten(config_dict).get(dotted)
 
 
 def checksum(tree) -> str:
@@ -225,7 +216,7 @@ class RunCheckpointer:
     """The config fields that differ from the saved run's and change the state's trees:
     each alone set back to its saved value changes this run's targets (found with
     self.targets_of; every differing field when that is not given)."""
-    saved_flat, our_flat = _flat_config(saved_config), _flat_config(ours)
+    saved_flat, our_flat = flatten(saved_config), flatten(ours)
     differing = [f for f in our_flat if f in saved_flat and saved_flat[f] != our_flat[f]]
     if self.targets_of is not None:
       expected = {name: tree_signature(tree) for name, tree in targets.items()}

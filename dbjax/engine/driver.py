@@ -67,18 +67,6 @@ def prepare_workdir(workdir: str):
     raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
-def _read_history(path: str, before_step: int) -> list[dict]:
-  """Metric rows of earlier iterations; rows past the checkpoint are dropped."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  rows = [r for r in rows if r["step"] < before_step]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  return rows
-
-
 def read_history(path: str, before_step: int) -> list[dict]:
   """Metric rows of earlier iterations; rows past the checkpoint are dropped."""
   if not os.path.exists(path):

@@ -12,6 +12,8 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from dbjax.config import flatten
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -59,14 +61,3 @@ class MetricLog:
     """Flush and close the TensorBoard writer."""
     if self.writer is not None:
       self.writer.close()
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat

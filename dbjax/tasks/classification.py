@@ -53,7 +53,7 @@ from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
 from dbjax.sampling import embedding_chain, fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import NoisePlan, RunData, Task, noise_plan, sampling_plan
-from dbjax.tasks.images import check_training_images
+from dbjax.tasks.images import check_training_images, load_data  # the same image sets
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
 SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
@@ -253,14 +253,6 @@ def build(config, layer=None) -> Classification:
     return PlainClassifier(**common)
   return LabelDenoising(**common, noise=plan, loss_weighting=c.loss_weighting,
                         bridge=c.bridge, token_corruption=c.token_corruption)
-
-
-def load_data(config, workdir=None):
-  """(config, RunData) of the config's image data set (as dbjax.tasks.images)."""
-  d = config.data
-  train = image_data.load_images(d.name, "train", d.data_dir)
-  check_training_images(config, train)
-  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir))
 
 
 # ------------------------------------------------------------------------------ loss
