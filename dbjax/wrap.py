@@ -48,10 +48,8 @@ from dbjax.errors import ConfigError
 from dbjax.nets.lm import LMConfig
 from dbjax.tasks import classification, images
 from dbjax.tasks.base import noise_plan
-from dbjax.tasks.language.common import token_embedding
 from dbjax.tasks.language.single_stream import CausalTokenNet, SingleStreamDenoiser
 
-TARGETS = ("image", "label", "token")
 PARTITIONS = ("equiprobable", "uniform_log")
 # Parameters under this top-level name are the layers (leading axis = layer); the rest
 # (embeddings, sigma embedder, head) are the adapters of the target around them.
@@ -137,9 +135,7 @@ class DiffusionBlocks:
   @property
   def target_embedding(self):
     """The frozen target space E (rows of unit norm) of the label and token targets."""
-    if self.target == "label":
-      return classification.label_embedding(self.shared_params)
-    return token_embedding(self.shared_params)
+    return self.task.target_embedding(self.shared_params)
 
   def new_network(self, key) -> nnx.Module:
     """A fresh network of one block (its layers and the target's adapters)."""
@@ -219,6 +215,29 @@ def _is_layer(path) -> bool:
   return getattr(path[0], "key", None) == LAYERS
 
 
+def _token_task(config, make_layer, vocab_size: int, seq_len: int) -> SingleStreamDenoiser:
+  """The single-stream token task around the user's layers (no config schema of its own:
+  the language configs build the two-stream AutoregressiveDenoiser)."""
+  num_blocks = config.diffusion.num_blocks
+  net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=config.model.hidden_size,
+                 num_layers=config.model.num_layers // num_blocks, layer=make_layer)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
+  plan, intervals = noise_plan(config, num_blocks)
+  return SingleStreamDenoiser(
+      num_blocks=num_blocks, intervals=intervals, optimizer=optax.identity(),
+      shared_optimizer=optax.set_to_zero(), net=net, graphdef=graphdef,
+      train_token_embedding=False, clean_sigma=config.diffusion.sigma_min,
+      sigma_data=config.diffusion.sigma_data, noise=plan)
+
+
+# wrap's target -> (config, make_layer, vocab_size, seq_len) -> the Task around the layers.
+TASK_BUILDERS = {
+    "image": lambda config, layer, *_: images.build(config, layer=layer),
+    "label": lambda config, layer, *_: classification.build(config, layer=layer),
+    "token": _token_task,
+}
+
+
 def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                 image_shape, patch_size, num_classes):
   """A dbjax config holding wrap's settings, so the built-in models are built from it."""
@@ -249,7 +268,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   label or token embedding.
   """
   arguments = dict(locals())
-  _require(target in TARGETS, "target", target, f"one of {TARGETS}")
+  _require(target in TASK_BUILDERS, "target", target, f"one of {tuple(TASK_BUILDERS)}")
   _require(callable(make_layer), "make_layer", make_layer, "a callable (rngs) -> nnx.Module")
   for name in ("num_layers", "hidden_size", "num_blocks"):
     _require(isinstance(arguments[name], int) and arguments[name] >= 1, name,
@@ -271,23 +290,9 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   _probe_layer(make_layer, hidden_size, causal=target == "token")
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                        image_shape, patch_size, num_classes)
-  key = jax.random.key(seed)
-  if target == "image":
-    task = images.build(config, layer=make_layer)
-  elif target == "label":
-    task = classification.build(config, layer=make_layer)
-  else:
-    net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=hidden_size,
-                   num_layers=num_layers // num_blocks, layer=make_layer)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
-    plan, intervals = noise_plan(config, num_blocks)
-    task = SingleStreamDenoiser(
-        num_blocks=num_blocks, intervals=intervals, optimizer=optax.identity(),
-        shared_optimizer=optax.set_to_zero(), net=net, graphdef=graphdef,
-        train_token_embedding=False, clean_sigma=config.diffusion.sigma_min,
-        sigma_data=config.diffusion.sigma_data, noise=plan)
+  task = TASK_BUILDERS[target](config, make_layer, vocab_size, seq_len)
   # The user's optimizer (default: dbjax's AdamW); the target embedding stays frozen.
   task = dataclasses.replace(task, optimizer=optimizer or state_lib.make_optimizer(config.train),
                              shared_optimizer=optax.set_to_zero())
-  shared = jax.device_get(task.init_shared_params(key))
+  shared = jax.device_get(task.init_shared_params(jax.random.key(seed)))
   return DiffusionBlocks(target=target, task=task, shared_params=shared, arguments=arguments)

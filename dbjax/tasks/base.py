@@ -113,6 +113,11 @@ class Task:
     """A batch of the task's shapes: zeros, or random values from `rng` (profiling)."""
     raise NotImplementedError
 
+  def target_embedding(self, shared_params):
+    """The target space E with unit-norm rows, for tasks whose target is an embedded
+    symbol (a label, a token)."""
+    raise NotImplementedError(f"{type(self).__name__}'s target is not an embedding")
+
   def sample(self, block_params: list, shared_params, key, inputs, num_steps: int,
              **options):
     """The task's sampler or predictor over all B blocks, num_steps calls."""

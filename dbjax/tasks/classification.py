@@ -116,6 +116,9 @@ class Classification(Task):
   def check_train_data(self, config, train_data):
     check_training_images(config, train_data)
 
+  def target_embedding(self, shared_params):
+    return label_embedding(shared_params)
+
   def example_batch(self, batch_size, rng=None):
     shape = (batch_size, self.vit.image_size, self.vit.image_size, self.vit.channels)
     if rng is None:

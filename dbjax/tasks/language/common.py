@@ -78,6 +78,9 @@ class LanguageTask(Task):
     return {"token_embedding": jax.random.normal(key, (self.net.vocab_size,
                                                        self.net.hidden_size))}
 
+  def target_embedding(self, shared_params):
+    return token_embedding(shared_params)
+
   def example_batch(self, batch_size, rng=None):
     """A batch of token ids: zeros, or uniform ids from `rng`."""
     shape = (batch_size, self.net.seq_len)
