@@ -120,6 +120,20 @@ def default_config() -> ml_collections.ConfigDict:
       num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
       temperature=0.8, top_p=0.9,
   ))
+  c.recurrent = ml_collections.ConfigDict(dict(
+      # task="recurrent_depth" (dbjax.tasks.recurrent; paper, App. E.5): prelude, a core
+      # with tied weights iterated at inference, coda (the paper's 2/4/2 layers).
+      prelude_layers=2, core_layers=4, coda_layers=2,
+      # Huginn's training (method="end_to_end"): r = Poisson(lambda) + 1 iterations with
+      # lambda ~ LogNormal(ln m - s^2/2, s), gradients through the last k. Huginn uses
+      # m = 32 and k = 8; a 2-core CPU affords m = 8, k = 4 (a step costs about m + 1
+      # core passes forward and k backward).
+      mean_iterations=8, backprop_iterations=4, iteration_spread=0.5,
+      state_std=0.056,       # s_0's truncated normal: Huginn's init std sqrt(2 / 5d), d = 128
+      inference_iterations=(1, 2, 4, 8, 16, 32),  # the K of the test curve
+      sample_iterations=8,   # K for generated text
+      mixture_chains=16,     # DiffusionBlocks: chains whose mixture is scored at each K
+  ))
   c.parallel = ml_collections.ConfigDict(dict(
       # "none": every iteration trains one block drawn at random (paper, Sec. 4), one
       # block on the device at a time. "blocks": every step trains all B blocks at once,
@@ -225,12 +239,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(isinstance(data.num_classes, int) and data.num_classes >= 1, "data.num_classes",
            data.num_classes, "a positive integer (the number of image classes; a text's "
            "vocabulary size is config.data.vocab_size)")
-  _require(config.task != "language" or data.num_classes == 10, "data.num_classes",
-           data.num_classes, "left at its default for language runs: the vocabulary size "
-           "is config.data.vocab_size (0 = from the text)")
+  _require(config.task not in ("language", "recurrent_depth") or data.num_classes == 10,
+           "data.num_classes", data.num_classes, "left at its default for text runs: the "
+           "vocabulary size is config.data.vocab_size (0 = from the text)")
   # Text runs learn their vocabulary size from the data (0 until then).
   _require(isinstance(data.vocab_size, int) and data.vocab_size >= 0, "data.vocab_size",
            data.vocab_size, "an integer >= 0 (0 = from the text)")
+  _require(config.task != "recurrent_depth" or d.num_blocks == 1, "diffusion.num_blocks",
+           d.num_blocks, "1 for task='recurrent_depth' (one core, trained over all sigmas)")
   if config.method == "diffusion_blocks":
     _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
              f"must divide model.num_layers={m.num_layers} so every block gets the same "
@@ -256,6 +272,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
   _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
            f"one of {NONFINITE_POLICIES}")
+  rec = config.recurrent
+  for field in ("prelude_layers", "core_layers", "coda_layers", "mean_iterations",
+                "backprop_iterations", "sample_iterations", "mixture_chains"):
+    _require(isinstance(rec[field], int) and rec[field] >= 1, f"recurrent.{field}",
+             rec[field], "a positive integer")
+  _require(rec.backprop_iterations <= rec.mean_iterations, "recurrent.backprop_iterations",
+           rec.backprop_iterations,
+           f"at most recurrent.mean_iterations={rec.mean_iterations} (k <= m)")
+  _require(rec.iteration_spread > 0, "recurrent.iteration_spread", rec.iteration_spread,
+           "positive")
+  _require(rec.state_std > 0, "recurrent.state_std", rec.state_std, "positive")
+  _require(len(rec.inference_iterations) > 0
+           and all(isinstance(k, int) and k >= 1 for k in rec.inference_iterations),
+           "recurrent.inference_iterations", rec.inference_iterations,
+           "a non-empty tuple of positive integers")
   p = config.parallel
   _require(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
   _require(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0

@@ -44,7 +44,7 @@ def shrink(config):
 def test_every_config_is_listed():
   assert {"digits", "fashion_mnist", "mnist", "cifar10", "classify_digits",
           "classify_fashion_mnist", "classify_cifar100", "shakespeare_ar", "shakespeare_md4",
-          "lm1b"} <= set(CONFIGS)
+          "lm1b", "shakespeare_recurrent"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -63,8 +63,8 @@ def test_one_step_smoke_run(name, tmp_path):
   else:
     results = train_and_evaluate(config, str(tmp_path / "run"))
   assert results["iterations"] == config.diffusion.num_blocks
-  picture = {"classification": "confusion.png", "language": "vocabulary.json"}.get(
-      config.task, "samples.png")
+  picture = {"classification": "confusion.png", "language": "vocabulary.json",
+             "recurrent_depth": "vocabulary.json"}.get(config.task, "samples.png")
   assert os.path.exists(tmp_path / "run" / picture)
 
 

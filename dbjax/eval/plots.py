@@ -67,14 +67,23 @@ def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
   fig.savefig(path, dpi=120)
 
 
-def save_accuracy_vs_steps(accuracy: dict, num_blocks: int, path: str):
-  """Test accuracy against the number of denoising calls at inference, N = B marked."""
-  steps = sorted(accuracy)
+def save_metric_vs_steps(values: dict, path: str, xlabel: str, ylabel: str, title: str = "",
+                         mark: int | None = None, mark_label: str = ""):
+  """A metric against a number of inference steps or iterations (log-scaled x), with an
+  optional vertical line at `mark`."""
+  steps = sorted(values)
   fig, ax = _figure((5, 3.5))
-  ax.plot(steps, [accuracy[n] for n in steps], "o-")
-  ax.axvline(num_blocks, color="gray", linestyle=":", label=f"N = B = {num_blocks}")
-  ax.set(xlabel="inference steps N", ylabel="test accuracy", xscale="log")
+  ax.plot(steps, [values[n] for n in steps], "o-")
+  if mark is not None:
+    ax.axvline(mark, color="gray", linestyle=":", label=mark_label)
+    ax.legend()
+  ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log", title=title)
   ax.set_xticks(steps, [str(n) for n in steps])
-  ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def save_accuracy_vs_steps(accuracy: dict, num_blocks: int, path: str):
+  """Test accuracy against the number of denoising calls at inference, N = B marked."""
+  save_metric_vs_steps(accuracy, path, "inference steps N", "test accuracy",
+                       mark=num_blocks, mark_label=f"N = B = {num_blocks}")

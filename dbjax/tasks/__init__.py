@@ -21,6 +21,7 @@ REGISTRY = {
     "generation": "dbjax.tasks.images",
     "classification": "dbjax.tasks.classification",
     "language": "dbjax.tasks.language",
+    "recurrent_depth": "dbjax.tasks.recurrent",
 }
 
 

@@ -1,0 +1,17 @@
+"""Recurrent depth (paper, App. E.5) on Shakespeare's plays, characters: a prelude of 2
+layers, a weight-tied core of 4 iterated at inference, a coda of 2 (the paper's 2/4/2),
+trained as one sigma-conditioned denoiser (DiffusionBlocks, B = 1: one pass of the core
+per step). Huginn's own training of the same layers (random unrolling, truncated
+backprop): --config.method=end_to_end. Test bits per character against the inference
+iterations K are plotted to bpc_vs_iterations.png.
+"""
+from experiments.configs import shakespeare_ar
+
+
+def get_config():
+  config = shakespeare_ar.get_config()
+  config.task = "recurrent_depth"
+  config.model.num_layers = 8          # prelude + core + coda
+  config.diffusion.num_blocks = 1      # one core over the whole log-normal
+  config.eval.max_test_examples = 32   # each K's chains cost K core passes per chain
+  return config

@@ -1,0 +1,157 @@
+"""The recurrent-depth task: Huginn's iteration counts and truncated backprop, the tied
+core, the K-step chain, both trainings end to end, and config errors."""
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dbjax
+from dbjax import config as config_lib, engine, sampling, tasks
+from dbjax.errors import ConfigError
+from dbjax.tasks import recurrent
+from dbjax.tasks.language.common import token_embedding
+from tests.conftest import shrink_model
+from tests.test_experiments import load_config
+
+
+def recurrent_config(method="diffusion_blocks", **fields):
+  """The Shakespeare recurrent config, shrunk: d = 32, sequences of 16, tiny loops."""
+  config = shrink_model(load_config("shakespeare_recurrent"))
+  config.method = method
+  config.train.num_steps, config.train.batch_size = 4, 4
+  config.train.checkpoint_every = 4
+  config.language.seq_len, config.language.num_samples, config.language.prompt = 16, 1, ""
+  config.recurrent.update(mean_iterations=3, backprop_iterations=2, mixture_chains=2,
+                          sample_iterations=2, inference_iterations=(1, 2, 4))
+  for field, value in fields.items():
+    section, name = field.split("__")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_and_configs():
+  config, data = tasks.load_data(config_lib.validate(recurrent_config()))
+  return config, data
+
+
+def test_iteration_counts_follow_the_formula():
+  """r = Poisson(lambda) + 1, lambda ~ LogNormal(ln m - s^2/2, s): E[r] = m + 1 and
+  Var[r] = m + m^2 (exp(s^2) - 1)."""
+  m, s = 8.0, 0.5
+  r = np.asarray(recurrent.iteration_counts(jax.random.key(0), (200_000,), m, s))
+  assert r.min() >= 1 and r.dtype.kind == "i"
+  assert r.mean() == pytest.approx(m + 1, rel=0.01)
+  assert r.var() == pytest.approx(m + m**2 * (np.exp(s**2) - 1), rel=0.03)
+
+
+def _huginn(data_and_configs, **fields):
+  config, _ = data_and_configs
+  config = config.copy_and_resolve_references()
+  config.method = "end_to_end"
+  for field, value in fields.items():
+    section, name = field.split("__")
+    config[section][name] = value
+  task = tasks.build(config_lib.validate(config))
+  params = engine.init_block(task, jax.random.key(0)).params
+  # Move the adaLN gates off zero, so each core iteration changes the state.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        params)
+  return task, task.network(params)
+
+
+def test_truncated_backprop_stops_gradients_through_the_early_iterations(data_and_configs):
+  task, net = _huginn(data_and_configs)
+  e = jax.random.normal(jax.random.key(2), (2, 16, 32))
+  s0 = jax.random.normal(jax.random.key(3), (2, 16, 32))
+
+  def by_unroll(s0, iterations):
+    return jnp.sum(recurrent.unroll(net, e, s0, iterations, 2) ** 2)
+
+  def by_hand(s0, iterations):  # the first r - k iterations frozen, the last k with grads
+    zeros, s = jnp.zeros(2), s0
+    for i in range(iterations):
+      step = net.iterate(s, e, zeros)
+      s = jax.lax.stop_gradient(step) if i < iterations - 2 else step
+    return jnp.sum(s ** 2)
+
+  for r in (1, 2, 3, 5):
+    value, grad = jax.value_and_grad(by_unroll)(s0, jnp.int32(r))
+    want, want_grad = jax.value_and_grad(by_hand)(s0, r)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    chex.assert_trees_all_close(grad, want_grad, atol=1e-5)
+    # Through the no-gradient iterations nothing flows back to s_0, exactly.
+    assert bool(jnp.all(grad == 0)) == (r > 2)
+
+
+def test_the_core_is_one_set_of_weights_however_many_iterations(data_and_configs):
+  few, _ = _huginn(data_and_configs, recurrent__mean_iterations=2,
+                   recurrent__backprop_iterations=1)
+  many, _ = _huginn(data_and_configs, recurrent__mean_iterations=32,
+                    recurrent__backprop_iterations=8)
+  shapes = lambda task: jax.tree.map(lambda x: x.shape, engine.abstract_states(task)[0].params)
+  chex.assert_trees_all_equal(shapes(few), shapes(many))
+  core = engine.abstract_states(few)[0].params["core"]
+  assert {leaf.shape[0] for leaf in jax.tree.leaves(core)} == {4}  # core_layers, not m
+
+
+def test_k_step_inference_is_k_calls_of_the_chain_step(data_and_configs):
+  config, data = data_and_configs
+  task = tasks.build(config)
+  states, shared = engine.init_on_host(task, 0)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        states[0].params)
+  net, embedding = task.network(params), token_embedding(shared.params)
+  tokens = jnp.asarray(data.test.tokens[:2])
+  sigmas, _ = recurrent.sampling_plan(task.noise, 3)
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  key = jax.random.key(5)
+  chain = recurrent.chain_logits(task, net, embedding, tokens, key, sigmas)
+  chex.assert_shape(chain, (3, 2, 16, config.data.vocab_size))
+  e = task.context(net, embedding, tokens)
+  z = dbjax.noise.pure_noise(key, tokens.shape + (embedding.shape[1],), task.noise.dist)
+  for k in range(3):  # by hand: a call, then the Euler step toward its argmax row
+    logits = recurrent.two_stream_logits(task, net, e, embedding, tokens, z, sigmas[k],
+                                         jax.random.fold_in(key, k + 1))
+    np.testing.assert_allclose(chain[k], logits, rtol=1e-4, atol=1e-4)
+    z = sampling.euler_step(z, sampling.bridge_estimate(logits, embedding, "argmax"),
+                            sigmas[k], sigmas[k + 1])
+
+
+@pytest.mark.parametrize("method", ["diffusion_blocks", "end_to_end"])
+def test_both_trainings_run_and_plot_the_curve(method, tmp_path):
+  config = recurrent_config(method, eval__enabled=True, eval__max_test_examples=4)
+  results = dbjax.train_and_evaluate(config, str(tmp_path))
+  assert results["iterations"] == 4 and results["num_blocks"] == 1
+  curve = results["bits_per_character_by_iterations"]
+  assert set(curve) == {"1", "2", "4"} and results["bits_per_character"] == min(curve.values())
+  assert all(0 < bits < 10 for bits in curve.values())
+  assert (tmp_path / "bpc_vs_iterations.png").exists() and (tmp_path / "samples.txt").exists()
+  if method == "end_to_end":  # each step draws its own number of iterations
+    with open(tmp_path / "train_metrics.jsonl") as f:
+      assert "iterations" in json.loads(f.readline())
+
+
+def test_the_denoiser_loss_falls(data_and_configs, tmp_path):
+  config, data = data_and_configs
+  config = config.copy_and_resolve_references()
+  config.train.num_steps, config.train.checkpoint_every = 60, 60
+  config.train.learning_rate, config.train.batch_size = 3e-3, 16
+  run = dbjax.train.train(config, str(tmp_path), data.train)
+  ce = [r["cross_entropy"] for r in run.history]
+  assert np.mean(ce[-10:]) < 0.8 * np.mean(ce[:5])
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"recurrent__backprop_iterations": 9}, r"recurrent.backprop_iterations=9 .*k <= m"),
+    ({"recurrent__mean_iterations": 0}, r"recurrent.mean_iterations=0 .*positive integer"),
+    ({"recurrent__inference_iterations": (1, 0)}, r"recurrent.inference_iterations"),
+    ({"diffusion__num_blocks": 3}, r"diffusion.num_blocks=3 .*1 for task='recurrent_depth'"),
+])
+def test_config_errors_are_named(fields, message):
+  with pytest.raises(ConfigError, match=message) as error:
+    config_lib.validate(recurrent_config(**fields))
+  assert "\n" not in str(error.value)
