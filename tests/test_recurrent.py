@@ -130,6 +130,12 @@ def test_both_trainings_run_and_plot_the_curve(method, tmp_path):
   assert set(curve) == {"1", "2", "4"} and results["bits_per_character"] == min(curve.values())
   assert all(0 < bits < 10 for bits in curve.values())
   assert (tmp_path / "bpc_vs_iterations.png").exists() and (tmp_path / "samples.txt").exists()
+  forward, backward = results["core_passes_per_step"].values()
+  if method == "diffusion_blocks":
+    assert (forward, backward) == (1.0, 1.0)
+  else:  # E[r] = m + 1 = 4 forward; min(r, k = 2) backward, between 1 and 2
+    assert forward == 4.0 and 1.0 < backward < 2.0
+  assert results["train_core_layer_evaluations"] == 4 * 4 * (forward + backward)
   if method == "end_to_end":  # each step draws its own number of iterations
     with open(tmp_path / "train_metrics.jsonl") as f:
       assert "iterations" in json.loads(f.readline())

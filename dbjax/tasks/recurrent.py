@@ -63,7 +63,8 @@ class RecurrentDepth(LanguageTask):
   sample_iterations: int        # K for generated text
 
   headline_metric = "bits_per_character"
-  summary_metrics = ("bits_per_character", "bits_per_character_by_iterations")
+  summary_metrics = ("bits_per_character", "bits_per_character_by_iterations",
+                     "train_core_layer_evaluations")
   evaluate_flags = {"max_test_examples": "eval.max_test_examples"}
   sample_flags = {**LanguageTask.sample_flags, "num_steps": "recurrent.sample_iterations"}
 
@@ -79,8 +80,18 @@ class RecurrentDepth(LanguageTask):
     """{"headline": nats per token of each sequence after num_steps iterations}."""
     raise NotImplementedError
 
+  def core_passes_per_step(self) -> tuple[float, float]:
+    """(forward, backward) passes of the core in one training step, on average."""
+    raise NotImplementedError
+
   def evaluate(self, config, workdir, states, shared, data, prefix=""):
-    results = {"kind": "recurrent_depth"}
+    forward, backward = self.core_passes_per_step()
+    # Training compute in core-layer evaluations, forward and backward (a backward pass
+    # counted as one evaluation, as the forward): the issue's unit of matched budget.
+    results = {"kind": "recurrent_depth",
+               "core_passes_per_step": {"forward": forward, "backward": backward},
+               "train_core_layer_evaluations": config.train.num_steps * self.net.core_layers
+                                               * (forward + backward)}
     if config.eval.enabled:
       results.update(evaluate_iterations(self, config, workdir, states, shared, data.test,
                                          prefix))
@@ -118,6 +129,9 @@ class RecurrentDenoiser(RecurrentDepth):
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     loss = jnp.mean(edm.loss_weight(sigma, self.sigma_data) * jnp.mean(cross_entropy, 1))
     return loss, token_metrics(logits, cross_entropy, tokens)
+
+  def core_passes_per_step(self):
+    return 1.0, 1.0
 
   def sequence_nats(self, stacked_params, shared_params, tokens, key, num_steps=None,
                     num_chains=0):
@@ -163,6 +177,13 @@ class HuginnLM(RecurrentDepth):
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     metrics = token_metrics(logits, cross_entropy, tokens)
     return jnp.mean(cross_entropy), dict(metrics, iterations=r.astype(jnp.float32))
+
+  def core_passes_per_step(self):
+    """E[r] = m + 1 forward, E[min(r, k)] backward (the latter by 100000 draws)."""
+    r = iteration_counts(jax.random.key(0), (100_000,), self.mean_iterations,
+                         self.iteration_spread)
+    return (float(self.mean_iterations + 1),
+            float(jnp.mean(jnp.minimum(r, self.backprop_iterations))))
 
   def initial_state(self, key, shape):
     """s_0: a truncated normal (two standard deviations) of std state_std."""
