@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(
       # Where the noisy label enters: as the [CLS] token (released code), or beside a
       # learnable [CLS] token (paper's text). "concat" by default: it learns from the
-      # image sooner, as the read-out token cannot simply copy the noisy label (docs/results.md, Classification).
+      # image sooner, as the read-out token cannot simply copy the noisy label
+      # (docs/results.md, Classification).
       target_token="concat",
       # Eq. 6 per example (paper), or mean(w) * mean(CE) over the batch (released code).
       loss_weighting="per_example",

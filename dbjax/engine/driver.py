@@ -176,8 +176,9 @@ def checkpoint_targets(task, config) -> dict:
   block, shared = state_lib.abstract_states(task)
   targets = {f"block_{b}": block for b in range(task.num_blocks)}
   if state_lib.has_shared(task):
-    in_parallel = config.parallel.mode == "blocks"
-    targets["shared"] = parallel.stacked_abstract(shared, task.num_blocks) if in_parallel else shared
+    if config.parallel.mode == "blocks":
+      shared = parallel.stacked_abstract(shared, task.num_blocks)
+    targets["shared"] = shared
   return targets
 
 

@@ -1,11 +1,11 @@
 """All B blocks at once, each on its own slice of a ("block", "data") device mesh.
 
-DiffusionBlocks' blocks share no activations and, for images, no parameters (docs/method.md,
-"Shared parameters"), so with parallel.mode="blocks" every step trains all B blocks,
-each on its own batch, and the compiled step has no collective across the "block" axis
-(tests/test_parallel.py reads the HLO to check, with experiments/hlo.py). Within a block the batch is split over
-the "data" axis, and the mean of the gradients over that axis is the step's only
-collective.
+DiffusionBlocks' blocks share no activations and, for images, no parameters
+(docs/method.md, "Shared parameters"), so with parallel.mode="blocks" every step trains
+all B blocks, each on its own batch, and the compiled step has no collective across the
+"block" axis (tests/test_parallel.py reads the HLO to check, with experiments/hlo.py).
+Within a block the batch is split over the "data" axis, and the mean of the gradients
+over that axis is the step's only collective.
 
 Mesh: jax.make_mesh((G, N // G), ("block", "data")) with G the largest divisor of B that
 is at most the number of devices N: (B, N // B) when there are at least B devices. With

@@ -24,7 +24,8 @@ all at once, checkpoints and logs, and never asks which task it runs. A Task tel
                                   what experiments/sample.py draws
 
 A task module (dbjax/tasks/*.py) exposes build(config) -> Task and load_data(config,
-workdir=None) -> (config, RunData); dbjax.tasks maps config.task to it. docs/design.md shows how to add one.
+workdir=None) -> (config, RunData); dbjax.tasks maps config.task to it. docs/design.md
+shows how to add one.
 """
 import dataclasses
 from typing import Any, ClassVar, NamedTuple

@@ -173,7 +173,8 @@ def denoising_cross_entropy(task, logits_of, embedding, tokens, key, interval,
   if sigma_max_share > 0:  # its own key: the paper's stream is unchanged without it
     at_top = jax.random.bernoulli(jax.random.fold_in(key, 2), sigma_max_share, sigma.shape)
     top_block = interval[1] >= task.noise.dist.sigma_max
-    sigma = jnp.where(at_top & top_block, jnp.asarray(task.noise.dist.sigma_max, sigma.dtype), sigma)
+    sigma_max = jnp.asarray(task.noise.dist.sigma_max, sigma.dtype)
+    sigma = jnp.where(at_top & top_block, sigma_max, sigma)
   target = embedding[tokens]
   z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
   logits = logits_of(z, sigma)
