@@ -47,7 +47,8 @@ from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
 from dbjax.sampling import embedding_chain, fixed_size_batches, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
 from dbjax.tasks.language import load_data  # the text data sets of the language task
-from dbjax.tasks.language.autoregressive import block_diffusion_attention, check_prompt
+from dbjax.tasks.language.autoregressive import (block_diffusion_attention, check_prompt,
+                                                 denoising_cross_entropy)
 from dbjax.tasks.language.common import (LanguageTask, sample_token, sampling_settings,
                                          token_embedding, token_metrics, write_texts,
                                          SAMPLES_FILE)
@@ -110,24 +111,24 @@ class RecurrentDenoiser(RecurrentDepth):
   noise: NoisePlan
   bridge: str
   mixture_chains: int
+  sigma_max_share: float        # language.sigma_max_share: sequences drawn at sigma_max
 
   def loss(self, params, shared_params, batch, key, interval):
     """(loss, metrics): w(sigma) CE after one pass of the core, sigma drawn from the whole
-    log-normal (interval = [sigma_min, sigma_max]), one per sequence."""
+    log-normal (interval = [sigma_min, sigma_max]), one per sequence; with
+    sigma_max_share (dbjax's option, as for the autoregressive LM) that share of
+    sequences at sigma_max itself, where every chain's first call runs."""
     (tokens,) = batch
     net = self.network(params)
     embedding = token_embedding(shared_params)
-    key_sigma, key_noise = jax.random.split(key)
-    sigma = noise.sample_sigma(key_sigma, (tokens.shape[0],), interval[0], interval[1],
-                               self.noise.dist.p_mean, self.noise.dist.p_std)
-    target = embedding[tokens]
-    z = target + sigma[:, None, None] * jax.random.normal(key_noise, target.shape)
-    c = edm.preconditioning(sigma, self.sigma_data)
     e = self.context(net, embedding, tokens)
-    state = net.iterate(c.c_in[:, None, None] * z, e, c.c_noise)
-    logits = net.logits(state, c.c_noise)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    loss = jnp.mean(edm.loss_weight(sigma, self.sigma_data) * jnp.mean(cross_entropy, 1))
+
+    def logits_of(z, sigma):
+      c = edm.preconditioning(sigma, self.sigma_data)
+      return net.logits(net.iterate(c.c_in[:, None, None] * z, e, c.c_noise), c.c_noise)
+
+    loss, logits, cross_entropy = denoising_cross_entropy(
+        self, logits_of, embedding, tokens, key, interval, self.sigma_max_share)
     return loss, token_metrics(logits, cross_entropy, tokens)
 
   def core_passes_per_step(self):
@@ -404,4 +405,5 @@ def build(config) -> RecurrentDepth:
                     backprop_iterations=rec.backprop_iterations,
                     iteration_spread=rec.iteration_spread, state_std=rec.state_std)
   return RecurrentDenoiser(**common, noise=plan, bridge=lang.bridge,
-                           mixture_chains=rec.mixture_chains)
+                           mixture_chains=rec.mixture_chains,
+                           sigma_max_share=lang.sigma_max_share)

@@ -161,7 +161,7 @@ def denoising_cross_entropy(task, logits_of, embedding, tokens, key, interval,
   """(loss, logits, per-token CE) of next-token-embedding denoising: z = E[x] + sigma eps
   with one sigma per sequence from the block's interval, logits = logits_of(z, sigma),
   loss = mean_n w(sigma_n) mean_i CE_ni (paper, Eq. 6, per example). Shared with the
-  single-stream form of dbjax.user_layers.
+  single-stream form (tasks.language.single_stream) and the recurrent-depth denoiser.
 
   sigma_max_share (dbjax's option, not the paper's): in the block whose interval reaches
   sigma_max, that fraction of sequences is drawn at sigma_max itself. The first call of
