@@ -25,7 +25,7 @@ from dbjax.nets.lm import LMConfig
 @dataclasses.dataclass(frozen=True)
 class RecurrentConfig(LMConfig):
   """An LMConfig (width, heads, vocabulary, sequence length, positions) and the depth of
-  each part; num_layers is unused."""
+  each part; num_layers is their sum (the layers of one pass through the network)."""
   prelude_layers: int = 2
   core_layers: int = 4
   coda_layers: int = 2

@@ -388,6 +388,7 @@ def build(config) -> RecurrentDepth:
                         hidden_size=m.hidden_size, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, frequency_dim=m.frequency_dim,
                         remat=m.remat, positions="rotary",
+                        num_layers=rec.prelude_layers + rec.core_layers + rec.coda_layers,
                         prelude_layers=rec.prelude_layers, core_layers=rec.core_layers,
                         coda_layers=rec.coda_layers)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: RecurrentLM(net, rngs=nnx.Rngs(0))))
