@@ -37,9 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
   # one at a time. "end_to_end": the same layers as one denoiser over all noise levels.
   c.method = "diffusion_blocks"
   # "generation": a DiT denoises images. "classification": a ViT denoises a label
-  # embedding given the image (dbjax.classify); end-to-end is then a plain ViT.
+  # embedding given the image (dbjax.tasks.classification); end-to-end is then a plain ViT.
   # "language": a token transformer, autoregressive or masked diffusion
-  # (dbjax.language); end-to-end is a causal LM, or MD4 over all masking levels.
+  # (dbjax.tasks.language); end-to-end is a causal LM, or MD4 over all masking levels.
   c.task = "generation"
   c.seed = 0
 
@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
       # "none": every iteration trains one block drawn at random (paper, Sec. 4), one
       # block on the device at a time. "blocks": every step trains all B blocks at once,
       # each on its own batch, on a ("block", "data") mesh of the devices present, with
-      # no communication between blocks (dbjax.parallel); train.num_steps such steps.
+      # no communication between blocks (dbjax.engine.parallel); train.num_steps such steps.
       mode="none",
       # Steps between averaging learned shared parameters (a joint label or token
       # embedding, shared modules) across blocks, one small all-reduce; 0 = never, which

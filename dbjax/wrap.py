@@ -19,10 +19,10 @@ and moves weights between the blocks and the plain end-to-end network built from
 same num_layers layers: `to_end_to_end`, `from_end_to_end`, `end_to_end()`.
 
 Targets (paper, Sec. 5):
-- "image": the DiT of dbjax.dit with your layers; batch (images, labels); each block
+- "image": the DiT of dbjax.nets.dit with your layers; batch (images, labels); each block
   owns its embeddings and head (a fixed target space, so blocks share nothing).
-- "label": the ViT classifier of dbjax.vit/classify with your layers; batch
-  (images, labels); the target is a frozen unit-norm label embedding, fixed by `seed`,
+- "label": the ViT classifier of dbjax.nets.vit and dbjax.tasks.classification with your
+  layers; batch (images, labels); the target is a frozen unit-norm label embedding, fixed by `seed`,
   which every block shares without training it.
 - "token": a language model whose target is the next token's (frozen, unit-norm)
   embedding; batch (tokens,), single-stream through your causal layers

@@ -5,7 +5,7 @@ r"""Sequential against parallel block training on the devices present, side by s
 
 Sequential: the default driver, one block at a time on one device, so B block
 iterations take B block steps. Parallel (parallel.mode="blocks"): every step trains
-all B blocks on a ("block", "data") mesh of all devices (dbjax.parallel). Reported:
+all B blocks on a ("block", "data") mesh of all devices (dbjax.engine.parallel). Reported:
 block iterations per second for both, per device, the speed-up, the per-device memory
 of the compiled steps, and the collectives in the parallel step (none across blocks).
 

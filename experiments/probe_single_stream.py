@@ -1,7 +1,7 @@
 r"""Probe: the single-stream autoregressive form (dbjax.wrap, target="token") on the
 shakespeare_ar setting, beside the built-in [clean; noisy] form's recorded results.
 
-The layers are the DiT's own adaLN-Zero layers (dbjax.dit.DiTLayer) with a causal mask,
+The layers are the DiT's own adaLN-Zero layers (dbjax.nets.dit.DiTLayer) with a causal mask,
 wrapped as a user layer; 12 layers, B = 4, the config's optimizer, batch, budget and
 iteration order (the driver's block_for_step and batch_indices), so only the input form
 differs from `experiments.train --config=experiments/configs/shakespeare_ar.py`.

@@ -73,7 +73,7 @@ def sinusoidal_features(c_noise: jax.Array, dim: int, scale: float = 1000.0) -> 
 
 def _per_segment(x, fn, *conditioning):
   """fn(tokens, *conditioning) with conditioning given per example (N, D) or per segment
-  (N, G, D): G equal runs of tokens, e.g. a clean and a noisy stream (dbjax.language).
+  (N, G, D): G equal runs of tokens, e.g. a clean and a noisy stream (dbjax.tasks.language).
   Reshaped, not repeated, so no (N, S, D) copy of the conditioning is made."""
   n, s, d = x.shape
   g = 1 if conditioning[0].ndim == 2 else conditioning[0].shape[1]
@@ -170,9 +170,10 @@ class DiTLayer(nnx.Module):
     mask: optional (T, T + C) boolean, True where a row may attend to a column.
     context: optional (keys, values) (N, C, heads, head_dim) of earlier tokens that
       every row may attend to (subject to mask), placed before the row's own columns:
-      the key-value cache of dbjax.language. Returns (x, (keys, values) of x).
+      the key-value cache of dbjax.tasks.language. Returns (x, (keys, values) of x).
     attention: optional f(q, k, v) -> (N, T, heads, head_dim) in place of masked dense
-      attention, for masks with structure (dbjax.language.block_diffusion_attention).
+      attention, for masks with structure
+      (dbjax.tasks.language.autoregressive.block_diffusion_attention).
     positions: optional (T,) positions of x's rows: queries and keys are rotated by them
       (`rotary`), so the returned keys are rotated too and a cache of them stays valid.
     """

@@ -1,7 +1,7 @@
 """A token transformer with adaLN-Zero layers: the raw network of one language block.
 
-The layers are the DiT's (dbjax.dit), conditioned per example or per segment of the
-sequence, with an attention mask. One network serves three roles (dbjax.language):
+The layers are the DiT's (dbjax.nets.dit), conditioned per example or per segment of the
+sequence, with an attention mask. One network serves three roles (dbjax.tasks.language):
 - the autoregressive DiffusionBlocks denoiser: [clean stream; noisy stream] under the
   block-diffusion mask, the clean stream conditioned as if at sigma_min;
 - the masked-diffusion (MD4) denoiser: bidirectional, masked positions replaced by the
@@ -33,9 +33,10 @@ class LMConfig:
   frequency_dim: int = 128
   remat: bool = False
   # "learned": an embedding added to the input; "rotary": queries and keys rotated in
-  # every layer (dbjax.dit.rotary; the paper's Llama-style blocks).
+  # every layer (dbjax.nets.dit.rotary; the paper's Llama-style blocks).
   positions: str = "learned"
-  layer: Callable[[nnx.Rngs], nnx.Module] | None = None  # a user's layer (dbjax.dit.DiTConfig)
+  # A user's layer (dbjax.nets.dit.DiTConfig.layer).
+  layer: Callable[[nnx.Rngs], nnx.Module] | None = None
 
   @property
   def head_dim(self) -> int:

