@@ -317,6 +317,15 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   return config
 
 
+def field_holder(config, dotted: str):
+  """(the ConfigDict holding field `dotted`, the field's own name): config.a.b -> (a, "b")."""
+  *sections, name = dotted.split(".")
+  holder = config
+  for section in sections:
+    holder = holder[section]
+  return holder, name
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}: a config's (or metrics') dotted fields."""
   flat = {}

@@ -11,7 +11,7 @@ import jax
 from absl import app, logging
 
 from dbjax import tasks
-from dbjax.config import validate
+from dbjax.config import field_holder, validate
 from dbjax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
                           TrainingInterrupted, WorkdirError)
 
@@ -84,10 +84,7 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
 def with_field(config, dotted: str, text: str):
   """A copy of config with field `dotted` set from `text`, parsed as the field's type."""
   config = config.copy_and_resolve_references()
-  *sections, name = dotted.split(".")
-  holder = config
-  for section in sections:
-    holder = holder[section]
+  holder, name = field_holder(config, dotted)
   kind = type(holder[name])
   holder[name] = (text.lower() in ("1", "true")) if kind is bool else kind(text)
   return validate(config)
@@ -104,10 +101,7 @@ def set_flags(config, task, flag_fields: dict, values: dict, command: str):
       raise ConfigError(f"--{flag} does not apply to a config.task={config.task!r} run "
                         f"({type(task).__name__}); {command} takes: "
                         + ", ".join(f"--{f}" for f in flag_fields))
-    *sections, name = flag_fields[flag].split(".")
-    holder = config
-    for section in sections:
-      holder = holder[section]
+    holder, name = field_holder(config, flag_fields[flag])
     holder[name] = (value,) if isinstance(holder[name], tuple) else value
   return validate(config)
 

@@ -27,12 +27,13 @@ import shutil
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from dbjax.config import flatten
+from dbjax.config import field_holder, flatten
 from dbjax.errors import CheckpointError, ConfigError
 
 # A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
@@ -206,32 +207,27 @@ class RunCheckpointer:
                      None)
     if problem is None:
       return
-    causes = self._causes(saved_config, ours, targets)
+    causes = self._causes(saved_config, ours, expected)
     raise ConfigError(
         f"{where} does not fit this run: {problem}"
         + (f"; caused by {causes}" if causes else "")
         + "; use the saved config or another workdir (the checkpoints are left as they are)")
 
-  def _causes(self, saved_config: dict, ours: dict, targets: dict) -> str:
+  def _causes(self, saved_config: dict, ours: dict, expected: dict) -> str:
     """The config fields that differ from the saved run's and change the state's trees:
-    each alone set back to its saved value changes this run's targets (found with
-    self.targets_of; every differing field when that is not given)."""
+    each alone set back to its saved value changes this run's tree signatures `expected`
+    (found with self.targets_of; every differing field when that is not given)."""
     saved_flat, our_flat = flatten(saved_config), flatten(ours)
     differing = [f for f in our_flat if f in saved_flat and saved_flat[f] != our_flat[f]]
     if self.targets_of is not None:
-      expected = {name: tree_signature(tree) for name, tree in targets.items()}
       differing = [f for f in differing
                    if self._changes_trees(ours, f, saved_flat[f], expected)]
     return ", ".join(f"config.{f}={our_flat[f]!r} (the checkpoint's: {saved_flat[f]!r})"
                      for f in differing)
 
   def _changes_trees(self, ours: dict, field: str, value, expected: dict) -> bool:
-    import ml_collections  # pylint: disable=g-import-not-at-top
     config = ml_collections.ConfigDict(ours)
-    *sections, name = field.split(".")
-    holder = config
-    for section in sections:
-      holder = holder[section]
+    holder, name = field_holder(config, field)
     try:
       holder[name] = type(holder[name])(value) if value is not None else value
       targets = self.targets_of(config)

@@ -182,9 +182,9 @@ def checkpoint_targets(task, config) -> dict:
   return targets
 
 
-def _saved_shared(task, shared):
+def _saved_shared(shared):
   """The shared state as a checkpoint holds it: None when the task shares nothing."""
-  return shared if state_lib.has_shared(task) else None
+  return shared if jax.tree.leaves(shared.params) else None
 
 
 def _restored_shared(task, config, shared):
@@ -277,7 +277,7 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
         history += rows
         done = max(r["step"] for r in rows) + 1  # all iterations before it are done
         checkpointer.save(done, states, config, {"iterations": total},
-                          _saved_shared(task, shared))
+                          _saved_shared(shared))
         log.print_interval(done, total, rows)
         bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
                         **({"skipped": num_skipped} if num_skipped else {}))
