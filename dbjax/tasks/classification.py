@@ -52,8 +52,9 @@ from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
 from dbjax.sampling import embedding_chain, fixed_size_batches, stack_params, unit_rows
-from dbjax.tasks.base import NoisePlan, RunData, Task, noise_plan, sampling_plan
-from dbjax.tasks.images import check_training_images, load_data  # the same image sets
+from dbjax.tasks.base import NoisePlan, Task, noise_plan, sampling_plan
+from dbjax.tasks.images import (  # the same image sets: this task's load_data
+    check_training_images, example_images, load_data)
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
 SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
@@ -120,11 +121,7 @@ class Classification(Task):
     return label_embedding(shared_params)
 
   def example_batch(self, batch_size, rng=None):
-    shape = (batch_size, self.vit.image_size, self.vit.image_size, self.vit.channels)
-    if rng is None:
-      return jnp.zeros(shape, jnp.float32), jnp.zeros((batch_size,), jnp.int32)
-    return (jnp.asarray(0.5 * rng.standard_normal(shape).astype(np.float32)),
-            jnp.asarray(rng.integers(0, self.vit.num_classes, batch_size).astype(np.int32)))
+    return example_images(self.vit, batch_size, rng)
 
   def inference_steps(self, config) -> list[int]:
     """The chain lengths evaluated; the first is the headline."""

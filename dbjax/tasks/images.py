@@ -88,13 +88,7 @@ class ImageGeneration(Task):
     check_training_images(config, train_data)
 
   def example_batch(self, batch_size, rng=None):
-    """Images and labels of the network's shapes: zeros, or random values from `rng`."""
-    net = self.dit
-    shape = (batch_size, net.image_size, net.image_size, net.channels)
-    if rng is None:
-      return jnp.zeros(shape, jnp.float32), jnp.zeros((batch_size,), jnp.int32)
-    return (jnp.asarray(0.5 * rng.standard_normal(shape).astype(np.float32)),
-            jnp.asarray(rng.integers(0, net.num_classes, batch_size).astype(np.int32)))
+    return example_images(self.dit, batch_size, rng)
 
   def sample(self, block_params, shared_params, key, inputs, num_steps, solver="euler",
              guidance_scale=1.0):
@@ -152,6 +146,16 @@ def load_data(config, workdir=None):
   train = image_data.load_images(d.name, "train", d.data_dir)
   check_training_images(config, train)
   return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir))
+
+
+def example_images(net: DiTConfig, batch_size: int, rng=None) -> tuple:
+  """Images and labels of a network's shapes (its image_size, channels, num_classes):
+  zeros, or random values from `rng`."""
+  shape = (batch_size, net.image_size, net.image_size, net.channels)
+  if rng is None:
+    return jnp.zeros(shape, jnp.float32), jnp.zeros((batch_size,), jnp.int32)
+  return (jnp.asarray(0.5 * rng.standard_normal(shape).astype(np.float32)),
+          jnp.asarray(rng.integers(0, net.num_classes, batch_size).astype(np.int32)))
 
 
 def check_training_images(config, train):

@@ -49,9 +49,9 @@ from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
 from dbjax.tasks.language import load_data  # the text data sets of the language task
 from dbjax.tasks.language.autoregressive import (block_diffusion_attention, check_prompt,
                                                  denoising_cross_entropy)
-from dbjax.tasks.language.common import (LanguageTask, sample_token, sampling_settings,
-                                         token_embedding, token_metrics, write_texts,
-                                         SAMPLES_FILE)
+from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_params,
+                                         sample_token, sampling_settings, token_embedding,
+                                         token_metrics, write_texts)
 
 __all__ = ["build", "load_data", "RecurrentDenoiser", "HuginnLM", "iteration_counts"]
 
@@ -270,7 +270,7 @@ def chain_logits(task, net, embedding, tokens, key, sigmas):
 
 @functools.partial(jax.jit, static_argnames=("task", "num_chains"))
 def _mixture_nats(task, stacked_params, shared_params, tokens, key, sigmas, num_chains):
-  net = task.network(jax.tree.map(lambda p: p[0], stacked_params))
+  net = task.network(block_params(stacked_params, 0))
   embedding = token_embedding(shared_params)
 
   def true_log_prob(chain_key):
@@ -281,21 +281,27 @@ def _mixture_nats(task, stacked_params, shared_params, tokens, key, sigmas, num_
   return -jnp.mean(mixture_log_probs(log_probs), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_iterations"))
-def _huginn_nats(task, stacked_params, shared_params, tokens, key, num_iterations):
-  net = task.network(jax.tree.map(lambda p: p[0], stacked_params))
-  e = task.context(net, token_embedding(shared_params), tokens)
+def huginn_logits(task, net, embedding, tokens, key, num_iterations: int):
+  """Logits (N, T, V) of the coda after num_iterations iterations of the core from a
+  random s_0 (key), the prelude reading `tokens`."""
+  e = task.context(net, embedding, tokens)
   zeros = jnp.zeros(tokens.shape[:1])
   state = jax.lax.fori_loop(0, num_iterations, lambda _, s: net.iterate(s, e, zeros),
                             task.initial_state(key, e.shape))
-  logits = net.logits(state, zeros)
+  return net.logits(state, zeros)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "num_iterations"))
+def _huginn_nats(task, stacked_params, shared_params, tokens, key, num_iterations):
+  logits = huginn_logits(task, task.network(block_params(stacked_params, 0)),
+                         token_embedding(shared_params), tokens, key, num_iterations)
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("task", "num_samples", "temperature", "top_p"))
 def _generate_denoiser(task, stacked_params, shared_params, prompt, key, sigmas, num_samples,
                        temperature, top_p):
-  net = task.network(jax.tree.map(lambda p: p[0], stacked_params))
+  net = task.network(block_params(stacked_params, 0))
   embedding = token_embedding(shared_params)
   length = task.net.seq_len
   tokens = jnp.zeros((num_samples, length), jnp.int32).at[:, :len(prompt)].set(prompt)
@@ -314,18 +320,14 @@ def _generate_denoiser(task, stacked_params, shared_params, prompt, key, sigmas,
                                              "temperature", "top_p"))
 def _generate_huginn(task, stacked_params, shared_params, prompt, key, num_iterations,
                      num_samples, temperature, top_p):
+  net = task.network(block_params(stacked_params, 0))
+  embedding = token_embedding(shared_params)
   length = task.net.seq_len
   tokens = jnp.zeros((num_samples, length), jnp.int32).at[:, :len(prompt)].set(prompt)
 
   def position_step(position, tokens):
-    key_position = jax.random.fold_in(key, position)
-    nats_key, draw_key = jax.random.split(key_position)
-    net = task.network(jax.tree.map(lambda p: p[0], stacked_params))
-    e = task.context(net, token_embedding(shared_params), tokens)
-    zeros = jnp.zeros((num_samples,))
-    state = jax.lax.fori_loop(0, num_iterations, lambda _, s: net.iterate(s, e, zeros),
-                              task.initial_state(nats_key, e.shape))
-    logits = net.logits(state, zeros)
+    state_key, draw_key = jax.random.split(jax.random.fold_in(key, position))
+    logits = huginn_logits(task, net, embedding, tokens, state_key, num_iterations)
     return tokens.at[:, position].set(sample_token(draw_key, logits[:, position],
                                                    temperature, top_p))
 

@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -29,7 +28,7 @@ from dbjax import edm
 from dbjax.data import text
 from dbjax.nets.lm import LMConfig, LMNet
 from dbjax.sampling import fixed_size_batches, stack_params, unit_rows
-from dbjax.tasks.base import RunData, Task
+from dbjax.tasks.base import Task
 
 SAMPLES_FILE = "samples.txt"
 
