@@ -77,7 +77,7 @@ def method_variant(base_config, method: str, **diffusion_and_model_overrides):
   for dotted, value in diffusion_and_model_overrides.items():
     section, field = dotted.split("__")
     config[section][field] = value
-  config, _ = tasks.load_data(validate(config))
+  config = tasks.resolve(validate(config))
   return config, tasks.build(config)
 
 

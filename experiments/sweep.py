@@ -37,7 +37,7 @@ def main(argv):
   for text in _VALUES.value:
     config = with_field(_CONFIG.value, _FIELD.value, text)
     results = train_and_evaluate(config, os.path.join(_WORKDIR.value, f"{_FIELD.value}={text}"))
-    task = tasks.build(tasks.load_data(config)[0])
+    task = tasks.build(tasks.resolve(config))
     memory = profiling.train_step_memory(task, config.train.batch_size)
     rows.append({_FIELD.value: text, "iterations": results["iterations"],
                  **summary_columns(task, results), "step_MiB": memory["step_bytes"] / 2**20})

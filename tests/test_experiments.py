@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dbjax.train import train_and_evaluate
-from experiments.cli import available_configs, with_field
+from experiments.cli import available_configs, method_variant, with_field
 from tests.conftest import shrink_model
 from tests.test_data import write_idx
 from tests.test_metric_log import read_scalars
@@ -335,3 +335,17 @@ def test_sweep_parses_values_as_the_field_type():
       "uniform_log")
   with pytest.raises(Exception, match="num_blocks=5"):
     with_field(base, "diffusion.num_blocks", "5")  # does not divide 12 layers
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "classify_fashion_mnist", "shakespeare_ar"])
+def test_a_benchmark_builds_its_tasks_without_image_data(name, tmp_path):
+  """bench_memory and compare profile a config's steps through method_variant: an image
+  config needs no data set on disk for that (a text config reads its vocabulary)."""
+  config = load_config(name)
+  config.data.data_dir = str(tmp_path / "no_data_here")
+  for method in ("end_to_end", "diffusion_blocks"):
+    resolved, task = method_variant(config, method)
+    assert task.num_blocks == (1 if method == "end_to_end" else config.diffusion.num_blocks)
+    assert len(task.example_batch(2)) >= 1
+  if config.task == "language":
+    assert resolved.data.vocab_size > 0

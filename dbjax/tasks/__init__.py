@@ -7,6 +7,7 @@ evaluation and the baseline it is compared with, and exposes
   load_data(config, workdir=None) -> (config, RunData)
       the config with data-derived fields filled in; workdir: a trained run's, whose
       saved files (a vocabulary) make the data read as that run read it
+  resolve(config) -> config        those fields alone, reading data only if they need it
 
 Adding a task is a module here, an entry below and a config in experiments/configs
 (docs/design.md).
@@ -37,10 +38,16 @@ def build(config) -> Task:
   return module(config.task).build(config)
 
 
+def resolve(config):
+  """The config with its data-derived fields filled in (a text's vocabulary size), reading
+  data only where a field needs it: a task's shapes, for profiling, without its data."""
+  return module(config.task).resolve(config)
+
+
 def load_data(config, workdir: str | None = None):
   """(config with data-derived fields filled in, RunData) of a validated config; with
   `workdir`, the data as the run trained there read it."""
   return module(config.task).load_data(config, workdir)
 
 
-__all__ = ["REGISTRY", "module", "build", "load_data", "NoisePlan", "RunData", "Task"]
+__all__ = ["REGISTRY", "module", "build", "load_data", "resolve", "NoisePlan", "RunData", "Task"]

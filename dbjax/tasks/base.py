@@ -23,9 +23,9 @@ all at once, checkpoints and logs, and never asks which task it runs. A Task tel
   write_samples(config, workdir, states, shared, data, seed, path=None)
                                   what experiments/sample.py draws
 
-A task module (dbjax/tasks/*.py) exposes build(config) -> Task and load_data(config,
-workdir=None) -> (config, RunData); dbjax.tasks maps config.task to it. docs/design.md
-shows how to add one.
+A task module (dbjax/tasks/*.py) exposes build(config) -> Task, load_data(config,
+workdir=None) -> (config, RunData) and resolve(config) -> config (the data-derived fields
+alone); dbjax.tasks maps config.task to it. docs/design.md shows how to add one.
 """
 import dataclasses
 from typing import Any, ClassVar, NamedTuple

@@ -54,7 +54,7 @@ from dbjax.nets.vit import ViT, ViTConfig
 from dbjax.sampling import embedding_chain, fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import NoisePlan, Task, noise_plan, sampling_plan
 from dbjax.tasks.images import (  # the same image sets: this task's load_data
-    check_training_images, example_images, load_data)
+    check_training_images, example_images, load_data, resolve)
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
 SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")

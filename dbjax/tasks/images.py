@@ -139,6 +139,11 @@ def build(config, layer=None) -> ImageGeneration:
                          label_dropout=m.label_dropout, graphdef=graphdef)
 
 
+def resolve(config):
+  """An image config has no data-derived fields."""
+  return config
+
+
 def load_data(config, workdir=None):
   """(config, RunData) of the config's image data set, the training split checked against
   the config's shapes."""

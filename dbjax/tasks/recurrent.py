@@ -46,14 +46,14 @@ from dbjax.errors import ConfigError
 from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
 from dbjax.sampling import embedding_chain, fixed_size_batches, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
-from dbjax.tasks.language import load_data  # the text data sets of the language task
+from dbjax.tasks.language import load_data, resolve  # the language task's text data
 from dbjax.tasks.language.autoregressive import (block_diffusion_attention, check_prompt,
                                                  denoising_cross_entropy)
 from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_params,
                                          sample_token, sampling_settings, token_embedding,
                                          token_metrics, write_texts)
 
-__all__ = ["build", "load_data", "RecurrentDenoiser", "HuginnLM", "iteration_counts"]
+__all__ = ["build", "load_data", "resolve", "RecurrentDenoiser", "HuginnLM", "iteration_counts"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument

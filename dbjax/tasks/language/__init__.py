@@ -58,6 +58,11 @@ def with_vocabulary(config, vocabulary: text.Vocabulary):
   return config
 
 
+def resolve(config):
+  """config with data.vocab_size set: as it is when set, else read from the text."""
+  return config if config.data.vocab_size else load_data(config)[0]
+
+
 def load_data(config, workdir: str | None = None, vocabulary: text.Vocabulary | None = None):
   """(config with data.vocab_size set, RunData of TextData) of the config's text data set
   (dbjax.data.text), encoded with `vocabulary`: default, the one saved in `workdir` by a
@@ -71,5 +76,5 @@ def load_data(config, workdir: str | None = None, vocabulary: text.Vocabulary | 
   return with_vocabulary(config, train.vocabulary), RunData(train, test)
 
 
-__all__ = ["build", "load_data", "with_vocabulary", "LanguageTask", "AutoregressiveDenoiser",
+__all__ = ["build", "load_data", "resolve", "with_vocabulary", "LanguageTask", "AutoregressiveDenoiser",
            "CausalLM", "MaskedDiffusion", "token_embedding"]
