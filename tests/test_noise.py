@@ -28,7 +28,7 @@ def test_equiprobable_boundaries_match_closed_form(num_blocks):
 
 
 def test_end_points_are_exact():
-  # In float32 the upper end would come back as ~79.73 (METHOD.md, pitfalls).
+  # In float32 the upper end would come back as ~79.73 (docs/method.md, "Noise levels", precision).
   bounds = noise.block_boundaries(3)
   assert bounds[0] == 0.002 and bounds[-1] == 80.0
 
