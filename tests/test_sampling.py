@@ -27,8 +27,9 @@ def constant_output_blocks(model, values):
 
 
 def reference_sample(z, model, values, num_steps, solver):
-  """The sampler written out in numpy float64 with the rule of docs/method.md, "Sampling" (paper, Sec. 3): block 0 runs
-  at the highest sigmas, each step by the block that owns its starting sigma."""
+  """The sampler written out in numpy float64 with the rule of docs/method.md, "Sampling"
+  (paper, Sec. 3): block 0 runs at the highest sigmas, each step by the block that owns
+  its starting sigma."""
   sigmas = noise.sampling_sigmas(num_steps, model.noise.dist)
   owner = noise.block_of_sigma(sigmas, model.noise.boundaries)
   z = np.asarray(z, np.float64)
