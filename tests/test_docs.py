@@ -43,3 +43,16 @@ def test_every_docs_page_is_linked_from_the_readme():
   assert {"generation.md", "classification.md", "language.md", "user_layers.md"} <= set(pages)
   for page in pages:
     assert f"(docs/{page})" in readme, page
+
+
+def test_importing_dbjax_leaves_heavy_libraries_for_later():
+  """`import dbjax` (a model in someone's code) pays for jax, flax and optax only: the
+  checkpoint, logging, plotting and data libraries load where they are used."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  heavy = ["orbax.checkpoint", "tensorboardX", "matplotlib", "scipy", "sklearn",
+           "tensorflow_datasets"]
+  program = f"import sys, dbjax; print([m for m in {heavy} if m in sys.modules])"
+  loaded = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  assert loaded == "[]"

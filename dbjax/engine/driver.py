@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
 from dbjax.engine import parallel, state as state_lib
-from dbjax.engine.checkpoint import RunCheckpointer
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.step import jit_train_step
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError
@@ -203,9 +202,12 @@ def one_shared(config, shared):
   return shared
 
 
-def checkpointer_of(task, config, workdir: str, build=None) -> RunCheckpointer:
-  """The run's checkpointer; build(config) -> task (the registry's) lets it name the
+def checkpointer_of(task, config, workdir: str, build=None):
+  """The run's RunCheckpointer; build(config) -> task (the registry's) lets it name the
   config fields behind a checkpoint that does not fit."""
+  # Imported here: orbax takes a quarter of a second to import, and `import dbjax` for
+  # a model alone should not pay for it.
+  from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   targets_of = None if build is None else (
       lambda other: checkpoint_targets(build(other), other))
   return RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),

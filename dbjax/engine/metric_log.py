@@ -9,7 +9,6 @@ import json
 import os
 
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from dbjax.config import flatten
@@ -24,6 +23,8 @@ class MetricLog:
   def __init__(self, workdir: str, jsonl_name: str, enabled: bool = True):
     self.jsonl_path = os.path.join(workdir, jsonl_name)
     self.enabled = enabled
+    # Imported here, not with the package: only a training run writes event files.
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)) if enabled else None
 
   def write_rows(self, rows: list[dict]):
