@@ -76,5 +76,5 @@ def load_data(config, workdir: str | None = None, vocabulary: text.Vocabulary | 
   return with_vocabulary(config, train.vocabulary), RunData(train, test)
 
 
-__all__ = ["build", "load_data", "resolve", "with_vocabulary", "LanguageTask", "AutoregressiveDenoiser",
-           "CausalLM", "MaskedDiffusion", "token_embedding"]
+__all__ = ["build", "load_data", "resolve", "with_vocabulary", "LanguageTask",
+           "AutoregressiveDenoiser", "CausalLM", "MaskedDiffusion", "token_embedding"]
