@@ -1,12 +1,32 @@
-"""Errors that dbjax raises for bad configs, bad inputs and numerical faults.
+"""Errors that dbjax raises for bad configs, bad inputs and numerical faults, and the
+warning it gives for settings that run but likely not as meant.
 
 Each message names the field or input, the value it got and what is allowed, so a
 user sees one clear line instead of a traceback from deep inside JAX.
 """
+import difflib
+import warnings
 
 
 class ConfigError(ValueError):
   """A config field is unknown, of the wrong type or out of range."""
+
+
+class ConfigWarning(UserWarning):
+  """A setting that runs, but likely not as meant (a warmup longer than the updates a
+  block gets, a resumed run whose schedule changed)."""
+
+
+def warn(message: str, stacklevel: int = 3):
+  """Issue a ConfigWarning with `message` (one line), attributed to the code
+  `stacklevel` - 1 frames above the caller of warn."""
+  warnings.warn(message, ConfigWarning, stacklevel=stacklevel)
+
+
+def nearest(name: str, choices) -> str:
+  """" (did you mean 'x'?)" for the choice closest to a misspelt name, or ""."""
+  match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+  return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 class DataError(ValueError):

@@ -16,7 +16,21 @@ interval. The returned `DiffusionBlocks` gives pure, jittable functions:
     sample(block_params, key, inputs, num_steps) -> images | labels | token ids
 
 and moves weights between the blocks and the plain end-to-end network built from the
-same num_layers layers: `to_end_to_end`, `from_end_to_end`, `end_to_end()`.
+same num_layers layers: `to_end_to_end`, `from_end_to_end`, `end_to_end()`. Block
+states save and load as an orbax checkpoint (a StandardCheckpointer directory):
+
+    db.save("/abs/or/relative/path", states)
+    states = db.load("/abs/or/relative/path")
+
+Batches: (images, labels) for "image" and "label", images float32 (N, H, W, C) scaled to
+[-1, 1] (dbjax.data.load_images gives them so; EDM's sigma_data = 0.5 assumes that
+range) and labels int (N,); (tokens,) for "token", int ids (N, seq_len).
+
+Optimizer: by default each block's is dbjax's AdamW, learning_rate warmed up over
+warmup_steps and decayed by a cosine to a tenth over num_steps (the updates each block
+gets: set it to yours), clipped at grad_clip. A user's own optax optimizer is used as
+given but behind the same clipping (grad_clip=None to leave it out) and the NaN guard
+(an update with a NaN or inf gradient is not applied). `print(db)` shows which.
 
 Targets (paper, Sec. 5):
 - "image": the DiT of dbjax.nets.dit with your layers; batch (images, labels); each block
@@ -32,7 +46,8 @@ Each target is a dbjax.tasks Task built around your layers, the same objects the
 command-line runs train; `DiffusionBlocks.task` is it.
 """
 import dataclasses
-from typing import Any, Callable
+import os
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +58,8 @@ from flax import nnx
 from dbjax.config import default_config, validate
 from dbjax.engine import state as state_lib
 from dbjax.engine.state import BlockState
-from dbjax.engine.step import step_metrics, update
-from dbjax.errors import ConfigError
+from dbjax.engine.step import apply_step
+from dbjax.errors import ConfigError, warn
 from dbjax.nets.lm import LMConfig
 from dbjax.tasks import classification, images
 from dbjax.tasks.base import noise_plan
@@ -108,6 +123,15 @@ def _probe_layer(make_layer, hidden_size: int, causal: bool):
 # -------------------------------------------------------------------------- the model
 
 
+class EndToEnd(NamedTuple):
+  """What to_end_to_end gives: `params`, the end-to-end network's (all layers, the
+  adapters of one block), and each block's own adapters, so that from_end_to_end gives
+  the blocks back bit for bit. block_adapters[b] maps a path (jax.tree_util.keystr) to
+  block b's leaf there."""
+  params: Any
+  block_adapters: list
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class DiffusionBlocks:
   """A user's layers as B block denoisers; made by `wrap`. All methods are pure and
@@ -116,6 +140,12 @@ class DiffusionBlocks:
   task: Any             # the dbjax.tasks Task around the user's layers
   shared_params: Any    # the frozen target embedding (label, token); {} for images
   arguments: dict       # wrap's arguments, for end_to_end()
+
+  def __repr__(self) -> str:
+    a = self.arguments
+    return (f"DiffusionBlocks(target={self.target!r}, {a['num_layers']} layers of width "
+            f"{a['hidden_size']} in {self.num_blocks} blocks, optimizer: "
+            f"{describe_optimizer(a)})")
 
   @property
   def num_blocks(self) -> int:
@@ -149,6 +179,34 @@ class DiffusionBlocks:
     """A fresh block: parameters, the optimizer's state for them, step 0."""
     return state_lib.init_block(self.task, key)
 
+  def abstract_states(self) -> list[BlockState]:
+    """Every block's state as shapes and dtypes (jax.ShapeDtypeStruct), allocating
+    nothing: the target orbax restores saved states into."""
+    return [state_lib.abstract_states(self.task)[0]] * self.num_blocks
+
+  def save(self, path: str, states: list[BlockState]):
+    """Write every block's state to the orbax checkpoint directory `path` (which must
+    not exist yet), and wait until it is on disk."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.abspath(path), list(states))
+
+  def load(self, path: str) -> list[BlockState]:
+    """The block states `save` wrote to `path`. A checkpoint of another model (other
+    shapes, blocks or optimizer) is refused with a ConfigError naming the first
+    differing leaf, before any array is read."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from dbjax.engine import checkpoint  # pylint: disable=g-import-not-at-top
+    path, target = os.path.abspath(path), self.abstract_states()
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(path).item_metadata
+      difference = checkpoint.first_difference(checkpoint.tree_signature(saved.tree),
+                                               checkpoint.tree_signature(target))
+      if difference is not None:
+        raise ConfigError(f"dbjax.wrap: {path} holds block states of another model: "
+                          f"{difference}")
+      return checkpointer.restore(path, target)
+
   def init(self, key) -> list[BlockState]:
     """All B blocks, block b from fold_in(key, b)."""
     init = jax.jit(self.init_block)  # compiled once for all blocks
@@ -166,7 +224,7 @@ class DiffusionBlocks:
     Jit it once for all blocks, donating the state: jax.jit(db.train_step, donate_argnums=0)."""
     (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
         state.params, batch, key, block)
-    return update(self.optimizer, state, grads), step_metrics(loss, grads, **metrics)
+    return apply_step(self.optimizer, state, grads, loss, metrics)
 
   def sample(self, block_params: list, key, inputs, num_steps: int | None = None,
              **options):
@@ -188,31 +246,45 @@ class DiffusionBlocks:
     plain end-to-end model that to_end_to_end's params belong to."""
     return wrap(**{**self.arguments, "num_blocks": 1, "gamma": 0.0})
 
-  def to_end_to_end(self, block_params: list, adapters_from: int = -1):
-    """Params of the end-to-end network: the blocks' layers in order (block 0's first),
-    and the adapters (embeddings, sigma embedder, head) of block `adapters_from`
-    (default: the last block, which produces the clean output)."""
+  def to_end_to_end(self, block_params: list, adapters_from: int = -1) -> EndToEnd:
+    """The end-to-end network's params (`.params`): the blocks' layers in order (block
+    0's first) and the adapters (embeddings, sigma embedder, head) of block
+    `adapters_from` (default: the last block, which produces the clean output); and
+    every block's adapters (`.block_adapters`), which from_end_to_end puts back."""
     if len(block_params) != self.num_blocks:
       raise ValueError(f"to_end_to_end: got {len(block_params)} blocks' params, "
                        f"expected num_blocks={self.num_blocks}")
-    return jax.tree_util.tree_map_with_path(
+    params = jax.tree_util.tree_map_with_path(
         lambda path, *leaves: (jnp.concatenate(leaves) if _is_layer(path)
                                else leaves[adapters_from]), *block_params)
+    return EndToEnd(params, [_adapters(p) for p in block_params])
 
-  def from_end_to_end(self, params) -> list:
+  def from_end_to_end(self, end_to_end) -> list:
     """Each block's params from the end-to-end network's: block b gets layers
-    [b L/B, (b+1) L/B) and a copy of the adapters (inverse of to_end_to_end)."""
+    [b L/B, (b+1) L/B) and its own adapters. Given to_end_to_end's EndToEnd this is its
+    exact inverse; given plain params (a network trained end to end), every block gets
+    a copy of their adapters."""
+    if isinstance(end_to_end, EndToEnd):
+      params, adapters = end_to_end
+    else:
+      params, adapters = end_to_end, [_adapters(end_to_end)] * self.num_blocks
     per_block = self.arguments["num_layers"] // self.num_blocks
 
     def block_slice(b):
       return jax.tree_util.tree_map_with_path(
-          lambda path, p: p[b * per_block:(b + 1) * per_block] if _is_layer(path) else p,
-          params)
+          lambda path, p: (p[b * per_block:(b + 1) * per_block] if _is_layer(path)
+                           else adapters[b][jax.tree_util.keystr(path)]), params)
     return [block_slice(b) for b in range(self.num_blocks)]
 
 
 def _is_layer(path) -> bool:
   return getattr(path[0], "key", None) == LAYERS
+
+
+def _adapters(params) -> dict:
+  """{keystr(path): leaf} of every parameter that is not one of the layers."""
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params) if not _is_layer(path)}
 
 
 def _token_task(config, make_layer, vocab_size: int, seq_len: int) -> SingleStreamDenoiser:
@@ -251,9 +323,59 @@ def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
   return validate(config)
 
 
+# The default optimizer's settings (dbjax's config defaults: docs/results.md's runs).
+OPTIMIZER_DEFAULTS = {"learning_rate": 3e-3, "num_steps": 600, "warmup_steps": 50}
+
+
+def _check_optimizer(arguments: dict):
+  """The optimizer arguments: a schedule for dbjax's AdamW, or the user's optimizer."""
+  optimizer, clip = arguments["optimizer"], arguments["grad_clip"]
+  _require(optimizer is None or isinstance(optimizer, optax.GradientTransformation),
+           "optimizer", optimizer, "an optax.GradientTransformation, or None for dbjax's AdamW")
+  _require(clip is None or clip > 0, "grad_clip", clip, "positive, or None for no clipping")
+  if optimizer is not None:
+    for name in OPTIMIZER_DEFAULTS:
+      _require(arguments[name] is None, name, arguments[name], "only for dbjax's default "
+               "optimizer; with optimizer= given, put the schedule in your own")
+    return
+  settings = {name: OPTIMIZER_DEFAULTS[name] if arguments[name] is None else arguments[name]
+              for name in OPTIMIZER_DEFAULTS}
+  _require(settings["learning_rate"] > 0, "learning_rate", settings["learning_rate"],
+           "positive")
+  for name in ("num_steps", "warmup_steps"):
+    _require(isinstance(settings[name], int) and settings[name] >= (name == "num_steps"),
+             name, settings[name], "a positive integer" if name == "num_steps" else ">= 0")
+  if settings["warmup_steps"] >= settings["num_steps"]:
+    warn(f"dbjax.wrap: warmup_steps={settings['warmup_steps']} is not below num_steps="
+         f"{settings['num_steps']} (the updates each block gets): the learning rate never "
+         "reaches its peak", stacklevel=4)
+  arguments.update(settings)
+
+
+def describe_optimizer(arguments: dict) -> str:
+  """Each block's optimizer as `wrap`'s arguments make it, in words."""
+  clip = ("no clipping" if arguments["grad_clip"] is None
+          else f"clip {arguments['grad_clip']:g}")
+  if arguments["optimizer"] is not None:
+    return f"yours, {clip}, NaN guard"
+  return (f"AdamW {arguments['learning_rate']:g}, warmup {arguments['warmup_steps']} + "
+          f"cosine over {arguments['num_steps']} updates per block, {clip}, NaN guard")
+
+
+def _block_optimizer(arguments: dict) -> optax.GradientTransformation:
+  if arguments["optimizer"] is not None:
+    return state_lib.guarded(arguments["optimizer"], arguments["grad_clip"])
+  schedule = state_lib.learning_rate_schedule(
+      arguments["learning_rate"], arguments["warmup_steps"], arguments["num_steps"])
+  return state_lib.guarded(optax.inject_hyperparams(optax.adamw)(
+      learning_rate=schedule, b1=0.9, b2=0.99, weight_decay=0.0), arguments["grad_clip"])
+
+
 def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidden_size: int,
          target: str, num_blocks: int = 3, partition: str = "equiprobable",
          gamma: float = 0.05, optimizer: optax.GradientTransformation | None = None,
+         learning_rate: float | None = None, num_steps: int | None = None,
+         warmup_steps: int | None = None, grad_clip: float | None = 1.0,
          image_shape: tuple = (8, 8, 1), patch_size: int = 2, num_classes: int = 10,
          vocab_size: int = 0, seq_len: int = 0, seed: int = 0) -> DiffusionBlocks:
   """DiffusionBlocks over a user's layers (see the module docstring).
@@ -262,10 +384,13 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   num_layers: total depth L, cut into num_blocks blocks of L / B layers.
   target: "image", "label" or "token". partition: "equiprobable" (the paper) or
   "uniform_log". gamma: overlap of neighbouring blocks' training intervals (paper
-  default 0.05, 0.1 for text). optimizer: each block's own (default: dbjax's AdamW,
-  clip 1.0, warmup + cosine). image_shape (H, W, C), patch_size, num_classes: the
-  image and label targets. vocab_size, seq_len: the token target. seed: the frozen
-  label or token embedding.
+  default 0.05, 0.1 for text).
+  optimizer: each block's own optax optimizer, or None for dbjax's AdamW with peak
+  learning_rate (default 3e-3), warmup_steps (50) and a cosine over num_steps (600:
+  the updates each block gets; set yours). Either way it is wrapped in clipping at
+  grad_clip (None: none) and the NaN guard.
+  image_shape (H, W, C), patch_size, num_classes: the image and label targets.
+  vocab_size, seq_len: the token target. seed: the frozen label or token embedding.
   """
   arguments = dict(locals())
   _require(target in TASK_BUILDERS, "target", target, f"one of {tuple(TASK_BUILDERS)}")
@@ -277,6 +402,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
            f"a multiple of num_blocks={num_blocks}")
   _require(partition in PARTITIONS, "partition", partition, f"one of {PARTITIONS}")
   _require(0 <= gamma < 1, "gamma", gamma, "in [0, 1)")
+  _check_optimizer(arguments)
   if target == "token":
     _require(isinstance(vocab_size, int) and vocab_size >= 2, "vocab_size", vocab_size,
              "an integer >= 2 for target='token'")
@@ -291,8 +417,8 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                        image_shape, patch_size, num_classes)
   task = TASK_BUILDERS[target](config, make_layer, vocab_size, seq_len)
-  # The user's optimizer (default: dbjax's AdamW); the target embedding stays frozen.
-  task = dataclasses.replace(task, optimizer=optimizer or state_lib.make_optimizer(config.train),
+  # The target embedding stays frozen.
+  task = dataclasses.replace(task, optimizer=_block_optimizer(arguments),
                              shared_optimizer=optax.set_to_zero())
   shared = jax.device_get(task.init_shared_params(jax.random.key(seed)))
   return DiffusionBlocks(target=target, task=task, shared_params=shared, arguments=arguments)

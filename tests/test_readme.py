@@ -47,6 +47,6 @@ def test_readme_wrap_snippet_runs_exactly_as_written(tmp_path, monkeypatch):
     chex.assert_shape(namespace[name], (10, 8, 8, 1))
     chex.assert_tree_all_finite(namespace[name])
   trained = [state.params for state in namespace["states"]]
-  # Back from the end-to-end network, every block has its own layers again.
-  for block, restored in zip(trained, namespace["params"]):
-    chex.assert_trees_all_equal(restored["layers"], block["layers"])
+  # Back from the end-to-end network, and from disk, every block is as it was.
+  chex.assert_trees_all_equal(namespace["params"], trained)
+  assert os.path.isdir(tmp_path / "runs" / "my_blocks")

@@ -4,13 +4,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import dbjax
 from dbjax import data, sampling
 from dbjax.tasks.language import single_stream
-from dbjax.errors import ConfigError
+from dbjax.errors import ConfigError, ConfigWarning
 
 WIDTH = 32
 
@@ -100,21 +101,48 @@ def test_token_target_learns_a_periodic_text_and_continues_it():
   assert float(first) > 0.8 * 4 * np.log(4)
 
 
-def test_image_target_round_trips_the_end_to_end_network():
-  db = dbjax.wrap(Attention, num_layers=4, hidden_size=WIDTH, num_blocks=2, target="image",
-                  image_shape=(8, 8, 1), patch_size=2)
+TARGETS = {"image": dict(target="image", image_shape=(8, 8, 1), patch_size=2),
+           "label": dict(target="label", image_shape=(8, 8, 1), patch_size=2),
+           "token": dict(target="token", vocab_size=7, seq_len=8,
+                         make_layer=CausalAttention)}
+
+
+def wrapped(target: str, **arguments):
+  """A small model of each target: 4 layers in 2 blocks."""
+  arguments = {"make_layer": Attention, "num_layers": 4, "hidden_size": WIDTH,
+               "num_blocks": 2, **TARGETS[target], **arguments}
+  return dbjax.wrap(arguments.pop("make_layer"), **arguments)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_end_to_end_conversion_is_a_true_round_trip(target):
+  db = wrapped(target)
   blocks = [s.params for s in db.init(jax.random.key(0))]
   e2e = db.to_end_to_end(blocks)
-  # Block b's layer j is the end-to-end network's layer 2b + j.
+  # Bit for bit, each block with its own adapters (the blocks' init keys differ, so
+  # their embeddings and heads do).
+  chex.assert_trees_all_equal(db.from_end_to_end(e2e), blocks)
+  first, last = e2e.block_adapters
+  assert any(not np.array_equal(first[k], last[k]) for k in first)
+  # Block b's layer j is the end-to-end network's layer 2b + j; the network's adapters
+  # are the last block's.
   for b, params in enumerate(blocks):
     chex.assert_trees_all_equal(params["layers"],
-                                jax.tree.map(lambda p: p[2 * b:2 * b + 2], e2e["layers"]))
-  # The adapters come from the last block; importing copies them into every block.
-  chex.assert_trees_all_equal(e2e["final"], blocks[-1]["final"])
-  back = db.from_end_to_end(e2e)
-  chex.assert_trees_all_equal(back[1]["layers"], blocks[1]["layers"])
-  chex.assert_trees_all_equal(back[0]["patch_embed"], blocks[-1]["patch_embed"])
-  chex.assert_trees_all_equal(db.to_end_to_end(back), e2e)
+                                jax.tree.map(lambda p: p[2 * b:2 * b + 2], e2e.params["layers"]))
+  chex.assert_trees_all_equal(
+      {k: v for k, v in e2e.params.items() if k != "layers"},
+      {k: v for k, v in blocks[-1].items() if k != "layers"})
+  # Plain end-to-end params (a network trained end to end) give every block a copy of
+  # their adapters, and the same layers.
+  copied = db.from_end_to_end(e2e.params)
+  chex.assert_trees_all_equal(copied[0]["layers"], blocks[0]["layers"])
+  chex.assert_trees_all_equal({k: v for k, v in copied[0].items() if k != "layers"},
+                              {k: v for k, v in blocks[-1].items() if k != "layers"})
+
+
+def test_image_target_end_to_end_network_trains_and_samples():
+  db = wrapped("image")
+  e2e = db.to_end_to_end([s.params for s in db.init(jax.random.key(0))]).params
   # The end-to-end model is the same network with all four layers: it trains and samples.
   plain = db.end_to_end()
   assert plain.num_blocks == 1 and tuple(plain.intervals[0]) == (0.002, 80.0)
@@ -129,6 +157,64 @@ def test_image_target_round_trips_the_end_to_end_network():
   chex.assert_shape(sample([e2e], jax.random.key(0), labels, num_steps=2), (4, 8, 8, 1))
 
 
+def image_batch(n=4, scale=1.0):
+  rng = np.random.default_rng(0)
+  return (scale * rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32), np.arange(n) % 10)
+
+
+def test_default_schedule_follows_the_updates_the_user_trains():
+  db = wrapped("image", learning_rate=1e-2, num_steps=10, warmup_steps=2)
+  assert "AdamW 0.01, warmup 2 + cosine over 10 updates per block, clip 1" in repr(db)
+  state = db.init_block(jax.random.key(0))
+  step = jax.jit(db.train_step)
+  rates = []
+  for i in range(12):
+    state, metrics = step(state, image_batch(), jax.random.key(i), 0)
+    rates.append(float(metrics["learning_rate"]))
+  # Warmup 0 -> 1e-2 over 2 updates, then a cosine to a tenth at update 10.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10, 1e-3)
+  np.testing.assert_allclose(rates, [schedule(i) for i in range(12)], rtol=1e-6)
+  assert rates[-1] == pytest.approx(1e-3)
+
+
+def test_a_users_optimizer_keeps_clipping_and_the_nan_guard():
+  db = wrapped("image", optimizer=optax.sgd(1.0))
+  assert "optimizer: yours, clip 1, NaN guard" in repr(db)
+  state = db.init_block(jax.random.key(0))
+  step = jax.jit(db.train_step)
+  moved, metrics = step(state, image_batch(scale=100.0), jax.random.key(0), 0)
+  assert float(metrics["grad_norm"]) > 1.0  # the raw gradient ...
+  change = optax.global_norm(jax.tree.map(jnp.subtract, moved.params, state.params))
+  assert float(change) == pytest.approx(1.0, rel=1e-4)  # ... was clipped to norm 1
+  # A NaN in the batch: the update is not applied, parameters unchanged.
+  images, labels = image_batch()
+  images[0, 0, 0, 0] = np.nan
+  after, metrics = step(moved, (images, labels), jax.random.key(1), 0)
+  assert float(metrics["skipped"]) == 1.0
+  chex.assert_trees_all_equal(after.params, moved.params)
+  # grad_clip=None: the user's optimizer alone (still NaN-guarded).
+  free = wrapped("image", optimizer=optax.sgd(1.0), grad_clip=None)
+  moved, _ = jax.jit(free.train_step)(state, image_batch(scale=100.0), jax.random.key(0), 0)
+  change = optax.global_norm(jax.tree.map(jnp.subtract, moved.params, state.params))
+  assert float(change) > 1.5
+
+
+def test_block_states_save_and_load_with_orbax(tmp_path):
+  db = wrapped("label")
+  states = db.init(jax.random.key(0))
+  states[1], _ = jax.jit(db.train_step)(states[1], image_batch(), jax.random.key(0), 1)
+  path = str(tmp_path / "blocks")
+  db.save(path, states)
+  loaded = db.load(path)
+  chex.assert_trees_all_equal(loaded, states)
+  assert type(loaded[1]) is type(states[1]) and int(loaded[1].step) == 1
+  # A model of other shapes refuses the checkpoint rather than misreading it.
+  wider = wrapped("label", hidden_size=2 * WIDTH,
+                  make_layer=lambda rngs: Attention(rngs, 2 * WIDTH))
+  with pytest.raises(ConfigError, match=r"another model: 0/params/cls_token/value has shape \(1, 1, 32\)"):
+    wider.load(path)
+
+
 @pytest.mark.parametrize("arguments,message", [
     (dict(target="video"), "target='video' is invalid: one of"),
     (dict(num_layers=5), "num_layers=5 is invalid: a multiple of num_blocks=3"),
@@ -141,6 +227,11 @@ def test_image_target_round_trips_the_end_to_end_network():
     (dict(make_layer=lambda rngs: nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs)),
      "make_layer(rngs)(x, cond) failed"),
     (dict(make_layer=lambda rngs: nnx.Dropout(0.1, rngs=rngs)), "only nnx.Param variables"),
+    (dict(optimizer=optax.sgd(0.1), learning_rate=0.1),
+     "learning_rate=0.1 is invalid: only for dbjax's default optimizer"),
+    (dict(optimizer="adam"), "optimizer='adam' is invalid: an optax.GradientTransformation"),
+    (dict(grad_clip=0.0), "grad_clip=0.0 is invalid: positive, or None"),
+    (dict(num_steps=0), "num_steps=0 is invalid: a positive integer"),
 ])
 def test_bad_arguments_are_named(arguments, message):
   arguments = {"make_layer": Attention, "num_layers": 6, "hidden_size": WIDTH,
@@ -148,3 +239,8 @@ def test_bad_arguments_are_named(arguments, message):
   with pytest.raises(ConfigError, match="dbjax.wrap.*" + message.replace("(", r"\(")
                      .replace(")", r"\)")):
     dbjax.wrap(arguments.pop("make_layer"), **arguments)
+
+
+def test_a_warmup_longer_than_the_updates_warns_in_one_line():
+  with pytest.warns(ConfigWarning, match="warmup_steps=50 is not below num_steps=30"):
+    wrapped("image", num_steps=30)

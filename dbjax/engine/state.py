@@ -27,20 +27,43 @@ class BlockState(NamedTuple):
 _NEVER = 2**31 - 1
 
 
+def learning_rate_schedule(peak: float, warmup_steps: int, num_updates: int) -> optax.Schedule:
+  """Linear warmup to `peak` over warmup_steps updates, then cosine decay to peak / 10
+  at num_updates (the updates the block gets)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+      decay_steps=max(num_updates, warmup_steps + 1), end_value=0.1 * peak)
+
+
+def guarded(optimizer: optax.GradientTransformation,
+            grad_clip: float | None) -> optax.GradientTransformation:
+  """`optimizer` behind global-norm clipping at grad_clip (None: no clipping) and a NaN
+  guard: a step whose gradients hold a NaN or inf changes neither the parameters nor
+  the optimizer's state."""
+  if grad_clip is not None:
+    optimizer = optax.chain(optax.clip_by_global_norm(grad_clip), optimizer)
+  return optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
+
+
 def make_optimizer(train_cfg, num_updates: int | None = None) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and warmup + cosine decay over `num_updates` steps
-  (default train.num_steps: about the updates each block gets). A step whose gradients
-  hold a NaN or inf changes neither the parameters nor the AdamW state."""
+  """AdamW with warmup + cosine decay over `num_updates` updates (default
+  train.num_steps: about the updates each block gets), guarded (clipping at
+  train.grad_clip, the NaN guard). The learning rate of the last update sits in the
+  optimizer's state (optax.inject_hyperparams), where the metrics read it."""
   num_updates = train_cfg.num_steps if num_updates is None else num_updates
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate,
-      warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(num_updates, train_cfg.warmup_steps + 1),
-      end_value=0.1 * train_cfg.learning_rate)
-  return optax.apply_if_finite(optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
-                  weight_decay=train_cfg.weight_decay)), max_consecutive_errors=_NEVER)
+  schedule = learning_rate_schedule(train_cfg.learning_rate, train_cfg.warmup_steps,
+                                    num_updates)
+  return guarded(optax.inject_hyperparams(optax.adamw)(
+      learning_rate=schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
+      weight_decay=train_cfg.weight_decay), train_cfg.grad_clip)
+
+
+def learning_rate(opt_state):
+  """The learning rate of a state's last update, where its optimizer records it (as
+  make_optimizer's does); None where it does not."""
+  # The value, not the schedule's own state that inject_hyperparams keeps beside it.
+  return optax.tree_utils.tree_get(opt_state, "learning_rate",
+                                   filtering=lambda _, value: hasattr(value, "dtype"))
 
 
 def shared_optimizer(train_cfg, num_updates: int, trained: Any) -> optax.GradientTransformation:

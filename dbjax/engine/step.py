@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dbjax.engine.state import BlockState
+from dbjax.engine.state import BlockState, learning_rate
 
 
 def no_reduction(tree):
@@ -31,11 +31,21 @@ def update(optimizer, state: BlockState, grads) -> BlockState:
 
 def step_metrics(loss, grads, **others) -> dict:
   """Loss, gradient norm and whether the update was skipped (a NaN or inf in the loss
-  or the gradients; see engine.state.make_optimizer)."""
+  or the gradients; see engine.state.guarded)."""
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   return dict(others, loss=loss, grad_norm=grad_norm,
               skipped=jnp.logical_not(finite).astype(jnp.float32))
+
+
+def apply_step(optimizer, state: BlockState, grads, loss, metrics: dict):
+  """(the state after one optimizer step, the step's metrics): step_metrics, and the
+  learning rate of the update where the optimizer records it."""
+  state = update(optimizer, state, grads)
+  metrics = step_metrics(loss, grads, **metrics)
+  if (rate := learning_rate(state.opt_state)) is not None:
+    metrics["learning_rate"] = rate
+  return state, metrics
 
 
 def train_step(task, state: BlockState, shared: BlockState, batch: tuple, key, interval,
@@ -48,10 +58,10 @@ def train_step(task, state: BlockState, shared: BlockState, batch: tuple, key, i
   (loss, metrics), (block_grads, shared_grads) = reduce(jax.value_and_grad(
       task.loss, argnums=(0, 1), has_aux=True)(state.params, shared.params, batch, key,
                                                interval))
-  metrics = step_metrics(loss, block_grads, **metrics)
   if jax.tree.leaves(shared.params):  # (known when tracing) an empty one stays as it is
     shared = update(task.shared_optimizer, shared, shared_grads)
-  return update(task.optimizer, state, block_grads), shared, metrics
+  state, metrics = apply_step(task.optimizer, state, block_grads, loss, metrics)
+  return state, shared, metrics
 
 
 def jit_train_step(task):
