@@ -1,5 +1,5 @@
 """One run: train_and_evaluate(config, workdir), which the CLI, the notebook and the tests
-all call, and restore_run(workdir), which loads a trained run back.
+all call, and load_run(workdir), which loads a trained run back.
 
 It looks the task up in the registry (dbjax.tasks), trains it with the engine
 (dbjax.engine.driver) and lets the task evaluate itself; nothing here depends on which
@@ -8,6 +8,7 @@ task runs.
 import json
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 
@@ -18,8 +19,11 @@ from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block
 from dbjax.engine.metric_log import MetricLog
 from dbjax.errors import WorkdirError
 
-__all__ = ["train", "train_and_evaluate", "restore_run", "TrainedRun", "block_for_step",
-           "block_runs", "step_key", "METRICS_FILE"]
+__all__ = ["train", "train_and_evaluate", "load_run", "restore_run", "LoadedRun", "TrainedRun",
+           "block_for_step", "block_runs", "step_key", "METRICS_FILE", "CONFIG_FILE"]
+
+# The run's config, written when it starts: readable without dbjax or orbax.
+CONFIG_FILE = "config.json"
 
 
 def _build(config):
@@ -43,6 +47,8 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   driver.prepare_workdir(workdir)
   if jax.process_index() == 0:
     task.write_run_files(workdir, train_data)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json(indent=2))
   return driver.train(task, config, workdir, train_data, devices, build=_build)
 
 
@@ -106,6 +112,38 @@ def restore_run(workdir: str, config=None):
   _, states, shared = driver.restore(task, config, checkpointer)
   checkpointer.close()
   return config, task, states, driver.one_shared(config, shared)
+
+
+class LoadedRun(NamedTuple):
+  """A trained run, as load_run gives it back."""
+  config: Any          # the config it was trained with (ml_collections.ConfigDict)
+  task: Any            # the model: the dbjax.tasks Task (its networks, sampler, loss)
+  params: list         # each block's parameters (numpy), block 0 the noisiest
+  shared_params: Any   # what the blocks share (a label or token embedding; {} if nothing)
+  iteration: int       # iterations done when the checkpoint was written
+  states: list         # each block's whole BlockState (params, optimizer state, count)
+
+  def sample(self, key, inputs, num_steps: int | None = None, **options):
+    """The task's sampler or predictor over every block (default: one call per block):
+    images from labels, labels from images, or text from a prompt."""
+    return self.task.sample(self.params, self.shared_params, key, inputs,
+                            num_steps or self.task.num_blocks, **options)
+
+  def network(self, block: int):
+    """The nnx.Module of block `block` with its trained parameters."""
+    return self.task.network(self.params[block], self.shared_params)
+
+
+def load_run(workdir: str) -> LoadedRun:
+  """The run trained in `workdir` (by experiments/train.py, train_and_evaluate or
+  train), from its newest readable checkpoint and the config saved with it."""
+  config = config_lib.validate(saved_config(workdir))
+  task = tasks.build(config)
+  checkpointer = driver.checkpointer_of(task, config, workdir)
+  iteration, states, shared = driver.restore(task, config, checkpointer)
+  checkpointer.close()
+  shared = driver.one_shared(config, shared)
+  return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states)
 
 
 def load_run_data(config, workdir: str):

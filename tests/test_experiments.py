@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dbjax.train import train_and_evaluate
+from flax import nnx
+
+from dbjax.config import from_saved
+from dbjax.train import load_run, train_and_evaluate
 from experiments.cli import available_configs, method_variant, with_field
 from tests.conftest import shrink_model
 from tests.test_data import write_idx
@@ -66,6 +69,14 @@ def test_one_step_smoke_run(name, tmp_path):
   picture = {"classification": "confusion.png", "language": "vocabulary.json",
              "recurrent_depth": "vocabulary.json"}.get(config.task, "samples.png")
   assert os.path.exists(tmp_path / "run" / picture)
+  # The run loads back from Python: the model, each block's parameters, the config it
+  # trained with (also in config.json, data-derived fields filled in).
+  run = load_run(str(tmp_path / "run"))
+  with open(tmp_path / "run" / "config.json") as f:
+    assert from_saved(json.load(f)).to_dict() == run.config.to_dict()
+  assert run.config.data.vocab_size > 0 or config.task not in ("language", "recurrent_depth")
+  assert run.iteration == results["iterations"] and len(run.params) == run.task.num_blocks
+  assert isinstance(run.network(run.task.num_blocks - 1), nnx.Module)
 
 
 def run_cli(*args, check=True):

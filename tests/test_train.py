@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
 from dbjax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import tiny_config
@@ -120,12 +121,18 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, digits):
     train.train(other, str(tmp_path), digits)
 
 
-def test_restore_run_reads_config_from_checkpoint(tmp_path, digits):
+def test_load_run_reads_config_from_checkpoint(tmp_path, digits):
   config = tiny_config(**{"model__hidden_size": 48})
   _, states, _, _ = train.train(config, str(tmp_path), digits)
-  restored_config, model, restored, _ = train.restore_run(str(tmp_path))
-  assert restored_config.model.hidden_size == 48 and model.num_blocks == 2
-  chex.assert_trees_all_equal(restored, states)
+  run = dbjax.load_run(str(tmp_path))
+  assert run.config.model.hidden_size == 48 and run.task.num_blocks == 2
+  assert run.iteration == 20
+  chex.assert_trees_all_equal(run.states, states)
+  chex.assert_trees_all_equal(run.params, [s.params for s in states])
+  images = run.sample(jax.random.key(0), jax.numpy.arange(3), num_steps=4)
+  chex.assert_shape(images, (3, 8, 8, 1))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["model"]["hidden_size"] == 48
 
 
 def test_train_and_evaluate_writes_its_outputs(tmp_path):

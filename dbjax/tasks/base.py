@@ -114,6 +114,10 @@ class Task:
     """A batch of the task's shapes: zeros, or random values from `rng` (profiling)."""
     raise NotImplementedError
 
+  def network(self, block_params, shared_params=None):
+    """The nnx.Module of one block's params (and the shared ones it reads)."""
+    raise NotImplementedError
+
   def target_embedding(self, shared_params):
     """The target space E with unit-norm rows, for tasks whose target is an embedded
     symbol (a label, a token)."""
