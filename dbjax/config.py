@@ -147,13 +147,15 @@ def default_config() -> ml_collections.ConfigDict:
       shared_sync_every=0,
   ))
   c.train = ml_collections.ConfigDict(dict(
-      # Budget in end-to-end iterations. DiffusionBlocks runs num_steps * B iterations
-      # of one block each, so both methods spend the same number of layer evaluations
-      # and every block gets about num_steps updates (paper, Sec. 4).
+      # The budget in end-to-end steps. DiffusionBlocks runs num_steps * B iterations
+      # (an iteration updates one block), so both methods spend the same number of
+      # layer evaluations and every block gets about num_steps updates (paper, Sec. 4);
+      # with parallel.mode="blocks", num_steps steps of all B blocks at once.
       num_steps=600,
+      # warmup_steps: updates of one block (its schedule counts only its own updates).
       batch_size=128, learning_rate=3e-3, warmup_steps=50, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.99, grad_clip=1.0,
-      checkpoint_every=200,  # iterations between checkpoints (and metric flushes)
+      checkpoint_every=200,  # iterations (or parallel steps) between checkpoints
       max_checkpoints=2,     # checkpoints kept on disk, the newest ones
       # A NaN or inf in a block's loss or gradients: its update is never applied, and
       # then the run "stop"s (naming step and block, last good checkpoint kept) or
@@ -335,6 +337,13 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     else:
       flat[f"{prefix}{key}"] = value
   return flat
+
+
+def counter_unit(config) -> str:
+  """What a run counts (progress bar, console, checkpoint folders, metric rows): an
+  "iteration" updates one block; with parallel.mode="blocks" a "step" updates all B.
+  train.num_steps is neither: the budget in end-to-end steps (total_iterations)."""
+  return "step" if config.parallel.mode == "blocks" else "iteration"
 
 
 def num_trained_blocks(config) -> int:

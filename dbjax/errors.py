@@ -37,10 +37,11 @@ class NonFiniteLossError(FloatingPointError):
   """A block's loss or gradients became NaN or inf; its update was not applied and
   training stopped before saving anything."""
 
-  def __init__(self, step: int, block_index: int, loss: float, grad_norm: float = float("nan")):
+  def __init__(self, step: int, block_index: int, loss: float, grad_norm: float = float("nan"),
+               unit: str = "iteration"):
     self.step, self.block_index, self.loss = step, block_index, loss
     super().__init__(
-        f"block {block_index} at step {step}: loss {loss}, gradient norm {grad_norm}; its "
+        f"block {block_index} at {unit} {step}: loss {loss}, gradient norm {grad_norm}; its "
         "update was not applied, training stopped and the last good checkpoint was kept "
         "(try a lower train.learning_rate, or train.on_nonfinite='skip' to skip such steps)")
 
@@ -56,7 +57,7 @@ class CheckpointError(OSError):
 class TrainingInterrupted(Exception):
   """A signal (SIGTERM: preemption) stopped training after a final checkpoint."""
 
-  def __init__(self, signal_name: str, step: int, workdir: str):
+  def __init__(self, signal_name: str, step: int, workdir: str, unit: str = "iteration"):
     self.signal_name, self.step = signal_name, step
-    super().__init__(f"stopped by {signal_name} after saving the checkpoint of step {step} "
+    super().__init__(f"stopped by {signal_name} after saving the checkpoint of {unit} {step} "
                      f"in {workdir}; run the same command to resume")

@@ -52,12 +52,13 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
   return driver.train(task, config, workdir, train_data, devices, build=_build)
 
 
-def final_losses(history: list[dict], num_blocks: int, window: int = 20) -> dict:
-  """Mean loss of each block's last `window` applied iterations (None if none)."""
+def final_losses(history: list[dict], num_blocks: int, window: int = 20,
+                 metric: str = "loss") -> dict:
+  """Mean `metric` of each block's last `window` applied iterations (None if none)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  losses = {b: [r["loss"] for r in history if r["block"] == b and not r.get("skipped")][-window:]
+  values = {b: [r[metric] for r in history if r["block"] == b and not r.get("skipped")][-window:]
             for b in range(num_blocks)}
-  return {b: float(np.mean(v)) if v else None for b, v in losses.items()}
+  return {b: float(np.mean(v)) if v else None for b, v in values.items()}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -77,8 +78,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {"task": config.task, "method": config.method, "num_blocks": task.num_blocks,
              "iterations": config_lib.total_iterations(config),
              "train_seconds_this_session": train_seconds,
+             # The training objective (paper, Eq. 6: w(sigma)-weighted for a denoiser) ...
              "final_loss_per_block": final_losses(history, task.num_blocks),
              "skipped_updates": int(sum(r.get("skipped", 0) for r in history))}
+  if task.curve_metric != "loss":  # ... and the unweighted metric loss_curves.png plots
+    results[f"final_{task.curve_metric}_per_block"] = final_losses(
+        history, task.num_blocks, metric=task.curve_metric)
   results.update(task.evaluate(config, workdir, states, shared, data))
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -109,7 +114,7 @@ def restore_run(workdir: str, config=None):
   config = config_lib.validate(saved_config(workdir) if config is None else config)
   task = tasks.build(config)
   checkpointer = driver.checkpointer_of(task, config, workdir)
-  _, states, shared = driver.restore(task, config, checkpointer)
+  _, states, shared, _ = driver.restore(task, config, checkpointer)
   checkpointer.close()
   return config, task, states, driver.one_shared(config, shared)
 
@@ -140,7 +145,7 @@ def load_run(workdir: str) -> LoadedRun:
   config = config_lib.validate(saved_config(workdir))
   task = tasks.build(config)
   checkpointer = driver.checkpointer_of(task, config, workdir)
-  iteration, states, shared = driver.restore(task, config, checkpointer)
+  iteration, states, shared, _ = driver.restore(task, config, checkpointer)
   checkpointer.close()
   shared = driver.one_shared(config, shared)
   return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states)

@@ -6,14 +6,15 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 import jax
 from absl import app, logging
 
 from dbjax import tasks
 from dbjax.config import field_holder, validate
-from dbjax.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
-                          TrainingInterrupted, WorkdirError)
+from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
+                          NonFiniteLossError, TrainingInterrupted, WorkdirError)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 USER_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteLossError, WorkdirError)
@@ -32,10 +33,20 @@ def _fail(message: str):
   sys.exit(2)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=warnings.showwarning):
+  """dbjax's ConfigWarnings as one line on stderr; other warnings as Python shows them."""
+  if issubclass(category, ConfigWarning):
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+  else:
+    _default(message, category, filename, lineno, file, line)
+
+
 def one_line_errors(main):
   """Report a bad config, bad data or a numerical fault as one line, exit status 2."""
   @functools.wraps(main)
   def wrapped(argv):
+    warnings.showwarning = _show_warning
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       return main(argv)

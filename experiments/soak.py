@@ -37,7 +37,7 @@ _OVERRIDES = flags.DEFINE_multi_string("override", [],
                                        "config overrides, e.g. train.num_steps=100")
 _OUT = flags.DEFINE_string("out", "results/soak_digits.json", "JSON output")
 
-RESUME_LINE = re.compile(r"resuming from the checkpoint of step (\d+)")
+RESUME_LINE = re.compile(r"resuming from the checkpoint of (?:iteration|step) (\d+)")
 
 
 def train_command(config_path: str, workdir: str, overrides=()) -> list[str]:

@@ -161,7 +161,7 @@ def test_token_corruption_changes_the_token_not_the_target(monkeypatch, rate):
   interval = jnp.array([0.002, 0.0021])
   _, metrics = model.loss(None, shared, (jnp.zeros((4000, 8, 8, 1)), labels),
                           jax.random.key(2), interval)
-  np.testing.assert_allclose(metrics["accuracy"], 1.0 - 0.9 * rate, atol=0.025)
+  np.testing.assert_allclose(metrics["denoising_accuracy"], 1.0 - 0.9 * rate, atol=0.025)
   if rate == 0.0:
     assert metrics["cross_entropy"] < 1e-3
 

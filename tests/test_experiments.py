@@ -76,6 +76,10 @@ def test_one_step_smoke_run(name, tmp_path):
     assert from_saved(json.load(f)).to_dict() == run.config.to_dict()
   assert run.config.data.vocab_size > 0 or config.task not in ("language", "recurrent_depth")
   assert run.iteration == results["iterations"] and len(run.params) == run.task.num_blocks
+  # metrics.json names the objective and the metric loss_curves.png plots apart.
+  if run.task.curve_metric != "loss":
+    assert set(results[f"final_{run.task.curve_metric}_per_block"]) == set(
+        results["final_loss_per_block"])
   assert isinstance(run.network(run.task.num_blocks - 1), nnx.Module)
 
 
@@ -97,7 +101,10 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["iterations"] == 6
   # Metrics on the console, in the JSONL file and in TensorBoard, one curve per block.
-  assert "step 6/6  loss  block " in trained.stdout
+  assert "iteration 6/6  loss  block " in trained.stdout
+  # A warmup (50 updates, the default) longer than the 2 each block gets: one line.
+  warning, = [l for l in trained.stderr.splitlines() if "warmup_steps" in l]
+  assert warning.startswith("warning: config.train.warmup_steps=50 is not below the 2 updates")
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))
   with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]

@@ -46,7 +46,7 @@ def test_rows_go_to_jsonl_tensorboard_and_the_console(tmp_path, capsys):
   assert scalars["eval/frechet_distance"] == [(3, 4.5)]
   assert scalars["eval/per_class.0"] == [(3, 0.25)]
   assert "eval/kind" not in scalars
-  assert "step 3/10  loss  block 0: 3  block 1: 1.5" in capsys.readouterr().out
+  assert "iteration 3/10  loss  block 0: 3  block 1: 1.5" in capsys.readouterr().out
 
 
 def test_a_disabled_log_writes_nothing(tmp_path):

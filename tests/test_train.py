@@ -10,7 +10,7 @@ import pytest
 
 import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
-from dbjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
 from tests.conftest import tiny_config
 
 
@@ -51,7 +51,8 @@ def test_regrouped_driver_equals_interleaved_training(tmp_path, digits):
   draws = [train.block_for_step(0, s, 2) for s in range(12)]
   for b in range(2):
     assert int(states[b].step) == draws.count(b)
-    assert int(states[b].opt_state.inner_state[1][0].count) == draws.count(b)  # adamw's own count
+    adamw = states[b].opt_state.inner_state[1]  # after the clipping, in the NaN guard
+    assert int(adamw.count) == int(adamw.inner_state[0].count) == draws.count(b)
   assert [r["step"] for r in history] == list(range(12))
 
 
@@ -98,13 +99,25 @@ def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, 
   workdir = str(tmp_path)
   train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)  # 10 iterations
   poisoned = data.ImageData(digits.images * np.float32(1e38), digits.labels, 10)
-  with pytest.raises(NonFiniteLossError, match=r"block \d at step 1\d: loss"):
+  with pytest.raises(NonFiniteLossError, match=r"block \d at iteration 1\d: loss"):
     train.train(config, workdir, poisoned)
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                  if d.isdigit())
   assert steps[-1] == 10  # nothing saved past the last good one
   _, states, _, _ = train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)
   chex.assert_tree_all_finite(states)
+
+
+def test_schedules_that_run_but_not_as_meant_warn_in_one_line(tmp_path, digits):
+  with pytest.warns(ConfigWarning, match=r"warmup_steps=10 is not below the 10 updates each "
+                                         r"block gets \(config.train.num_steps\)"):
+    train.train(tiny_config(**{"train__warmup_steps": 10}), str(tmp_path / "warm"), digits)
+  workdir = str(tmp_path / "resumed")
+  train.train(tiny_config(), workdir, digits)
+  with pytest.warns(ConfigWarning, match=r"config.train.num_steps=15 differs from the "
+                                         r"checkpoint's 10: the resumed run's learning-rate"):
+    _, _, _, history = train.train(tiny_config(**{"train__num_steps": 15}), workdir, digits)
+  assert len(history) == 30
 
 
 def test_unwritable_workdir_is_reported(tmp_path):

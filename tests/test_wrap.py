@@ -211,7 +211,8 @@ def test_block_states_save_and_load_with_orbax(tmp_path):
   # A model of other shapes refuses the checkpoint rather than misreading it.
   wider = wrapped("label", hidden_size=2 * WIDTH,
                   make_layer=lambda rngs: Attention(rngs, 2 * WIDTH))
-  with pytest.raises(ConfigError, match=r"another model: 0/params/cls_token/value has shape \(1, 1, 32\)"):
+  with pytest.raises(ConfigError,
+                     match=r"another model: 0/params/cls_token/value has shape \(1, 1, 32\)"):
     wider.load(path)
 
 

@@ -38,7 +38,7 @@ from dbjax.data.batches import batch_indices
 from dbjax.engine import parallel, state as state_lib
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.step import jit_train_step
-from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError
+from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError, warn
 
 METRICS_FILE = "train_metrics.jsonl"
 
@@ -132,18 +132,39 @@ class TrainedRun(NamedTuple):
   history: list[dict]        # one metrics row per iteration
 
 
-def _skipped_steps(rows: list[dict], policy: str) -> list[dict]:
+def _skipped_steps(rows: list[dict], policy: str, unit: str) -> list[dict]:
   """The rows whose update was skipped for a NaN or inf. policy "stop" (config
   train.on_nonfinite) raises NonFiniteLossError for the first, before any checkpoint
   could hold what followed it."""
   skipped = [r for r in rows if r["skipped"]]
   if skipped and policy == "stop":
     first = skipped[0]
-    raise NonFiniteLossError(first["step"], first["block"], first["loss"], first["grad_norm"])
+    raise NonFiniteLossError(first["step"], first["block"], first["loss"], first["grad_norm"],
+                             unit)
   for r in skipped:
-    logging.warning("skipped the update of block %d at step %d: loss %s, gradient norm %s",
-                    r["block"], r["step"], r["loss"], r["grad_norm"])
+    logging.warning("skipped the update of block %d at %s %d: loss %s, gradient norm %s",
+                    r["block"], unit, r["step"], r["loss"], r["grad_norm"])
   return skipped
+
+
+# Fields whose change alters the learning-rate schedule of a resumed run.
+SCHEDULE_FIELDS = ("train.num_steps", "train.warmup_steps", "train.learning_rate")
+
+
+def _warn_about_schedule(config, saved_config: dict | None):
+  """One-line warnings for a schedule that runs but not as meant: a warmup as long as
+  the updates a block gets, or a resumed run whose schedule fields changed."""
+  t = config.train
+  if t.warmup_steps >= t.num_steps:
+    warn(f"config.train.warmup_steps={t.warmup_steps} is not below the {t.num_steps} "
+         "updates each block gets (config.train.num_steps): its learning rate never "
+         "reaches config.train.learning_rate", stacklevel=4)
+  ours, saved = config_lib.flatten(config.to_dict()), config_lib.flatten(saved_config or {})
+  for field in SCHEDULE_FIELDS:
+    if field in saved and saved[field] != ours[field]:
+      warn(f"config.{field}={ours[field]!r} differs from the checkpoint's {saved[field]!r}: "
+           "the resumed run's learning-rate schedule is not the one it started with",
+           stacklevel=4)
 
 
 class _StopOnSigterm:
@@ -215,12 +236,13 @@ def checkpointer_of(task, config, workdir: str, build=None):
 
 
 def restore(task, config, checkpointer):
-  """(step, host block states, host shared state) of the newest readable checkpoint."""
+  """(step, host block states, host shared state, saved metadata) of the newest readable
+  checkpoint (the metadata holds the config it was saved with)."""
   targets = checkpoint_targets(task, config)
-  step, states, shared, _ = checkpointer.restore_latest_good(
+  step, states, shared, meta = checkpointer.restore_latest_good(
       [targets[f"block_{b}"] for b in range(task.num_blocks)], config,
       target_shared=targets.get("shared"))
-  return step, states, _restored_shared(task, config, shared)
+  return step, states, _restored_shared(task, config, shared), meta
 
 
 def train(task, config, workdir: str, train_data, devices=None, build=None) -> TrainedRun:
@@ -236,14 +258,19 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
   prepare_workdir(workdir)
   chief = jax.process_index() == 0
   in_parallel = config.parallel.mode == "blocks"
+  unit = config_lib.counter_unit(config)
   checkpointer = checkpointer_of(task, config, workdir, build)
+  saved_config = None
   if checkpointer.latest_step() is None:
     init = parallel.init_on_host if in_parallel else state_lib.init_on_host
     start, (states, shared) = 0, init(task, config.seed)
   else:
-    start, states, shared = restore(task, config, checkpointer)
+    start, states, shared, meta = restore(task, config, checkpointer)
+    saved_config = meta.get("config")
     if chief:
-      print(f"resuming from the checkpoint of step {start} in {workdir}", flush=True)
+      print(f"resuming from the checkpoint of {unit} {start} in {workdir}", flush=True)
+  if chief:
+    _warn_about_schedule(config, saved_config)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   history = read_history(metrics_path, start) if chief else []
   num_skipped = sum(r.get("skipped", 0) for r in history)
@@ -266,25 +293,24 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
                                      config, bar)
       return rows, states, shared
   log = MetricLog(workdir, METRICS_FILE, enabled=chief)
-  bar = tqdm(total=total, initial=start, desc=f"training {config.method}",
-             disable=not (config.train.progress and chief),
-             unit="step" if in_parallel else "it")
+  bar = tqdm(total=total, initial=start, desc=f"training {config.method}, {unit}s",
+             disable=not (config.train.progress and chief), unit=unit)
   try:
     with _StopOnSigterm() as stop:
       for chunk_start in range(start, total, config.train.checkpoint_every):
         chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
         rows, states, shared = train_chunk(chunk, states, shared, stop)
-        num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite))
+        num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite, unit))
         log.write_rows(rows)
         history += rows
         done = max(r["step"] for r in rows) + 1  # all iterations before it are done
         checkpointer.save(done, states, config, {"iterations": total},
                           _saved_shared(shared))
-        log.print_interval(done, total, rows)
+        log.print_interval(done, total, rows, unit=unit)
         bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
                         **({"skipped": num_skipped} if num_skipped else {}))
         if stop.signal_name is not None:
-          raise TrainingInterrupted(stop.signal_name, done, workdir)
+          raise TrainingInterrupted(stop.signal_name, done, workdir, unit)
   finally:
     bar.close()
     checkpointer.close()

@@ -39,15 +39,17 @@ class MetricLog:
           self.writer.add_scalar(f"block_{row['block']}/{name}", value, row["step"])
     self.writer.flush()
 
-  def print_interval(self, done: int, total: int, rows: list[dict], metric: str = "loss"):
-    """One console line: iterations done and each block's mean `metric` over `rows`."""
+  def print_interval(self, done: int, total: int, rows: list[dict], metric: str = "loss",
+                     unit: str = "iteration"):
+    """One console line: iterations (or parallel steps: `unit`) done and each block's
+    mean `metric` over `rows`."""
     if not self.enabled:
       return
     by_block = {}
     for row in rows:
       by_block.setdefault(row["block"], []).append(row[metric])
     means = "  ".join(f"block {b}: {np.nanmean(v):.4g}" for b, v in sorted(by_block.items()))
-    tqdm.write(f"step {done}/{total}  {metric}  {means}")
+    tqdm.write(f"{unit} {done}/{total}  {metric}  {means}")
 
   def write_results(self, step: int, results: dict):
     """The evaluation's numbers (nested dicts flattened) as eval/<name> at `step`."""

@@ -129,7 +129,7 @@ class RecurrentDenoiser(RecurrentDepth):
 
     loss, logits, cross_entropy = denoising_cross_entropy(
         self, logits_of, embedding, tokens, key, interval, self.sigma_max_share)
-    return loss, token_metrics(logits, cross_entropy, tokens)
+    return loss, token_metrics(logits, cross_entropy, tokens, "denoising_accuracy")
 
   def core_passes_per_step(self):
     return 1.0, 1.0
@@ -176,7 +176,7 @@ class HuginnLM(RecurrentDepth):
                    self.backprop_iterations)
     logits = net.logits(state, jnp.zeros(tokens.shape[:1]))
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    metrics = token_metrics(logits, cross_entropy, tokens)
+    metrics = token_metrics(logits, cross_entropy, tokens, "batch_accuracy")
     return jnp.mean(cross_entropy), dict(metrics, iterations=r.astype(jnp.float32))
 
   def core_passes_per_step(self):

@@ -47,7 +47,7 @@ class AutoregressiveDenoiser(LanguageTask):
     loss, logits, cross_entropy = denoising_cross_entropy(
         self, lambda z, sigma: denoiser_logits(self, net, embedding, tokens, z, sigma),
         embedding, tokens, key, interval, self.sigma_max_share)
-    return loss, token_metrics(logits, cross_entropy, tokens)
+    return loss, token_metrics(logits, cross_entropy, tokens, "denoising_accuracy")
 
   def sequence_nats(self, stacked_params, shared_params, tokens, key, num_steps=None,
                     num_chains=0):

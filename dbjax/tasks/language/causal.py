@@ -25,7 +25,8 @@ class CausalLM(LanguageTask):
     (tokens,) = batch
     logits = causal_logits(self, self.network(params), token_embedding(shared_params), tokens)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    return jnp.mean(cross_entropy), token_metrics(logits, cross_entropy, tokens)
+    return jnp.mean(cross_entropy), token_metrics(logits, cross_entropy, tokens,
+                                                  "batch_accuracy")
 
   def sequence_nats(self, stacked_params, shared_params, tokens, key, num_steps=None,
                     num_chains=0):

@@ -44,7 +44,7 @@ class MaskedDiffusion(LanguageTask):
     count = jnp.maximum(jnp.sum(masked), 1)
     return jnp.mean(terms), {
         "cross_entropy": jnp.sum(jnp.where(masked, cross_entropy, 0.0)) / count,
-        "accuracy": jnp.sum(hits) / count}
+        "denoising_accuracy": jnp.sum(hits) / count}  # of the masked positions
 
   def sequence_nats(self, stacked_params, shared_params, tokens, key, num_steps=None,
                     num_chains=0):

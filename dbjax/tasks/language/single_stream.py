@@ -78,7 +78,7 @@ class SingleStreamDenoiser(LanguageTask):
     loss, logits, cross_entropy = denoising_cross_entropy(
         self, lambda z, sigma: token_logits(net, embedding, tokens, z, sigma, self.sigma_data),
         embedding, tokens, key, interval)
-    return loss, token_metrics(logits, cross_entropy, tokens)
+    return loss, token_metrics(logits, cross_entropy, tokens, "denoising_accuracy")
 
   def sample(self, block_params, shared_params, key, inputs, num_steps, num_samples=1,
              temperature=0.0, top_p=1.0):
