@@ -7,9 +7,13 @@ resuming ever puts more than the active block on the accelerator.
 Faults:
 - A kill during a save: orbax writes each step to a temporary directory and renames it
   when complete, so the previous checkpoint is untouched; leftovers are removed.
-- Truncated or altered files: the metadata holds a SHA-256 of every item's arrays, so
-  `restore_latest_good` notices even a flipped bit, moves the step aside (to
-  <directory>_corrupt/) and falls back to the one before.
+- Truncated or altered files: once a step is written, <step>/file_checksums.json holds
+  a SHA-256 of every file in it, checked before orbax reads anything (orbax's reader,
+  handed a truncated file, fails in background threads that print pages of tracebacks);
+  the metadata also holds a SHA-256 of every item's arrays, checked after reading. Either
+  way `restore_latest_good` notices even a flipped bit, moves the step aside (to
+  <directory>_corrupt/) and falls back to the one before; when none is left, the next
+  run says that it starts afresh and where the unreadable steps are.
 - A full disk: reported as a CheckpointError naming the step kept; the partial step is
   removed.
 - A state with NaN or inf is never written.
@@ -35,6 +39,9 @@ from etils import epath
 
 from dbjax.config import field_holder, flatten
 from dbjax.errors import CheckpointError, ConfigError
+
+# Written into each step's directory once the step is complete (see the module docstring).
+FILE_CHECKSUMS = "file_checksums.json"
 
 # A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
 # the same trees can mean another schedule, so this field must match as well.
@@ -80,6 +87,33 @@ def checksum(tree) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
     digest.update(leaf.tobytes())
   return digest.hexdigest()
+
+
+def file_checksums(directory: str) -> dict:
+  """{path relative to `directory`: SHA-256 of its bytes} of every file below it."""
+  digests = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      if not name.startswith(FILE_CHECKSUMS):  # the listing itself, whole or partial
+        with open(path, "rb") as f:
+          digests[os.path.relpath(path, directory)] = hashlib.file_digest(f, "sha256").hexdigest()
+  return digests
+
+
+def check_files(directory: str):
+  """CheckpointError naming the first file of a step directory that is missing or
+  differs from the checksum written with it (steps saved without checksums pass)."""
+  listing = os.path.join(directory, FILE_CHECKSUMS)
+  if not os.path.exists(listing):
+    return
+  with open(listing) as f:
+    expected = json.load(f)
+  found = file_checksums(directory)
+  for name, digest in expected.items():
+    if found.get(name) != digest:
+      raise CheckpointError(f"{name} is {'changed' if name in found else 'missing'} "
+                            "(its SHA-256 differs from the one written with it)")
 
 
 def _all_finite(tree) -> bool:
@@ -134,15 +168,25 @@ class RunCheckpointer:
           meta=ocp.args.JsonSave(meta),
           **{name: ocp.args.PyTreeSave(tree) for name, tree in trees.items()}))
       self.manager.wait_until_finished()
+      if jax.process_index() == 0:
+        self._write_file_checksums(step)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_disk_full(e):
         raise
       self._remove_partial_saves()
       self.manager.reload()
       raise CheckpointError(
-          f"no space left on the device while saving step {step} to {self.directory}; "
-          f"the checkpoint of step {self.manager.latest_step()} is kept: free some space "
+          f"no space left on the device while saving checkpoint {step} to {self.directory}; "
+          f"checkpoint {self.manager.latest_step()} is kept: free some space "
           "and run the same command to resume") from e
+
+  def _write_file_checksums(self, step: int):
+    """<step>/file_checksums.json, written whole or not at all (a rename)."""
+    step_dir = os.path.join(self.directory, str(step))
+    partial = os.path.join(step_dir, FILE_CHECKSUMS + ".partial")
+    with open(partial, "w") as f:
+      json.dump(file_checksums(step_dir), f)
+    os.replace(partial, os.path.join(step_dir, FILE_CHECKSUMS))
 
   def read_metadata(self, step: int) -> dict:
     """The JSON item of `step`: run metadata and the config the run was made with."""
@@ -159,6 +203,7 @@ class RunCheckpointer:
     targets', naming the first differing path and the config fields behind it.
     """
     step = self.manager.latest_step() if step is None else step
+    check_files(os.path.join(self.directory, str(step)))
     meta = self.read_metadata(step)
     targets = {f"block_{b}": state for b, state in enumerate(target_states)}
     if target_shared is not None:
@@ -247,17 +292,30 @@ class RunCheckpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        failures.append(f"step {step} ({reason})")
+        failures.append(f"checkpoint {step} ({reason})")
         aside = self._move_aside(step)
-        logging.warning("checkpoint of step %d is unreadable (%s); moved it to %s and "
-                        "trying the one before", step, reason, aside)
+        logging.warning("checkpoint %d is unreadable (%s); moved it to %s and trying the "
+                        "one before", step, reason, aside)
     raise CheckpointError(
         f"no readable checkpoint in {self.directory}: " + "; ".join(failures)
-        + ". Start the run again in a new workdir")
+        + f"; they are kept in {self.corrupt_directory}. Run the same command to start "
+        "afresh from iteration 0, or another workdir")
+
+  @property
+  def corrupt_directory(self) -> str:
+    """Where unreadable steps are moved, kept for inspection."""
+    return f"{self.directory.rstrip(os.sep)}_corrupt"
+
+  def set_aside(self) -> list[str]:
+    """The steps moved to corrupt_directory, oldest first."""
+    if not os.path.isdir(self.corrupt_directory):
+      return []
+    return sorted(os.listdir(self.corrupt_directory),
+                  key=lambda name: os.path.getmtime(os.path.join(self.corrupt_directory, name)))
 
   def _move_aside(self, step: int) -> str:
     """Move a corrupt step out of orbax's sight, kept for inspection."""
-    corrupt = f"{self.directory.rstrip(os.sep)}_corrupt"
+    corrupt = self.corrupt_directory
     target = os.path.join(corrupt, f"{step}_{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
       os.makedirs(corrupt, exist_ok=True)

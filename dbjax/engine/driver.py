@@ -264,6 +264,10 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
   if checkpointer.latest_step() is None:
     init = parallel.init_on_host if in_parallel else state_lib.init_on_host
     start, (states, shared) = 0, init(task, config.seed)
+    if chief and (aside := checkpointer.set_aside()):
+      print(f"starting afresh from {unit} 0: no readable checkpoint in "
+            f"{checkpointer.directory}; the unreadable ones are kept in "
+            f"{checkpointer.corrupt_directory} ({', '.join(aside)})", flush=True)
   else:
     start, states, shared, meta = restore(task, config, checkpointer)
     saved_config = meta.get("config")
