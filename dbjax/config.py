@@ -8,7 +8,7 @@ the relations between fields, and names the field, its value and what is allowed
 import ml_collections
 
 from dbjax import tasks
-from dbjax.errors import ConfigError
+from dbjax.errors import ConfigError, nearest
 from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
@@ -188,8 +188,9 @@ def _check_fields(config, schema, prefix=""):
   """Every field of `config` must exist in the schema (typos in hand-built configs)."""
   for key in config.keys():
     if key not in schema:
-      raise ConfigError(f"config.{prefix}{key} is not a known field; known fields of "
-                        f"config{'.' + prefix[:-1] if prefix else ''}: {sorted(schema.keys())}")
+      raise ConfigError(f"config.{prefix}{key} is not a known field{nearest(key, schema.keys())}"
+                        f"; known fields of config{'.' + prefix[:-1] if prefix else ''}: "
+                        f"{sorted(schema.keys())}")
     if isinstance(schema[key], ml_collections.ConfigDict):
       _check_fields(config[key], schema[key], f"{prefix}{key}.")
 

@@ -6,15 +6,16 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import warnings
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 
 from dbjax import tasks
-from dbjax.config import field_holder, validate
+from dbjax.config import default_config, field_holder, flatten, validate
 from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
-                          NonFiniteLossError, TrainingInterrupted, WorkdirError)
+                          NonFiniteLossError, TrainingInterrupted, WorkdirError, nearest)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 USER_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteLossError, WorkdirError)
@@ -58,14 +59,66 @@ def one_line_errors(main):
   return wrapped
 
 
+def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(the --config file, the dotted fields of the --config.<field> overrides) in argv."""
+  path, fields = None, []
+  for i, argument in enumerate(argv):
+    name, has_value, value = argument.partition("=")
+    if name == "--config":
+      path = value if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+    elif name.startswith("--config."):
+      fields.append(name[len("--config."):])
+  return path, fields
+
+
+def check_config_arguments(argv: list[str]):
+  """One line, before absl parses anything, for a --config file that does not exist
+  and an override of a field no config has, each with the nearest valid choice."""
+  path, fields = _config_arguments(argv)
+  if path is not None and not os.path.isfile(path):
+    _fail(f"--config={path}: no such file{nearest(path, available_configs())}; the "
+          f"configs are: {', '.join(available_configs())}")
+  known = flatten(default_config().to_dict())
+  for field in fields:
+    if field not in known:
+      section = field.rpartition(".")[0]
+      siblings = [f for f in known if f.rpartition(".")[0] == section]
+      _fail(f"--config.{field}: no such config field{nearest(field, known)}; "
+            + (f"the fields of config.{section} are: {', '.join(siblings)}" if siblings
+               else "--help lists them all"))
+
+
+def config_fields_help() -> str:
+  """Every config field with its default, a line per section, for --help."""
+  lines = ["", "Config fields, set with --config.<field>=<value> (dbjax.default_config's "
+           "defaults; docs: the comments in dbjax/config.py):"]
+  sections = {}
+  for field, value in flatten(default_config().to_dict()).items():
+    section, _, name = field.rpartition(".")
+    sections.setdefault(section, []).append(f"{name}={value!r}")
+  for section, values in sections.items():
+    lines.append(textwrap.fill(", ".join(values), width=100, initial_indent="  "
+                               + (f"{section}: " if section else ""),
+                               subsequent_indent="      "))
+  return "\n".join(lines)
+
+
 def run(main):
-  """absl's app.run, with one-line errors also for config typos in --config.* flags,
-  which ml_collections reports while the flags are parsed, before main runs."""
+  """absl's app.run, with one-line errors also for a missing --config file and config
+  typos in --config.* flags, and every config field listed in --help."""
+  module = sys.modules.get(main.__module__)
+  if module is not None and "--config" in _flag_names():
+    module.__doc__ = (module.__doc__ or "") + config_fields_help()
+    check_config_arguments(sys.argv[1:])
   try:
     app.run(one_line_errors(main))
-  except AttributeError as e:
+  except AttributeError as e:  # a typo check_config_arguments could not see
     text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "").strip("'")
     _fail(f"unknown config field in a --config override: {text}")
+
+
+def _flag_names() -> set:
+  return {f"--{name}" for name in flags.FLAGS}
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):

@@ -30,6 +30,11 @@ def test_unknown_field_in_a_hand_built_config_is_named():
   config.model.depth = 12
   with pytest.raises(ConfigError, match="config.model.depth is not a known field"):
     config_lib.validate(config)
+  del config.model["depth"]
+  config.train.num_step = 5  # the nearest known field is suggested
+  with pytest.raises(ConfigError, match=r"config.train.num_step is not a known field \(did "
+                                        r"you mean 'num_steps'\?\); known fields of config.train"):
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize("field,value,message", [

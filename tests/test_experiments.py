@@ -171,23 +171,31 @@ def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
   assert 0 < evaluated["bits_per_character_chain_mixture"]
 
 
-def test_help_lists_every_config():
+def test_help_lists_every_config_and_every_field():
   text = run_cli("experiments.train", "--help", check=False).stdout  # absl exits 1 on --help
   for name in CONFIGS:
     assert f"experiments/configs/{name}.py" in text
+  assert "Config fields, set with --config.<field>=<value>" in text
+  for field in ("num_steps=600", "warmup_steps=50", "num_blocks=3", "kind='autoregressive'",
+                "mean_iterations=8", "shared_sync_every=0", "method='diffusion_blocks'"):
+    assert field in text
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.train.num_step=5", "num_step"),
+    ("--config.train.num_step=5", "--config.train.num_step: no such config field (did you "
+     "mean 'train.num_steps'?); the fields of config.train are: train.adam_b1,"),
+    ("--config.trian.num_steps=5", "(did you mean 'train.num_steps'?)"),
+    ("--config=experiments/configs/digit.py", "--config=experiments/configs/digit.py: no such "
+     "file (did you mean 'experiments/configs/digits.py'?); the configs are:"),
     ("--config.diffusion.num_blocks=5", "diffusion.num_blocks=5"),
     ("--config.data.name=imagenet", "config.data.name='imagenet'"),
 ])
 def test_command_line_errors_are_one_line(flag, message, tmp_path):
   result = run_cli("experiments.train", "--config=experiments/configs/digits.py",
                    f"--workdir={tmp_path}", flag, check=False)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert message in result.stderr
-  assert "Traceback" not in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
