@@ -1,13 +1,15 @@
 """Data loading (digits, Fashion-MNIST IDX, tfds by name) and input validation."""
 import gzip
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from dbjax import data
-from dbjax.data import images as image_data
+from dbjax.data import images as image_data, tfds_source
 from dbjax.errors import DataError
 
 
@@ -67,6 +69,32 @@ def test_tfds_by_name_with_mock_data(name, shape):
 def test_unknown_tfds_name_is_one_clear_error():
   with pytest.raises(DataError, match="no_such_dataset"):
     data.load_images("tfds:no_such_dataset", "train")
+  with pytest.raises(DataError, match=r"tfds has no data set 'mnsit' \(did you mean 'mnist'"):
+    data.load_images("tfds:mnsit", "train")
+
+
+@pytest.mark.parametrize("load", [lambda d: data.load_images("tfds:mnist", "train", d),
+                                  lambda d: data.load_text("tfds:tiny_shakespeare", 16, d)])
+def test_a_tfds_set_not_on_disk_without_a_network_is_one_quick_error(load, tmp_path,
+                                                                      monkeypatch):
+  """Offline, tfds's downloader retried for minutes (205 s measured here) and left
+  partial folders; the network is probed first instead."""
+  monkeypatch.setattr(tfds_source, "network_unreachable", lambda: "Name or service not known")
+  start = time.perf_counter()
+  with pytest.raises(DataError, match=r"is not in .* and storage.googleapis.com cannot be "
+                                      r"reached \(Name or service not known\): prepare it"):
+    load(str(tmp_path / "tfds"))
+  assert time.perf_counter() - start < 10
+  assert not os.path.exists(tmp_path / "tfds")  # nothing half-downloaded left behind
+
+
+def test_the_network_probe_answers_within_its_limit():
+  start = time.perf_counter()
+  reason = tfds_source.network_unreachable(seconds=2.0)
+  assert time.perf_counter() - start < 3.0
+  assert reason is None or isinstance(reason, str)
+  # A port nothing listens on: refused at once, in words.
+  assert tfds_source.network_unreachable("127.0.0.1", 9, seconds=2.0)
 
 
 def test_unknown_data_set_name():

@@ -19,6 +19,7 @@ import struct
 
 import numpy as np
 
+from dbjax.data import tfds_source
 from dbjax.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -82,12 +83,7 @@ def _fashion_mnist(split: str, data_dir: str) -> ImageData:
 
 
 def _tfds(name: str, split: str, data_dir: str) -> ImageData:
-  import tensorflow_datasets as tfds
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-  except Exception as e:  # tfds raises many types: unknown name, no network, bad split
-    raise DataError(f"tfds data set {name!r} (split {split!r}) could not be loaded: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  source = tfds_source.data_source(name, split, data_dir)
   examples = [source[i] for i in range(len(source))]
   if not examples:
     raise DataError(f"tfds data set {name!r} split {split!r} is empty")

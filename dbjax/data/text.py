@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from dbjax.data import tfds_source
 from dbjax.errors import DataError
 
 TRAIN_FRACTION = 0.9
@@ -135,12 +136,7 @@ def _text_file(path: str) -> str:
 
 
 def _tfds_text(name: str, split: str, data_dir: str, max_chars: int) -> str:
-  import tensorflow_datasets as tfds
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-  except Exception as e:  # tfds raises many types: unknown name, no network, bad split
-    raise DataError(f"tfds data set {name!r} (split {split!r}) could not be loaded: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  source = tfds_source.data_source(name, split, data_dir)
   pieces, count = [], 0
   for i in range(len(source)):
     text = source[i]["text"]
