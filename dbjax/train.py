@@ -5,6 +5,7 @@ It looks the task up in the registry (dbjax.tasks), trains it with the engine
 (dbjax.engine.driver) and lets the task evaluate itself; nothing here depends on which
 task runs.
 """
+import glob
 import json
 import os
 import time
@@ -89,6 +90,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     json.dump(results, f, indent=2)
   log = MetricLog(workdir, METRICS_FILE)
   log.write_results(results["iterations"], results)
+  # The pictures and texts the run wrote, beside its curves in TensorBoard.
+  log.write_pictures(results["iterations"], sorted(glob.glob(os.path.join(workdir, "*.png"))))
+  for path in sorted(glob.glob(os.path.join(workdir, "*samples*.txt"))):
+    with open(path, encoding="utf-8") as f:
+      log.write_text(results["iterations"], os.path.basename(path), f.read())
   log.close()
   return results
 

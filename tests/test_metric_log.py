@@ -1,30 +1,28 @@
 """Metrics reach the JSONL file, TensorBoard event files and the console."""
-import glob
 import json
 import os
-import struct
 
+import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
+from tensorboard.backend.event_processing import event_accumulator
 
 from dbjax.engine.metric_log import TENSORBOARD_DIR, MetricLog, flatten
 
 
 def read_scalars(logdir: str) -> dict:
-  """{tag: [(step, value), ...]} from TensorBoard event files (TFRecord framing: length,
-  its CRC, the Event proto, its CRC)."""
-  scalars = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    at = 0
-    while at < len(data):
-      length, = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-      at += 12 + length + 4
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return scalars
+  """{tag: [(step, value), ...]} as TensorBoard shows them (its own reader, which
+  honours a resumed writer's purge_step)."""
+  events = event_accumulator.EventAccumulator(logdir, size_guidance={"scalars": 0})
+  events.Reload()
+  return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+          for tag in events.Tags()["scalars"]}
+
+
+def read_tags(logdir: str) -> dict:
+  """TensorBoard's tags of each kind (scalars, images, tensors for text, ...)."""
+  events = event_accumulator.EventAccumulator(logdir)
+  events.Reload()
+  return events.Tags()
 
 
 ROWS = [{"step": 0, "block": 1, "loss": 2.0, "grad_norm": 0.5},
@@ -47,6 +45,22 @@ def test_rows_go_to_jsonl_tensorboard_and_the_console(tmp_path, capsys):
   assert scalars["eval/per_class.0"] == [(3, 0.25)]
   assert "eval/kind" not in scalars
   assert "iteration 3/10  loss  block 0: 3  block 1: 1.5" in capsys.readouterr().out
+
+
+def test_throughput_pictures_and_texts_reach_tensorboard(tmp_path):
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.imsave(tmp_path / "samples.png", np.zeros((6, 4, 3)))
+  log = MetricLog(str(tmp_path), "metrics.jsonl")
+  log.write_throughput(10, 10, 2.0, batch_size=32)
+  log.write_pictures(10, [str(tmp_path / "samples.png")])
+  log.write_text(10, "samples.txt", "ROMEO.")
+  log.close()
+  scalars = read_scalars(str(tmp_path / TENSORBOARD_DIR))
+  assert scalars["throughput/iterations_per_second"] == [(10, 5.0)]
+  assert scalars["throughput/examples_per_second"] == [(10, 160.0)]
+  tags = read_tags(str(tmp_path / TENSORBOARD_DIR))
+  assert tags["images"] == ["images/samples"]
+  assert any("samples.txt" in tag for tag in tags["tensors"])
 
 
 def test_a_disabled_log_writes_nothing(tmp_path):

@@ -12,6 +12,7 @@ import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
 from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
 from tests.conftest import tiny_config
+from tests.test_metric_log import read_scalars, read_tags
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,27 @@ def test_resume_continues_exactly(tmp_path, digits):
   assert [r["step"] for r in history] == list(range(20))  # no duplicated metric rows
 
 
+def test_tensorboard_has_one_point_per_step_after_any_number_of_resumes(tmp_path, digits):
+  config = tiny_config()  # 20 iterations, a checkpoint every 5, the last 2 kept
+  workdir = tmp_path / "run"
+  train.train(config, str(workdir), digits)
+  for _ in range(3):  # killed after the save at 15, three times: 15 -> 20 logged again
+    shutil.rmtree(workdir / "checkpoints" / "20")
+    train.train(config, str(workdir), digits)
+  scalars = read_scalars(str(workdir / "tensorboard"))
+  with open(workdir / "train_metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  for tag, points in scalars.items():
+    steps = [step for step, _ in points]
+    assert len(steps) == len(set(steps)), tag
+  for b in range(2):
+    assert scalars[f"block_{b}/loss"] == [(r["step"], pytest.approx(r["loss"]))
+                                          for r in rows if r["block"] == b]
+    assert [v for _, v in scalars[f"block_{b}/learning_rate"]] == pytest.approx(
+        [r["learning_rate"] for r in rows if r["block"] == b])
+  assert [s for s, _ in scalars["throughput/iterations_per_second"]] == [4, 9, 14, 19]
+
+
 def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, digits):
   config = tiny_config()
   workdir = str(tmp_path)
@@ -158,3 +180,6 @@ def test_train_and_evaluate_writes_its_outputs(tmp_path):
   with open(tmp_path / "run" / "metrics.json") as f:
     assert json.load(f)["frechet_distance"] == results["frechet_distance"]
   assert np.isfinite(results["frechet_distance"]) and results["frechet_distance"] > 0
+  # The pictures are in TensorBoard too.
+  assert {"images/samples", "images/loss_curves"} <= set(
+      read_tags(str(tmp_path / "run" / "tensorboard"))["images"])

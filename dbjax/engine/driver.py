@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -296,14 +297,20 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
       rows, shared = _train_interval(step_fn, states, shared, task, chunk, train_data,
                                      config, bar)
       return rows, states, shared
-  log = MetricLog(workdir, METRICS_FILE, enabled=chief)
+  log = MetricLog(workdir, METRICS_FILE, enabled=chief, purge_step=start)
   bar = tqdm(total=total, initial=start, desc=f"training {config.method}, {unit}s",
              disable=not (config.train.progress and chief), unit=unit)
   try:
     with _StopOnSigterm() as stop:
       for chunk_start in range(start, total, config.train.checkpoint_every):
         chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
+        interval_start = time.perf_counter()
         rows, states, shared = train_chunk(chunk, states, shared, stop)
+        # At the interval's last iteration (a resume purges from the next one on); a
+        # parallel step trains every block, each on its own batch.
+        log.write_throughput(int(chunk[-1]), len(chunk), time.perf_counter() - interval_start,
+                             config.train.batch_size * (task.num_blocks if in_parallel else 1),
+                             unit)
         num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite, unit))
         log.write_rows(rows)
         history += rows

@@ -2,8 +2,16 @@
 event files in <workdir>/tensorboard (tensorboardX; `tensorboard --logdir=<workdir>`),
 and one console line per checkpoint interval.
 
-Rows are dicts {"step", "block", "loss", "grad_norm", "skipped", ...}; each metric goes
-to TensorBoard as block_<b>/<name> at its iteration, so every block gets its own curve.
+Rows are dicts {"step", "block", "loss", "grad_norm", "skipped", "learning_rate", ...}
+("step" is TensorBoard's name for its axis: the iteration, or the parallel step); each
+metric goes to TensorBoard as block_<b>/<name> at its iteration, so every block gets its
+own curve. Throughput goes as throughput/*, the evaluation's numbers as eval/* and the
+run's pictures as images.
+
+A resumed run logs again the iterations after its checkpoint: the JSONL file drops its
+rows past the checkpoint (driver.read_history), and the TensorBoard writer is opened
+with purge_step, which makes TensorBoard discard the earlier events from that step on,
+so every (tag, step) has one point after any number of resumes.
 """
 import json
 import os
@@ -20,12 +28,17 @@ class MetricLog:
   """The writers of one run; on other processes than the chief, `enabled` is False and
   every method does nothing."""
 
-  def __init__(self, workdir: str, jsonl_name: str, enabled: bool = True):
+  def __init__(self, workdir: str, jsonl_name: str, enabled: bool = True,
+               purge_step: int | None = None):
+    """purge_step: the iteration a resumed run restarts at (see the module docstring)."""
     self.jsonl_path = os.path.join(workdir, jsonl_name)
     self.enabled = enabled
-    # Imported here, not with the package: only a training run writes event files.
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)) if enabled else None
+    self.writer = None
+    if enabled:
+      # Imported here, not with the package: only a training run writes event files.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                                  purge_step=purge_step or None)
 
   def write_rows(self, rows: list[dict]):
     """Append iteration rows to the JSONL file and to TensorBoard."""
@@ -50,6 +63,34 @@ class MetricLog:
       by_block.setdefault(row["block"], []).append(row[metric])
     means = "  ".join(f"block {b}: {np.nanmean(v):.4g}" for b, v in sorted(by_block.items()))
     tqdm.write(f"{unit} {done}/{total}  {metric}  {means}")
+
+  def write_throughput(self, step: int, counted: int, seconds: float, batch_size: int,
+                       unit: str = "iteration"):
+    """`counted` iterations (or parallel steps: `unit`) of `batch_size` examples each
+    took `seconds`: their rate and the examples per second, at `step`."""
+    if not self.enabled or seconds <= 0:
+      return
+    self.writer.add_scalar(f"throughput/{unit}s_per_second", counted / seconds, step)
+    self.writer.add_scalar("throughput/examples_per_second", counted * batch_size / seconds,
+                           step)
+    self.writer.flush()
+
+  def write_pictures(self, step: int, paths: list[str]):
+    """PNG files (samples, loss curves, confusion matrix, ...) as images/<file stem>."""
+    if not self.enabled or not paths:
+      return
+    from matplotlib import image  # pylint: disable=g-import-not-at-top
+    for path in paths:
+      pixels = image.imread(path)[..., :3]  # RGB in [0, 1]; the alpha channel dropped
+      self.writer.add_image(f"images/{os.path.splitext(os.path.basename(path))[0]}", pixels,
+                            step, dataformats="HWC")
+    self.writer.flush()
+
+  def write_text(self, step: int, tag: str, text: str):
+    """A text (generated samples) at `step`, shown in TensorBoard's text tab."""
+    if self.enabled:
+      self.writer.add_text(tag, text, step)
+      self.writer.flush()
 
   def write_results(self, step: int, results: dict):
     """The evaluation's numbers (nested dicts flattened) as eval/<name> at `step`."""
