@@ -55,9 +55,11 @@ class CheckpointError(OSError):
 
 
 class TrainingInterrupted(Exception):
-  """A signal (SIGTERM: preemption) stopped training after a final checkpoint."""
+  """A signal (SIGTERM: preemption; SIGINT: Ctrl-C) stopped training within one train
+  step, after a checkpoint of exactly the iterations applied."""
 
   def __init__(self, signal_name: str, step: int, workdir: str, unit: str = "iteration"):
     self.signal_name, self.step = signal_name, step
-    super().__init__(f"stopped by {signal_name} after saving the checkpoint of {unit} {step} "
-                     f"in {workdir}; run the same command to resume")
+    saved = (f"after saving the checkpoint of {unit} {step} in {workdir}" if step
+             else f"before any {unit} was applied (nothing to save)")
+    super().__init__(f"stopped by {signal_name} {saved}; run the same command to resume")

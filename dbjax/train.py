@@ -69,8 +69,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   config_lib.validate(config)
-  config, data = tasks.load_data(config)
-  task, states, shared, history = train(config, workdir, data.train)
+  # SIGTERM or Ctrl-C while the data load or the step compiles stops the run before
+  # its first iteration; during the evaluation they end it (the next call redoes it).
+  with driver.stop_on_signals():
+    config, data = tasks.load_data(config)
+    task, states, shared, history = train(config, workdir, data.train)
   train_seconds = time.perf_counter() - start
   if jax.process_index() != 0:  # on many hosts, process 0 evaluates and writes the files
     return {}
@@ -86,8 +89,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results[f"final_{task.curve_metric}_per_block"] = final_losses(
         history, task.num_blocks, metric=task.curve_metric)
   results.update(task.evaluate(config, workdir, states, shared, data))
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+  partial = os.path.join(workdir, "metrics.json.partial")  # whole or not at all
+  with open(partial, "w") as f:
     json.dump(results, f, indent=2)
+  os.replace(partial, os.path.join(workdir, "metrics.json"))
   log = MetricLog(workdir, METRICS_FILE)
   log.write_results(results["iterations"], results)
   # The pictures and texts the run wrote, beside its curves in TensorBoard.

@@ -55,7 +55,11 @@ def one_line_errors(main):
       _fail(str(e))
     except TrainingInterrupted as e:
       print(str(e), file=sys.stderr)
-      sys.exit(128 + signal.SIGTERM)  # the status of a process ended by SIGTERM
+      sys.exit(128 + signal.Signals[e.signal_name])  # the status of a process it ended
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
+      print("interrupted (SIGINT): what was saved stays; run the same command to resume "
+            "training or redo its evaluation", file=sys.stderr)
+      sys.exit(128 + signal.SIGINT)
   return wrapped
 
 

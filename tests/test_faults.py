@@ -3,6 +3,8 @@ random bad configs and inputs."""
 import errno
 import os
 import signal
+import subprocess
+import time
 
 import chex
 import hypothesis
@@ -14,9 +16,10 @@ import pytest
 from dbjax import config as config_lib, data, train
 from dbjax.data import text
 from dbjax.engine.checkpoint import RunCheckpointer
-from dbjax.errors import CheckpointError, ConfigError, DataError
+from dbjax.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from experiments import soak
 from tests.conftest import tiny_config
+from tests.test_metric_log import read_scalars
 
 # tests/conftest.tiny_config as --config overrides of experiments/configs/digits.py,
 # with 100 iterations, so that kills land during training.
@@ -42,7 +45,7 @@ def test_killed_and_terminated_run_ends_bit_identical(tmp_path):
                                  seconds=300, sigterm_share=0.5, kill_window=0.5)
   summary = soak.summarize(launches)
   assert [l["signal"] for l in launches] == ["SIGTERM", "SIGKILL", None]
-  assert summary["sigterm_exit_143"]
+  assert summary["graceful_exit_status_ok"] and summary["graceful_stops_saving_all_applied"] == 1
   assert summary["steps_lost_beyond_last_save"] == 0
   straight = str(tmp_path / "straight")
   soak.reference_run(soak.train_command("experiments/configs/digits.py", straight,
@@ -54,6 +57,93 @@ def _largest_file(directory) -> str:
   files = [os.path.join(root, name) for root, _, names in os.walk(directory)
            for name in names]
   return max(files, key=os.path.getsize)
+
+
+class SignalAtBatch:
+  """Digits that send this process `signum` while the batch of the k-th iteration run
+  is read: a signal arriving in the middle of a train step."""
+
+  def __init__(self, digits, k: int, signum=signal.SIGTERM):
+    self.digits, self.k, self.signum, self.calls = digits, k, signum, 0
+
+  def __getattr__(self, name):  # images, labels, num_examples: the digits'
+    return getattr(self.digits, name)
+
+  def batch(self, index):
+    self.calls += 1
+    if self.calls == self.k:
+      os.kill(os.getpid(), self.signum)
+    return self.digits.batch(index)
+
+
+@pytest.mark.parametrize("k", sorted(np.random.default_rng(21).choice(
+    np.arange(2, 20), 3, replace=False).tolist()))
+def test_a_stop_at_any_moment_saves_within_one_step_and_resumes_exactly(k, tmp_path, digits):
+  """SIGTERM inside an interval of 20 iterations (regrouped by block, so no prefix of
+  them is done): the checkpoint holds the k iterations applied, per block, and the
+  resumed run ends bit-identical to an uninterrupted one."""
+  config = tiny_config(**{"train__checkpoint_every": 20})
+  _, straight, _, _ = train.train(config, str(tmp_path / "straight"), digits)
+  workdir = str(tmp_path / "stopped")
+  with pytest.raises(TrainingInterrupted, match=f"SIGTERM after saving the checkpoint of "
+                                                f"iteration {k} in"):
+    train.train(config, workdir, SignalAtBatch(digits, k))
+  assert soak.saved_steps(workdir) == [k]  # no interval end yet: only the stop's save
+  _, resumed, _, history = train.train(config, workdir, digits)
+  chex.assert_trees_all_equal(resumed, straight)
+  assert sorted(r["step"] for r in history) == list(range(20))  # each iteration once
+  for b in range(2):  # and once in TensorBoard, the rows of blocks ahead kept
+    assert read_scalars(os.path.join(workdir, "tensorboard"))[f"block_{b}/loss"] == [
+        (r["step"], pytest.approx(r["loss"])) for r in sorted(history, key=lambda r: r["step"])
+        if r["block"] == b]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_first_ctrl_c_stops_like_sigterm_and_a_second_aborts(tmp_path, digits):
+  config = tiny_config(**{"train__checkpoint_every": 20})
+  with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after saving the "
+                                                "checkpoint of iteration 5"):
+    train.train(config, str(tmp_path / "once"), SignalAtBatch(digits, 5, signal.SIGINT))
+
+  class TwoInterrupts(SignalAtBatch):
+    def batch(self, index):
+      if self.calls == self.k - 1:  # the first Ctrl-C, then the second one step later
+        os.kill(os.getpid(), signal.SIGINT)
+      return super().batch(index)
+  workdir = str(tmp_path / "twice")
+  train.train(tiny_config(**{"train__num_steps": 5}), workdir, digits)  # iterations 0-9
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, workdir, TwoInterrupts(digits, 3, signal.SIGINT))
+  assert soak.saved_steps(workdir) == [5, 10]  # aborted: the checkpoints before, untouched
+
+
+@pytest.mark.slow  # three CLI launches
+def test_ctrl_c_on_the_command_line_exits_130_with_what_was_applied_saved(tmp_path):
+  workdir = str(tmp_path / "run")
+  command = soak.train_command("experiments/configs/digits.py", workdir, TINY_OVERRIDES)
+
+  def launch_and_interrupt(ready):
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    while not ready() and process.poll() is None:
+      time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err.strip().splitlines()
+  # While the init and the step compile (config.json is written just before): no
+  # segfault, one line, nothing to save.
+  status, err = launch_and_interrupt(lambda: os.path.exists(os.path.join(workdir,
+                                                                         "config.json")))
+  assert status == 130 and "before any iteration was applied" in err[-1], err
+  assert soak.saved_steps(workdir) == []
+  # During training: the iterations applied are saved, whatever the interval.
+  status, err = launch_and_interrupt(lambda: soak.saved_steps(workdir))
+  assert status == 130 and err[-1].startswith("stopped by SIGINT after saving the "
+                                              "checkpoint of iteration"), err
+  saved = int(err[-1].split("iteration ")[1].split()[0])
+  assert soak.saved_steps(workdir)[-1] == saved
+  finished = subprocess.run(command, capture_output=True, text=True, check=True)
+  assert f"resuming from the checkpoint of iteration {saved}" in finished.stdout
 
 
 def _flip_a_byte(path: str):
@@ -92,6 +182,8 @@ def test_corrupt_checkpoint_is_detected_and_the_one_before_used(tmp_path, digits
   # The next run starts afresh, and says so and where the old steps are.
   _, _, _, history = train.train(config, str(workdir), digits)
   assert len(history) == 20
+  steps = [s for s, _ in read_scalars(str(workdir / "tensorboard"))["block_0/loss"]]
+  assert len(steps) == len(set(steps))  # the old run's curves are gone
   out = capfd.readouterr().out
   assert "starting afresh from iteration 0: no readable checkpoint" in out
   assert "checkpoints_corrupt (" in out and "15_" in out

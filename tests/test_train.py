@@ -11,6 +11,7 @@ import pytest
 import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
 from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
+from dbjax.tasks.images import ImageGeneration
 from tests.conftest import tiny_config
 from tests.test_metric_log import read_scalars, read_tags
 
@@ -140,6 +141,23 @@ def test_schedules_that_run_but_not_as_meant_warn_in_one_line(tmp_path, digits):
                                          r"checkpoint's 10: the resumed run's learning-rate"):
     _, _, _, history = train.train(tiny_config(**{"train__num_steps": 15}), workdir, digits)
   assert len(history) == 30
+
+
+def test_an_interrupted_evaluation_is_redone_by_the_next_call(tmp_path, monkeypatch):
+  config = tiny_config()
+  config.eval.enabled = True
+  config.eval.cache_dir = str(tmp_path / "cache")
+  evaluate = ImageGeneration.evaluate
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(ImageGeneration, "evaluate", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "metrics.json")  # no half-written file
+  monkeypatch.setattr(ImageGeneration, "evaluate", evaluate)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))  # trains nothing more
+  assert results["frechet_distance"] > 0 and os.path.exists(tmp_path / "run" / "metrics.json")
 
 
 def test_unwritable_workdir_is_reported(tmp_path):

@@ -21,9 +21,11 @@ Determinism: the block, the batch and the key of iteration `step` are pure funct
 of (seed, step), so a run resumed from a checkpoint continues exactly as an
 uninterrupted one would.
 """
+import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, NamedTuple
@@ -67,13 +69,14 @@ def prepare_workdir(workdir: str):
     raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
-def read_history(path: str, before_step: int) -> list[dict]:
-  """Metric rows of earlier iterations; rows past the checkpoint are dropped."""
+def read_history(path: str, progress) -> list[dict]:
+  """Metric rows of the iterations a checkpoint holds: block b's rows before
+  progress[b] (see `train`); the rows past it are dropped from the file."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  rows = [r for r in rows if r["step"] < before_step]
+  rows = [r for r in rows if r["step"] < progress[r["block"]]]
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   return rows
@@ -93,9 +96,10 @@ def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
 
 
 def _train_block_steps(step_fn, state, shared, task, block_index, steps, train_data, config,
-                       bar):
-  """Run one block (already on the device) through its iterations; return its state,
-  the shared state and the metrics."""
+                       bar, should_stop):
+  """Run one block (already on the device) through its iterations, stopping early after
+  the first one at which should_stop() holds; return its state, the shared state and the
+  metrics of the iterations applied."""
   metrics = []
   interval = jnp.asarray(task.intervals[block_index])
   for step in steps:
@@ -106,24 +110,43 @@ def _train_block_steps(step_fn, state, shared, task, block_index, steps, train_d
         interval)
     metrics.append(step_metrics)
     bar.update(1)
+    if should_stop():
+      break
   return state, shared, jax.device_get(metrics)
 
 
-def _train_interval(step_fn, states, shared, task, chunk, train_data, config, bar):
-  """Train the iterations in `chunk`; update the host `states` in place and return
-  (metric rows in iteration order, the shared state in host memory)."""
+def _train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
+                    should_stop):
+  """Train the iterations in `chunk` that are not applied yet (block b's from
+  progress[b] on), until should_stop() holds; update the host `states` and `progress`
+  in place and return (metric rows in iteration order, the host shared state)."""
   schedule = np.array([block_for_step(config.seed, s, task.num_blocks) for s in chunk])
   rows = []
   shared = jax.device_put(shared)  # small; stays on the device through the interval
   for b, own_steps in block_runs(chunk, schedule, task.couples_blocks):
+    own_steps = own_steps[own_steps >= progress[b]]
+    if not len(own_steps):
+      continue
+    if should_stop():
+      break
     # To the device: this block alone, for its iterations of the interval.
     state, shared, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), shared,
-                                                task, b, own_steps, train_data, config, bar)
+                                                task, b, own_steps, train_data, config, bar,
+                                                should_stop)
     for step, m in zip(own_steps, metrics):
       rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
+    progress[b] = int(own_steps[len(metrics) - 1]) + 1  # its iterations before are applied
     states[b] = jax.device_get(state)  # back to host: the device holds one block
     del state  # free its device buffers before the next block is put there
   return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
+
+
+def _chunks(first: int, total: int, every: int) -> list[np.ndarray]:
+  """The iterations from `first` to `total` in checkpoint intervals: up to the next
+  multiple of `every`, then `every` at a time."""
+  ends = [e for e in range((first // every + 1) * every, total, every)] + [total]
+  starts = [first] + ends[:-1]
+  return [np.arange(a, b) for a, b in zip(starts, ends) if b > a]
 
 
 class TrainedRun(NamedTuple):
@@ -168,10 +191,14 @@ def _warn_about_schedule(config, saved_config: dict | None):
            stacklevel=4)
 
 
-class _StopOnSigterm:
-  """Within it, SIGTERM (how schedulers preempt a job) sets `.signal_name` instead of
-  killing the process, so the driver can checkpoint and stop. Only the main thread can
-  take signals; elsewhere this does nothing."""
+class _StopOnSignals:
+  """Within it, SIGTERM (how schedulers preempt a job) and a first SIGINT (Ctrl-C, a
+  Jupyter interrupt) set `.signal_name` instead of ending the process, so the driver can
+  checkpoint within one train step and stop; a second SIGINT aborts at once
+  (KeyboardInterrupt), leaving the previous checkpoint as it is. Only the main thread
+  can take signals; elsewhere this does nothing."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signal_name = None
@@ -179,15 +206,40 @@ class _StopOnSigterm:
   def __enter__(self):
     self._installed = threading.current_thread() is threading.main_thread()
     if self._installed:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, _):
+    if signum == signal.SIGINT and self.signal_name == "SIGINT":
+      raise KeyboardInterrupt  # the second Ctrl-C
     self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("SIGINT: stopping after this train step with a checkpoint (Ctrl-C again to "
+            "abort without one)", file=sys.stderr, flush=True)
 
   def __exit__(self, *_):
     if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
+      for s, handler in self._previous.items():
+        signal.signal(s, handler)
+
+
+_ACTIVE_STOP = []  # the _StopOnSignals in force, if any
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """_StopOnSignals for the work within (loading data, compiling, training), or the one
+  an enclosing `with stop_on_signals()` already installed: a signal that arrives before
+  training starts stops it before its first iteration."""
+  if _ACTIVE_STOP:
+    yield _ACTIVE_STOP[-1]
+    return
+  with _StopOnSignals() as stop:
+    _ACTIVE_STOP.append(stop)
+    try:
+      yield stop
+    finally:
+      _ACTIVE_STOP.pop()
 
 
 def checkpoint_targets(task, config) -> dict:
@@ -255,7 +307,16 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
   Raises NonFiniteLossError, naming step and block, if a loss becomes NaN or inf; the
   last good checkpoint stays in place. On many hosts every process calls it; only
   process 0 writes the metrics file.
+  SIGTERM and a first SIGINT, from the moment it starts, stop the run within one train
+  step with a checkpoint of exactly the iterations applied (TrainingInterrupted); the
+  same call then resumes it to the parameters of an uninterrupted run.
   """
+  with stop_on_signals() as stop:  # from the start: a signal during compilation waits
+    return _train(task, config, workdir, train_data, devices, build, stop)
+
+
+def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRun:
+  """train(), with `stop` telling whether a signal asked it to stop."""
   prepare_workdir(workdir)
   chief = jax.process_index() == 0
   in_parallel = config.parallel.mode == "blocks"
@@ -264,64 +325,74 @@ def train(task, config, workdir: str, train_data, devices=None, build=None) -> T
   saved_config = None
   if checkpointer.latest_step() is None:
     init = parallel.init_on_host if in_parallel else state_lib.init_on_host
-    start, (states, shared) = 0, init(task, config.seed)
+    applied, (states, shared), meta = 0, init(task, config.seed), {}
     if chief and (aside := checkpointer.set_aside()):
       print(f"starting afresh from {unit} 0: no readable checkpoint in "
             f"{checkpointer.directory}; the unreadable ones are kept in "
             f"{checkpointer.corrupt_directory} ({', '.join(aside)})", flush=True)
   else:
-    start, states, shared, meta = restore(task, config, checkpointer)
+    applied, states, shared, meta = restore(task, config, checkpointer)
     saved_config = meta.get("config")
     if chief:
-      print(f"resuming from the checkpoint of {unit} {start} in {workdir}", flush=True)
+      print(f"resuming from the checkpoint of {unit} {applied} in {workdir}", flush=True)
   if chief:
     _warn_about_schedule(config, saved_config)
+  # progress[b]: every iteration of block b before it is applied, none after. A
+  # checkpoint at an interval's end has progress[b] = the iterations done for every b;
+  # one written on a stop inside an interval (its iterations regrouped by block) has
+  # each block's own, and is named by the number of iterations applied.
+  progress = list(meta.get("progress", [applied] * task.num_blocks))
+  start = min(progress)
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = read_history(metrics_path, start) if chief else []
+  history = read_history(metrics_path, progress) if chief else []
   num_skipped = sum(r.get("skipped", 0) for r in history)
 
   if in_parallel:  # train.num_steps steps, each of all B blocks at once
     total = config.train.num_steps
     trainer = parallel.BlockParallelTrainer(task, config, train_data, states, shared, devices)
-    def train_chunk(chunk, states, shared, stop):
+    def train_chunk(chunk, states, shared, should_stop):
       del states, shared  # the trainer holds them on the devices
-      rows = trainer.train(chunk, bar, should_stop=lambda: stop.signal_name is not None)
+      rows = trainer.train(chunk, bar, should_stop=should_stop)
+      progress[:] = [max(r["step"] for r in rows) + 1 if rows else start] * task.num_blocks
       return (rows, *trainer.host_states())
   else:  # total_iterations iterations of one block each
     total = config_lib.total_iterations(config)
     step_fn = jit_train_step(task)
-    def train_chunk(chunk, states, shared, stop):
-      # Regrouped by block, a part of the interval is no prefix of the iterations:
-      # a stop request is served at its end.
-      del stop
+    def train_chunk(chunk, states, shared, should_stop):
       rows, shared = _train_interval(step_fn, states, shared, task, chunk, train_data,
-                                     config, bar)
+                                     config, bar, progress, should_stop)
       return rows, states, shared
+  # Purged from `start` on, also at 0: a run started afresh over unreadable checkpoints
+  # must not show the old run's curves.
   log = MetricLog(workdir, METRICS_FILE, enabled=chief, purge_step=start)
-  bar = tqdm(total=total, initial=start, desc=f"training {config.method}, {unit}s",
+  # TensorBoard discards from `start` on; blocks ahead of it keep their applied rows.
+  log.write_rows([r for r in history if r["step"] >= start], tensorboard_only=True)
+  bar = tqdm(total=total, initial=applied, desc=f"training {config.method}, {unit}s",
              disable=not (config.train.progress and chief), unit=unit)
   try:
-    with _StopOnSigterm() as stop:
-      for chunk_start in range(start, total, config.train.checkpoint_every):
-        chunk = np.arange(chunk_start, min(total, chunk_start + config.train.checkpoint_every))
-        interval_start = time.perf_counter()
-        rows, states, shared = train_chunk(chunk, states, shared, stop)
+    should_stop = lambda: stop.signal_name is not None
+    for chunk in _chunks(start, total, config.train.checkpoint_every):
+      interval_start = time.perf_counter()
+      rows, states, shared = train_chunk(chunk, states, shared, should_stop)
+      num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite, unit))
+      log.write_rows(rows)
+      history += rows
+      applied += len(rows) // (task.num_blocks if in_parallel else 1)
+      if not should_stop():  # the whole interval: every block is at its end
+        progress[:] = [max(p, int(chunk[-1]) + 1) for p in progress]
         # At the interval's last iteration (a resume purges from the next one on); a
         # parallel step trains every block, each on its own batch.
         log.write_throughput(int(chunk[-1]), len(chunk), time.perf_counter() - interval_start,
                              config.train.batch_size * (task.num_blocks if in_parallel else 1),
                              unit)
-        num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite, unit))
-        log.write_rows(rows)
-        history += rows
-        done = max(r["step"] for r in rows) + 1  # all iterations before it are done
-        checkpointer.save(done, states, config, {"iterations": total},
-                          _saved_shared(shared))
-        log.print_interval(done, total, rows, unit=unit)
+      if rows:
+        checkpointer.save(applied, states, config,
+                          {"iterations": total, "progress": progress}, _saved_shared(shared))
+        log.print_interval(applied, total, rows, unit=unit)
         bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
                         **({"skipped": num_skipped} if num_skipped else {}))
-        if stop.signal_name is not None:
-          raise TrainingInterrupted(stop.signal_name, done, workdir, unit)
+      if should_stop():
+        raise TrainingInterrupted(stop.signal_name, applied, workdir, unit)
   finally:
     bar.close()
     checkpointer.close()

@@ -30,7 +30,7 @@ class MetricLog:
 
   def __init__(self, workdir: str, jsonl_name: str, enabled: bool = True,
                purge_step: int | None = None):
-    """purge_step: the iteration a resumed run restarts at (see the module docstring)."""
+    """purge_step: the iteration the run (re)starts at (see the module docstring)."""
     self.jsonl_path = os.path.join(workdir, jsonl_name)
     self.enabled = enabled
     self.writer = None
@@ -38,14 +38,16 @@ class MetricLog:
       # Imported here, not with the package: only a training run writes event files.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                                  purge_step=purge_step or None)
+                                  purge_step=purge_step)
 
-  def write_rows(self, rows: list[dict]):
-    """Append iteration rows to the JSONL file and to TensorBoard."""
+  def write_rows(self, rows: list[dict], tensorboard_only: bool = False):
+    """Append iteration rows to the JSONL file (unless tensorboard_only) and to
+    TensorBoard."""
     if not self.enabled:
       return
-    with open(self.jsonl_path, "a") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+    if not tensorboard_only:
+      with open(self.jsonl_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     for row in rows:
       for name, value in row.items():
         if name not in ("step", "block"):
