@@ -10,10 +10,13 @@ import os
 _XLA_FLAGS = os.environ.get("XLA_FLAGS")
 os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8"
 
+import re  # pylint: disable=wrong-import-position
 import shutil  # pylint: disable=wrong-import-position
+import signal  # pylint: disable=wrong-import-position
 import socket  # pylint: disable=wrong-import-position
 import subprocess  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
+import time  # pylint: disable=wrong-import-position
 
 import chex  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
@@ -26,6 +29,7 @@ from dbjax.engine import parallel  # pylint: disable=wrong-import-position
 from dbjax.engine.step import update  # pylint: disable=wrong-import-position
 from experiments import hlo  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
+from experiments.soak import saved_steps  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
 
@@ -191,6 +195,42 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def _launch_pair(workdir, *arguments):
+  """The two processes of a localhost run of tests/two_process_worker.py, and their logs."""
+  worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
+  address = f"localhost:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=os.path.dirname(os.path.dirname(worker)))
+  os.makedirs(workdir, exist_ok=True)
+  logs = [os.path.join(workdir, f"process_{i}_{time.monotonic_ns()}.log") for i in range(2)]
+  # Output to files, not pipes: a full pipe would stall one process in a collective.
+  return [subprocess.Popen([sys.executable, worker, address, str(i), str(workdir),
+                            *arguments], env=env, stdout=open(log, "w"),
+                           stderr=subprocess.STDOUT) for i, log in enumerate(logs)], logs
+
+
+@pytest.mark.slow  # three launches of two processes
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+  processes, logs = _launch_pair(straight, "once")
+  assert [p.wait(timeout=300) for p in processes] == [0, 0]
+  processes, logs = _launch_pair(preempted, "once")
+  while not os.path.isdir(preempted / "checkpoints" / "20"):
+    assert all(p.poll() is None for p in processes), [open(l).read()[-2000:] for l in logs]
+    time.sleep(0.05)
+  time.sleep(0.3)  # inside the next interval
+  processes[1].send_signal(signal.SIGTERM)  # one process only
+  assert [p.wait(timeout=300) for p in processes] == [143, 143]
+  stops = [re.search(r"stopped by SIGTERM after saving the checkpoint of step (\d+)",
+                     open(log).read()) for log in logs]
+  assert all(stops) and stops[0].group(1) == stops[1].group(1)  # the same step on both
+  assert int(stops[0].group(1)) in saved_steps(preempted)
+  processes, logs = _launch_pair(preempted, "once")  # resumed: ends as the straight run
+  assert [p.wait(timeout=300) for p in processes] == [0, 0]
+  expected, resumed = np.load(straight / "params.npz"), np.load(preempted / "params.npz")
+  for name in expected:
+    np.testing.assert_array_equal(resumed[name], expected[name])
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path):

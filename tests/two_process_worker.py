@@ -1,12 +1,16 @@
 """One of two processes of a localhost multi-host run (tests/test_parallel.py).
 
-  python tests/two_process_worker.py COORDINATOR_ADDRESS PROCESS_ID WORKDIR
+  python tests/two_process_worker.py COORDINATOR_ADDRESS PROCESS_ID WORKDIR [once]
 
 Each process has 2 fake CPU devices; B = 2 blocks train on a 2 x 2 ("block", "data")
 mesh, so each block lives on one process and its gradient mean runs over that process's
 two devices. The run trains 4 steps (checkpoints at 2 and 4), then the step-4
 checkpoint is removed and the run resumes from step 2; process 0 writes both results'
 parameters to WORKDIR/params.npz.
+
+With "once", it trains a longer run (60 steps, checkpoints every 20) once, as a
+preempted job would: a signal makes it exit with the run's status (143 for SIGTERM)
+after printing the stop line; at the end process 0 writes WORKDIR/params.npz.
 """
 import os
 import shutil
@@ -49,8 +53,26 @@ def main(coordinator: str, process_id: int, workdir: str):
   multihost_utils.sync_global_devices("done")
 
 
+def train_once(coordinator: str, process_id: int, workdir: str):
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=2,
+                             process_id=process_id)
+  import signal  # pylint: disable=import-outside-toplevel
+  from dbjax import train  # pylint: disable=import-outside-toplevel
+  from dbjax.errors import TrainingInterrupted  # pylint: disable=import-outside-toplevel
+  config = two_process_config()
+  config.train.num_steps, config.train.checkpoint_every = 60, 20
+  try:
+    run = train.train(config, workdir)
+  except TrainingInterrupted as e:
+    print(e, flush=True)
+    sys.exit(128 + signal.Signals[e.signal_name])
+  if process_id == 0:
+    np.savez(os.path.join(workdir, "params.npz"), **flat_params(run.states))
+
+
 if __name__ == "__main__":
   # Before the backend starts, which is at the first computation.
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  (train_once if sys.argv[4:] == ["once"] else main)(sys.argv[1], int(sys.argv[2]),
+                                                     sys.argv[3])

@@ -223,6 +223,24 @@ class _StopOnSignals:
         signal.signal(s, handler)
 
 
+def agreed_stop(stop: _StopOnSignals):
+  """should_stop() for a run: whether a signal asked this process to stop, or, on many
+  processes, any of them (a small all-gather of the signal numbers at each call, so that
+  every process stops after the same train step, saves the same checkpoint and ends
+  with the same signal's status). Every process must call it at the same points."""
+  if jax.process_count() == 1:
+    return lambda: stop.signal_name is not None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def should_stop() -> bool:
+    mine = signal.Signals[stop.signal_name].value if stop.signal_name else 0
+    agreed = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+    if agreed and stop.signal_name is None:
+      stop.signal_name = signal.Signals(agreed).name
+    return bool(agreed)
+  return should_stop
+
+
 _ACTIVE_STOP = []  # the _StopOnSignals in force, if any
 
 
@@ -370,7 +388,7 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
   bar = tqdm(total=total, initial=applied, desc=f"training {config.method}, {unit}s",
              disable=not (config.train.progress and chief), unit=unit)
   try:
-    should_stop = lambda: stop.signal_name is not None
+    should_stop = agreed_stop(stop)
     for chunk in _chunks(start, total, config.train.checkpoint_every):
       interval_start = time.perf_counter()
       rows, states, shared = train_chunk(chunk, states, shared, should_stop)
