@@ -43,11 +43,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None,
     _default(message, category, filename, lineno, file, line)
 
 
+class Terminated(Exception):
+  """SIGTERM outside training (where the driver saves and stops on its own)."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated
+
+
 def one_line_errors(main):
-  """Report a bad config, bad data or a numerical fault as one line, exit status 2."""
+  """Report a bad config, bad data or a numerical fault as one line, exit status 2;
+  a stop by SIGTERM or SIGINT as one line, exit status 143 or 130."""
   @functools.wraps(main)
   def wrapped(argv):
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _raise_terminated)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       return main(argv)
@@ -56,10 +67,11 @@ def one_line_errors(main):
     except TrainingInterrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(128 + signal.Signals[e.signal_name])  # the status of a process it ended
-    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
-      print("interrupted (SIGINT): what was saved stays; run the same command to resume "
+    except (KeyboardInterrupt, Terminated) as e:  # outside training, or a second Ctrl-C
+      name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+      print(f"interrupted ({name}): what was saved stays; run the same command to resume "
             "training or redo its evaluation", file=sys.stderr)
-      sys.exit(128 + signal.SIGINT)
+      sys.exit(128 + signal.Signals[name])
   return wrapped
 
 

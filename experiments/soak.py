@@ -36,6 +36,8 @@ _MAX_KILLS = flags.DEFINE_integer("max_kills", 1000, "stop killing after this ma
 _SIGTERM_SHARE = flags.DEFINE_float("sigterm_share", 0.25, "share of kills sent as SIGTERM")
 _SIGINT_SHARE = flags.DEFINE_float("sigint_share", 0.25, "share of kills sent as SIGINT")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the kill times")
+_SAVE_KILL_SHARE = flags.DEFINE_float("save_kill_share", 0.0, "share of the SIGKILLs sent "
+                                      "while a checkpoint is being written")
 _KILL_WINDOW = flags.DEFINE_float("kill_window", 1.0, "each kill lands a uniform random time "
                                   "in [0, this many seconds) after a new checkpoint")
 _OVERRIDES = flags.DEFINE_multi_string("override", [],
@@ -67,6 +69,13 @@ def _newest(workdir: str) -> int:
   return (saved_steps(workdir) or [0])[-1]
 
 
+def _saving(workdir: str) -> bool:
+  """Whether a checkpoint is being written (orbax's temporary directory exists)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(".orbax-checkpoint-tmp" in name
+                                          for name in os.listdir(directory))
+
+
 def reference_run(command: list[str]):
   """The uninterrupted run, as a child process like the killed one: the same process
   set-up gives the same floating-point results (a process with other devices, e.g. a
@@ -77,11 +86,13 @@ def reference_run(command: list[str]):
 def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
                    max_kills: int, seconds: float, sigterm_share: float = 0.0,
                    kill_window: float = 1.0, poll: float = 0.05,
-                   sigint_share: float = 0.0) -> list[dict]:
+                   sigint_share: float = 0.0, save_kill_share: float = 0.0) -> list[dict]:
   """Run `command` to the end, killing it up to `max_kills` times within `seconds`.
 
   Each kill waits until the process has saved a checkpoint newer than the one it
-  started from, then a uniform random time in [0, kill_window) seconds. Returns one row
+  started from, then a uniform random time in [0, kill_window) seconds; a share
+  save_kill_share of the SIGKILLs waits instead for the next save to be under way.
+  Returns one row
   per launch: the signal sent (or None for the last, finished launch), the seconds
   from it to the exit, the newest checkpoint on disk after it ended, the step the
   launch resumed from, the checkpoint a graceful stop said it saved, and the exit
@@ -100,11 +111,16 @@ def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
         while process.poll() is None and _newest(workdir) <= began_at:
           time.sleep(poll)
         time.sleep(rng.uniform(0, kill_window))
+        draw = rng.random()
+        sent = (signal.SIGTERM if draw < sigterm_share else signal.SIGINT
+                if draw < sigterm_share + sigint_share else signal.SIGKILL)
+        during_save = sent == signal.SIGKILL and rng.random() < save_kill_share
+        while during_save and process.poll() is None and not _saving(workdir):
+          time.sleep(0.002)
         if process.poll() is None:
-          draw = rng.random()
-          sent = (signal.SIGTERM if draw < sigterm_share else signal.SIGINT
-                  if draw < sigterm_share + sigint_share else signal.SIGKILL)
           process.send_signal(sent)
+        else:
+          sent = None
       sent_at = time.monotonic()
       returncode = process.wait()
       exit_seconds = time.monotonic() - sent_at
@@ -112,6 +128,7 @@ def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
       text = log.read()
     resumed, stopped = RESUME_LINE.search(text), STOP_LINE.search(text)
     launches.append({"launch": len(launches), "signal": sent.name if sent else None,
+                     "during_save": bool(sent) and during_save,
                      "seconds_to_exit": round(exit_seconds, 2) if sent else None,
                      "returncode": returncode, "resumed_from": int(resumed.group(1))
                      if resumed else 0, "saved_on_stop": int(stopped.group(1))
@@ -135,6 +152,7 @@ def summarize(launches: list[dict]) -> dict:
           "sigkill": sum(l["signal"] == "SIGKILL" for l in launches),
           "sigterm": sum(l["signal"] == "SIGTERM" for l in launches),
           "sigint": sum(l["signal"] == "SIGINT" for l in launches),
+          "sigkill_during_save": sum(bool(l.get("during_save")) for l in launches),
           "graceful_exit_status_ok": all(l["returncode"] == GRACEFUL[l["signal"]]
                                          for l in graceful),
           # A graceful stop that said nothing (it ended before training) saved nothing.
@@ -165,7 +183,8 @@ def main(argv):
   launches = run_with_kills(train_command(_CONFIG.value, _WORKDIR.value, _OVERRIDES.value),
                             _WORKDIR.value, np.random.default_rng(_SEED.value),
                             _MAX_KILLS.value, 60 * _MINUTES.value, _SIGTERM_SHARE.value,
-                            kill_window=_KILL_WINDOW.value, sigint_share=_SIGINT_SHARE.value)
+                            kill_window=_KILL_WINDOW.value, sigint_share=_SIGINT_SHARE.value,
+                            save_kill_share=_SAVE_KILL_SHARE.value)
   summary = dict(summarize(launches),
                  final_parameters_equal=same_parameters(_WORKDIR.value, reference),
                  config=_CONFIG.value, overrides=_OVERRIDES.value,
