@@ -371,7 +371,8 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
     def train_chunk(chunk, states, shared, should_stop):
       del states, shared  # the trainer holds them on the devices
       rows = trainer.train(chunk, bar, should_stop=should_stop)
-      progress[:] = [max(r["step"] for r in rows) + 1 if rows else start] * task.num_blocks
+      if rows:  # every block at the same step
+        progress[:] = [max(r["step"] for r in rows) + 1] * task.num_blocks
       return (rows, *trainer.host_states())
   else:  # total_iterations iterations of one block each
     total = config_lib.total_iterations(config)
