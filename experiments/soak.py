@@ -14,10 +14,16 @@ for a share of kills), then restarts the same command, until --minutes have pass
 - the final parameters equal, bit for bit, those of an uninterrupted run of the same
   command (run first, in <workdir>_reference).
 It prints a table of kills and writes the summary as JSON.
+
+With --processes=2 it soaks a two-process run on this machine (--parallel=blocks, two
+fake CPU devices per process, a localhost coordinator): SIGTERM and SIGINT go to one
+process chosen at random, and both must stop at the same step with the same status;
+SIGKILL goes to both, as a scheduler reclaiming the job would.
 """
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +48,7 @@ _KILL_WINDOW = flags.DEFINE_float("kill_window", 1.0, "each kill lands a uniform
                                   "in [0, this many seconds) after a new checkpoint")
 _OVERRIDES = flags.DEFINE_multi_string("override", [],
                                        "config overrides, e.g. train.num_steps=100")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "1, or 2 for a two-process localhost run")
 _OUT = flags.DEFINE_string("out", "results/soak_digits.json", "JSON output")
 
 RESUME_LINE = re.compile(r"resuming from the checkpoint of (?:iteration|step) (\d+)")
@@ -54,6 +61,26 @@ GRACEFUL = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
 def train_command(config_path: str, workdir: str, overrides=()) -> list[str]:
   return [sys.executable, "-m", "experiments.train", f"--config={config_path}",
           f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_commands(command: list[str], processes: int) -> list[list[str]]:
+  """The command for each of `processes` localhost processes (one: as it is), with a
+  fresh coordinator port; each process gets two fake CPU devices (PROCESS_ENV)."""
+  if processes == 1:
+    return [command]
+  address = f"localhost:{_free_port()}"
+  return [[*command, "--parallel=blocks", "--distributed", f"--coordinator_address={address}",
+           f"--num_processes={processes}", f"--process_id={i}"] for i in range(processes)]
+
+
+# A process of a many-process soak: two CPU devices, before its backend starts.
+PROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -76,17 +103,22 @@ def _saving(workdir: str) -> bool:
                                           for name in os.listdir(directory))
 
 
-def reference_run(command: list[str]):
-  """The uninterrupted run, as a child process like the killed one: the same process
+def reference_run(command: list[str], processes: int = 1):
+  """The uninterrupted run, as child processes like the killed one: the same process
   set-up gives the same floating-point results (a process with other devices, e.g. a
   test worker with fake CPU devices, can differ in the last bits)."""
-  subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  children = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=PROCESS_ENV if processes > 1 else None)
+              for c in process_commands(command, processes)]
+  if any(child.wait() for child in children):
+    raise RuntimeError(f"the reference run {' '.join(command)} failed")
 
 
 def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
                    max_kills: int, seconds: float, sigterm_share: float = 0.0,
                    kill_window: float = 1.0, poll: float = 0.05,
-                   sigint_share: float = 0.0, save_kill_share: float = 0.0) -> list[dict]:
+                   sigint_share: float = 0.0, save_kill_share: float = 0.0,
+                   processes: int = 1) -> list[dict]:
   """Run `command` to the end, killing it up to `max_kills` times within `seconds`.
 
   Each kill waits until the process has saved a checkpoint newer than the one it
@@ -102,42 +134,55 @@ def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
   os.makedirs(workdir, exist_ok=True)
   while True:
     kill = len(launches) < max_kills and time.monotonic() - start < seconds
-    log_path = os.path.join(workdir, f"launch_{len(launches)}.log")
+    log_paths = [os.path.join(workdir, f"launch_{len(launches)}_{i}.log")
+                 for i in range(processes)]
     began_at = _newest(workdir)
-    with open(log_path, "w") as log:
-      process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-      sent = None
-      if kill:
-        while process.poll() is None and _newest(workdir) <= began_at:
-          time.sleep(poll)
-        time.sleep(rng.uniform(0, kill_window))
-        draw = rng.random()
-        sent = (signal.SIGTERM if draw < sigterm_share else signal.SIGINT
-                if draw < sigterm_share + sigint_share else signal.SIGKILL)
-        during_save = sent == signal.SIGKILL and rng.random() < save_kill_share
-        while during_save and process.poll() is None and not _saving(workdir):
-          time.sleep(0.002)
-        if process.poll() is None:
-          process.send_signal(sent)
-        else:
-          sent = None
-      sent_at = time.monotonic()
-      returncode = process.wait()
-      exit_seconds = time.monotonic() - sent_at
-    with open(log_path) as log:
-      text = log.read()
-    resumed, stopped = RESUME_LINE.search(text), STOP_LINE.search(text)
+    logs = [open(path, "w") for path in log_paths]
+    # Output to files, not pipes: a full pipe would stall a process in a collective.
+    children = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT,
+                                 env=PROCESS_ENV if processes > 1 else None)
+                for c, log in zip(process_commands(command, processes), logs)]
+    sent, during_save = None, False
+    if kill:
+      while all(c.poll() is None for c in children) and _newest(workdir) <= began_at:
+        time.sleep(poll)
+      time.sleep(rng.uniform(0, kill_window))
+      draw = rng.random()
+      sent = (signal.SIGTERM if draw < sigterm_share else signal.SIGINT
+              if draw < sigterm_share + sigint_share else signal.SIGKILL)
+      during_save = sent == signal.SIGKILL and rng.random() < save_kill_share
+      while during_save and all(c.poll() is None for c in children) and not _saving(workdir):
+        time.sleep(0.002)
+      # A graceful signal to one process (the others must follow); SIGKILL to all.
+      targets = (children if sent == signal.SIGKILL or processes == 1
+                 else [children[rng.integers(processes)]])
+      if all(c.poll() is None for c in children):
+        for target in targets:
+          target.send_signal(sent)
+      else:
+        sent = None
+    sent_at = time.monotonic()
+    returncodes = [c.wait() for c in children]
+    exit_seconds = time.monotonic() - sent_at
+    for log in logs:
+      log.close()
+    texts = [open(path).read() for path in log_paths]
+    resumed = RESUME_LINE.search(texts[0])
+    stops = {int(m.group(1)) if (m := STOP_LINE.search(t)) else None for t in texts}
     launches.append({"launch": len(launches), "signal": sent.name if sent else None,
                      "during_save": bool(sent) and during_save,
                      "seconds_to_exit": round(exit_seconds, 2) if sent else None,
-                     "returncode": returncode, "resumed_from": int(resumed.group(1))
-                     if resumed else 0, "saved_on_stop": int(stopped.group(1))
-                     if stopped else None, "newest_after": _newest(workdir)})
-    if sent is None and returncode == 0:
+                     "returncode": returncodes[0] if len(set(returncodes)) == 1
+                     else returncodes,
+                     "resumed_from": int(resumed.group(1)) if resumed else 0,
+                     # Every process names the same step, or the row shows them all.
+                     "saved_on_stop": stops.pop() if len(stops) == 1 else sorted(stops, key=str),
+                     "newest_after": _newest(workdir)})
+    if sent is None and returncodes == [0] * processes:
       return launches
     if sent is None:  # it ended by itself, but not cleanly
-      raise RuntimeError(f"launch {len(launches) - 1} failed with status {returncode}; "
-                         f"see {log_path}")
+      raise RuntimeError(f"launch {len(launches) - 1} failed with status {returncodes}; "
+                         f"see {log_paths}")
 
 
 def summarize(launches: list[dict]) -> dict:
@@ -179,15 +224,15 @@ def main(argv):
   del argv
   start = time.monotonic()
   reference = _WORKDIR.value.rstrip("/") + "_reference"
-  reference_run(train_command(_CONFIG.value, reference, _OVERRIDES.value))
+  reference_run(train_command(_CONFIG.value, reference, _OVERRIDES.value), _PROCESSES.value)
   launches = run_with_kills(train_command(_CONFIG.value, _WORKDIR.value, _OVERRIDES.value),
                             _WORKDIR.value, np.random.default_rng(_SEED.value),
                             _MAX_KILLS.value, 60 * _MINUTES.value, _SIGTERM_SHARE.value,
                             kill_window=_KILL_WINDOW.value, sigint_share=_SIGINT_SHARE.value,
-                            save_kill_share=_SAVE_KILL_SHARE.value)
+                            save_kill_share=_SAVE_KILL_SHARE.value, processes=_PROCESSES.value)
   summary = dict(summarize(launches),
                  final_parameters_equal=same_parameters(_WORKDIR.value, reference),
-                 config=_CONFIG.value, overrides=_OVERRIDES.value,
+                 config=_CONFIG.value, overrides=_OVERRIDES.value, processes=_PROCESSES.value,
                  seconds=time.monotonic() - start, rows=launches)
   print_table(launches, list(launches[0]))
   print(f"{summary['kills']} kills survived ({summary['sigkill']} SIGKILL, "
