@@ -31,12 +31,30 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
+def compiled_train_step(task, batch_size: int):
+  """One block's train step, compiled for abstract states (nothing allocated)."""
+  block, shared = state_lib.abstract_states(task)
+  return jit_train_step(task).lower(block, shared, task.example_batch(batch_size),
+                                    jax.random.key(0), jnp.asarray(task.intervals[0])).compile()
+
+
 def train_step_memory(task, batch_size: int) -> dict:
   """Compiled memory of one block's train step, in bytes (no allocation needed)."""
-  block, shared = state_lib.abstract_states(task)
-  return compiled_memory(jit_train_step(task).lower(
-      block, shared, task.example_batch(batch_size), jax.random.key(0),
-      jnp.asarray(task.intervals[0])).compile())
+  return compiled_memory(compiled_train_step(task, batch_size))
+
+
+def compiled_flops(compiled) -> float:
+  """The FLOPs XLA counts for one call of a compiled computation (cost_analysis)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def state_bytes(task) -> int:
+  """Bytes of one block's state (parameters, optimizer state, step) and the shared
+  state: what stays on the device between the steps of one block."""
+  return sum(leaf.size * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(state_lib.abstract_states(task)))
 
 
 def _live_device_bytes() -> int:
