@@ -12,9 +12,9 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from dbjax.config import from_saved
+from dbjax.engine import planning
 from dbjax.errors import ConfigError
 from dbjax.train import load_run, train_and_evaluate
-from experiments import plan_blocks
 from experiments.cli import available_configs, method_variant, with_field
 from tests.conftest import shrink_model, tiny_config
 from tests.test_data import write_idx
@@ -381,15 +381,15 @@ def test_a_benchmark_builds_its_tasks_without_image_data(name, tmp_path):
 
 def test_planner_picks_the_smallest_number_of_blocks_that_fits():
   config = tiny_config(**{"model__num_layers": 6})  # B in 1, 2, 3, 6
-  rows = plan_blocks.footprints(config)
+  rows = planning.footprints(config)
   assert [r["num_blocks"] for r in rows] == [1, 2, 3, 6]
   step = {r["num_blocks"]: r["step_bytes"] for r in rows}
   assert step[1] > step[2] > step[3] > step[6]  # fewer layers per block, less memory
-  assert plan_blocks.choose(rows, (step[2] + step[3]) // 2) == 3
-  assert plan_blocks.choose(rows, step[1]) == 1
+  assert planning.choose(rows, (step[2] + step[3]) // 2) == 3
+  assert planning.choose(rows, step[1]) == 1
   with pytest.raises(ConfigError, match=f"smallest step footprint is {step[6]} bytes"):
-    plan_blocks.choose(rows, step[6] - 1)
-  assert plan_blocks.parse_bytes("8GiB") == 8 * 2**30
-  assert plan_blocks.parse_bytes("1.5 MB") == 1_500_000
-  with pytest.raises(ConfigError, match="--memory_budget='8 parsecs' is invalid"):
-    plan_blocks.parse_bytes("8 parsecs")
+    planning.choose(rows, step[6] - 1)
+  assert planning.parse_bytes("8GiB") == 8 * 2**30
+  assert planning.parse_bytes("1.5 MB") == 1_500_000
+  with pytest.raises(ConfigError, match="memory budget '8 parsecs' is invalid"):
+    planning.parse_bytes("8 parsecs")

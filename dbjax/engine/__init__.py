@@ -2,11 +2,13 @@
 
   state       BlockState(params, opt_state, step), each block's own optimizer, host init
   step        the pure train step (state, shared, batch, key, interval) with its reduce hook
-  driver      the sequential driver: one block on the device at a time, SIGTERM, resume
+  driver      the sequential driver: one block on the device at a time, a stop within one
+              step on SIGTERM or Ctrl-C, resume
   parallel    all blocks at once on a ("block", "data") mesh (jax.shard_map)
   checkpoint  orbax checkpoints, one item per block, checksummed and checked for fit
   metric_log  train_metrics.jsonl, TensorBoard and the console
   profiling   compiled memory and step time of a block's step
+  planning    the number of blocks whose compiled step fits a memory budget
 
 It reads only the Task protocol (dbjax.tasks.base).
 """
