@@ -83,6 +83,12 @@ def process_commands(command: list[str], processes: int) -> list[list[str]]:
 PROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
+def deliver_sigint():
+  """In a child before it starts: SIGINT as a terminal delivers it, even when this
+  process was started in the background with SIGINT ignored (which children inherit)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def saved_steps(workdir: str) -> list[int]:
   """Steps of the complete checkpoints (orbax renames a save's directory to its step
   only once it is complete)."""
@@ -140,7 +146,8 @@ def run_with_kills(command: list[str], workdir: str, rng: np.random.Generator,
     logs = [open(path, "w") for path in log_paths]
     # Output to files, not pipes: a full pipe would stall a process in a collective.
     children = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT,
-                                 env=PROCESS_ENV if processes > 1 else None)
+                                 env=PROCESS_ENV if processes > 1 else None,
+                                 preexec_fn=deliver_sigint)
                 for c, log in zip(process_commands(command, processes), logs)]
     sent, during_save = None, False
     if kill:

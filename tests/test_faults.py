@@ -85,6 +85,7 @@ def test_a_stop_at_any_moment_saves_within_one_step_and_resumes_exactly(k, tmp_p
   config = tiny_config(**{"train__checkpoint_every": 20})
   _, straight, _, _ = train.train(config, str(tmp_path / "straight"), digits)
   workdir = str(tmp_path / "stopped")
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   with pytest.raises(TrainingInterrupted, match=f"SIGTERM after saving the checkpoint of "
                                                 f"iteration {k} in"):
     train.train(config, workdir, SignalAtBatch(digits, k))
@@ -96,10 +97,30 @@ def test_a_stop_at_any_moment_saves_within_one_step_and_resumes_exactly(k, tmp_p
     assert read_scalars(os.path.join(workdir, "tensorboard"))[f"block_{b}/loss"] == [
         (r["step"], pytest.approx(r["loss"])) for r in sorted(history, key=lambda r: r["step"])
         if r["block"] == b]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  # The caller's handlers are back.
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
-def test_a_first_ctrl_c_stops_like_sigterm_and_a_second_aborts(tmp_path, digits):
+@pytest.fixture
+def ctrl_c_delivered():
+  """SIGINT as a terminal delivers it: a test run in the background (CI, xdist
+  workers) starts with it ignored, and the driver then leaves it ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_ignored_at_the_start_stays_ignored(tmp_path, digits):
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:  # a job started in the background: SIGINT is not for it
+    run = train.train(tiny_config(), str(tmp_path), SignalAtBatch(digits, 5, signal.SIGINT))
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert len(run.history) == 20
+
+
+def test_a_first_ctrl_c_stops_like_sigterm_and_a_second_aborts(tmp_path, digits,
+                                                                ctrl_c_delivered):
   config = tiny_config(**{"train__checkpoint_every": 20})
   with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after saving the "
                                                 "checkpoint of iteration 5"):
@@ -124,7 +145,7 @@ def test_ctrl_c_on_the_command_line_exits_130_with_what_was_applied_saved(tmp_pa
 
   def launch_and_interrupt(ready):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=soak.deliver_sigint)
     while not ready() and process.poll() is None:
       time.sleep(0.05)
     process.send_signal(signal.SIGINT)

@@ -206,7 +206,10 @@ class _StopOnSignals:
   def __enter__(self):
     self._installed = threading.current_thread() is threading.main_thread()
     if self._installed:
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      # A signal ignored when we start (SIGINT of a job started in the background, by
+      # nohup) stays ignored, as Python itself leaves it.
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                        if signal.getsignal(s) is not signal.SIG_IGN}
     return self
 
   def _handle(self, signum, _):
