@@ -365,10 +365,10 @@ def describe_optimizer(arguments: dict) -> str:
 def _block_optimizer(arguments: dict) -> optax.GradientTransformation:
   if arguments["optimizer"] is not None:
     return state_lib.guarded(arguments["optimizer"], arguments["grad_clip"])
+  config = default_config()  # AdamW's moments and decay: dbjax's defaults
   schedule = state_lib.learning_rate_schedule(
       arguments["learning_rate"], arguments["warmup_steps"], arguments["num_steps"])
-  return state_lib.guarded(optax.inject_hyperparams(optax.adamw)(
-      learning_rate=schedule, b1=0.9, b2=0.99, weight_decay=0.0), arguments["grad_clip"])
+  return state_lib.guarded(state_lib.adamw(config.train, schedule), arguments["grad_clip"])
 
 
 def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidden_size: int,

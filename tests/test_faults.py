@@ -10,6 +10,7 @@ import chex
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -251,7 +252,8 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, digits):
   chex.assert_tree_all_finite(run.states)
   for b, state in enumerate(run.states):  # only the finite updates were applied
     applied = sum(not skip for r, skip in zip(run.history, expected) if r["block"] == b)
-    assert int(state.opt_state.inner_state[1].count) == applied  # AdamW's, in the guard
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")  # AdamW's
+    assert len(counts) >= 3 and {int(c) for _, c in counts} == {applied}
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the driver's is gone
 
 
