@@ -58,8 +58,11 @@ class TrainingInterrupted(Exception):
   """A signal (SIGTERM: preemption; SIGINT: Ctrl-C) stopped training within one train
   step, after a checkpoint of exactly the iterations applied."""
 
-  def __init__(self, signal_name: str, step: int, workdir: str, unit: str = "iteration"):
+  def __init__(self, signal_name: str, step: int, workdir: str, unit: str = "iteration",
+               saved: str | None = None):
+    """saved: what was saved, in words, where the run's checkpoint is not one step (a
+    block job saves each of its blocks)."""
     self.signal_name, self.step = signal_name, step
-    saved = (f"after saving the checkpoint of {unit} {step} in {workdir}" if step
-             else f"before any {unit} was applied (nothing to save)")
+    saved = saved or (f"after saving the checkpoint of {unit} {step} in {workdir}" if step
+                      else f"before any {unit} was applied (nothing to save)")
     super().__init__(f"stopped by {signal_name} {saved}; run the same command to resume")

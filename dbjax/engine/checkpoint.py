@@ -133,11 +133,18 @@ def _is_disk_full(error: BaseException | None) -> bool:
 class RunCheckpointer:
   """Saves and restores the B block states of a run, with its config and metadata."""
 
-  def __init__(self, directory: str, num_blocks: int, max_to_keep: int, targets_of=None):
+  def __init__(self, directory: str, num_blocks: int, max_to_keep: int, targets_of=None,
+               block_ids=None, remove_partial: bool = True):
     """targets_of(config) -> {item name: abstract tree}: the trees a run of `config`
-    saves, used only to name the config fields behind a checkpoint that does not fit."""
-    self.num_blocks, self.directory, self.targets_of = num_blocks, directory, targets_of
-    self._remove_partial_saves()
+    saves, used only to name the config fields behind a checkpoint that does not fit.
+    block_ids: the blocks whose states it holds, in order (default: all num_blocks; a
+    block job's checkpoints hold its block alone, see engine.block_jobs).
+    remove_partial: remove the leftovers of saves that never finished; False when
+    another process may be saving there now."""
+    self.directory, self.targets_of = directory, targets_of
+    self.block_ids = list(range(num_blocks) if block_ids is None else block_ids)
+    if remove_partial:
+      self._remove_partial_saves()
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True))
@@ -155,7 +162,7 @@ class RunCheckpointer:
 
   def save(self, step: int, block_states, config, metadata: dict, shared=None):
     """Write step `step`; raises CheckpointError on a full disk, keeping the last one."""
-    trees = {f"block_{b}": state for b, state in enumerate(block_states)}
+    trees = {f"block_{b}": state for b, state in zip(self.block_ids, block_states)}
     if shared is not None:
       trees["shared"] = shared
     for name, tree in trees.items():
@@ -205,7 +212,7 @@ class RunCheckpointer:
     step = self.manager.latest_step() if step is None else step
     check_files(os.path.join(self.directory, str(step)))
     meta = self.read_metadata(step)
-    targets = {f"block_{b}": state for b, state in enumerate(target_states)}
+    targets = {f"block_{b}": state for b, state in zip(self.block_ids, target_states)}
     if target_shared is not None:
       targets["shared"] = target_shared
     self._check_fits(step, meta, targets, config)
@@ -217,7 +224,7 @@ class RunCheckpointer:
     for name, expected in meta.get("checksums", {}).items():
       if name in targets and checksum(restored[name]) != expected:
         raise CheckpointError(f"{name} does not match the checksum saved with it")
-    return (step, [restored[f"block_{b}"] for b in range(self.num_blocks)],
+    return (step, [restored[f"block_{b}"] for b in self.block_ids],
             restored["shared"] if target_shared is not None else None, meta)
 
   def saved_signatures(self, step: int) -> dict:

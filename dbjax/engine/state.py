@@ -128,12 +128,21 @@ def init_on_host(task, seed: int) -> tuple[list[BlockState], BlockState]:
   next is made, so at most one block is ever on the accelerator. Block b's key is
   fold_in(seed, b); the shared state's is block index B's, so it never repeats a block's.
   """
+  return init_blocks_on_host(task, seed, range(task.num_blocks)), init_shared_on_host(task, seed)
+
+
+def init_blocks_on_host(task, seed: int, blocks) -> list[BlockState]:
+  """The fresh states of `blocks` (indices), one at a time into host memory, as
+  init_on_host makes them: block b from fold_in(key(seed), b)."""
   init = jax.jit(lambda key: init_block(task, key))
   base = jax.random.key(seed)
-  states = [jax.device_get(init(jax.random.fold_in(base, b))) for b in range(task.num_blocks)]
-  shared = jax.device_get(jax.jit(lambda key: init_shared(task, key))(
-      jax.random.fold_in(base, task.num_blocks)))
-  return states, shared
+  return [jax.device_get(init(jax.random.fold_in(base, b))) for b in blocks]
+
+
+def init_shared_on_host(task, seed: int) -> BlockState:
+  """The fresh shared state in host memory, as init_on_host makes it."""
+  return jax.device_get(jax.jit(lambda key: init_shared(task, key))(
+      jax.random.fold_in(jax.random.key(seed), task.num_blocks)))
 
 
 def abstract_states(task) -> tuple[BlockState, BlockState]:
