@@ -14,13 +14,13 @@ from typing import Any, NamedTuple
 import jax
 
 from dbjax import config as config_lib, tasks
-from dbjax.engine import driver
+from dbjax.engine import block_jobs, driver
 from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block_runs,
                                  step_key)
 from dbjax.engine.metric_log import MetricLog
-from dbjax.errors import WorkdirError
+from dbjax.errors import ConfigError, WorkdirError
 
-__all__ = ["train", "train_and_evaluate", "load_run", "restore_run", "LoadedRun", "TrainedRun",
+__all__ = ["train", "train_and_evaluate", "assemble_run", "load_run", "restore_run", "LoadedRun", "TrainedRun",
            "block_for_step", "block_runs", "step_key", "METRICS_FILE", "CONFIG_FILE"]
 
 # The run's config, written when it starts: readable without dbjax or orbax.
@@ -31,13 +31,16 @@ def _build(config):
   return tasks.build(config_lib.validate(config))
 
 
-def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
-  """Train (or resume) the run of `config` in `workdir`.
+def train(config, workdir: str, train_data=None, devices=None, blocks=None):
+  """Train (or resume) the run of `config` in `workdir`: a TrainedRun.
 
   train_data: the training split (default: loaded by dbjax.tasks.load_data, which also
   fills in data-derived fields such as a text's data.vocab_size; a config given with its
   own train_data must carry them). devices: those a parallel.mode="blocks" run may use.
   See dbjax.engine.driver.train.
+  blocks: train only these blocks ("2", "0,2", "1-3" or a list), as a job of their own
+  (dbjax.engine.block_jobs): a BlockJob, whose .run is the assembled run when this job
+  finished the run's last block.
   """
   config_lib.validate(config)
   if train_data is None:
@@ -50,7 +53,50 @@ def train(config, workdir: str, train_data=None, devices=None) -> TrainedRun:
     task.write_run_files(workdir, train_data)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json(indent=2))
+  if blocks is not None:
+    return block_jobs.train_blocks(task, config, workdir, train_data,
+                                   block_jobs.parse_blocks(blocks, task.num_blocks),
+                                   build=_build)
+  if block_jobs.is_block_job_workdir(workdir):
+    block_jobs.require_assembled(workdir, config)
   return driver.train(task, config, workdir, train_data, devices, build=_build)
+
+
+def _run_config(workdir: str):
+  """The config a run (or a block job) in `workdir` wrote when it started."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise WorkdirError(f"no {CONFIG_FILE} in {workdir!r}: it holds no run or block job")
+  with open(path) as f:
+    return config_lib.from_saved(json.load(f))
+
+
+def assemble_run(workdir: str, sources: list[str]) -> TrainedRun:
+  """One run in `workdir` from block jobs that trained in `sources` (workdirs), laid out
+  as a sequential run's, which evaluate, sample, compare and load_run read as usual.
+  ConfigError naming the first config field in which two sources differ (seed and
+  num_steps among them); WorkdirError naming blocks that no source finished."""
+  configs = [_run_config(source) for source in sources]
+  flat = [config_lib.flatten(c.to_dict()) for c in configs]
+  for source, other in zip(sources[1:], flat[1:]):
+    if field := next((f for f in sorted(set(flat[0]) | set(other))
+                      if flat[0].get(f) != other.get(f)), None):
+      raise ConfigError(f"the block jobs differ in config.{field}: {flat[0].get(field)!r} in "
+                        f"{sources[0]}, {other.get(field)!r} in {source}; only jobs of one "
+                        "config assemble into one run")
+  config = config_lib.validate(configs[0])
+  task = tasks.build(config)
+  driver.prepare_workdir(workdir)
+  in_place = [os.path.abspath(s) for s in sources] == [os.path.abspath(workdir)]
+  if in_place and block_jobs.is_assembled(workdir, config):
+    return block_jobs.finish(task, config, workdir, []).run  # read back as it is
+  run = block_jobs.assemble(task, config, workdir, sources)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json(indent=2))
+  # What later commands read besides the checkpoint (a text run's vocabulary), made as
+  # the jobs made it.
+  task.write_run_files(workdir, tasks.load_data(config)[1].train)
+  return run
 
 
 def final_losses(history: list[dict], num_blocks: int, window: int = 20,
@@ -62,10 +108,14 @@ def final_losses(history: list[dict], num_blocks: int, window: int = 20,
   return {b: float(np.mean(v)) if v else None for b, v in values.items()}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, blocks=None) -> dict:
   """Train (resuming if possible), then evaluate and write metrics.json, loss_curves.png
   and the task's pictures or texts (samples.png; confusion.png and
-  accuracy_vs_steps.png; samples.txt) to `workdir`; return the metrics."""
+  accuracy_vs_steps.png; samples.txt) to `workdir`; return the metrics.
+
+  blocks: train only these blocks, as a job of their own (see `train`); the job that
+  finishes the run's last block evaluates it, the others return {"blocks_trained",
+  "unfinished_blocks"}."""
   from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   config_lib.validate(config)
@@ -73,7 +123,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # its first iteration; during the evaluation they end it (the next call redoes it).
   with driver.stop_on_signals():
     config, data = tasks.load_data(config)
-    task, states, shared, history = train(config, workdir, data.train)
+    trained = train(config, workdir, data.train, blocks=blocks)
+  if blocks is not None:
+    if trained.run is None:  # other blocks train on, or another job assembles the run
+      return {"blocks_trained": trained.blocks,
+              "unfinished_blocks": {str(b): p for b, p in trained.unfinished.items()}}
+    trained = trained.run
+  task, states, shared, history = trained
   train_seconds = time.perf_counter() - start
   if jax.process_index() != 0:  # on many hosts, process 0 evaluates and writes the files
     return {}
@@ -107,6 +163,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def saved_config(workdir: str):
   """The config the run in `workdir` was trained with, as its newest checkpoint saved it."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  config_file = os.path.join(workdir, CONFIG_FILE)
+  if block_jobs.is_block_job_workdir(workdir) and os.path.exists(config_file):
+    with open(config_file) as f:
+      block_jobs.require_assembled(workdir, config_lib.from_saved(json.load(f)))
   if not os.path.isdir(directory):
     raise WorkdirError(f"no checkpoints in {workdir!r}: train a run there first")
   from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top

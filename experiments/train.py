@@ -18,6 +18,13 @@ All blocks at once, one slice of the devices each (README, "Scaling out"):
   python -m experiments.train --config=experiments/configs/digits.py --parallel=blocks \
       --workdir=runs/digits_parallel
 
+Blocks as separate jobs, anywhere and any time (README, "Blocks as separate jobs"): each
+job trains the blocks it is given; the one that finishes the last block assembles the run
+and evaluates it.
+
+  python -m experiments.train --config=experiments/configs/digits.py --blocks=2 \
+      --workdir=runs/digits_jobs
+
 On many hosts, run the same command on every host with --distributed (TPU pods and
 SLURM find their peers; elsewhere add --coordinator_address, --num_processes and
 --process_id).
@@ -38,6 +45,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 _PARALLEL = flags.DEFINE_enum("parallel", None, PARALLEL_MODES,
                               "sets config.parallel.mode: 'blocks' trains all blocks at once "
                               "on a (block, data) mesh of the devices present")
+_BLOCKS = flags.DEFINE_string("blocks", None,
+                              "train only these blocks, as a job of their own: 2, 0,2 or 1-3 "
+                              "(dbjax.engine.block_jobs)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "call jax.distributed.initialize() first (many hosts)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -55,8 +65,16 @@ def main(argv):
   if _PARALLEL.value is not None:
     config = config.copy_and_resolve_references()
     config.parallel.mode = _PARALLEL.value
-  results = train_and_evaluate(config, _WORKDIR.value)
+  results = train_and_evaluate(config, _WORKDIR.value, blocks=_BLOCKS.value)
   if not results:  # not process 0 of a multi-host run
+    return
+  if "blocks_trained" in results:  # a block job, and the run is not complete yet
+    trained = ", ".join(map(str, results["blocks_trained"]))
+    waiting = results["unfinished_blocks"]
+    print(f"block {trained} trained to the end; "
+          + (f"waiting for block {', '.join(waiting)}: the job that finishes the last "
+             "block assembles and evaluates the run" if waiting
+             else "another job is assembling the run"))
     return
   print(json.dumps(results, indent=2))
   samples = os.path.join(_WORKDIR.value, SAMPLES_FILE)
