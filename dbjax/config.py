@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
       num_layers=12,        # total depth L; each block gets L / num_blocks layers
       hidden_size=64, num_heads=4, mlp_ratio=4.0, patch_size=2, frequency_dim=128,
       remat=False,          # jax.checkpoint each layer: activations of one layer at a time
+      # The computation's dtype: "float32", or "bfloat16" (activations and matmuls;
+      # parameters, gradients and optimizer state stay float32; dbjax.nets.dit).
+      dtype="float32",
       label_dropout=0.1,    # labels replaced by the null label, for classifier-free guidance
   ))
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -162,6 +165,10 @@ def default_config() -> ml_collections.ConfigDict:
       # "skip"s the step and counts it (train_metrics.jsonl, metrics.json).
       on_nonfinite="stop",
       progress=True,
+      # The sequential driver sends the next block to the device while one trains and
+      # the last one back (engine.driver.train_interval); False: one at a time, there
+      # and back synchronously (the same results, bit for bit).
+      stream_blocks=True,
   ))
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=30, solver="euler",
@@ -264,6 +271,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(0.0 <= config.classifier.token_corruption < 1.0, "classifier.token_corruption",
            config.classifier.token_corruption, "in [0, 1)")
   _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+           "'float32' or 'bfloat16'")
   _require(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
   _require(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")
   _require(0.0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min,

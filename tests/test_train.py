@@ -45,9 +45,13 @@ def interleaved_reference(config, train_data):
   return states
 
 
-def test_regrouped_driver_equals_interleaved_training(tmp_path, digits):
+@pytest.mark.parametrize("stream_blocks", [True, False])
+def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_blocks):
+  """Regrouped by block, and with the next block streamed to the device while one trains
+  (or each sent there and back synchronously): the interleaved order's parameters."""
   config = tiny_config()
   config.train.num_steps = 6  # 12 iterations over 2 blocks, 3 checkpoint intervals
+  config.train.stream_blocks = stream_blocks
   _, states, _, history = train.train(config, str(tmp_path), digits)
   chex.assert_trees_all_equal(states, interleaved_reference(config, digits))
   # Each block's own step count is the number of iterations it was drawn for.
@@ -66,8 +70,10 @@ def test_schedule_is_uniform_over_blocks():
   assert np.all(np.abs(counts - 1000) < 120)
 
 
-def test_loss_falls_on_a_short_run(tmp_path, digits):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loss_falls_on_a_short_run(tmp_path, digits, dtype):
   config = tiny_config()
+  config.model.dtype = dtype  # bfloat16: tests/test_precision.py
   config.train.num_steps = 150
   config.train.checkpoint_every = 300
   config.train.learning_rate = 2e-3

@@ -308,11 +308,11 @@ def _train_own_blocks(task, config, workdir, train_data, blocks, locks, stop, bu
   step_fn, shared = jit_train_step(task), state_lib.init_shared_on_host(task, config.seed)
   should_stop = lambda: stop.signal_name is not None
   try:
-    for chunk in driver._chunks(min(progress[b] for b in blocks), total, every):  # pylint: disable=protected-access
-      rows, shared = driver._train_interval(  # pylint: disable=protected-access
+    for chunk in driver.checkpoint_chunks(min(progress[b] for b in blocks), total, every):
+      rows, shared = driver.train_interval(
           step_fn, states, shared, task, chunk[mine[chunk]], train_data, config, bar,
-          progress, should_stop)
-      driver._skipped_steps(rows, config.train.on_nonfinite, "iteration")  # pylint: disable=protected-access
+          progress, should_stop, stream=config.train.stream_blocks)
+      driver.skipped_steps(rows, config.train.on_nonfinite, "iteration")
       done += len(rows)
       for b in blocks:
         if not should_stop():  # the whole interval: the block is at its end
@@ -354,8 +354,9 @@ def require_assembled(workdir: str, config):
   if unfinished := unfinished_blocks(workdir, config):
     raise WorkdirError(
         f"{workdir!r} holds block jobs whose run is not complete: "
-        f"{describe_unfinished(unfinished, total)}; run {'its job' if len(unfinished) == 1 else 'their jobs'} "
-        f"(python -m experiments.train ... --blocks={','.join(map(str, unfinished))}); "
+        f"{describe_unfinished(unfinished, total)}; run "
+        f"{'its job' if len(unfinished) == 1 else 'their jobs'} (python -m "
+        f"experiments.train ... --blocks={','.join(map(str, unfinished))}); "
         "the last to finish assembles the run")
   raise WorkdirError(f"every block in {workdir!r} is at its end but the run is not assembled: "
                      f"python -m experiments.assemble --workdir={workdir}")
@@ -424,7 +425,7 @@ def assemble(task, config, workdir: str, sources: list[str]) -> driver.TrainedRu
   checkpointer = driver.checkpointer_of(task, config, workdir)
   checkpointer.save(total, states, config,
                     {"iterations": total, "progress": [total] * task.num_blocks},
-                    driver._saved_shared(shared))  # pylint: disable=protected-access
+                    driver.saved_shared(shared))
   checkpointer.close()
   metrics_path = os.path.join(workdir, driver.METRICS_FILE)
   if os.path.exists(metrics_path):  # assembled again: the rows are written afresh

@@ -5,8 +5,9 @@ trains it on the whole batch; DiffusionBlocks runs B times as many iterations as
 end-to-end training, so both spend the same layer evaluations.
 
 Memory: all blocks' states live in host memory as numpy; only the block being trained
-(and the small shared state, if the task has one) is on the accelerator:
-`_train_block_steps` puts a block there and `_train_interval` takes it back. When blocks
+(and the small shared state, if the task has one) is on the accelerator, with the next
+block on its way there and the last on its way back (`train_interval`, config
+train.stream_blocks). When blocks
 share no trained parameters (task.couples_blocks is False) the iterations of a
 checkpoint interval are regrouped by block: each block still sees its own iterations in
 order, with the batch and key of that iteration, which gives exactly the parameters of
@@ -95,11 +96,12 @@ def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
   return [(b, np.array(steps)) for b, steps in runs]
 
 
-def _train_block_steps(step_fn, state, shared, task, block_index, steps, train_data, config,
-                       bar, should_stop):
-  """Run one block (already on the device) through its iterations, stopping early after
-  the first one at which should_stop() holds; return its state, the shared state and the
-  metrics of the iterations applied."""
+def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, train_data,
+                          config, bar, should_stop):
+  """Dispatch one block's iterations (its state already on the device, or on its way),
+  stopping early after the first one at which should_stop() holds; return its state,
+  the shared state and the metrics of the iterations dispatched, all still on the
+  device (JAX dispatches asynchronously: nothing here waits for the steps)."""
   metrics = []
   interval = jnp.asarray(task.intervals[block_index])
   for step in steps:
@@ -112,39 +114,61 @@ def _train_block_steps(step_fn, state, shared, task, block_index, steps, train_d
     bar.update(1)
     if should_stop():
       break
-  return state, shared, jax.device_get(metrics)
+  return state, shared, metrics
 
 
-def _train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
-                    should_stop):
+def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
+                    should_stop, stream: bool = True):
   """Train the iterations in `chunk` that are not applied yet (block b's from
   progress[b] on), until should_stop() holds; update the host `states` and `progress`
-  in place and return (metric rows in iteration order, the host shared state)."""
+  in place and return (metric rows in iteration order, the host shared state).
+
+  stream: a block's steps are dispatched first (JAX runs them asynchronously), and only
+  then is the previous block fetched back to the host and the next one sent to the
+  device, so both transfers overlap the steps and the device never waits for them; it
+  holds the training block and the one arriving. Without it each block goes there and
+  back between the steps. The results are the same, bit for bit."""
   schedule = np.array([block_for_step(config.seed, s, task.num_blocks) for s in chunk])
-  rows = []
+  runs = [(b, steps[steps >= progress[b]])
+          for b, steps in block_runs(chunk, schedule, task.couples_blocks)]
+  runs = [(b, steps) for b, steps in runs if len(steps)]
+  upload = lambda i: jax.device_put(states[runs[i][0]]) if i < len(runs) else None
+  rows, leaving = [], None  # leaving: (block, its device state on its way to the host)
   shared = jax.device_put(shared)  # small; stays on the device through the interval
-  for b, own_steps in block_runs(chunk, schedule, task.couples_blocks):
-    own_steps = own_steps[own_steps >= progress[b]]
-    if not len(own_steps):
-      continue
+  arriving = upload(0)
+  for i, (b, own_steps) in enumerate(runs):
     if should_stop():
       break
-    # To the device: this block alone, for its iterations of the interval.
-    state, shared, metrics = _train_block_steps(step_fn, jax.device_put(states[b]), shared,
-                                                task, b, own_steps, train_data, config, bar,
-                                                should_stop)
+    state, shared, metrics = _dispatch_block_steps(step_fn, arriving, shared, task, b,
+                                                   own_steps, train_data, config, bar,
+                                                   should_stop)
+    arriving = None
+    if stream:  # while block b computes: the last block back, the next one there
+      _land(states, leaving)
+      arriving, leaving = upload(i + 1), (b, state)
+    metrics = jax.device_get(metrics)  # waits for block b's steps
     for step, m in zip(own_steps, metrics):
       rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
     progress[b] = int(own_steps[len(metrics) - 1]) + 1  # its iterations before are applied
-    states[b] = jax.device_get(state)  # back to host: the device holds one block
-    del state  # free its device buffers before the next block is put there
+    if not stream:  # back to host, then the next block to the device
+      states[b] = jax.device_get(state)
+      del state  # free its device buffers before the next block is put there
+      arriving = upload(i + 1)
+  _land(states, leaving)
   return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
 
 
-def _chunks(first: int, total: int, every: int) -> list[np.ndarray]:
+def _land(states, leaving):
+  """Wait for a block's copy to the host to finish and keep it in `states`."""
+  if leaving is not None:
+    b, state = leaving
+    states[b] = jax.device_get(state)
+
+
+def checkpoint_chunks(first: int, total: int, every: int) -> list[np.ndarray]:
   """The iterations from `first` to `total` in checkpoint intervals: up to the next
   multiple of `every`, then `every` at a time."""
-  ends = [e for e in range((first // every + 1) * every, total, every)] + [total]
+  ends = list(range((first // every + 1) * every, total, every)) + [total]
   starts = [first] + ends[:-1]
   return [np.arange(a, b) for a, b in zip(starts, ends) if b > a]
 
@@ -156,7 +180,7 @@ class TrainedRun(NamedTuple):
   history: list[dict]        # one metrics row per iteration
 
 
-def _skipped_steps(rows: list[dict], policy: str, unit: str) -> list[dict]:
+def skipped_steps(rows: list[dict], policy: str, unit: str) -> list[dict]:
   """The rows whose update was skipped for a NaN or inf. policy "stop" (config
   train.on_nonfinite) raises NonFiniteLossError for the first, before any checkpoint
   could hold what followed it."""
@@ -276,7 +300,7 @@ def checkpoint_targets(task, config) -> dict:
   return targets
 
 
-def _saved_shared(shared):
+def saved_shared(shared):
   """The shared state as a checkpoint holds it: None when the task shares nothing."""
   return shared if jax.tree.leaves(shared.params) else None
 
@@ -381,8 +405,9 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
     total = config_lib.total_iterations(config)
     step_fn = jit_train_step(task)
     def train_chunk(chunk, states, shared, should_stop):
-      rows, shared = _train_interval(step_fn, states, shared, task, chunk, train_data,
-                                     config, bar, progress, should_stop)
+      rows, shared = train_interval(step_fn, states, shared, task, chunk, train_data,
+                                     config, bar, progress, should_stop,
+                                     stream=config.train.stream_blocks)
       return rows, states, shared
   # Purged from `start` on, also at 0: a run started afresh over unreadable checkpoints
   # must not show the old run's curves.
@@ -393,10 +418,10 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
              disable=not (config.train.progress and chief), unit=unit)
   try:
     should_stop = agreed_stop(stop)
-    for chunk in _chunks(start, total, config.train.checkpoint_every):
+    for chunk in checkpoint_chunks(start, total, config.train.checkpoint_every):
       interval_start = time.perf_counter()
       rows, states, shared = train_chunk(chunk, states, shared, should_stop)
-      num_skipped += len(_skipped_steps(rows, config.train.on_nonfinite, unit))
+      num_skipped += len(skipped_steps(rows, config.train.on_nonfinite, unit))
       log.write_rows(rows)
       history += rows
       applied += len(rows) // (task.num_blocks if in_parallel else 1)
@@ -409,7 +434,7 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
                              unit)
       if rows:
         checkpointer.save(applied, states, config,
-                          {"iterations": total, "progress": progress}, _saved_shared(shared))
+                          {"iterations": total, "progress": progress}, saved_shared(shared))
         log.print_interval(applied, total, rows, unit=unit)
         bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}",
                         **({"skipped": num_skipped} if num_skipped else {}))

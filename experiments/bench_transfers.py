@@ -1,0 +1,110 @@
+r"""How long the sequential driver waits for blocks to move between host and device:
+one checkpoint interval trained with the blocks sent there and back synchronously, with
+them streamed (the next on its way while one trains, config train.stream_blocks), and
+with every block kept on the device (no transfers at all: the time of the steps alone),
+side by side in one run.
+
+  python -m experiments.bench_transfers --config=experiments/configs/digits.py \
+      --out=results/bench_transfers_digits.json
+
+Waiting share of a way = 1 - (time with every block resident) / (its time); the blocks
+on the device = the most live device bytes at any step, in units of one block's state.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from dbjax import config as config_lib, tasks
+from dbjax.data.batches import batch_indices
+from dbjax.engine import driver, profiling, state as state_lib
+from dbjax.engine.step import jit_train_step
+from experiments.cli import config_help, print_table, run, write_json
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
+                                          config_help(), lock_config=True)
+_ITERATIONS = flags.DEFINE_integer("iterations", 90, "iterations in the timed interval")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed intervals per way, taken in turn")
+_OUT = flags.DEFINE_string("out", "results/bench_transfers_digits.json", "JSON output")
+
+WAYS = ("synchronous", "streamed", "all_resident")
+
+
+def train_all_resident(step_fn, device_states, shared, task, chunk, train_data, config):
+  """The interval's iterations in the driver's order, every block already on the device."""
+  schedule = np.array([driver.block_for_step(config.seed, s, task.num_blocks) for s in chunk])
+  for b, steps in driver.block_runs(chunk, schedule, task.couples_blocks):
+    for step in steps:
+      index = batch_indices(config.seed, int(step), train_data.num_examples,
+                            config.train.batch_size)
+      device_states[b], shared, _ = step_fn(device_states[b], shared, train_data.batch(index),
+                                            driver.step_key(config.seed, int(step), b),
+                                            jnp.asarray(task.intervals[b]))
+  return jax.block_until_ready((device_states, shared))
+
+
+def interval_seconds(way, step_fn, host_states, host_shared, task, chunk, train_data,
+                     config) -> float:
+  """Seconds to train `chunk` from the given states, the blocks moved `way`."""
+  states = [jax.tree.map(np.copy, s) for s in host_states]
+  bar = tqdm(disable=True)
+  if way == "all_resident":
+    device_states, shared = jax.device_put((states, host_shared))
+    jax.block_until_ready(device_states)
+    start = time.perf_counter()
+    train_all_resident(step_fn, device_states, shared, task, chunk, train_data, config)
+  else:
+    start = time.perf_counter()
+    driver.train_interval(step_fn, states, host_shared, task, chunk, train_data, config, bar,
+                          [0] * task.num_blocks, lambda: False, stream=way == "streamed")
+  return time.perf_counter() - start
+
+
+def recording_live_bytes(step_fn, peaks: list):
+  """step_fn, noting the live device bytes (block states, batches) at each call."""
+  def step(*args):
+    peaks.append(profiling.live_device_bytes())
+    return step_fn(*args)
+  return step
+
+
+def main(argv):
+  del argv
+  config, data = tasks.load_data(config_lib.validate(_CONFIG.value))
+  task = tasks.build(config)
+  host_states, host_shared = state_lib.init_on_host(task, config.seed)
+  chunk = np.arange(_ITERATIONS.value)
+  step_fn = jit_train_step(task)
+  args = (host_states, host_shared, task, chunk, data.train, config)
+  for way in WAYS:  # compile, and warm every path
+    interval_seconds(way, step_fn, *args)
+  seconds = {way: [] for way in WAYS}
+  for _ in range(_REPEATS.value):  # in turn, so that the machine's noise falls on all
+    for way in WAYS:
+      seconds[way].append(interval_seconds(way, step_fn, *args))
+  block_bytes = profiling.state_bytes(task)
+  baseline = profiling.live_device_bytes()
+  rows = []
+  for way in WAYS:
+    peaks = []
+    interval_seconds(way, recording_live_bytes(step_fn, peaks), *args)
+    median = float(np.median(seconds[way]))
+    rows.append({"way": way, "interval_seconds": median,
+                 "waiting_share": 1 - float(np.median(seconds["all_resident"])) / median,
+                 "blocks_on_device": (max(peaks) - baseline) / block_bytes})
+  summary = {"device": jax.devices()[0].device_kind, "num_blocks": task.num_blocks,
+             "iterations": _ITERATIONS.value, "block_state_bytes": block_bytes,
+             "repeats": _REPEATS.value, "rows": rows,
+             "seconds": {way: s for way, s in seconds.items()}}
+  print_table(rows, list(rows[0]))
+  print(f"waiting on transfers: {rows[0]['waiting_share']:.1%} of an interval synchronously, "
+        f"{rows[1]['waiting_share']:.1%} streamed (target <= 5%); device: {summary['device']}")
+  write_json(_OUT.value, summary)
+
+
+if __name__ == "__main__":
+  run(main)
