@@ -20,8 +20,9 @@ from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block
 from dbjax.engine.metric_log import MetricLog
 from dbjax.errors import ConfigError, WorkdirError
 
-__all__ = ["train", "train_and_evaluate", "assemble_run", "load_run", "restore_run", "LoadedRun", "TrainedRun",
-           "block_for_step", "block_runs", "step_key", "METRICS_FILE", "CONFIG_FILE"]
+__all__ = ["train", "train_and_evaluate", "assemble_run", "load_run", "restore_run",
+           "LoadedRun", "TrainedRun", "block_for_step", "block_runs", "step_key", "METRICS_FILE",
+           "CONFIG_FILE"]
 
 # The run's config, written when it starts: readable without dbjax or orbax.
 CONFIG_FILE = "config.json"

@@ -292,7 +292,8 @@ def _token_task(config, make_layer, vocab_size: int, seq_len: int) -> SingleStre
   the language configs build the two-stream AutoregressiveDenoiser)."""
   num_blocks = config.diffusion.num_blocks
   net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=config.model.hidden_size,
-                 num_layers=config.model.num_layers // num_blocks, layer=make_layer)
+                 num_layers=config.model.num_layers // num_blocks, dtype=config.model.dtype,
+                 layer=make_layer)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
   plan, intervals = noise_plan(config, num_blocks)
   return SingleStreamDenoiser(
@@ -311,12 +312,12 @@ TASK_BUILDERS = {
 
 
 def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
-                image_shape, patch_size, num_classes):
+                image_shape, patch_size, num_classes, dtype):
   """A dbjax config holding wrap's settings, so the built-in models are built from it."""
   config = default_config()
   config.task = {"image": "generation", "label": "classification"}.get(target, "generation")
   config.model.update(num_layers=num_layers, hidden_size=hidden_size, num_heads=1,
-                      patch_size=patch_size)
+                      patch_size=patch_size, dtype=dtype)
   config.diffusion.update(num_blocks=num_blocks, partition=partition, overlap_gamma=gamma)
   height, width, channels = image_shape
   config.data.update(image_size=height, channels=channels, num_classes=num_classes)
@@ -377,7 +378,8 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
          learning_rate: float | None = None, num_steps: int | None = None,
          warmup_steps: int | None = None, grad_clip: float | None = 1.0,
          image_shape: tuple = (8, 8, 1), patch_size: int = 2, num_classes: int = 10,
-         vocab_size: int = 0, seq_len: int = 0, seed: int = 0) -> DiffusionBlocks:
+         vocab_size: int = 0, seq_len: int = 0, dtype: str = "float32",
+         seed: int = 0) -> DiffusionBlocks:
   """DiffusionBlocks over a user's layers (see the module docstring).
 
   make_layer(rngs) -> one residual layer (x (N, T, D), cond (N, D)) -> x.
@@ -390,7 +392,10 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   the updates each block gets; set yours). Either way it is wrapped in clipping at
   grad_clip (None: none) and the NaN guard.
   image_shape (H, W, C), patch_size, num_classes: the image and label targets.
-  vocab_size, seq_len: the token target. seed: the frozen label or token embedding.
+  vocab_size, seq_len: the token target. dtype: the computation's, "float32" or
+  "bfloat16" (parameters and optimizer state stay float32; a user's layer computes in
+  what its own modules say, and its output is cast to the stream's dtype).
+  seed: the frozen label or token embedding.
   """
   arguments = dict(locals())
   _require(target in TASK_BUILDERS, "target", target, f"one of {tuple(TASK_BUILDERS)}")
@@ -402,6 +407,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
            f"a multiple of num_blocks={num_blocks}")
   _require(partition in PARTITIONS, "partition", partition, f"one of {PARTITIONS}")
   _require(0 <= gamma < 1, "gamma", gamma, "in [0, 1)")
+  _require(dtype in ("float32", "bfloat16"), "dtype", dtype, "'float32' or 'bfloat16'")
   _check_optimizer(arguments)
   if target == "token":
     _require(isinstance(vocab_size, int) and vocab_size >= 2, "vocab_size", vocab_size,
@@ -415,7 +421,7 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
              f"a divisor of the image size {image_shape[0]}")
   _probe_layer(make_layer, hidden_size, causal=target == "token")
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
-                       image_shape, patch_size, num_classes)
+                       image_shape, patch_size, num_classes, dtype)
   task = TASK_BUILDERS[target](config, make_layer, vocab_size, seq_len)
   # The target embedding stays frozen.
   task = dataclasses.replace(task, optimizer=_block_optimizer(arguments),

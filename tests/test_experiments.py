@@ -211,14 +211,18 @@ def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   result = run_cli("experiments.bench_memory", "--config=experiments/configs/digits.py",
                    "--num_blocks=2", f"--out={out}", *TINY_FLAGS)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["method"], r["num_blocks"]) for r in rows] == [
-      ("end_to_end", 1), ("diffusion_blocks", 2),
-      ("end_to_end_remat", 1), ("diffusion_blocks_remat", 2)]
+  assert [(r["dtype"], r["method"], r["num_blocks"]) for r in rows] == [
+      (dtype, method, b) for dtype in ("float32", "bfloat16") for method, b in [
+          ("end_to_end", 1), ("diffusion_blocks", 2), ("end_to_end_remat", 1),
+          ("diffusion_blocks_remat", 2)]]
   for row in rows:
     assert row["step_bytes"] > 0 and row["resident_bytes"] > 0
   assert rows[1]["step_ratio"] == rows[0]["step_bytes"] / rows[1]["step_bytes"]
   assert rows[1]["resident_bytes"] < rows[0]["resident_bytes"]
-  assert "step_ratio" in result.stdout
+  # bfloat16 against float32, the same method: the state is float32 in both.
+  assert rows[4]["activations_vs_float32"] < 0.7 and rows[4]["state_bytes"] == rows[0][
+      "state_bytes"]
+  assert "step_ratio" in result.stdout and "activations_vs_float32" in result.stdout
 
 
 @pytest.mark.slow
@@ -393,3 +397,19 @@ def test_planner_picks_the_smallest_number_of_blocks_that_fits():
   assert planning.parse_bytes("1.5 MB") == 1_500_000
   with pytest.raises(ConfigError, match="memory budget '8 parsecs' is invalid"):
     planning.parse_bytes("8 parsecs")
+
+
+@pytest.mark.slow
+def test_device_check_runs_on_a_cpu(tmp_path):
+  """The accelerator check, at --tiny sizes, so that it is known to work before a GPU
+  or TPU ever sees it."""
+  out = tmp_path / "check.json"
+  result = run_cli("experiments.device_check", "--tiny", "--repeats=2", f"--out={out}")
+  summary = json.loads(out.read_text())
+  assert [(r["method"], r["dtype"]) for r in summary["rows"]] == [
+      (method + remat, dtype) for dtype in ("float32", "bfloat16") for remat in ("", "_remat")
+      for method in ("end_to_end", "diffusion_blocks")]
+  for row in summary["rows"]:
+    assert row["step_mib"] > 0 and row["matmul_gflop"] > 0 and row["mfu"] is None  # a CPU
+  assert summary["scaling"]["rows"] and len(summary["transfers"]["rows"]) == 3
+  assert "transfers, streamed" in result.stdout

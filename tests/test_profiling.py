@@ -24,3 +24,42 @@ def test_a_block_needs_about_one_bth_of_end_to_end_memory(num_blocks):
 
 def test_remat_lowers_end_to_end_memory():
   assert step_bytes("end_to_end", 1, remat=True) < 0.7 * step_bytes("end_to_end", 1)
+
+
+def test_saved_activations_halve_in_bfloat16():
+  """The activations the backward pass keeps, read before compilation: all float32 in
+  a float32 network; in a bfloat16 one, bfloat16 but for the attention's float32
+  logits (jax.nn.dot_product_attention's softmax), and at most 0.6 of float32's bytes."""
+  saved = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config(method="end_to_end")
+    config.model.num_layers, config.model.hidden_size, config.model.dtype = 4, 64, dtype
+    saved[dtype] = profiling.saved_activation_bytes(tasks.build(config), 64)
+  assert set(saved["float32"]) <= {"float32", "int32"}
+  assert saved["bfloat16"]["bfloat16"] > saved["bfloat16"]["float32"]
+  assert sum(saved["bfloat16"].values()) <= 0.6 * sum(saved["float32"].values())
+
+
+def test_matmul_flops_count_every_product_once():
+  """2 m k n per (m, k) x (k, n) product; a scan's body times its length; a gradient
+  adds the two products of the backward pass."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  count = lambda f, *args: profiling.jaxpr_matmul_flops(jax.make_jaxpr(f)(*args).jaxpr)
+  assert count(jnp.dot, x, w) == 2 * 8 * 16 * 4
+  layers = jnp.ones((5, 16, 16))
+  scanned = lambda x, layers: jax.lax.scan(lambda h, l: (h @ l, None), x, layers)[0]
+  assert count(scanned, x, layers) == 5 * 2 * 8 * 16 * 16
+  assert count(jax.grad(lambda w: jnp.sum(x @ w)), w) == 2 * 2 * 8 * 16 * 4  # x^T g only
+  assert count(jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), argnums=(0, 1)), x, w) == (
+      3 * 2 * 8 * 16 * 4)
+
+
+def test_matmul_flops_of_a_block_are_a_bth_of_end_to_end():
+  config = tiny_config(method="end_to_end")
+  config.model.num_layers, config.model.hidden_size = 4, 64
+  e2e = profiling.matmul_flops(tasks.build(config), 16)
+  config.method, config.diffusion.num_blocks = "diffusion_blocks", 2
+  block = profiling.matmul_flops(tasks.build(config), 16)
+  assert block == pytest.approx(e2e / 2, rel=0.05)

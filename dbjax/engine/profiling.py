@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dbjax.engine import state as state_lib
-from dbjax.engine.step import jit_train_step
+from dbjax.engine.step import jit_train_step, train_step
 
 
 def compiled_memory(compiled) -> dict:
@@ -43,11 +43,86 @@ def train_step_memory(task, batch_size: int) -> dict:
   return compiled_memory(compiled_train_step(task, batch_size))
 
 
+# The short dtype names jax prints (f32[128,49,512]), and their dtypes.
+_SHORT_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64",
+                 "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "u8": "uint8",
+                 "u32": "uint32", "u64": "uint64", "bool": "bool"}
+
+
+def saved_activation_bytes(task, batch_size: int) -> dict:
+  """{dtype name: bytes} of the activations one block's backward pass keeps from its
+  forward pass (the residuals jax.ad_checkpoint.print_saved_residuals lists, without
+  the parameters), read from the program before any backend compiles it. Unlike
+  compiled_memory, it does not depend on how a backend lowers a dtype: XLA's CPU
+  backend computes bfloat16 in float32, so only this shows on a CPU what bfloat16
+  saves on a GPU or TPU."""
+  import contextlib, io, re  # pylint: disable=g-import-not-at-top,multiple-imports
+  from jax import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  block, shared = state_lib.abstract_states(task)
+  batch, interval = task.example_batch(batch_size), jnp.asarray(task.intervals[0])
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  shared_params = zeros(shared.params)
+  loss = lambda params: task.loss(params, shared_params, batch, jax.random.key(0), interval)[0]
+  listing = io.StringIO()
+  with contextlib.redirect_stdout(listing):
+    ad_checkpoint.print_saved_residuals(loss, zeros(block.params))
+  totals = {}
+  for line in listing.getvalue().splitlines():
+    found = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
+    if found is None or "from the argument" in found.group(3):
+      continue
+    dtype = np.dtype(_SHORT_DTYPES.get(found.group(1), "float32"))
+    size = int(np.prod([int(n) for n in found.group(2).split(",") if n]))
+    totals[dtype.name] = totals.get(dtype.name, 0) + size * dtype.itemsize
+  return totals
+
+
 def compiled_flops(compiled) -> float:
   """The FLOPs XLA counts for one call of a compiled computation (cost_analysis)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
+
+
+def _dot_flops(eqn) -> int:
+  """2 x (output elements) x (contracted size) of one dot_general."""
+  lhs = eqn.invars[0].aval.shape
+  (contracting, _), _ = eqn.params["dimension_numbers"]
+  contracted = int(np.prod([lhs[d] for d in contracting]))
+  return 2 * int(np.prod(eqn.outvars[0].aval.shape)) * contracted
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """The dot_general FLOPs of a jaxpr, into its sub-jaxprs (jit, remat, custom
+  derivatives, scan bodies times their length; a cond's costliest branch)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      total += _dot_flops(eqn)
+      continue
+    inner = []
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(item, "eqns") or hasattr(item, "jaxpr"):
+          inner.append(getattr(item, "jaxpr", item))
+    flops = [jaxpr_matmul_flops(j) for j in inner]
+    if eqn.primitive.name == "cond":
+      total += max(flops, default=0)
+    else:
+      total += sum(flops) * int(eqn.params.get("length", 1))
+  return total
+
+
+def matmul_flops(task, batch_size: int) -> int:
+  """FLOPs of the matrix products in one train step of one block: forward, backward
+  (and any rematerialised forward) and the optimizer's update, counted from the step's
+  jaxpr as 2 x output elements x contracted size per dot_general. The denominator of
+  model FLOPs utilisation: the elementwise work is left out, as is usual."""
+  block, shared = state_lib.abstract_states(task)
+  jaxpr = jax.make_jaxpr(lambda b, s, batch: train_step(task, b, s, batch, jax.random.key(0),
+                                                        jnp.asarray(task.intervals[0])))(
+      block, shared, task.example_batch(batch_size))
+  return jaxpr_matmul_flops(jaxpr.jaxpr)
 
 
 def state_bytes(task) -> int:
@@ -57,7 +132,8 @@ def state_bytes(task) -> int:
              for leaf in jax.tree.leaves(state_lib.abstract_states(task)))
 
 
-def _live_device_bytes() -> int:
+def live_device_bytes() -> int:
+  """Bytes of every live (not donated or deleted) array on the devices."""
   return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
 
 
@@ -69,13 +145,13 @@ def resident_bytes(task, batch_size: int, seed: int = 0) -> int:
   before the run.
   """
   gc.collect()
-  baseline = _live_device_bytes()
+  baseline = live_device_bytes()
   host_states, host_shared = state_lib.init_on_host(task, seed)
   batch = task.example_batch(batch_size)
   out = jit_train_step(task)(jax.device_put(host_states[0]), jax.device_put(host_shared),
                              batch, jax.random.key(0), jnp.asarray(task.intervals[0]))
   jax.block_until_ready(out)
-  resident = _live_device_bytes() - baseline
+  resident = live_device_bytes() - baseline
   del out, batch
   gc.collect()
   return resident

@@ -32,6 +32,9 @@ class DiTConfig:
   num_classes: int = 10
   frequency_dim: int = 128
   remat: bool = False
+  # The computation's dtype ("float32" or "bfloat16"); parameters stay float32 (see
+  # compute_dtype).
+  dtype: str = "float32"
   # A user's layer in the place of DiTLayer: make_layer(rngs) -> an nnx.Module mapping
   # (x (N, T, D), cond (N, D)) -> x (see dbjax.wrap). None: DiTLayer.
   layer: Callable[[nnx.Rngs], nnx.Module] | None = None
@@ -123,18 +126,48 @@ def unpatchify(tokens: jax.Array, patch_size: int, channels: int) -> jax.Array:
   return x.reshape(n, g * p, g * p, channels)
 
 
-def _zero_linear(d_in, d_out, rngs):
-  return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+def compute_dtype(cfg) -> jnp.dtype:
+  """The dtype a network of `cfg` computes in. With bfloat16 the matmuls, the residual
+  stream and the saved activations are bfloat16 (half the bytes, and the fast path of
+  TPUs and tensor cores), while the parameters, their gradients and the optimizer
+  state stay float32 (param_dtype), so small updates are not lost to rounding. What
+  leaves the network is float32 again (FinalLayer): the losses, EDM's preconditioning
+  and the samplers work there (see dbjax.edm and the tasks' losses)."""
+  return jnp.dtype(cfg.dtype)
+
+
+def dense(d_in: int, d_out: int, dtype, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+  """A Linear computing in `dtype`, its parameters float32."""
+  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **kwargs)
+
+
+def layer_norm(d: int, dtype, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """DiT's parameter-free LayerNorm, output in `dtype` (flax computes its mean and
+  variance in float32 whatever the input's dtype)."""
+  return nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
+                       param_dtype=jnp.float32, rngs=rngs)
+
+
+def embedding(num: int, d: int, dtype, *, rngs: nnx.Rngs) -> nnx.Embed:
+  """A table of `num` vectors initialised N(0, 0.02^2), looked up in `dtype`."""
+  return nnx.Embed(num, d, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
+                   param_dtype=jnp.float32, rngs=rngs)
+
+
+def _zero_linear(d_in, d_out, dtype, rngs):
+  return dense(d_in, d_out, dtype, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
 class SigmaEmbedder(nnx.Module):
   """sinusoidal(c_noise) -> Linear -> SiLU -> Linear (DiT's TimestepEmbedder)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(0.02)
+    init, dtype = nnx.initializers.normal(0.02), compute_dtype(cfg)
     self.frequency_dim = cfg.frequency_dim
-    self.fc1 = nnx.Linear(cfg.frequency_dim, cfg.hidden_size, kernel_init=init, rngs=rngs)
-    self.fc2 = nnx.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, rngs=rngs)
+    # The features of ln(sigma) / 4 are made in float32 (sigma spans 0.002 to 80) and
+    # are cos and sin values, which bfloat16 then holds to 3 digits.
+    self.fc1 = dense(cfg.frequency_dim, cfg.hidden_size, dtype, kernel_init=init, rngs=rngs)
+    self.fc2 = dense(cfg.hidden_size, cfg.hidden_size, dtype, kernel_init=init, rngs=rngs)
 
   def __call__(self, c_noise):
     return self.fc2(nnx.silu(self.fc1(sinusoidal_features(c_noise, self.frequency_dim))))
@@ -144,18 +177,18 @@ class DiTLayer(nnx.Module):
   """Pre-norm transformer layer whose norms are modulated by the conditioning (adaLN-Zero)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-    d = cfg.hidden_size
+    d, dtype = cfg.hidden_size, compute_dtype(cfg)
     self.num_heads = cfg.num_heads
-    self.norm1 = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
-    self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
-    self.proj = nnx.Linear(d, d, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
+    self.norm1 = layer_norm(d, dtype, rngs=rngs)
+    self.qkv = dense(d, 3 * d, dtype, rngs=rngs)
+    self.proj = dense(d, d, dtype, rngs=rngs)
+    self.norm2 = layer_norm(d, dtype, rngs=rngs)
     hidden = int(d * cfg.mlp_ratio)
-    self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, d, rngs=rngs)
+    self.fc1 = dense(d, hidden, dtype, rngs=rngs)
+    self.fc2 = dense(hidden, d, dtype, rngs=rngs)
     # Zero-initialised: all six shift/scale/gate vectors start at 0, so gates are 0
     # and the layer is the identity (DiT, Sec. 3.2, "adaLN-Zero").
-    self.modulation = _zero_linear(d, 6 * d, rngs)
+    self.modulation = _zero_linear(d, 6 * d, dtype, rngs)
 
   def heads(self, h):
     """Queries, keys and values (N, T, heads, head_dim) of normalised tokens h."""
@@ -228,7 +261,8 @@ def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bo
 
   def apply_layer(tokens, layer_state):
     layer = nnx.merge(layer_graph, layer_state)
-    return layer(tokens, cond, mask, attention=attention, positions=positions)[0], None
+    out = layer(tokens, cond, mask, attention=attention, positions=positions)[0]
+    return out.astype(tokens.dtype), None  # a user's layer may promote to float32
 
   if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
     apply_layer = jax.checkpoint(apply_layer)
@@ -243,15 +277,19 @@ def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bo
 class FinalLayer(nnx.Module):
   """adaLN then a zero-initialised projection: to patches (DiT) or to logits (ViT)."""
 
-  def __init__(self, hidden_size: int, out_features: int, *, rngs: nnx.Rngs):
+  def __init__(self, hidden_size: int, out_features: int, dtype=jnp.float32, *,
+               rngs: nnx.Rngs):
     d = hidden_size
-    self.norm = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, rngs=rngs)
-    self.modulation = _zero_linear(d, 2 * d, rngs)
-    self.out = _zero_linear(d, out_features, rngs)
+    self.norm = layer_norm(d, dtype, rngs=rngs)
+    self.modulation = _zero_linear(d, 2 * d, dtype, rngs)
+    self.out = _zero_linear(d, out_features, dtype, rngs)
 
   def __call__(self, x, cond):
+    """Float32 whatever the network computes in: a denoiser's output is scaled by
+    c_out and added to c_skip z (edm.denoise), and logits go through a softmax and a
+    log-sum-exp, all of which need float32's range and precision."""
     shift, scale = jnp.split(self.modulation(nnx.silu(cond)), 2, axis=-1)
-    return self.out(modulate(self.norm(x), shift, scale))
+    return self.out(modulate(self.norm(x), shift, scale)).astype(jnp.float32)
 
 
 class DiT(nnx.Module):
@@ -259,18 +297,17 @@ class DiT(nnx.Module):
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d = cfg.hidden_size
-    self.patch_embed = nnx.Linear(cfg.patch_size**2 * cfg.channels, d, rngs=rngs)
+    d, dtype = cfg.hidden_size, compute_dtype(cfg)
+    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
-    self.label_embed = nnx.Embed(cfg.num_classes + 1, d,
-                                 embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.label_embed = embedding(cfg.num_classes + 1, d, dtype, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
-    self.final = FinalLayer(d, cfg.patch_size**2 * cfg.channels, rngs=rngs)
+    self.final = FinalLayer(d, cfg.patch_size**2 * cfg.channels, dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c_noise: jax.Array, labels: jax.Array) -> jax.Array:
     cfg = self.cfg
     position = sincos_position_embedding(cfg.hidden_size, cfg.image_size // cfg.patch_size)
-    tokens = self.patch_embed(patchify(x, cfg.patch_size)) + position
+    tokens = (self.patch_embed(patchify(x, cfg.patch_size)) + position).astype(cfg.dtype)
     cond = self.sigma_embed(c_noise) + self.label_embed(labels)
     tokens = apply_layers(self.layers, tokens, cond, cfg.remat)
     return unpatchify(self.final(tokens, cond), cfg.patch_size, cfg.channels)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.nets.dit import FinalLayer, SigmaEmbedder, stacked_layers, apply_layers
+from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
+                           embedding, stacked_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class LMConfig:
   # "learned": an embedding added to the input; "rotary": queries and keys rotated in
   # every layer (dbjax.nets.dit.rotary; the paper's Llama-style blocks).
   positions: str = "learned"
+  dtype: str = "float32"   # the computation's (dbjax.nets.dit.compute_dtype)
   # A user's layer (dbjax.nets.dit.DiTConfig.layer).
   layer: Callable[[nnx.Rngs], nnx.Module] | None = None
 
@@ -49,16 +51,16 @@ class LMNet(nnx.Module):
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, init = cfg.hidden_size, nnx.initializers.normal(0.02)
-    self.token_in = nnx.Linear(d, d, rngs=rngs)
+    d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
+    self.token_in = dense(d, d, dtype, rngs=rngs)
     # The input of a position whose token is not given: masked (MD4), or the start of
     # the text (the causal LM's first position).
     self.blank = nnx.Param(init(rngs.params(), (d,)))
     if cfg.positions == "learned":
-      self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
+      self.position = embedding(cfg.seq_len, d, dtype, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs)
 
   def condition(self, c_noise: jax.Array) -> jax.Array:
     """Sigma embedding of c_noise (N,) or (N, G) -> (N, D) or (N, G, D)."""
@@ -71,8 +73,8 @@ class LMNet(nnx.Module):
     if blank is not None:
       vectors = jnp.where(blank[..., None], self.blank.value, vectors)
     if self.cfg.positions == "rotary":
-      return self.token_in(vectors)
-    return self.token_in(vectors) + self.position(positions)
+      return self.token_in(vectors).astype(self.cfg.dtype)
+    return (self.token_in(vectors) + self.position(positions)).astype(self.cfg.dtype)
 
   def rotary_positions(self, positions):
     """The positions the layers rotate queries and keys by, or None."""

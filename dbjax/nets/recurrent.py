@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.nets.dit import FinalLayer, SigmaEmbedder, apply_layers, stacked_layers
+from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
+                           stacked_layers)
 from dbjax.nets.lm import LMConfig
 
 
@@ -40,15 +41,15 @@ class RecurrentLM(nnx.Module):
 
   def __init__(self, cfg: RecurrentConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, init = cfg.hidden_size, nnx.initializers.normal(0.02)
-    self.token_in = nnx.Linear(d, d, rngs=rngs)
+    d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
+    self.token_in = dense(d, d, dtype, rngs=rngs)
     self.start = nnx.Param(init(rngs.params(), (d,)))   # the input before the first token
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.prelude = stacked_layers(cfg.part(cfg.prelude_layers), rngs)
-    self.adapter = nnx.Linear(2 * d, d, rngs=rngs)
+    self.adapter = dense(2 * d, d, dtype, rngs=rngs)
     self.core = stacked_layers(cfg.part(cfg.core_layers), rngs)
     self.coda = stacked_layers(cfg.part(cfg.coda_layers), rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs)
 
   def condition(self, c_noise: jax.Array) -> jax.Array:
     """Sigma embedding (N, D) of c_noise (N,)."""
@@ -73,7 +74,8 @@ class RecurrentLM(nnx.Module):
     """One iteration of the core, R(adapter([state; e])) conditioned on c_noise (N,);
     attention: a structured attention in place of the causal mask (two streams)."""
     h = self.adapter(jnp.concatenate([state, e], axis=-1))
-    return self._layers(self.core, h, self.condition(c_noise), attention)
+    # In the state's dtype: a loop over iterations carries one dtype.
+    return self._layers(self.core, h, self.condition(c_noise), attention).astype(state.dtype)
 
   def logits(self, state: jax.Array, c_noise: jax.Array, attention=None) -> jax.Array:
     """head(C(state)) (N, T, V), conditioned on c_noise (N,)."""

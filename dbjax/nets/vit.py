@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dbjax.nets.dit import (DiTConfig, FinalLayer, SigmaEmbedder, apply_layers, patchify,
-                       sincos_position_embedding, stacked_layers)
+from dbjax.nets.dit import (DiTConfig, FinalLayer, SigmaEmbedder, apply_layers, compute_dtype,
+                           dense, patchify, sincos_position_embedding, stacked_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,23 +42,23 @@ class ViT(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d = cfg.hidden_size
-    self.patch_embed = nnx.Linear(cfg.patch_size**2 * cfg.channels, d, rngs=rngs)
+    d, dtype = cfg.hidden_size, compute_dtype(cfg)
+    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype, rngs=rngs)
     if cfg.has_cls_token:
       self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, d)))
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
-    self.head = FinalLayer(d, cfg.num_classes, rngs=rngs)
+    self.head = FinalLayer(d, cfg.num_classes, dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array, label_token: jax.Array | None,
                c_noise: jax.Array) -> jax.Array:
-    cfg = self.cfg
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
     position = sincos_position_embedding(cfg.hidden_size, cfg.image_size // cfg.patch_size)
-    tokens = [self.patch_embed(patchify(images, cfg.patch_size)) + position]
+    tokens = [(self.patch_embed(patchify(images, cfg.patch_size)) + position).astype(dtype)]
     if label_token is not None:
-      tokens.insert(0, label_token[:, None, :])
+      tokens.insert(0, label_token[:, None, :].astype(dtype))
     if cfg.has_cls_token:
-      tokens.insert(0, jnp.broadcast_to(self.cls_token.value,
+      tokens.insert(0, jnp.broadcast_to(self.cls_token.value.astype(dtype),
                                         (images.shape[0], 1, cfg.hidden_size)))
     cond = self.sigma_embed(c_noise)
     tokens = apply_layers(self.layers, jnp.concatenate(tokens, axis=1), cond, cfg.remat)

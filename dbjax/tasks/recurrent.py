@@ -389,7 +389,7 @@ def build(config) -> RecurrentDepth:
   net = RecurrentConfig(vocab_size=config.data.vocab_size, seq_len=lang.seq_len,
                         hidden_size=m.hidden_size, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, frequency_dim=m.frequency_dim,
-                        remat=m.remat, positions="rotary",
+                        remat=m.remat, dtype=m.dtype, positions="rotary",
                         num_layers=rec.prelude_layers + rec.core_layers + rec.coda_layers,
                         prelude_layers=rec.prelude_layers, core_layers=rec.core_layers,
                         coda_layers=rec.coda_layers)

@@ -29,7 +29,8 @@ def build(config) -> LanguageTask:
   net = LMConfig(vocab_size=config.data.vocab_size, seq_len=lang.seq_len,
                  hidden_size=m.hidden_size, num_layers=m.num_layers // num_blocks,
                  num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                 frequency_dim=m.frequency_dim, remat=m.remat, positions=lang.positions)
+                 frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype,
+                 positions=lang.positions)
   train_embedding = lang.token_embedding == "joint"
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LMNet(net, rngs=nnx.Rngs(0))))
   plan, intervals = noise_plan(config, num_blocks)

@@ -187,7 +187,8 @@ def empty_cache(task: LanguageTask, num_blocks: int, batch: int, length: int):
   """Zero key-value caches (keys, values), each (blocks, layers, N, length, heads, hd)."""
   shape = (num_blocks, task.net.num_layers, batch, length, task.net.num_heads,
            task.net.head_dim)
-  return jnp.zeros(shape), jnp.zeros(shape)
+  dtype = task.net.dtype  # the keys and values the layers make
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def write_cache(cache, keys_values, position):

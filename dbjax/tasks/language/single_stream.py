@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 
 from dbjax import edm, noise, sampling
-from dbjax.nets.dit import FinalLayer, SigmaEmbedder, apply_layers, stacked_layers
+from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
+                           embedding, stacked_layers)
 from dbjax.nets.lm import LMConfig
 from dbjax.tasks.base import NoisePlan, sampling_plan
 from dbjax.tasks.language.autoregressive import denoising_cross_entropy
@@ -33,14 +34,14 @@ class CausalTokenNet(nnx.Module):
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, init = cfg.hidden_size, nnx.initializers.normal(0.02)
-    self.previous_in = nnx.Linear(d, d, rngs=rngs)
-    self.noisy_in = nnx.Linear(d, d, rngs=rngs)
+    d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
+    self.previous_in = dense(d, d, dtype, rngs=rngs)
+    self.noisy_in = dense(d, d, dtype, rngs=rngs)
     self.start = nnx.Param(init(rngs.params(), (d,)))
-    self.position = nnx.Embed(cfg.seq_len, d, embedding_init=init, rngs=rngs)
+    self.position = embedding(cfg.seq_len, d, dtype, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, rngs=rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs)
 
   def __call__(self, clean: jax.Array, noisy: jax.Array, c_noise: jax.Array) -> jax.Array:
     """clean (N, T, D): the clean embedding of every position's token (the input at i is
@@ -49,6 +50,7 @@ class CausalTokenNet(nnx.Module):
     previous = jnp.concatenate([jnp.broadcast_to(self.start.value, (n, 1, d)),
                                 clean[:, :-1]], axis=1)
     x = self.previous_in(previous) + self.noisy_in(noisy) + self.position(jnp.arange(t))
+    x = x.astype(self.cfg.dtype)
     cond = self.sigma_embed(c_noise)
     return self.head(apply_layers(self.layers, x, cond, self.cfg.remat), cond)
 
