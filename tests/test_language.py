@@ -1,5 +1,6 @@
 """Language: text data, the block-diffusion mask, the MD4 ELBO, the key-value cache,
 generation, training runs and bad text input."""
+import dataclasses
 import itertools
 import os
 
@@ -428,3 +429,31 @@ def test_sigma_max_share_draws_block_zero_at_sigma_max_and_leaves_other_blocks(s
     lm_config(sigma_max_share=1.5)
   with pytest.raises(ConfigError, match="language.sigma_max_share=0.5.*autoregressive"):
     lm_config("masked", sigma_max_share=0.5)
+
+
+@pytest.mark.parametrize("positions,remat", [("learned", False), ("rotary", True)])
+def test_rematerialised_clean_stream_gives_the_plain_step_loss_and_gradients(positions, remat):
+  """language.remat_clean_stream runs each layer's clean and noisy streams as two passes
+  and recomputes the clean one in the backward pass: the same function, so the same loss
+  and gradients to float tolerance, and the clean pass is really rematerialised (the
+  backward jaxpr holds a checkpoint)."""
+  config = lm_config(positions=positions)
+  config.model.remat = remat
+  plain = language.build(config)
+  two_pass = dataclasses.replace(plain, remat_clean_stream=True)
+  states, shared = perturbed_states(plain, seed=3)
+  batch = plain.example_batch(4, np.random.default_rng(0))
+  interval = jnp.asarray(plain.intervals[1])
+
+  def loss_and_grads(model):
+    loss = lambda p: model.loss(p, shared.params, batch, jax.random.key(5), interval)[0]
+    return jax.jit(jax.value_and_grad(loss))(states[1].params)
+
+  (loss, grads), (loss_two, grads_two) = loss_and_grads(plain), loss_and_grads(two_pass)
+  np.testing.assert_allclose(loss_two, loss, rtol=1e-5)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+  chex.assert_trees_all_close(grads_two, grads, atol=1e-5 * scale)
+  backward = str(jax.make_jaxpr(jax.grad(
+      lambda p: two_pass.loss(p, shared.params, batch, jax.random.key(5), interval)[0]))(
+          states[1].params))
+  assert "checkpoint" in backward or "remat" in backward

@@ -49,7 +49,8 @@ def build(config) -> LanguageTask:
   if config.method == "end_to_end":
     return CausalLM(**common, intervals=intervals)
   return AutoregressiveDenoiser(**common, intervals=intervals, noise=plan, bridge=lang.bridge,
-                                sigma_max_share=lang.sigma_max_share)
+                                sigma_max_share=lang.sigma_max_share,
+                                remat_clean_stream=lang.remat_clean_stream)
 
 
 def with_vocabulary(config, vocabulary: text.Vocabulary):

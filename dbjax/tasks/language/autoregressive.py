@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from dbjax import edm, noise
 from dbjax.sampling import embedding_chain, mixture_log_probs, stack_params
@@ -34,6 +35,7 @@ class AutoregressiveDenoiser(LanguageTask):
   noise: NoisePlan
   bridge: str                   # "argmax" or "expected"
   sigma_max_share: float        # block 0's sequences drawn at sigma_max (dbjax's option)
+  remat_clean_stream: bool = False  # two passes per layer, the clean one rematerialised
 
   evaluate_flags = {**LanguageTask.evaluate_flags, "num_steps": "language.inference_steps",
                     "bridge": "language.bridge", "mixture_chains": "language.mixture_chains"}
@@ -125,18 +127,71 @@ def block_diffusion_attention(q, k, v) -> jax.Array:
   scores per head where the dense masked form computes (2T)^2 (docs/results.md:
   less memory and time per step, same values to float tolerance).
   """
-  t, head_dim = q.shape[1] // 2, q.shape[-1]
-  (q_clean, q_noisy), (k_clean, k_noisy), (v_clean, v_noisy) = (
-      jnp.split(a, 2, axis=1) for a in (q, k, v))
-  clean = jax.nn.dot_product_attention(q_clean, k_clean, v_clean, is_causal=True)
+  t = q.shape[1] // 2
+  clean = clean_attention(q[:, :t], k[:, :t], v[:, :t])
+  return jnp.concatenate([clean, noisy_attention(q[:, t:], k, v)], axis=1)
+
+
+def clean_attention(q, k, v) -> jax.Array:
+  """The clean stream's attention: causal, over the clean stream alone."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def noisy_attention(q, k, v) -> jax.Array:
+  """The noisy stream's attention: q (N, T, heads, head_dim) of the noisy rows, k and v
+  (N, 2T, ...) over [clean; noisy]; noisy row i attends to clean columns < i and to its
+  own key. Scores and softmax in float32 (bfloat16 would round the weights of long
+  contexts), the weights then in the values' dtype."""
+  t, head_dim = q.shape[1], q.shape[-1]
+  (k_clean, k_noisy), (v_clean, v_noisy) = jnp.split(k, 2, axis=1), jnp.split(v, 2, axis=1)
   scale = 1.0 / np.sqrt(head_dim)
-  earlier = jnp.einsum("nqhd,nkhd->nhqk", q_noisy, k_clean) * scale
+  earlier = jnp.einsum("nqhd,nkhd->nhqk", q, k_clean,
+                       preferred_element_type=jnp.float32) * scale
   earlier = jnp.where(jnp.tri(t, k=-1, dtype=bool), earlier, jnp.finfo(earlier.dtype).min)
-  own = jnp.einsum("nqhd,nqhd->nhq", q_noisy, k_noisy)[..., None] * scale
-  weights = jax.nn.softmax(jnp.concatenate([earlier, own], axis=-1), axis=-1)
-  noisy = (jnp.einsum("nhqk,nkhd->nqhd", weights[..., :t], v_clean)
-           + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
-  return jnp.concatenate([clean, noisy], axis=1)
+  own = jnp.einsum("nqhd,nqhd->nhq", q, k_noisy,
+                   preferred_element_type=jnp.float32)[..., None] * scale
+  weights = jax.nn.softmax(jnp.concatenate([earlier, own], axis=-1), axis=-1).astype(v.dtype)
+  return (jnp.einsum("nhqk,nkhd->nqhd", weights[..., :t], v_clean)
+          + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
+
+
+def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise, remat_clean: bool):
+  """Logits (N, T, V) of the noisy stream: what `net` computes on [clean; noisy] under
+  `block_diffusion_attention`, in two passes per layer: the clean stream alone (its
+  rows see only clean columns), then the noisy stream against the clean keys and values
+  of that layer. c_noise: (N, 2), the clean stream's and the noisy stream's.
+
+  remat_clean: the clean pass is rematerialised in the backward pass (jax.checkpoint),
+  so the step keeps the noisy stream's T rows of activations and, of the clean stream,
+  only each layer's input, keys and values (docs/method.md, "The autoregressive LM's
+  memory")."""
+  t = clean_vectors.shape[1]
+  positions = jnp.arange(t)
+  cond = net.condition(c_noise)
+  cond_clean, cond_noisy = cond[:, 0], cond[:, 1]
+  rotary = net.rotary_positions(positions)
+  graph, layer_states = nnx.split(net.layers)
+
+  def clean_pass(clean, layer_state):
+    return nnx.merge(graph, layer_state)(clean, cond_clean, attention=clean_attention,
+                                         positions=rotary)
+  if remat_clean:
+    clean_pass = jax.checkpoint(clean_pass)
+
+  def layer(streams, layer_state):
+    clean, noisy = streams
+    new_clean, keys_values = clean_pass(clean, layer_state)
+    new_noisy, _ = nnx.merge(graph, layer_state)(noisy, cond_noisy, context=keys_values,
+                                                 attention=noisy_attention, positions=rotary)
+    return (new_clean.astype(clean.dtype), new_noisy.astype(noisy.dtype)), None
+
+  remat = net.cfg.remat
+  if remat:
+    layer = jax.checkpoint(layer)
+  streams = (net.embed(clean_vectors, positions), net.embed(noisy_vectors, positions))
+  # A loop, not unrolled, when anything is rematerialised (see dbjax.nets.dit.apply_layers).
+  (_, noisy), _ = jax.lax.scan(layer, streams, layer_states, unroll=not (remat or remat_clean))
+  return net.head(noisy, cond_noisy)
 
 
 # ------------------------------------------------------------------------------ loss
@@ -148,9 +203,12 @@ def denoiser_logits(task, net, embedding, tokens, z, sigma) -> jax.Array:
   n, t = tokens.shape
   c = edm.preconditioning(sigma, task.sigma_data)
   clean_c_noise = edm.preconditioning(task.clean_sigma).c_noise
+  c_noise = jnp.stack([jnp.full((n,), clean_c_noise), c.c_noise], axis=1)  # per stream
+  if task.remat_clean_stream:
+    return two_stream_logits(net, clean_vectors(task, embedding, tokens),
+                             c.c_in[:, None, None] * z, c_noise, remat_clean=True)
   vectors = jnp.concatenate([clean_vectors(task, embedding, tokens),
                              c.c_in[:, None, None] * z], axis=1)
-  c_noise = jnp.stack([jnp.full((n,), clean_c_noise), c.c_noise], axis=1)  # per stream
   positions = jnp.concatenate([jnp.arange(t), jnp.arange(t)])
   logits = net(vectors, positions, c_noise, attention=block_diffusion_attention)
   return logits[:, t:]
