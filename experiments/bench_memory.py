@@ -13,7 +13,9 @@ bfloat16 saves on an accelerator.
 
   python -m experiments.bench_memory --out=results/bench_memory.jsonl
   python -m experiments.bench_memory --config=experiments/configs/shakespeare_ar.py \
-      --out=results/bench_memory_shakespeare_ar.jsonl
+      --dtypes=float32 --time --out=results/bench_memory_shakespeare_ar.jsonl
+
+--time adds each step's median time and the end-to-end / DiffusionBlocks time ratio.
 
 Prints a table and writes one JSON line per configuration.
 """
@@ -31,6 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/fashion
 _BLOCKS = flags.DEFINE_list("num_blocks", ["1", "2", "3", "4", "6"], "values of B")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "computation dtypes")
 _OUT = flags.DEFINE_string("out", "results/bench_memory.jsonl", "JSON lines output")
+_TIME = flags.DEFINE_bool("time", False, "also time each step (median of 10, data on the "
+                          "device): what a memory saving costs")
 
 
 def measure(config, method: str, num_blocks: int, remat: bool, dtype: str) -> dict:
@@ -43,7 +47,8 @@ def measure(config, method: str, num_blocks: int, remat: bool, dtype: str) -> di
           "layers_per_block": task.network_config.num_layers, **memory,
           "activation_bytes": sum(profiling.saved_activation_bytes(task, batch).values()),
           "state_bytes": profiling.state_bytes(task),
-          "resident_bytes": profiling.resident_bytes(task, batch)}
+          "resident_bytes": profiling.resident_bytes(task, batch),
+          **({"step_ms": 1000 * profiling.time_train_step(task, batch)} if _TIME.value else {})}
 
 
 def main(argv):
@@ -61,6 +66,8 @@ def main(argv):
         row["step_ratio"] = baseline["step_bytes"] / row["step_bytes"]
         row["resident_ratio"] = baseline["resident_bytes"] / row["resident_bytes"]
         row["step_ratio_over_B"] = row["step_ratio"] / b
+        if _TIME.value:
+          row["step_time_ratio"] = baseline["step_ms"] / row["step_ms"]
         rows.append(row)
   float32 = {(r["method"], r["num_blocks"]): r for r in rows if r["dtype"] == "float32"}
   for row in rows:  # this dtype's step against float32's, the same method and B
@@ -78,7 +85,8 @@ def main(argv):
   print_table(mib, ["method", "dtype", "num_blocks", "layers_per_block", "step_bytes",
                     "temp_bytes", "resident_bytes", "activation_bytes", "step_ratio",
                     "step_ratio_over_B", "resident_ratio", "step_vs_float32",
-                    "activations_vs_float32"])
+                    "activations_vs_float32"] + (["step_ms", "step_time_ratio"] if _TIME.value
+                                                 else []))
   print("(bytes columns in MiB)")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:

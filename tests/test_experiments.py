@@ -209,7 +209,7 @@ TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
 def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   out = tmp_path / "memory.jsonl"
   result = run_cli("experiments.bench_memory", "--config=experiments/configs/digits.py",
-                   "--num_blocks=2", f"--out={out}", *TINY_FLAGS)
+                   "--num_blocks=2", "--time", f"--out={out}", *TINY_FLAGS)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["dtype"], r["method"], r["num_blocks"]) for r in rows] == [
       (dtype, method, b) for dtype in ("float32", "bfloat16") for method, b in [
@@ -218,11 +218,13 @@ def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   for row in rows:
     assert row["step_bytes"] > 0 and row["resident_bytes"] > 0
   assert rows[1]["step_ratio"] == rows[0]["step_bytes"] / rows[1]["step_bytes"]
+  assert rows[1]["step_time_ratio"] == rows[0]["step_ms"] / rows[1]["step_ms"] > 0
   assert rows[1]["resident_bytes"] < rows[0]["resident_bytes"]
   # bfloat16 against float32, the same method: the state is float32 in both.
   assert rows[4]["activations_vs_float32"] < 0.7 and rows[4]["state_bytes"] == rows[0][
       "state_bytes"]
-  assert "step_ratio" in result.stdout and "activations_vs_float32" in result.stdout
+  assert all(column in result.stdout
+             for column in ("step_ratio", "activations_vs_float32", "step_time_ratio"))
 
 
 @pytest.mark.slow
