@@ -120,6 +120,8 @@ def train_and_evaluate(config, workdir: str, blocks=None) -> dict:
   from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   config_lib.validate(config)
+  if blocks is not None:  # a bad --blocks stops the job before the data load, not after
+    block_jobs.parse_blocks(blocks, config_lib.num_trained_blocks(config))
   # SIGTERM or Ctrl-C while the data load or the step compiles stops the run before
   # its first iteration; during the evaluation they end it (the next call redoes it).
   with driver.stop_on_signals():

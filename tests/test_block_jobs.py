@@ -11,7 +11,8 @@ import chex
 import numpy as np
 import pytest
 
-from dbjax import data, train
+from dbjax import data, tasks, train
+from dbjax.config import default_config
 from dbjax.engine import block_jobs
 from dbjax.engine.block_jobs import BlockLock
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
@@ -137,6 +138,14 @@ def test_parse_blocks(text, blocks):
 def test_parse_blocks_errors_name_the_value(text, message):
   with pytest.raises(ConfigError, match=f"--blocks={text}: {message}"):
     block_jobs.parse_blocks(text, 4)
+
+
+def test_a_bad_blocks_value_stops_the_job_before_the_data_load(tmp_path, monkeypatch):
+  def load_data(config):
+    raise AssertionError("the data was loaded before --blocks was checked")
+  monkeypatch.setattr(tasks, "load_data", load_data)
+  with pytest.raises(ConfigError, match="--blocks=3: block 3 does not exist"):
+    train.train_and_evaluate(default_config(), str(tmp_path), blocks="3")
 
 
 def _ended_pid() -> int:
