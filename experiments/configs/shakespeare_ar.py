@@ -26,7 +26,7 @@ def get_config():
   config.language.positions = "rotary"
   config.language.seq_len = 128
   # Each layer's clean stream recomputed in the backward pass: the same gradients at
-  # 1.2-1.5x less step memory for 5-15% more step time (docs/results.md, "Memory of an
+  # 1.25-1.5x less step memory for 7-18% more step time (docs/results.md, "Memory of an
   # autoregressive block").
   config.language.remat_clean_stream = True
   config.language.prompt = "The "
