@@ -155,16 +155,15 @@ def noisy_attention(q, k, v) -> jax.Array:
           + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
 
 
-def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise, remat_clean: bool):
+def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   """Logits (N, T, V) of the noisy stream: what `net` computes on [clean; noisy] under
   `block_diffusion_attention`, in two passes per layer: the clean stream alone (its
   rows see only clean columns), then the noisy stream against the clean keys and values
   of that layer. c_noise: (N, 2), the clean stream's and the noisy stream's.
 
-  remat_clean: the clean pass is rematerialised in the backward pass (jax.checkpoint),
-  so the step keeps the noisy stream's T rows of activations and, of the clean stream,
-  only each layer's input, keys and values (docs/method.md, "The autoregressive LM's
-  memory")."""
+  The clean pass is rematerialised in the backward pass (jax.checkpoint), so the step
+  keeps the noisy stream's T rows of activations and, of the clean stream, only each
+  layer's input, keys and values (docs/method.md, "The autoregressive LM's memory")."""
   t = clean_vectors.shape[1]
   positions = jnp.arange(t)
   cond = net.condition(c_noise)
@@ -172,11 +171,10 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise, remat_clean: b
   rotary = net.rotary_positions(positions)
   graph, layer_states = nnx.split(net.layers)
 
+  @jax.checkpoint
   def clean_pass(clean, layer_state):
     return nnx.merge(graph, layer_state)(clean, cond_clean, attention=clean_attention,
                                          positions=rotary)
-  if remat_clean:
-    clean_pass = jax.checkpoint(clean_pass)
 
   def layer(streams, layer_state):
     clean, noisy = streams
@@ -185,12 +183,12 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise, remat_clean: b
                                                  attention=noisy_attention, positions=rotary)
     return (new_clean.astype(clean.dtype), new_noisy.astype(noisy.dtype)), None
 
-  remat = net.cfg.remat
-  if remat:
+  if net.cfg.remat:
     layer = jax.checkpoint(layer)
   streams = (net.embed(clean_vectors, positions), net.embed(noisy_vectors, positions))
-  # A loop, not unrolled, when anything is rematerialised (see dbjax.nets.dit.apply_layers).
-  (_, noisy), _ = jax.lax.scan(layer, streams, layer_states, unroll=not (remat or remat_clean))
+  # A loop, not unrolled: unrolled, XLA folds the recomputation away (see
+  # dbjax.nets.dit.apply_layers).
+  (_, noisy), _ = jax.lax.scan(layer, streams, layer_states)
   return net.head(noisy, cond_noisy)
 
 
@@ -204,11 +202,10 @@ def denoiser_logits(task, net, embedding, tokens, z, sigma) -> jax.Array:
   c = edm.preconditioning(sigma, task.sigma_data)
   clean_c_noise = edm.preconditioning(task.clean_sigma).c_noise
   c_noise = jnp.stack([jnp.full((n,), clean_c_noise), c.c_noise], axis=1)  # per stream
+  clean, noisy = clean_vectors(task, embedding, tokens), c.c_in[:, None, None] * z
   if task.remat_clean_stream:
-    return two_stream_logits(net, clean_vectors(task, embedding, tokens),
-                             c.c_in[:, None, None] * z, c_noise, remat_clean=True)
-  vectors = jnp.concatenate([clean_vectors(task, embedding, tokens),
-                             c.c_in[:, None, None] * z], axis=1)
+    return two_stream_logits(net, clean, noisy, c_noise)
+  vectors = jnp.concatenate([clean, noisy], axis=1)
   positions = jnp.concatenate([jnp.arange(t), jnp.arange(t)])
   logits = net(vectors, positions, c_noise, attention=block_diffusion_attention)
   return logits[:, t:]
