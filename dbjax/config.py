@@ -14,6 +14,7 @@ from dbjax.noise import PARTITIONS
 METHODS = ("diffusion_blocks", "end_to_end")
 PARALLEL_MODES = ("none", "blocks")
 NONFINITE_POLICIES = ("stop", "skip")
+WAITING_BLOCKS = ("pinned_host", "numpy")
 SOLVERS = ("euler", "heun")
 LANGUAGE_CHOICES = {
     "kind": ("autoregressive", "masked"),
@@ -175,6 +176,11 @@ def default_config() -> ml_collections.ConfigDict:
       # the last one back (engine.driver.train_interval); False: one at a time, there
       # and back synchronously (the same results, bit for bit).
       stream_blocks=True,
+      # Where blocks wait while another trains, when streaming: "pinned_host", the
+      # device's page-locked host memory where its backend has that memory kind (copies
+      # to and from it are DMA that run beside the steps), else numpy arrays in host
+      # memory; "numpy": always numpy. Between checkpoint intervals they are numpy.
+      waiting_blocks="pinned_host",
   ))
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=30, solver="euler",
@@ -289,6 +295,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
   _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
   _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
+  _require(t.waiting_blocks in WAITING_BLOCKS, "train.waiting_blocks", t.waiting_blocks,
+           f"one of {', '.join(WAITING_BLOCKS)}")
   _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
            f"one of {NONFINITE_POLICIES}")
   rec = config.recurrent

@@ -279,6 +279,7 @@ _FIELD_VALUES = {
     "method": st.sampled_from(["diffusion_blocks", "end_to_end", "backprop"]),
     "task": st.sampled_from(["generation", "classification", "language", "speech"]),
     "train.on_nonfinite": st.sampled_from(["stop", "skip", "ignore"]),
+    "train.waiting_blocks": st.sampled_from(["pinned_host", "numpy", "device"]),
     "parallel.mode": st.sampled_from(["none", "blocks", "pipeline"]),
 }
 

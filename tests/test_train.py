@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from tqdm.auto import tqdm
 
 import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
+from dbjax.engine import driver
 from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
 from dbjax.tasks.images import ImageGeneration
 from tests.conftest import tiny_config
@@ -45,13 +47,17 @@ def interleaved_reference(config, train_data):
   return states
 
 
-@pytest.mark.parametrize("stream_blocks", [True, False])
-def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_blocks):
+@pytest.mark.parametrize("stream_blocks,waiting_blocks",
+                         [(True, "pinned_host"), (True, "numpy"), (False, "numpy")])
+def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_blocks,
+                                                       waiting_blocks):
   """Regrouped by block, and with the next block streamed to the device while one trains
-  (or each sent there and back synchronously): the interleaved order's parameters."""
+  (waiting in pinned host memory or as numpy), or each sent there and back
+  synchronously: the interleaved order's parameters."""
   config = tiny_config()
   config.train.num_steps = 6  # 12 iterations over 2 blocks, 3 checkpoint intervals
   config.train.stream_blocks = stream_blocks
+  config.train.waiting_blocks = waiting_blocks
   _, states, _, history = train.train(config, str(tmp_path), digits)
   chex.assert_trees_all_equal(states, interleaved_reference(config, digits))
   # Each block's own step count is the number of iterations it was drawn for.
@@ -62,6 +68,31 @@ def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_b
     counts = optax.tree_utils.tree_get_all_with_path(states[b].opt_state, "count")
     assert len(counts) >= 3 and {int(c) for _, c in counts} == {draws.count(b)}
   assert [r["step"] for r in history] == list(range(12))
+
+
+@pytest.mark.parametrize("waiting_blocks", ["pinned_host", "numpy"])
+def test_streamed_blocks_wait_where_configured_and_end_the_interval_as_numpy(
+    digits, waiting_blocks):
+  """While a block trains, the one that trained before it waits in pinned host memory
+  (this CPU backend has that memory kind) or as numpy; after the interval all are numpy."""
+  config = tiny_config()
+  config.diffusion.num_blocks = 3
+  task = tasks.build(config)
+  states, shared = engine.init_on_host(task, config.seed)
+  step_fn, seen = engine.jit_train_step(task), []
+
+  def noting_step(state, *args):
+    seen.append({type(leaf).__name__ if isinstance(leaf, np.ndarray) else
+                 leaf.sharding.memory_kind for s in states for leaf in jax.tree.leaves(s)})
+    return step_fn(state, *args)
+  chunk = np.arange(12)
+  driver.train_interval(noting_step, states, shared, task, chunk, digits, config,
+                        tqdm(disable=True), [0] * 3, lambda: False, stream=True,
+                        waiting=waiting_blocks)
+  kinds = set().union(*seen)
+  assert kinds == ({"ndarray", "pinned_host"} if waiting_blocks == "pinned_host"
+                   else {"ndarray"})
+  assert all(isinstance(leaf, np.ndarray) for s in states for leaf in jax.tree.leaves(s))
 
 
 def test_schedule_is_uniform_over_blocks():

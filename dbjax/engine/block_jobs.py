@@ -311,7 +311,8 @@ def _train_own_blocks(task, config, workdir, train_data, blocks, locks, stop, bu
     for chunk in driver.checkpoint_chunks(min(progress[b] for b in blocks), total, every):
       rows, shared = driver.train_interval(
           step_fn, states, shared, task, chunk[mine[chunk]], train_data, config, bar,
-          progress, should_stop, stream=config.train.stream_blocks)
+          progress, should_stop, stream=config.train.stream_blocks,
+          waiting=config.train.waiting_blocks)
       driver.skipped_steps(rows, config.train.on_nonfinite, "iteration")
       done += len(rows)
       for b in blocks:

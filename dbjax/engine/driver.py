@@ -117,8 +117,20 @@ def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, trai
   return state, shared, metrics
 
 
+def waiting_placement(waiting: str):
+  """Where a block waits in host memory while another trains (config
+  train.waiting_blocks): the device's pinned host memory where its backend has that memory
+  kind ("pinned_host"; page-locked, so copies to and from the device are DMA that need no
+  staging buffer and run beside the steps), else None, numpy arrays in ordinary memory."""
+  device = jax.local_devices()[0]
+  if waiting == "pinned_host" and "pinned_host" in {m.kind for m in
+                                                    device.addressable_memories()}:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  return None
+
+
 def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
-                    should_stop, stream: bool = True):
+                    should_stop, stream: bool = True, waiting: str = "numpy"):
   """Train the iterations in `chunk` that are not applied yet (block b's from
   progress[b] on), until should_stop() holds; update the host `states` and `progress`
   in place and return (metric rows in iteration order, the host shared state).
@@ -127,12 +139,16 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
   then is the previous block fetched back to the host and the next one sent to the
   device, so both transfers overlap the steps and the device never waits for them; it
   holds the training block and the one arriving. Without it each block goes there and
-  back between the steps. The results are the same, bit for bit."""
+  back between the steps. The results are the same, bit for bit.
+  waiting: where streamed blocks wait (`waiting_placement`); the states are numpy again
+  when the interval ends."""
   schedule = np.array([block_for_step(config.seed, s, task.num_blocks) for s in chunk])
   runs = [(b, steps[steps >= progress[b]])
           for b, steps in block_runs(chunk, schedule, task.couples_blocks)]
   runs = [(b, steps) for b, steps in runs if len(steps)]
-  upload = lambda i: jax.device_put(states[runs[i][0]]) if i < len(runs) else None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # its default memory
+  parked = waiting_placement(waiting) if stream else None
+  upload = (lambda i: jax.device_put(states[runs[i][0]], device) if i < len(runs) else None)
   rows, leaving = [], None  # leaving: (block, its device state on its way to the host)
   shared = jax.device_put(shared)  # small; stays on the device through the interval
   arriving = upload(0)
@@ -145,7 +161,11 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
     arriving = None
     if stream:  # while block b computes: the last block back, the next one there
       _land(states, leaving)
-      arriving, leaving = upload(i + 1), (b, state)
+      if parked is not None:  # dispatched, not awaited: the copy follows b's steps
+        states[b], leaving = jax.device_put(state, parked), None
+      else:
+        leaving = (b, state)
+      arriving = upload(i + 1)
     metrics = jax.device_get(metrics)  # waits for block b's steps
     for step, m in zip(own_steps, metrics):
       rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
@@ -155,6 +175,8 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
       del state  # free its device buffers before the next block is put there
       arriving = upload(i + 1)
   _land(states, leaving)
+  for b in {b for b, _ in runs}:  # the pinned ones (device_get leaves numpy as it is)
+    states[b] = jax.device_get(states[b])
   return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
 
 
@@ -407,7 +429,8 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
     def train_chunk(chunk, states, shared, should_stop):
       rows, shared = train_interval(step_fn, states, shared, task, chunk, train_data,
                                      config, bar, progress, should_stop,
-                                     stream=config.train.stream_blocks)
+                                     stream=config.train.stream_blocks,
+                                     waiting=config.train.waiting_blocks)
       return rows, states, shared
   # Purged from `start` on, also at 0: a run started afresh over unreadable checkpoints
   # must not show the old run's curves.

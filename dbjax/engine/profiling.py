@@ -133,8 +133,11 @@ def state_bytes(task) -> int:
 
 
 def live_device_bytes() -> int:
-  """Bytes of every live (not donated or deleted) array on the devices."""
-  return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
+  """Bytes of every live (not donated or deleted) array in the devices' own memory (not
+  those placed in their host memory kinds, such as pinned_host)."""
+  return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted()
+             and a.sharding.memory_kind in (None, *{d.default_memory().kind
+                                                    for d in a.sharding.device_set}))
 
 
 def resident_bytes(task, batch_size: int, seed: int = 0) -> int:
