@@ -85,8 +85,8 @@ def main(argv):
   chunk = np.arange(_ITERATIONS.value)
   step_fn = jit_train_step(task)
   args = (host_states, host_shared, task, chunk, data.train, config)
-  ways = [way for way in MOVED if MOVED[way][1] == "numpy"
-          or driver.waiting_placement(MOVED[way][1]) is not None] + ["all_resident"]
+  ways = [way for way, (_, waiting) in MOVED.items()  # pinned_host where the backend has it
+          if waiting == "numpy" or driver.waiting_placement(waiting)] + ["all_resident"]
   for way in ways:  # compile, and warm every path
     interval_seconds(way, step_fn, *args)
   seconds = {way: [] for way in ways}

@@ -146,9 +146,11 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
   runs = [(b, steps[steps >= progress[b]])
           for b, steps in block_runs(chunk, schedule, task.couples_blocks)]
   runs = [(b, steps) for b, steps in runs if len(steps)]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # its default memory
+  # Explicitly the device's default memory: a plain device_put leaves a pinned array there.
+  on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   parked = waiting_placement(waiting) if stream else None
-  upload = (lambda i: jax.device_put(states[runs[i][0]], device) if i < len(runs) else None)
+  upload = (lambda i: jax.device_put(states[runs[i][0]], on_device) if i < len(runs)
+            else None)
   rows, leaving = [], None  # leaving: (block, its device state on its way to the host)
   shared = jax.device_put(shared)  # small; stays on the device through the interval
   arriving = upload(0)
@@ -175,8 +177,9 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
       del state  # free its device buffers before the next block is put there
       arriving = upload(i + 1)
   _land(states, leaving)
-  for b in {b for b, _ in runs}:  # the pinned ones (device_get leaves numpy as it is)
-    states[b] = jax.device_get(states[b])
+  if parked is not None:  # the parked blocks back to numpy (numpy ones stay as they are)
+    for b in {b for b, _ in runs}:
+      states[b] = jax.device_get(states[b])
   return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
 
 
