@@ -327,6 +327,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def variant(base_config, method: str, **overrides) -> ml_collections.ConfigDict:
+  """A validated copy of `base_config` trained by `method`, with its data-derived fields
+  filled in; overrides as section__field=value, e.g. diffusion__num_blocks=4."""
+  config = base_config.copy_and_resolve_references()
+  config.method = method
+  for dotted, value in overrides.items():
+    section, field = dotted.split("__")
+    config[section][field] = value
+  return tasks.resolve(validate(config))
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """The config of a dict a run saved (checkpoint metadata, config.json), on today's
   schema: a text run saved before data.vocab_size existed kept its vocabulary size in

@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 
 from dbjax import tasks
-from dbjax.config import default_config, field_holder, flatten, validate
+from dbjax.config import default_config, field_holder, flatten, validate, variant
 from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
                           NonFiniteLossError, TrainingInterrupted, WorkdirError, nearest)
 
@@ -147,17 +147,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
 
 def method_variant(base_config, method: str, **diffusion_and_model_overrides):
-  """A validated copy of `base_config` trained by `method` (data-derived fields filled
-  in), and its task.
-
-  Overrides are given as section__field=value, e.g. diffusion__num_blocks=4.
-  """
-  config = base_config.copy_and_resolve_references()
-  config.method = method
-  for dotted, value in diffusion_and_model_overrides.items():
-    section, field = dotted.split("__")
-    config[section][field] = value
-  config = tasks.resolve(validate(config))
+  """(dbjax.config.variant of `base_config` trained by `method`, its task)."""
+  config = variant(base_config, method, **diffusion_and_model_overrides)
   return config, tasks.build(config)
 
 

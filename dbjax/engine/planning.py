@@ -34,11 +34,8 @@ def footprints(config) -> list[dict]:
   """One row per candidate B: its compiled step's bytes and FLOPs (nothing allocated)."""
   rows = []
   for b in candidates(config):
-    variant = config.copy_and_resolve_references()
-    variant.method, variant.diffusion.num_blocks = "diffusion_blocks", b
-    variant = tasks.resolve(config_lib.validate(variant))
-    task = tasks.build(variant)
-    compiled = profiling.compiled_train_step(task, variant.train.batch_size)
+    task = tasks.build(config_lib.variant(config, "diffusion_blocks", diffusion__num_blocks=b))
+    compiled = profiling.compiled_train_step(task, config.train.batch_size)
     memory = profiling.compiled_memory(compiled)
     rows.append({"num_blocks": b, "layers_per_block": config.model.num_layers // b,
                  "step_bytes": memory["step_bytes"], "state_bytes": profiling.state_bytes(task),
