@@ -52,7 +52,14 @@ def test_every_config_is_listed():
           "lm1b", "shakespeare_recurrent"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# In the default run, one config of each task and each way of reading data; the others,
+# whose task and reader those cover (digits: the command-line test below), in the slow set.
+SLOW_SMOKE_RUNS = {"digits", "mnist", "classify_fashion_mnist", "classify_cifar100",
+                   "shakespeare_recurrent"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name in SLOW_SMOKE_RUNS else name for name in CONFIGS])
 def test_one_step_smoke_run(name, tmp_path):
   config = shrink(load_config(name))
   if config.data.name == "fashion_mnist":  # small IDX files standing in for the real set
@@ -123,6 +130,7 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   assert "frechet_distance" in result.stdout
 
 
+@pytest.mark.slow  # three launches, 65 s; the classifier trains in process in the smoke run
 def test_command_line_classifier_trains_and_evaluates_any_number_of_steps(tmp_path):
   workdir = str(tmp_path / "run")
   small = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
@@ -143,6 +151,7 @@ def test_command_line_classifier_trains_and_evaluates_any_number_of_steps(tmp_pa
   assert refused.returncode == 2 and "classification" in refused.stderr
 
 
+@pytest.mark.slow  # three launches, 65 s; the language model trains in the smoke run
 def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
   small = ["--config.model.num_layers=2", "--config.model.hidden_size=16",

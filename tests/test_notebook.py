@@ -4,6 +4,7 @@ import json
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -16,6 +17,7 @@ def test_notebook_is_committed_without_outputs():
   assert all(not c["outputs"] and c["execution_count"] is None for c in cells)
 
 
+@pytest.mark.slow  # a Jupyter kernel and five short runs, 100 s
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("DBJAX_NOTEBOOK_STEPS", "2")
   monkeypatch.setenv("DBJAX_CACHE", str(tmp_path / "cache"))

@@ -233,6 +233,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     np.testing.assert_array_equal(resumed[name], expected[name])
 
 
+@pytest.mark.slow  # three launches of two processes each, 75 s
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
   address = f"localhost:{_free_port()}"

@@ -4,6 +4,7 @@ import re
 
 import chex
 import numpy as np
+import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -13,6 +14,7 @@ def python_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", f.read(), re.S)
 
 
+@pytest.mark.slow  # four tasks built, trained and sampled from scratch, 100 s
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("DBJAX_CACHE", str(tmp_path / "cache"))

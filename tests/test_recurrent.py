@@ -56,11 +56,16 @@ def _huginn(data_and_configs, **fields):
     section, name = field.split("__")
     config[section][name] = value
   task = tasks.build(config_lib.validate(config))
-  params = engine.init_block(task, jax.random.key(0)).params
-  # Move the adaLN gates off zero, so each core iteration changes the state.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
-                        params)
-  return task, task.network(params)
+  params = engine.init_on_host(task, 0)[0][0].params
+  return task, task.network(perturbed(params))
+
+
+@jax.jit  # eager, the ops of each parameter's shape would compile apart
+def perturbed(params):
+  """The parameters with the adaLN gates moved off zero, so each core iteration changes
+  the state."""
+  return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                      params)
 
 
 def test_truncated_backprop_stops_gradients_through_the_early_iterations(data_and_configs):
@@ -78,9 +83,11 @@ def test_truncated_backprop_stops_gradients_through_the_early_iterations(data_an
       s = jax.lax.stop_gradient(step) if i < iterations - 2 else step
     return jnp.sum(s ** 2)
 
+  unrolled = jax.jit(jax.value_and_grad(by_unroll))  # one program for every r
+  hand_unrolled = jax.jit(jax.value_and_grad(by_hand), static_argnums=1)
   for r in (1, 2, 3, 5):
-    value, grad = jax.value_and_grad(by_unroll)(s0, jnp.int32(r))
-    want, want_grad = jax.value_and_grad(by_hand)(s0, r)
+    value, grad = unrolled(s0, jnp.int32(r))
+    want, want_grad = hand_unrolled(s0, r)
     np.testing.assert_allclose(value, want, rtol=1e-5)
     chex.assert_trees_all_close(grad, want_grad, atol=1e-5)
     # Through the no-gradient iterations nothing flows back to s_0, exactly.
@@ -102,8 +109,7 @@ def test_k_step_inference_is_k_calls_of_the_chain_step(data_and_configs):
   config, data = data_and_configs
   task = tasks.build(config)
   states, shared = engine.init_on_host(task, 0)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
-                        states[0].params)
+  params = perturbed(states[0].params)
   net, embedding = task.network(params), token_embedding(shared.params)
   tokens = jnp.asarray(data.test.tokens[:2])
   sigmas, _ = recurrent.sampling_plan(task.noise, 3)
@@ -121,34 +127,48 @@ def test_k_step_inference_is_k_calls_of_the_chain_step(data_and_configs):
                             sigmas[k], sigmas[k + 1])
 
 
+def train_run(method, workdir, **fields):
+  """(config, results, per-step metric rows) of a run in `workdir`, evaluated at K = 1, 2,
+  4, whose curve and samples it asserts are there."""
+  config = recurrent_config(method, eval__enabled=True, eval__max_test_examples=4, **fields)
+  results = dbjax.train_and_evaluate(config, str(workdir))
+  assert (workdir / "bpc_vs_iterations.png").exists() and (workdir / "samples.txt").exists()
+  with open(workdir / "train_metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  return config, results, rows
+
+
+@pytest.fixture(scope="module")
+def denoiser_run(tmp_path_factory):
+  """DiffusionBlocks' training, long enough for its loss to fall: shared by two tests."""
+  return train_run("diffusion_blocks", tmp_path_factory.mktemp("denoiser"),
+                   train__num_steps=60, train__checkpoint_every=60, train__batch_size=16,
+                   train__learning_rate=3e-3)
+
+
 @pytest.mark.parametrize("method", ["diffusion_blocks", "end_to_end"])
-def test_both_trainings_run_and_plot_the_curve(method, tmp_path):
-  config = recurrent_config(method, eval__enabled=True, eval__max_test_examples=4)
-  results = dbjax.train_and_evaluate(config, str(tmp_path))
-  assert results["iterations"] == 4 and results["num_blocks"] == 1
+def test_both_trainings_run_and_plot_the_curve(method, denoiser_run, tmp_path):
+  config, results, rows = (denoiser_run if method == "diffusion_blocks"
+                           else train_run(method, tmp_path))
+  steps = config.train.num_steps
+  assert results["iterations"] == steps and results["num_blocks"] == 1
   curve = results["bits_per_character_by_iterations"]
   assert set(curve) == {"1", "2", "4"} and results["bits_per_character"] == min(curve.values())
   assert all(0 < bits < 10 for bits in curve.values())
-  assert (tmp_path / "bpc_vs_iterations.png").exists() and (tmp_path / "samples.txt").exists()
   forward, backward = results["core_passes_per_step"].values()
   if method == "diffusion_blocks":
     assert (forward, backward) == (1.0, 1.0)
   else:  # E[r] = m + 1 = 4 forward; min(r, k = 2) backward, between 1 and 2
     assert forward == 4.0 and 1.0 < backward < 2.0
-  assert results["train_core_layer_evaluations"] == 4 * 4 * (forward + backward)
-  if method == "end_to_end":  # each step draws its own number of iterations
-    with open(tmp_path / "train_metrics.jsonl") as f:
-      assert "iterations" in json.loads(f.readline())
+    assert "iterations" in rows[0]  # each step draws its own number of iterations
+  core_layers = 4
+  assert results["train_core_layer_evaluations"] == steps * core_layers * (forward + backward)
 
 
-def test_the_denoiser_loss_falls(data_and_configs, tmp_path):
-  config, data = data_and_configs
-  config = config.copy_and_resolve_references()
-  config.train.num_steps, config.train.checkpoint_every = 60, 60
-  config.train.learning_rate, config.train.batch_size = 3e-3, 16
-  run = dbjax.train.train(config, str(tmp_path), data.train)
-  ce = [r["cross_entropy"] for r in run.history]
-  assert np.mean(ce[-10:]) < 0.8 * np.mean(ce[:5])
+def test_the_denoiser_loss_falls(denoiser_run):
+  _, _, rows = denoiser_run
+  ce = [r["cross_entropy"] for r in rows]
+  assert len(ce) == 60 and np.mean(ce[-10:]) < 0.8 * np.mean(ce[:5])
 
 
 @pytest.mark.parametrize("fields,message", [
