@@ -244,7 +244,8 @@ def interleaved_reference(config, train_data):
 
 
 @pytest.mark.parametrize("label_embedding,shared_modules", [
-    ("joint", "per_block"), ("frozen", "shared"), ("frozen", "per_block")])
+    ("joint", "per_block"), ("frozen", "shared"),
+    pytest.param("frozen", "per_block", marks=pytest.mark.slow)])  # couples nothing
 def test_driver_matches_interleaved_training(tmp_path, digits, label_embedding, shared_modules):
   config = classify_config(**{"classifier__label_embedding": label_embedding,
                               "classifier__shared_modules": shared_modules,

@@ -395,15 +395,15 @@ def test_a_benchmark_builds_its_tasks_without_image_data(name, tmp_path):
 
 
 def test_planner_picks_the_smallest_number_of_blocks_that_fits():
-  config = tiny_config(**{"model__num_layers": 6})  # B in 1, 2, 3, 6
+  config = tiny_config()  # 4 layers: B in 1, 2, 4
   rows = planning.footprints(config)
-  assert [r["num_blocks"] for r in rows] == [1, 2, 3, 6]
+  assert [r["num_blocks"] for r in rows] == [1, 2, 4]
   step = {r["num_blocks"]: r["step_bytes"] for r in rows}
-  assert step[1] > step[2] > step[3] > step[6]  # fewer layers per block, less memory
-  assert planning.choose(rows, (step[2] + step[3]) // 2) == 3
+  assert step[1] > step[2] > step[4]  # fewer layers per block, less memory
+  assert planning.choose(rows, (step[1] + step[2]) // 2) == 2
   assert planning.choose(rows, step[1]) == 1
-  with pytest.raises(ConfigError, match=f"smallest step footprint is {step[6]} bytes"):
-    planning.choose(rows, step[6] - 1)
+  with pytest.raises(ConfigError, match=f"smallest step footprint is {step[4]} bytes"):
+    planning.choose(rows, step[4] - 1)
   assert planning.parse_bytes("8GiB") == 8 * 2**30
   assert planning.parse_bytes("1.5 MB") == 1_500_000
   with pytest.raises(ConfigError, match="memory budget '8 parsecs' is invalid"):

@@ -146,7 +146,9 @@ def denoiser_run(tmp_path_factory):
                    train__learning_rate=3e-3)
 
 
-@pytest.mark.parametrize("method", ["diffusion_blocks", "end_to_end"])
+@pytest.mark.parametrize("method", [
+    "diffusion_blocks",
+    pytest.param("end_to_end", marks=pytest.mark.slow)])  # Huginn's own programs: 100 s
 def test_both_trainings_run_and_plot_the_curve(method, denoiser_run, tmp_path):
   config, results, rows = (denoiser_run if method == "diffusion_blocks"
                            else train_run(method, tmp_path))
