@@ -149,9 +149,9 @@ def denoiser_run(tmp_path_factory):
 @pytest.mark.parametrize("method", [
     "diffusion_blocks",
     pytest.param("end_to_end", marks=pytest.mark.slow)])  # Huginn's own programs: 100 s
-def test_both_trainings_run_and_plot_the_curve(method, denoiser_run, tmp_path):
-  config, results, rows = (denoiser_run if method == "diffusion_blocks"
-                           else train_run(method, tmp_path))
+def test_both_trainings_run_and_plot_the_curve(method, request, tmp_path):
+  config, results, rows = (request.getfixturevalue("denoiser_run")
+                           if method == "diffusion_blocks" else train_run(method, tmp_path))
   steps = config.train.num_steps
   assert results["iterations"] == steps and results["num_blocks"] == 1
   curve = results["bits_per_character_by_iterations"]
