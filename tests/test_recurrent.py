@@ -50,12 +50,7 @@ def test_iteration_counts_follow_the_formula():
 
 def _huginn(data_and_configs, **fields):
   config, _ = data_and_configs
-  config = config.copy_and_resolve_references()
-  config.method = "end_to_end"
-  for field, value in fields.items():
-    section, name = field.split("__")
-    config[section][name] = value
-  task = tasks.build(config_lib.validate(config))
+  task = tasks.build(config_lib.variant(config, "end_to_end", **fields))
   params = engine.init_on_host(task, 0)[0][0].params
   return task, task.network(perturbed(params))
 
@@ -163,8 +158,8 @@ def test_both_trainings_run_and_plot_the_curve(method, request, tmp_path):
   else:  # E[r] = m + 1 = 4 forward; min(r, k = 2) backward, between 1 and 2
     assert forward == 4.0 and 1.0 < backward < 2.0
     assert "iterations" in rows[0]  # each step draws its own number of iterations
-  core_layers = 4
-  assert results["train_core_layer_evaluations"] == steps * core_layers * (forward + backward)
+  assert results["train_core_layer_evaluations"] == (
+      steps * config.recurrent.core_layers * (forward + backward))
 
 
 def test_the_denoiser_loss_falls(denoiser_run):
