@@ -157,13 +157,18 @@ def noisy_attention(q, k, v) -> jax.Array:
 
 def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   """Logits (N, T, V) of the noisy stream: what `net` computes on [clean; noisy] under
-  `block_diffusion_attention`, in two passes per layer: the clean stream alone (its
-  rows see only clean columns), then the noisy stream against the clean keys and values
-  of that layer. c_noise: (N, 2), the clean stream's and the noisy stream's.
+  `block_diffusion_attention`, as two passes over the layers: the clean stream alone
+  (its rows see only clean columns), then the noisy stream, each layer against the clean
+  keys and values of that layer. c_noise: (N, 2), the clean stream's and the noisy
+  stream's.
 
-  The clean pass is rematerialised in the backward pass (jax.checkpoint), so the step
-  keeps the noisy stream's T rows of activations and, of the clean stream, only each
-  layer's input, keys and values (docs/method.md, "The autoregressive LM's memory")."""
+  The clean pass is rematerialised in the backward pass, so the step keeps the noisy
+  stream's T rows of activations and, of the clean stream, only each layer's input, keys
+  and values (docs/method.md, "The autoregressive LM's memory"). The clean pass runs as a
+  loop with each layer under jax.checkpoint (unrolled, XLA folds the recomputation away;
+  see dbjax.nets.dit.apply_layers); its backward loop runs after the noisy stream's
+  backward pass, which frees the noisy activations as it goes. The noisy pass has no
+  recomputation (unless model.remat), so it is unrolled as end-to-end's layers are."""
   t = clean_vectors.shape[1]
   positions = jnp.arange(t)
   cond = net.condition(c_noise)
@@ -172,23 +177,23 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   graph, layer_states = nnx.split(net.layers)
 
   @jax.checkpoint
-  def clean_pass(clean, layer_state):
-    return nnx.merge(graph, layer_state)(clean, cond_clean, attention=clean_attention,
-                                         positions=rotary)
+  def clean_layer(clean, layer_state):
+    new_clean, keys_values = nnx.merge(graph, layer_state)(
+        clean, cond_clean, attention=clean_attention, positions=rotary)
+    return new_clean.astype(clean.dtype), keys_values
 
-  def layer(streams, layer_state):
-    clean, noisy = streams
-    new_clean, keys_values = clean_pass(clean, layer_state)
+  def noisy_layer(noisy, layer_state_and_keys_values):
+    layer_state, keys_values = layer_state_and_keys_values
     new_noisy, _ = nnx.merge(graph, layer_state)(noisy, cond_noisy, context=keys_values,
                                                  attention=noisy_attention, positions=rotary)
-    return (new_clean.astype(clean.dtype), new_noisy.astype(noisy.dtype)), None
+    return new_noisy.astype(noisy.dtype), None
 
   if net.cfg.remat:
-    layer = jax.checkpoint(layer)
-  streams = (net.embed(clean_vectors, positions), net.embed(noisy_vectors, positions))
-  # A loop, not unrolled: unrolled, XLA folds the recomputation away (see
-  # dbjax.nets.dit.apply_layers).
-  (_, noisy), _ = jax.lax.scan(layer, streams, layer_states)
+    noisy_layer = jax.checkpoint(noisy_layer)
+  _, keys_values = jax.lax.scan(clean_layer, net.embed(clean_vectors, positions),
+                                layer_states)
+  noisy, _ = jax.lax.scan(noisy_layer, net.embed(noisy_vectors, positions),
+                          (layer_states, keys_values), unroll=not net.cfg.remat)
   return net.head(noisy, cond_noisy)
 
 
