@@ -115,9 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
       # sequences drawn at sigma_max, where every chain's first call runs (with N = B, its
       # only call); the log-normal puts 0.2% of its mass above sigma = 10. 0 = the paper.
       sigma_max_share=0.0,
-      # Autoregressive DiffusionBlocks: each layer runs the clean stream, then the noisy
-      # one against its keys and values, and the clean pass is recomputed in the backward
-      # pass, so the step keeps the activations of T rows, not 2T: the same gradients
+      # Autoregressive DiffusionBlocks: the layers run the clean stream, then the noisy one
+      # against each layer's clean keys and values, and the clean pass is recomputed in the
+      # backward pass, so the step keeps the activations of T rows, not 2T: the same gradients
       # (docs/method.md, "The autoregressive LM's memory"). The other kinds and tasks have
       # one stream and ignore it.
       remat_clean_stream=False,

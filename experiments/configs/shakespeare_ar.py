@@ -25,9 +25,9 @@ def get_config():
   # "Language": positions compared).
   config.language.positions = "rotary"
   config.language.seq_len = 128
-  # Each layer's clean stream recomputed in the backward pass: the same gradients at
-  # 1.25-1.5x less step memory for 7-18% more step time (docs/results.md, "Memory of an
-  # autoregressive block").
+  # The clean stream recomputed in the backward pass: the same gradients at 1.9x less
+  # step memory for 8-29% more step time (docs/results.md, "Memory of an autoregressive
+  # block").
   config.language.remat_clean_stream = True
   config.language.prompt = "The "
   config.train.num_steps = 500

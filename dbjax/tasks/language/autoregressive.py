@@ -35,7 +35,7 @@ class AutoregressiveDenoiser(LanguageTask):
   noise: NoisePlan
   bridge: str                   # "argmax" or "expected"
   sigma_max_share: float        # block 0's sequences drawn at sigma_max (dbjax's option)
-  remat_clean_stream: bool = False  # two passes per layer, the clean one rematerialised
+  remat_clean_stream: bool = False  # the clean stream's pass first, rematerialised
 
   evaluate_flags = {**LanguageTask.evaluate_flags, "num_steps": "language.inference_steps",
                     "bridge": "language.bridge", "mixture_chains": "language.mixture_chains"}
