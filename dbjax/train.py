@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from dbjax import config as config_lib, tasks
-from dbjax.engine import block_jobs, driver
+from dbjax.engine import block_jobs, driver, signals
 from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block_runs,
                                  step_key)
 from dbjax.engine.metric_log import MetricLog
@@ -124,7 +124,7 @@ def train_and_evaluate(config, workdir: str, blocks=None) -> dict:
     block_jobs.parse_blocks(blocks, config_lib.num_trained_blocks(config))
   # SIGTERM or Ctrl-C while the data load or the step compiles stops the run before
   # its first iteration; during the evaluation they end it (the next call redoes it).
-  with driver.stop_on_signals():
+  with signals.stop_on_signals():
     config, data = tasks.load_data(config)
     trained = train(config, workdir, data.train, blocks=blocks)
   if blocks is not None:

@@ -2,8 +2,8 @@
 
   state       BlockState(params, opt_state, step), each block's own optimizer, host init
   step        the pure train step (state, shared, batch, key, interval) with its reduce hook
-  driver      the sequential driver: one block on the device at a time, a stop within one
-              step on SIGTERM or Ctrl-C, resume
+  driver      the sequential driver: one block on the device at a time, resume
+  signals     a stop within one train step on SIGTERM or Ctrl-C, agreed by every process
   parallel    all blocks at once on a ("block", "data") mesh (jax.shard_map)
   checkpoint  orbax checkpoints, one item per block, checksummed and checked for fit
   metric_log  train_metrics.jsonl, TensorBoard and the console

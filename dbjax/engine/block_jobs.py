@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dbjax import config as config_lib
-from dbjax.engine import driver, state as state_lib
+from dbjax.engine import driver, signals, state as state_lib
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.step import jit_train_step, update
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
@@ -271,7 +271,7 @@ def train_blocks(task, config, workdir: str, train_data, blocks: list[int],
       name.isdigit() for name in os.listdir(run_checkpoints)):
     raise WorkdirError(f"{workdir!r} holds a run trained without --blocks; block jobs need "
                        "a workdir of their own")
-  with driver.stop_on_signals() as stop, contextlib.ExitStack() as held:
+  with signals.stop_on_signals() as stop, contextlib.ExitStack() as held:
     locks = {b: held.enter_context(BlockLock(os.path.join(block_dir(workdir, b), LOCK_FILE),
                                              f"block {b} of {workdir}"))
              for b in blocks}
