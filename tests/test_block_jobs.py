@@ -1,5 +1,6 @@
 """Blocks as independent jobs (dbjax.engine.block_jobs): each job's blocks end as in the
 sequential run, bit for bit, and the jobs assemble into the sequential run's layout."""
+import glob
 import json
 import os
 import signal
@@ -195,6 +196,25 @@ def test_a_stale_lock_is_taken_over(tmp_path, holder):
     with pytest.raises(WorkdirError, match="taken over by the job of pid 1 on host elsewhere"):
       lock.check()
   assert os.path.exists(path)  # theirs now: left in place
+
+
+def test_one_job_takes_over_a_stale_lock_however_late_its_rival(tmp_path):
+  """Two jobs judge the same ended holder stale; the first takes over while the second
+  is still deciding. The second gives way, and the lock stays the first's."""
+  path = str(tmp_path / "lock")
+  _write_lock(path, pid=_ended_pid())
+  first, late = BlockLock(path, "block 0"), BlockLock(path, "block 0")
+  judged_stale = late.is_stale
+
+  def stale_then_overtaken(holder):
+    stale = judged_stale(holder)
+    first.acquire()  # while the late job decides
+    return stale
+  late.is_stale = stale_then_overtaken
+  with pytest.raises(WorkdirError, match="stale lock of block 0 .* was taken over by another"):
+    late.acquire()
+  first.check()
+  assert not glob.glob(path + ".*" + late.mine["token"])  # nothing of the late job's left
 
 
 @pytest.mark.slow  # four CLI launches at once, and a fifth after a kill: about a minute

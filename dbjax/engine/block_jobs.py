@@ -94,9 +94,11 @@ class BlockLock:
   on NFS). A lock is stale, and taken over, when its holder is on this host and its
   process is gone (or is this process's pid, a restarted container's), or when its
   holder has not touched it for STALE_SECONDS (another host's job that died: holders
-  touch it every HEARTBEAT_SECONDS). A takeover is a rename over the stale file; two jobs
-  taking over at once both write and both read back, and the one that finds the other's
-  name gives way. A holder checks the lock is still its own before each save.
+  touch it every HEARTBEAT_SECONDS). A takeover first claims the stale holder (a hard
+  link named by its token, created once), then renames over the lock: of the jobs that
+  judge the same holder stale, however late, one takes over and the others give way. A
+  holder checks the lock is still its own before each save. The claims are left beside
+  the lock, one small file per takeover, so that a late rival still finds them.
   """
   HEARTBEAT_SECONDS = 30.0
   STALE_SECONDS = 300.0
@@ -147,23 +149,39 @@ class BlockLock:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     partial = self._written()
     try:
-      try:
-        os.link(partial, self.path)
-        return
-      except FileExistsError:
-        pass
-      holder = self.holder() or {}
+      while True:
+        try:
+          os.link(partial, self.path)
+          return
+        except FileExistsError:
+          pass
+        holder = self.holder()
+        if holder is not None or os.path.exists(self.path):  # else released: link again
+          break
       if holder and not self.is_stale(holder):
         raise WorkdirError(
             f"{self.what} is being trained by the job of pid {holder.get('pid')} on host "
             f"{holder.get('host')} (since {holder.get('since')}; lock {self.path}): "
             "leave it to that job, or remove the lock if you know it has ended")
-      os.replace(partial, self.path)  # take over the stale (or half-removed) lock
-      time.sleep(0.2)  # a rival taking it over at the same moment has written by now
+      try:
+        os.link(partial, self._claim(holder))
+      except FileExistsError:
+        raise WorkdirError(
+            f"the stale lock of {self.what} ({self.path}) was taken over by another job: "
+            "leave it to that job") from None
+      os.replace(partial, self.path)
       self.check()
     finally:
       if os.path.exists(partial):
         os.remove(partial)
+
+  def _claim(self, holder: dict | None) -> str:
+    """The path whose creation claims the takeover of `holder` (None: an unreadable lock,
+    named by its size and time)."""
+    if holder and "token" in holder:
+      return f"{self.path}.taken_from.{holder['token']}"
+    stat = os.stat(self.path)
+    return f"{self.path}.taken_from.unreadable_{stat.st_size}_{stat.st_mtime_ns}"
 
   def check(self):
     """WorkdirError unless the lock is still ours."""
