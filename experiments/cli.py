@@ -12,6 +12,7 @@ import warnings
 import jax
 from absl import app, flags, logging
 
+import experiments
 from dbjax import tasks
 from dbjax.config import default_config, field_holder, flatten, validate, variant
 from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
@@ -59,6 +60,8 @@ def one_line_errors(main):
   def wrapped(argv):
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is experiments._interrupted_while_starting:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # handled below
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       return main(argv)

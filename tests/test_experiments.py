@@ -2,8 +2,10 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,25 @@ def test_one_step_smoke_run(name, tmp_path):
 def run_cli(*args, check=True):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
                         text=True, check=check, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc (Linux)")
+def test_ctrl_c_while_a_command_imports_jax_ends_it_in_one_line(tmp_path):
+  command = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits.py",
+       f"--workdir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+  deadline = time.monotonic() + 60
+  while "/jaxlib/" not in open(f"/proc/{command.pid}/maps").read():  # jax is importing
+    assert time.monotonic() < deadline and command.poll() is None
+    time.sleep(0.005)
+  time.sleep(0.1)  # past the loading of jaxlib's library, during which SIGINT kills at once
+  command.send_signal(signal.SIGINT)
+  stderr = command.communicate(timeout=60)[1]
+  assert command.returncode == 130
+  assert "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGINT)")
 
 
 def test_command_line_trains_samples_and_evaluates(tmp_path):
