@@ -164,11 +164,12 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
 
   The clean pass is rematerialised in the backward pass, so the step keeps the noisy
   stream's T rows of activations and, of the clean stream, only each layer's input, keys
-  and values (docs/method.md, "The autoregressive LM's memory"). The clean pass runs as a
-  loop with each layer under jax.checkpoint (unrolled, XLA folds the recomputation away;
-  see dbjax.nets.dit.apply_layers); its backward loop runs after the noisy stream's
-  backward pass, which frees the noisy activations as it goes. The noisy pass has no
-  recomputation (unless model.remat), so it is unrolled as end-to-end's layers are."""
+  and values (docs/method.md, "The autoregressive LM's memory"). The clean pass is a loop
+  of layers each under jax.checkpoint (unrolled, XLA folds the recomputation away; see
+  dbjax.nets.dit.apply_layers). Its backward loop takes every layer's key and value
+  cotangents, so it runs after the whole noisy backward pass, which has freed the noisy
+  activations by then. The noisy pass recomputes nothing (unless model.remat), so it is
+  unrolled as end-to-end's layers are (no loop's extra iteration of residuals)."""
   t = clean_vectors.shape[1]
   positions = jnp.arange(t)
   cond = net.condition(c_noise)
