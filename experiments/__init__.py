@@ -4,7 +4,7 @@ import signal
 import sys
 
 
-def _interrupted_while_starting(signum, frame):
+def interrupted_while_starting(signum, frame):
   """Ends the process at once: nothing is written before the command starts, and an
   exception raised inside an import can be swallowed by a bare except, or leave a
   half-loaded native library that crashes the interpreter's shutdown."""
@@ -19,4 +19,4 @@ def _interrupted_while_starting(signum, frame):
 # experiments.cli.one_line_errors puts Python's handler back when the command starts. A
 # SIGINT ignored from the start (a job started by nohup) stays ignored.
 if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-  signal.signal(signal.SIGINT, _interrupted_while_starting)
+  signal.signal(signal.SIGINT, interrupted_while_starting)

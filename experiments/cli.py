@@ -60,7 +60,7 @@ def one_line_errors(main):
   def wrapped(argv):
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _raise_terminated)
-    if signal.getsignal(signal.SIGINT) is experiments._interrupted_while_starting:
+    if signal.getsignal(signal.SIGINT) is experiments.interrupted_while_starting:
       signal.signal(signal.SIGINT, signal.default_int_handler)  # handled below
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
