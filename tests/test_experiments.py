@@ -101,11 +101,15 @@ def run_cli(*args, check=True):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc (Linux)")
 def test_ctrl_c_while_a_command_imports_jax_ends_it_in_one_line(tmp_path):
+  train = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits.py",
+           f"--workdir={tmp_path}"]
+  # SIGINT as from a terminal, even where this test runs in the background with SIGINT
+  # ignored: the command execs from a process that sets it back to the default.
   command = subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits.py",
-       f"--workdir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+      [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
+       "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])", *train],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   deadline = time.monotonic() + 60
   while "/jaxlib/" not in open(f"/proc/{command.pid}/maps").read():  # jax is importing
     assert time.monotonic() < deadline and command.poll() is None
