@@ -6,6 +6,7 @@ import pytest
 from dbjax import tasks
 from dbjax.engine import profiling
 from tests.conftest import tiny_config
+from tests.test_language import lm_config
 
 
 @functools.cache  # each variant compiles once for the whole module
@@ -65,11 +66,9 @@ def test_matmul_flops_of_a_block_are_a_bth_of_end_to_end():
   assert block == pytest.approx(e2e / 2, rel=0.05)
 
 
-@functools.cache
 def language_step_bytes(method, num_blocks=1, remat_clean_stream=False):
   """A 6-layer autoregressive LM whose activations outweigh its parameters, as in
   shakespeare_ar.py (d = 32, 64 characters, batch 16)."""
-  from tests.test_language import lm_config  # pylint: disable=g-import-not-at-top
   config = lm_config(method=method, positions="rotary", remat_clean_stream=remat_clean_stream)
   config.model.num_layers, config.model.hidden_size, config.model.num_heads = 6, 32, 4
   config.language.seq_len, config.diffusion.num_blocks = 64, num_blocks
