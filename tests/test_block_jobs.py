@@ -198,6 +198,18 @@ def test_a_stale_lock_is_taken_over(tmp_path, holder):
   assert os.path.exists(path)  # theirs now: left in place
 
 
+def test_an_unreadable_lock_is_taken_over_once(tmp_path):
+  """A lock file dbjax did not write (not JSON) counts as stale, and its takeover is
+  claimed under the file's size and time, as a holder's is under its token."""
+  path = str(tmp_path / "lock")
+  with open(path, "w") as f:
+    f.write("not json")
+  claimed = BlockLock(path, "block 0")._claim(None)  # pylint: disable=protected-access
+  with BlockLock(path, "block 0") as lock:
+    lock.check()
+    assert os.path.exists(claimed)
+
+
 def test_one_job_takes_over_a_stale_lock_however_late_its_rival(tmp_path):
   """Two jobs judge the same ended holder stale; the first takes over while the second
   is still deciding. The second gives way, and the lock stays the first's."""

@@ -156,15 +156,18 @@ class BlockLock:
         except FileExistsError:
           pass
         holder = self.holder()
-        if holder is not None or os.path.exists(self.path):  # else released: link again
+        try:
+          claim = self._claim(holder)
           break
+        except FileNotFoundError:  # released since the link failed: link again
+          continue
       if holder and not self.is_stale(holder):
         raise WorkdirError(
             f"{self.what} is being trained by the job of pid {holder.get('pid')} on host "
             f"{holder.get('host')} (since {holder.get('since')}; lock {self.path}): "
             "leave it to that job, or remove the lock if you know it has ended")
       try:
-        os.link(partial, self._claim(holder))
+        os.link(partial, claim)
       except FileExistsError:
         raise WorkdirError(
             f"the stale lock of {self.what} ({self.path}) was taken over by another job: "
@@ -177,7 +180,7 @@ class BlockLock:
 
   def _claim(self, holder: dict | None) -> str:
     """The path whose creation claims the takeover of `holder` (None: an unreadable lock,
-    named by its size and time)."""
+    named by its size and time; FileNotFoundError if it is gone)."""
     if holder and "token" in holder:
       return f"{self.path}.taken_from.{holder['token']}"
     stat = os.stat(self.path)
