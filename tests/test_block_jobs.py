@@ -15,7 +15,7 @@ import pytest
 from dbjax import data, tasks, train
 from dbjax.config import default_config
 from dbjax.engine import block_jobs
-from dbjax.engine.block_jobs import BlockLock
+from dbjax.engine.locks import BlockLock
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
 from experiments import soak
 from tests.conftest import tiny_config
@@ -167,7 +167,7 @@ def test_a_live_holder_keeps_its_lock(tmp_path):
   with BlockLock(path, "block 1"):
     assert os.path.exists(path)
     rival = subprocess.run(
-        [sys.executable, "-c", "from dbjax.engine.block_jobs import BlockLock; "
+        [sys.executable, "-c", "from dbjax.engine.locks import BlockLock; "
          f"BlockLock({path!r}, 'block 1').acquire()"], capture_output=True, text=True)
     assert rival.returncode and (f"block 1 is being trained by the job of pid {os.getpid()}"
                                  in rival.stderr.splitlines()[-1])
@@ -198,7 +198,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, holder):
   assert os.path.exists(path)  # theirs now: left in place
 
 
-def test_an_unreadable_lock_is_taken_over_once(tmp_path):
+def test_an_unreadable_lock_is_taken_over_under_a_claim(tmp_path):
   """A lock file dbjax did not write (not JSON) counts as stale, and its takeover is
   claimed under the file's size and time, as a holder's is under its token."""
   path = str(tmp_path / "lock")

@@ -4,6 +4,8 @@
   step        the pure train step (state, shared, batch, key, interval) with its reduce hook
   driver      the sequential driver: one block on the device at a time, resume
   signals     a stop within one train step on SIGTERM or Ctrl-C, agreed by every process
+  block_jobs  blocks trained as separate jobs, and their assembly into one run
+  locks       the lock file that keeps a second job off a block a live job trains
   parallel    all blocks at once on a ("block", "data") mesh (jax.shard_map)
   checkpoint  orbax checkpoints, one item per block, checksummed and checked for fit
   metric_log  train_metrics.jsonl, TensorBoard and the console
