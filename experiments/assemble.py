@@ -1,5 +1,5 @@
-r"""Assemble one run from block jobs that trained in separate workdirs (README, "Blocks as
-separate jobs"), then evaluate it as the run's last job would have (metrics.json,
+r"""Assemble one run from block jobs that trained in separate workdirs (docs/design.md,
+"Blocks as separate jobs"), then evaluate it as the run's last job would have (metrics.json,
 loss_curves.png and the task's pictures or texts):
 
   python -m experiments.assemble --workdir=runs/digits --from=runs/job0,runs/job1,runs/job2

@@ -13,12 +13,12 @@ workdir: samples.png (generation), confusion.png and accuracy_vs_steps.png
 Any config field can be overridden with --config.<field>=<value>. Re-running the same
 command resumes from the latest checkpoint in the workdir.
 
-All blocks at once, one slice of the devices each (README, "Scaling out"):
+All blocks at once, one slice of the devices each (docs/results.md, "Scaling out"):
 
   python -m experiments.train --config=experiments/configs/digits.py --parallel=blocks \
       --workdir=runs/digits_parallel
 
-Blocks as separate jobs, anywhere and any time (README, "Blocks as separate jobs"): each
+Blocks as separate jobs, anywhere and any time (docs/design.md, "Blocks as separate jobs"): each
 job trains the blocks it is given; the one that finishes the last block assembles the run
 and evaluates it.
 

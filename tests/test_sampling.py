@@ -150,7 +150,7 @@ def test_fixed_seed_chain_is_no_likelihood_but_the_mixture_over_chains_is(catego
   """The exact denoiser's Euler chain, 4 calls over B = 4 blocks. Its last call is
   near-certain of the token the chain ends on, so the cross-entropy of one fixed-seed
   chain against y ~ probs is over 5 times the entropy (35.7 and 31.2 nats against 1.53
-  here): it scores how often a chain ends on y, not a likelihood (README, Language). The
+  here): it scores how often a chain ends on y, not a likelihood (docs/language.md). The
   argmax bridge ends on the mode far more often than p says (a near-greedy decoder); the
   expected bridge is the probability-flow ODE, whose end is distributed as y, and the
   mixture of its chains' last calls (`sampling.mixture_log_probs`) has the entropy as
@@ -176,7 +176,7 @@ def test_mixture_log_probs_is_the_log_of_the_mean_probability():
 
 def test_exact_chain_of_a_classifier_loses_to_its_first_call():
   """A classifier whose every block is exact, p(y | image) calibrated at about 84% (the
-  Fashion-MNIST regime; README, Classification), 10 unit-norm labels in 128 dimensions,
+  Fashion-MNIST regime; docs/classification.md), 10 unit-norm labels in 128 dimensions,
   B = N = 3. The first call at sigma_max is the Bayes classifier; the chain's second
   call, at sigma_1 = 0.50, sees its argmax row re-noised where a unit-norm label is only
   partly readable, and sometimes moves to another class: the last call's argmax is about
