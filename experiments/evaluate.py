@@ -24,6 +24,14 @@ and its _samples.txt.
   python -m experiments.evaluate --workdir=runs/shakespeare --mixture_chains=256 \
       --max_test_examples=16 --bridge=expected
 
+Recurrent depth: test bits per character after --num_steps=K iterations alone (default:
+the run's curve) and, for DiffusionBlocks, the mixture of --mixture_chains chains with
+either --bridge; writes eval_iterations_<K>[_chains<n>_<bridge>].json, its plot and its
+_samples.txt.
+
+  python -m experiments.evaluate --workdir=runs/recurrent --num_steps=8 --mixture_chains=256 \
+      --max_test_examples=16
+
 A flag that does not apply to the run's task is refused in one line listing those that do.
 """
 import json
@@ -38,19 +46,21 @@ from experiments.cli import print_table, run, set_flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained run's directory")
 _FLAGS = {
     "num_steps": flags.DEFINE_integer("num_steps", None, "sampling steps, a classifier's or "
-                                      "an LM's denoising calls (default: the run's)"),
+                                      "an LM's denoising calls, a recurrent LM's iterations "
+                                      "(default: the run's)"),
     "solver": flags.DEFINE_enum("solver", None, ["euler", "heun"],
                                 "ODE solver (default: the run's)"),
     "guidance_scale": flags.DEFINE_float("guidance_scale", None,
                                          "classifier-free guidance; 1 = none"),
     "bridge": flags.DEFINE_enum("bridge", None, ["argmax", "expected"],
-                                "classifier, autoregressive LM: the Euler bridge's estimate "
-                                "(default: the run's)"),
+                                "classifier, autoregressive LM, recurrent depth: the Euler "
+                                "bridge's estimate (default: the run's)"),
     "num_samples": flags.DEFINE_integer("num_samples", None,
                                         "generated images (default: the run's)"),
     "mixture_chains": flags.DEFINE_integer(
-        "mixture_chains", None, "autoregressive LM: chains per character whose mixture "
-        "estimates the chain's likelihood (language.mixture_chains; default: the run's)"),
+        "mixture_chains", None, "autoregressive LM, recurrent depth: chains per character "
+        "whose mixture estimates the chain's likelihood (language.mixture_chains, "
+        "recurrent.mixture_chains; default: the run's)"),
     "max_test_examples": flags.DEFINE_integer("max_test_examples", None,
                                               "test examples (default: the run's)"),
 }

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 import dbjax
+import dbjax.train
 from dbjax import config as config_lib, engine, sampling, tasks
 from dbjax.errors import ConfigError
 from dbjax.tasks import recurrent
 from dbjax.tasks.language.common import token_embedding
+from experiments.cli import set_flags
 from tests.conftest import shrink_model
-from tests.test_experiments import load_config
+from tests.test_experiments import load_config, run_cli
 
 
 def recurrent_config(method="diffusion_blocks", **fields):
@@ -123,14 +125,14 @@ def test_k_step_inference_is_k_calls_of_the_chain_step(data_and_configs):
 
 
 def train_run(method, workdir, **fields):
-  """(config, results, per-step metric rows) of a run in `workdir`, evaluated at K = 1, 2,
-  4, whose curve and samples it asserts are there."""
+  """(config, results, per-step metric rows, workdir) of a run in `workdir`, evaluated at
+  K = 1, 2, 4, whose curve and samples it asserts are there."""
   config = recurrent_config(method, eval__enabled=True, eval__max_test_examples=4, **fields)
   results = dbjax.train_and_evaluate(config, str(workdir))
   assert (workdir / "bpc_vs_iterations.png").exists() and (workdir / "samples.txt").exists()
   with open(workdir / "train_metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  return config, results, rows
+  return config, results, rows, workdir
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def denoiser_run(tmp_path_factory):
     "diffusion_blocks",
     pytest.param("end_to_end", marks=pytest.mark.slow)])  # Huginn's own programs: 100 s
 def test_both_trainings_run_and_plot_the_curve(method, request, tmp_path):
-  config, results, rows = (request.getfixturevalue("denoiser_run")
+  config, results, rows, _ = (request.getfixturevalue("denoiser_run")
                            if method == "diffusion_blocks" else train_run(method, tmp_path))
   steps = config.train.num_steps
   assert results["iterations"] == steps and results["num_blocks"] == 1
@@ -163,7 +165,7 @@ def test_both_trainings_run_and_plot_the_curve(method, request, tmp_path):
 
 
 def test_the_denoiser_loss_falls(denoiser_run):
-  _, _, rows = denoiser_run
+  _, _, rows, _ = denoiser_run
   ce = [r["cross_entropy"] for r in rows]
   assert len(ce) == 60 and np.mean(ce[-10:]) < 0.8 * np.mean(ce[:5])
 
@@ -178,3 +180,44 @@ def test_config_errors_are_named(fields, message):
   with pytest.raises(ConfigError, match=message) as error:
     config_lib.validate(recurrent_config(**fields))
   assert "\n" not in str(error.value)
+
+
+def test_evaluate_flags_pick_one_k_and_the_number_of_chains(denoiser_run):
+  """experiments.evaluate's --num_steps=K scores that K alone, --mixture_chains the
+  mixture's size; the output's name says both. By Jensen the mixture of more chains
+  scores lower on average: at K = 2, 32 chains against 1."""
+  workdir = str(denoiser_run[3])
+  config, task, states, shared = dbjax.train.restore_run(workdir)
+  config, data = dbjax.train.load_run_data(config, workdir)
+
+  def evaluated(chains):
+    flagged = set_flags(config, task, task.evaluate_flags,
+                        {"num_steps": 2, "mixture_chains": chains}, "experiments.evaluate")
+    flagged_task = tasks.build(flagged)
+    results = flagged_task.evaluate(flagged, workdir, states, shared, data, prefix="x_")
+    return flagged_task.evaluation_name(flagged), results["bits_per_character_by_iterations"]
+
+  name, one_chain = evaluated(1)
+  assert name == "eval_iterations_2_chains1_argmax" and set(one_chain) == {"2"}
+  assert evaluated(32)[1]["2"] < one_chain["2"]
+  with pytest.raises(ConfigError, match="--mixture_chains does not apply .*HuginnLM"):
+    set_flags(config_lib.variant(config, "end_to_end"), tasks.build(
+        config_lib.variant(config, "end_to_end")), recurrent.HuginnLM.evaluate_flags,
+              {"mixture_chains": 4}, "experiments.evaluate")
+
+
+@pytest.mark.slow  # a command line: 30 s
+def test_chain_probe_scores_every_cell_and_more_chains_score_lower(denoiser_run, tmp_path):
+  """experiments.probe_recurrent_chains: one row per (bridge, chains, K). At K = 1 the
+  only call is the first, which no bridge touches, so both bridges score the same; at
+  K = 2 the mixture of 16 chains scores below one chain's last call (Jensen)."""
+  out = tmp_path / "chains.json"
+  run_cli("experiments.probe_recurrent_chains", f"--workdir={denoiser_run[3]}",
+          "--chains=1,16", "--iterations=1,2", "--test_examples=4", f"--out={out}")
+  cells = {(r["bridge"], r["chains"], r["K"]): r["bits_per_character"]
+           for r in json.loads(out.read_text())["rows"]}
+  assert len(cells) == 8 and (tmp_path / "chains.png").exists()
+  for chains in (1, 16):
+    assert cells["argmax", chains, 1] == pytest.approx(cells["expected", chains, 1], rel=1e-6)
+  for bridge in ("argmax", "expected"):
+    assert cells[bridge, 16, 2] < cells[bridge, 1, 2]

@@ -71,12 +71,22 @@ def save_metric_vs_steps(values: dict, path: str, xlabel: str, ylabel: str, titl
                          mark: int | None = None, mark_label: str = ""):
   """A metric against a number of inference steps or iterations (log-scaled x), with an
   optional vertical line at `mark`."""
-  steps = sorted(values)
+  save_metric_lines({"": values}, path, xlabel, ylabel, title, mark, mark_label)
+
+
+def save_metric_lines(lines: dict, path: str, xlabel: str, ylabel: str, title: str = "",
+                      mark: int | None = None, mark_label: str = ""):
+  """Lines {label: {steps: metric}} against a number of steps (log-scaled x), labelled
+  lines in a legend, with an optional vertical line at `mark`."""
   fig, ax = _figure((5, 3.5))
-  ax.plot(steps, [values[n] for n in steps], "o-")
+  for label, values in lines.items():
+    steps = sorted(values)
+    ax.plot(steps, [values[n] for n in steps], "o-", label=label or None)
   if mark is not None:
     ax.axvline(mark, color="gray", linestyle=":", label=mark_label)
-    ax.legend()
+  if mark is not None or any(lines):
+    ax.legend(fontsize=7)
+  steps = sorted({n for values in lines.values() for n in values})
   ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log", title=title)
   ax.set_xticks(steps, [str(n) for n in steps])
   fig.tight_layout()

@@ -66,7 +66,9 @@ class RecurrentDepth(LanguageTask):
   headline_metric = "bits_per_character"
   summary_metrics = ("bits_per_character", "bits_per_character_by_iterations",
                      "train_core_layer_evaluations")
-  evaluate_flags = {"max_test_examples": "eval.max_test_examples"}
+  # --num_steps=K evaluates at that K alone (the field is a tuple: set_flags makes it (K,))
+  evaluate_flags = {"max_test_examples": "eval.max_test_examples",
+                    "num_steps": "recurrent.inference_iterations"}
   sample_flags = {**LanguageTask.sample_flags, "num_steps": "recurrent.sample_iterations"}
 
   def new_network(self, key) -> RecurrentLM:
@@ -102,7 +104,7 @@ class RecurrentDepth(LanguageTask):
     return config.recurrent.sample_iterations
 
   def evaluation_name(self, config):
-    return "eval_iterations"
+    return "eval_iterations_" + "-".join(map(str, config.recurrent.inference_iterations))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,6 +114,9 @@ class RecurrentDenoiser(RecurrentDepth):
   bridge: str
   mixture_chains: int
   sigma_max_share: float        # language.sigma_max_share: sequences drawn at sigma_max
+
+  evaluate_flags = {**RecurrentDepth.evaluate_flags, "mixture_chains": "recurrent.mixture_chains",
+                    "bridge": "language.bridge"}
 
   def loss(self, params, shared_params, batch, key, interval):
     """(loss, metrics): w(sigma) CE after one pass of the core, sigma drawn from the whole
@@ -141,6 +146,10 @@ class RecurrentDenoiser(RecurrentDepth):
     return {"headline": _mixture_nats(self, stacked_params, shared_params, jnp.asarray(tokens),
                                       key, jnp.asarray(sigmas, jnp.float32),
                                       num_chains or self.mixture_chains)}
+
+  def evaluation_name(self, config):
+    return (f"{super().evaluation_name(config)}_chains{config.recurrent.mixture_chains}"
+            f"_{config.language.bridge}")
 
   def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
                temperature=0.0, top_p=1.0, num_steps=None):
