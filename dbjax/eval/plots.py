@@ -88,6 +88,7 @@ def save_metric_lines(lines: dict, path: str, xlabel: str, ylabel: str, title: s
     ax.legend(fontsize=7)
   steps = sorted({n for values in lines.values() for n in values})
   ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log", title=title)
+  ax.minorticks_off()  # a log axis within one decade would label 3 x 10^0 and the like
   ax.set_xticks(steps, [str(n) for n in steps])
   fig.tight_layout()
   fig.savefig(path, dpi=120)
