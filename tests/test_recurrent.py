@@ -116,11 +116,12 @@ def test_k_step_inference_is_k_calls_of_the_chain_step(data_and_configs):
   chex.assert_shape(chain, (3, 2, 16, config.data.vocab_size))
   e = task.context(net, embedding, tokens)
   z = dbjax.noise.pure_noise(key, tokens.shape + (embedding.shape[1],), task.noise.dist)
-  for k in range(3):  # by hand: a call, then the Euler step toward its argmax row
+  assert task.bridge == "expected"  # the config's: the probability-flow ODE
+  for k in range(3):  # by hand: a call, then the Euler step toward its expected embedding
     logits = recurrent.two_stream_logits(task, net, e, embedding, tokens, z, sigmas[k],
                                          jax.random.fold_in(key, k + 1))
     np.testing.assert_allclose(chain[k], logits, rtol=1e-4, atol=1e-4)
-    z = sampling.euler_step(z, sampling.bridge_estimate(logits, embedding, "argmax"),
+    z = sampling.euler_step(z, jax.nn.softmax(logits) @ embedding,
                             sigmas[k], sigmas[k + 1])
 
 
@@ -198,7 +199,7 @@ def test_evaluate_flags_pick_one_k_and_the_number_of_chains(denoiser_run):
     return flagged_task.evaluation_name(flagged), results["bits_per_character_by_iterations"]
 
   name, one_chain = evaluated(1)
-  assert name == "eval_iterations_2_chains1_argmax" and set(one_chain) == {"2"}
+  assert name == "eval_iterations_2_chains1_expected" and set(one_chain) == {"2"}
   assert evaluated(32)[1]["2"] < one_chain["2"]
   with pytest.raises(ConfigError, match="--mixture_chains does not apply .*HuginnLM"):
     set_flags(config_lib.variant(config, "end_to_end"), tasks.build(

@@ -14,4 +14,10 @@ def get_config():
   config.model.num_layers = 8          # prelude + core + coda
   config.diffusion.num_blocks = 1      # one core over the whole log-normal
   config.eval.max_test_examples = 32   # each K's chains cost K core passes per chain
+  # The K-step chain's Euler steps along the probability-flow ODE (the expected embedding,
+  # EDM's Euler step, Karras et al. 2022, Alg. 1): its end is distributed as the target
+  # for an exact denoiser, so the chains' mixture estimates the chain's likelihood and its
+  # samples are not greedy; the argmax bridge ends on the mode more often than p says
+  # (docs/results.md, "Recurrent depth", measures both).
+  config.language.bridge = "expected"
   return config
