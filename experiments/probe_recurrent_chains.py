@@ -12,7 +12,6 @@ on the same test sequences and keys, writes them to one JSON and plots them.
       --chains=16,64,256 --iterations=1,2,4,8 --out=results/probe_recurrent_chains.json
 """
 import dataclasses
-import json
 import os
 
 import jax
