@@ -6,7 +6,8 @@ calls (dbjax.sampling.mixture_log_probs). With K >= 2 each last call runs below 
 near-certain of the token its chain ends on, so a mixture of few chains errs high (Jensen)
 and falls as chains are added; what it falls to is the chain's own likelihood as a
 sampler. This prints test bits per character for every (bridge, chains, K) in the grid,
-on the same test sequences and keys, writes them to one JSON and plots them.
+scored as the run's K curve is (dbjax.tasks.recurrent.bits_by_iterations: the same test
+sequences and chain keys in every cell), writes them to one JSON and plots them.
 
   python -m experiments.probe_recurrent_chains --workdir=runs/recurrent_top_800 \
       --chains=16,64,256 --iterations=1,2,4,8 --out=results/probe_recurrent_chains.json
@@ -14,13 +15,11 @@ on the same test sequences and keys, writes them to one JSON and plots them.
 import dataclasses
 import os
 
-import jax
 import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
 from dbjax.eval import plots
-from dbjax.sampling import stack_params
 from dbjax.tasks import recurrent
 from dbjax.train import load_run_data, restore_run
 from experiments.cli import print_table, run, write_json
@@ -29,7 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a trained DiffusionBlocks recur
 _CHAINS = flags.DEFINE_list("chains", ["16", "64", "256"], "mixture sizes")
 _ITERATIONS = flags.DEFINE_list("iterations", ["1", "2", "4", "8"], "chain lengths K")
 _BRIDGES = flags.DEFINE_list("bridges", ["argmax", "expected"], "Euler bridges")
-_COUNT = flags.DEFINE_integer("test_examples", 16, "test sequences, scored as one batch")
+_COUNT = flags.DEFINE_integer("test_examples", 16, "test sequences")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the table (and a .png beside it)")
 flags.mark_flags_as_required(["workdir"])
 for _name in ("chains", "iterations"):
@@ -48,15 +47,14 @@ def main(argv):
                      f"(its task is {type(task).__name__})")
   config, data = load_run_data(config, _WORKDIR.value)
   tokens = np.asarray(data.test.tokens[:_COUNT.value], np.int32)
-  stacked = stack_params([s.params for s in states])
-  key = jax.random.key(config.seed)  # every cell the same sequences and chain keys
   rows = []
-  grid = [(b, n, k) for b in _BRIDGES.value for n in chains for k in iterations]
-  for bridge, num_chains, k in tqdm(grid, desc="bridge, chains, K"):
-    bridged = dataclasses.replace(task, bridge=bridge)
-    nats = bridged.sequence_nats(stacked, shared.params, tokens, key, k, num_chains)
-    rows.append({"bridge": bridge, "chains": num_chains, "K": k,
-                 "bits_per_character": float(np.mean(nats["headline"]) / np.log(2))})
+  for bridge, num_chains in tqdm([(b, n) for b in _BRIDGES.value for n in chains],
+                                 desc="bridge, chains"):
+    scored = dataclasses.replace(task, bridge=bridge, mixture_chains=num_chains,
+                                 inference_iterations=tuple(iterations))
+    curve = recurrent.bits_by_iterations(scored, states, shared, tokens, config.seed)
+    rows += [{"bridge": bridge, "chains": num_chains, "K": k, "bits_per_character": bits}
+             for k, bits in curve.items()]
   print_table(rows, list(rows[0]))
   if _OUT.value:
     write_json(_OUT.value, {"workdir": _WORKDIR.value, "test_sequences": len(tokens),
