@@ -9,6 +9,7 @@ import ml_collections
 
 from dbjax import tasks
 from dbjax.errors import ConfigError, nearest
+from dbjax.nets.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dbjax.noise import PARTITIONS
 
 METHODS = ("diffusion_blocks", "end_to_end")
@@ -61,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
       # The computation's dtype: "float32", or "bfloat16" (activations and matmuls;
       # parameters, gradients and optimizer state stay float32; dbjax.nets.dit).
       dtype="float32",
+      # How the layers attend (dbjax.nets.attention): "auto" takes cuDNN's fused kernel on
+      # a GPU in bfloat16 where its masks allow, else "recompute", which recomputes the
+      # probabilities in the backward pass; neither keeps a (heads, T, T) matrix per layer.
+      # "xla": jax.nn.dot_product_attention's XLA path, which does (to compare with).
+      attention="auto",
       label_dropout=0.1,    # labels replaced by the null label, for classifier-free guidance
   ))
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -285,6 +291,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
   _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "'float32' or 'bfloat16'")
+  _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention", m.attention,
+           f"one of {ATTENTION_IMPLEMENTATIONS}")
   _require(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
   _require(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")
   _require(0.0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min,

@@ -144,7 +144,8 @@ class DiffusionBlocks:
   def __repr__(self) -> str:
     a = self.arguments
     return (f"DiffusionBlocks(target={self.target!r}, {a['num_layers']} layers of width "
-            f"{a['hidden_size']} in {self.num_blocks} blocks, optimizer: "
+            f"{a['hidden_size']} in {self.num_blocks} blocks, computing in {a['dtype']} "
+            f"(parameters and optimizer state float32), optimizer: "
             f"{describe_optimizer(a)})")
 
   @property
@@ -293,7 +294,7 @@ def _token_task(config, make_layer, vocab_size: int, seq_len: int) -> SingleStre
   num_blocks = config.diffusion.num_blocks
   net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=config.model.hidden_size,
                  num_layers=config.model.num_layers // num_blocks, dtype=config.model.dtype,
-                 layer=make_layer)
+                 attention=config.model.attention, layer=make_layer)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
   plan, intervals = noise_plan(config, num_blocks)
   return SingleStreamDenoiser(
@@ -393,8 +394,11 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   grad_clip (None: none) and the NaN guard.
   image_shape (H, W, C), patch_size, num_classes: the image and label targets.
   vocab_size, seq_len: the token target. dtype: the computation's, "float32" or
-  "bfloat16" (parameters and optimizer state stay float32; a user's layer computes in
-  what its own modules say, and its output is cast to the stream's dtype).
+  "bfloat16". With "bfloat16" a user's layer gets bfloat16 inputs and, for each call,
+  its float32 parameters cast to bfloat16 (dbjax.nets.dit.in_compute_dtype), so a
+  plain nnx.Linear multiplies in bfloat16; parameters, gradients and optimizer state
+  stay float32. A softmax inside the user's layer runs in what that layer says: for
+  float32 scores and no saved (T, T) matrix, attend with dbjax.nets.attention.attend.
   seed: the frozen label or token embedding.
   """
   arguments = dict(locals())

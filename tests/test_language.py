@@ -150,14 +150,6 @@ def test_autoregressive_mask_matches_a_hand_written_case():
   np.testing.assert_array_equal(autoregressive.autoregressive_mask(3), expected)
 
 
-def test_block_diffusion_attention_equals_dense_attention_under_the_mask():
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(3))
-  dense = jax.nn.dot_product_attention(
-      q, k, v, mask=jnp.asarray(autoregressive.autoregressive_mask(8))[None, None])
-  np.testing.assert_allclose(autoregressive.block_diffusion_attention(q, k, v), dense, atol=1e-5)
-
-
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 def test_noisy_row_depends_only_on_earlier_clean_tokens_and_itself(positions):
   """Changing token j or the noise at j leaves the logits before j unchanged, and at j

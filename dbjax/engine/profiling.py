@@ -49,31 +49,43 @@ _SHORT_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": 
                  "u32": "uint32", "u64": "uint64", "bool": "bool"}
 
 
-def saved_activation_bytes(task, batch_size: int) -> dict:
-  """{dtype name: bytes} of the activations one block's backward pass keeps from its
-  forward pass (the residuals jax.ad_checkpoint.print_saved_residuals lists, without
-  the parameters), read from the program before any backend compiles it. Unlike
-  compiled_memory, it does not depend on how a backend lowers a dtype: XLA's CPU
-  backend computes bfloat16 in float32, so only this shows on a CPU what bfloat16
-  saves on a GPU or TPU."""
+def residuals_of(fn, *args) -> list[tuple[tuple, np.dtype, str]]:
+  """(shape, dtype, where it comes from) of each array the backward pass of fn(*args)
+  keeps from its forward pass, its arguments and literals left out: what
+  jax.ad_checkpoint.print_saved_residuals lists, read before any backend compiles it."""
   import contextlib, io, re  # pylint: disable=g-import-not-at-top,multiple-imports
   from jax import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  listing = io.StringIO()
+  with contextlib.redirect_stdout(listing):
+    ad_checkpoint.print_saved_residuals(fn, *args)
+  residuals = []
+  for line in listing.getvalue().splitlines():
+    found = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
+    if found is None or "from the argument" in found.group(3) or "literal" in found.group(3):
+      continue
+    shape = tuple(int(n) for n in found.group(2).split(",") if n)
+    residuals.append((shape, np.dtype(_SHORT_DTYPES.get(found.group(1), "float32")),
+                      found.group(3)))
+  return residuals
+
+
+def saved_residuals(task, batch_size: int) -> list[tuple[tuple, np.dtype, str]]:
+  """`residuals_of` one block's loss with respect to its parameters."""
   block, shared = state_lib.abstract_states(task)
   batch, interval = task.example_batch(batch_size), jnp.asarray(task.intervals[0])
   zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   shared_params = zeros(shared.params)
   loss = lambda params: task.loss(params, shared_params, batch, jax.random.key(0), interval)[0]
-  listing = io.StringIO()
-  with contextlib.redirect_stdout(listing):
-    ad_checkpoint.print_saved_residuals(loss, zeros(block.params))
+  return residuals_of(loss, zeros(block.params))
+
+
+def saved_activation_bytes(task, batch_size: int) -> dict:
+  """{dtype name: bytes} of `saved_residuals`. Unlike compiled_memory, it does not
+  depend on how a backend lowers a dtype: XLA's CPU backend computes bfloat16 in
+  float32, so only this shows on a CPU what bfloat16 saves on a GPU or TPU."""
   totals = {}
-  for line in listing.getvalue().splitlines():
-    found = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
-    if found is None or "from the argument" in found.group(3):
-      continue
-    dtype = np.dtype(_SHORT_DTYPES.get(found.group(1), "float32"))
-    size = int(np.prod([int(n) for n in found.group(2).split(",") if n]))
-    totals[dtype.name] = totals.get(dtype.name, 0) + size * dtype.itemsize
+  for shape, dtype, _ in saved_residuals(task, batch_size):
+    totals[dtype.name] = totals.get(dtype.name, 0) + int(np.prod(shape)) * dtype.itemsize
   return totals
 
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dbjax.nets import attention, fused
+
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
@@ -35,6 +37,8 @@ class DiTConfig:
   # The computation's dtype ("float32" or "bfloat16"); parameters stay float32 (see
   # compute_dtype).
   dtype: str = "float32"
+  # How the layers attend: one of dbjax.nets.attention.IMPLEMENTATIONS.
+  attention: str = "auto"
   # A user's layer in the place of DiTLayer: make_layer(rngs) -> an nnx.Module mapping
   # (x (N, T, D), cond (N, D)) -> x (see dbjax.wrap). None: DiTLayer.
   layer: Callable[[nnx.Rngs], nnx.Module] | None = None
@@ -84,9 +88,11 @@ def _per_segment(x, fn, *conditioning):
   return out.reshape(n, s, d)
 
 
-def modulate(x, shift, scale):
-  """x * (1 + scale) + shift, per example or per segment (see _per_segment)."""
-  return _per_segment(x, lambda x, shift, scale: x * (1 + scale) + shift, shift, scale)
+def norm_and_modulate(x, shift, scale):
+  """LayerNorm(x) * (1 + scale) + shift (adaLN), per example or per segment (see
+  _per_segment); keeps only x and two statistics per token for the backward pass
+  (dbjax.nets.fused)."""
+  return _per_segment(x, fused.modulated_layer_norm, shift, scale)
 
 
 def gate(x, gate_values):
@@ -141,13 +147,6 @@ def dense(d_in: int, d_out: int, dtype, *, rngs: nnx.Rngs, **kwargs) -> nnx.Line
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **kwargs)
 
 
-def layer_norm(d: int, dtype, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """DiT's parameter-free LayerNorm, output in `dtype` (flax computes its mean and
-  variance in float32 whatever the input's dtype)."""
-  return nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
-
-
 def embedding(num: int, d: int, dtype, *, rngs: nnx.Rngs) -> nnx.Embed:
   """A table of `num` vectors initialised N(0, 0.02^2), looked up in `dtype`."""
   return nnx.Embed(num, d, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
@@ -178,11 +177,9 @@ class DiTLayer(nnx.Module):
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d, dtype = cfg.hidden_size, compute_dtype(cfg)
-    self.num_heads = cfg.num_heads
-    self.norm1 = layer_norm(d, dtype, rngs=rngs)
+    self.num_heads, self.attention_implementation = cfg.num_heads, cfg.attention
     self.qkv = dense(d, 3 * d, dtype, rngs=rngs)
     self.proj = dense(d, d, dtype, rngs=rngs)
-    self.norm2 = layer_norm(d, dtype, rngs=rngs)
     hidden = int(d * cfg.mlp_ratio)
     self.fc1 = dense(d, hidden, dtype, rngs=rngs)
     self.fc2 = dense(hidden, d, dtype, rngs=rngs)
@@ -197,34 +194,28 @@ class DiTLayer(nnx.Module):
                         3, axis=2)
     return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
-  def __call__(self, x, cond, mask=None, context=None, attention=None, positions=None):
+  def __call__(self, x, cond, mask=None, context=None, positions=None):
     """x (N, T, D) conditioned on cond (N, D) or (N, G, D) (per segment).
 
-    mask: optional (T, T + C) boolean, True where a row may attend to a column.
+    mask: which columns each row attends to: None (all), a structured mask of
+      dbjax.nets.attention (causal, the block-diffusion masks), or a (T, C + T) boolean
+      array (the key-value cache's valid columns; attention.attend says which keep no
+      (T, T) matrix for the backward pass).
     context: optional (keys, values) (N, C, heads, head_dim) of earlier tokens that
       every row may attend to (subject to mask), placed before the row's own columns:
       the key-value cache of dbjax.tasks.language. Returns (x, (keys, values) of x).
-    attention: optional f(q, k, v) -> (N, T, heads, head_dim) in place of masked dense
-      attention, for masks with structure
-      (dbjax.tasks.language.autoregressive.block_diffusion_attention).
     positions: optional (T,) positions of x's rows: queries and keys are rotated by them
       (`rotary`), so the returned keys are rotated too and a cache of them stays valid.
     """
     (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp,
      gate_mlp) = jnp.split(self.modulation(nnx.silu(cond)), 6, axis=-1)
-    q, k, v = self.heads(modulate(self.norm1(x), shift_attn, scale_attn))
+    q, k, v = self.heads(norm_and_modulate(x, shift_attn, scale_attn))
     if positions is not None:
       q, k = rotary(q, positions), rotary(k, positions)
-    keys, values = (k, v) if context is None else (
-        jnp.concatenate([context[0], k], 1), jnp.concatenate([context[1], v], 1))
-    if attention is not None:
-      out = attention(q, keys, values)
-    else:
-      out = jax.nn.dot_product_attention(q, keys, values,
-                                         mask=None if mask is None else mask[None, None])
+    keys, values = (k, v) if context is None else ((context[0], k), (context[1], v))
+    out = attention.attend(q, keys, values, mask, self.attention_implementation)
     x = x + gate(self.proj(out.reshape(x.shape)), gate_attn)
-    mlp = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp)),
-                            approximate=True))
+    mlp = self.fc2(fused.gelu_tanh(self.fc1(norm_and_modulate(x, shift_mlp, scale_mlp))))
     return x + gate(mlp, gate_mlp), (k, v)
 
 
@@ -236,11 +227,24 @@ class UserLayer(nnx.Module):
   def __init__(self, layer: nnx.Module):
     self.layer = layer
 
-  def __call__(self, x, cond, mask=None, context=None, attention=None, positions=None):
-    if any(a is not None for a in (mask, context, attention, positions)):
+  def __call__(self, x, cond, mask=None, context=None, positions=None):
+    if any(a is not None for a in (mask, context, positions)):
       raise ValueError("a user layer (x, cond) -> x cannot take an attention mask, a "
                        "key-value cache or rotary positions")
     return self.layer(x, cond), None
+
+
+def in_compute_dtype(layer_state, dtype):
+  """A user's layer parameters, float32, cast to the compute dtype for one call.
+
+  Flax's modules compute in the promoted dtype of their inputs and parameters unless
+  given a `dtype`, so a plain nnx.Linear fed bfloat16 with float32 weights multiplies in
+  float32. Casting the weights where they are used (mixed precision as in jmp and
+  maxtext) makes it multiply in bfloat16 as DiTLayer does, while the parameters, their
+  gradients (the cast's transpose casts back) and the optimizer state stay float32.
+  Flax's norms still take their mean and variance in float32."""
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                      else p, layer_state)
 
 
 def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer | UserLayer:
@@ -253,15 +257,18 @@ def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer | UserLayer:
 
 
 def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,
-                 mask: jax.Array | None = None, attention=None, positions=None):
+                 mask=None, positions=None):
   """Run `stacked_layers` over tokens in order, each conditioned on cond (N, D) or
-  (N, G, D), attending where mask (T, T) is True (everywhere if None), or with the
-  given attention function, with rotary positions (T,) if given (see DiTLayer)."""
+  (N, G, D), attending where mask allows (everywhere if None; see DiTLayer), with
+  rotary positions (T,) if given."""
   layer_graph, layer_states = nnx.split(layers)
+  cast = isinstance(layers, UserLayer) and tokens.dtype != jnp.float32
 
   def apply_layer(tokens, layer_state):
+    if cast:  # a user's layer computes in the stream's dtype (see in_compute_dtype)
+      layer_state = in_compute_dtype(layer_state, tokens.dtype)
     layer = nnx.merge(layer_graph, layer_state)
-    out = layer(tokens, cond, mask, attention=attention, positions=positions)[0]
+    out = layer(tokens, cond, mask, positions=positions)[0]
     return out.astype(tokens.dtype), None  # a user's layer may promote to float32
 
   if remat:  # Keep only each layer's input; recompute the rest in the backward pass.
@@ -281,7 +288,6 @@ class FinalLayer(nnx.Module):
   def __init__(self, hidden_size: int, out_features: int, dtype=jnp.float32, *,
                rngs: nnx.Rngs):
     d = hidden_size
-    self.norm = layer_norm(d, dtype, rngs=rngs)
     self.modulation = _zero_linear(d, 2 * d, dtype, rngs)
     self.out = _zero_linear(d, out_features, dtype, rngs)
 
@@ -290,7 +296,7 @@ class FinalLayer(nnx.Module):
     c_out and added to c_skip z (edm.denoise), and logits go through a softmax and a
     log-sum-exp, all of which need float32's range and precision."""
     shift, scale = jnp.split(self.modulation(nnx.silu(cond)), 2, axis=-1)
-    return self.out(modulate(self.norm(x), shift, scale)).astype(jnp.float32)
+    return self.out(norm_and_modulate(x, shift, scale)).astype(jnp.float32)
 
 
 class DiT(nnx.Module):

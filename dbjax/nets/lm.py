@@ -37,6 +37,7 @@ class LMConfig:
   # every layer (dbjax.nets.dit.rotary; the paper's Llama-style blocks).
   positions: str = "learned"
   dtype: str = "float32"   # the computation's (dbjax.nets.dit.compute_dtype)
+  attention: str = "auto"  # how the layers attend (dbjax.nets.attention)
   # A user's layer (dbjax.nets.dit.DiTConfig.layer).
   layer: Callable[[nnx.Rngs], nnx.Module] | None = None
 
@@ -81,15 +82,13 @@ class LMNet(nnx.Module):
     return positions if self.cfg.positions == "rotary" else None
 
   def __call__(self, vectors: jax.Array, positions: jax.Array, c_noise: jax.Array,
-               mask: jax.Array | None = None, blank: jax.Array | None = None,
-               attention=None) -> jax.Array:
+               mask=None, blank: jax.Array | None = None) -> jax.Array:
     """vectors (N, S, D); positions (S,); c_noise (N,) or (N, G) for G equal segments;
-    mask (S, S), True where a row may attend, or attention, a function
-    (q, k, v) -> out that applies a structured mask itself; blank (N, S), True where
-    the input is the blank vector."""
+    mask: where rows attend (dbjax.nets.attention: None for every column, CAUSAL,
+    BLOCK_DIFFUSION); blank (N, S), True where the input is the blank vector."""
     cond = self.condition(c_noise)
     x = apply_layers(self.layers, self.embed(vectors, positions, blank), cond,
-                     self.cfg.remat, mask, attention, self.rotary_positions(positions))
+                     self.cfg.remat, mask, self.rotary_positions(positions))
     return self.head(x, cond)
 
   def decode(self, vectors, position, c_noise, cache, valid, blank=None):

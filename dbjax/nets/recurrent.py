@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dbjax.nets import attention
 from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
                            stacked_layers)
 from dbjax.nets.lm import LMConfig
@@ -55,12 +56,14 @@ class RecurrentLM(nnx.Module):
     """Sigma embedding (N, D) of c_noise (N,)."""
     return self.sigma_embed(c_noise)
 
-  def _layers(self, layers, x, cond, attention=None):
+  def _layers(self, layers, x, cond, two_streams=False):
+    """Causal layers over x, or, with two_streams, over [clean; noisy] halves under the
+    block-diffusion mask (each half at positions 0 .. T/2 - 1)."""
     t = x.shape[1]
-    positions = jnp.arange(t) if attention is None else jnp.tile(jnp.arange(t // 2), 2)
+    positions = jnp.tile(jnp.arange(t // 2), 2) if two_streams else jnp.arange(t)
     rotary = positions if self.cfg.positions == "rotary" else None
-    mask = None if attention is not None else jnp.tri(t, dtype=bool)
-    return apply_layers(layers, x, cond, self.cfg.remat, mask, attention, rotary)
+    mask = attention.BLOCK_DIFFUSION if two_streams else attention.CAUSAL
+    return apply_layers(layers, x, cond, self.cfg.remat, mask, rotary)
 
   def read(self, previous: jax.Array) -> jax.Array:
     """e (N, T, D) = P(previous tokens' vectors (N, T, D)): position i reads tokens < i."""
@@ -70,14 +73,15 @@ class RecurrentLM(nnx.Module):
     return self._layers(self.prelude, self.token_in(inputs), self.condition(jnp.zeros((n,))))
 
   def iterate(self, state: jax.Array, e: jax.Array, c_noise: jax.Array,
-              attention=None) -> jax.Array:
+              two_streams: bool = False) -> jax.Array:
     """One iteration of the core, R(adapter([state; e])) conditioned on c_noise (N,);
-    attention: a structured attention in place of the causal mask (two streams)."""
+    two_streams: state is [clean; noisy] under the block-diffusion mask (see _layers)."""
     h = self.adapter(jnp.concatenate([state, e], axis=-1))
     # In the state's dtype: a loop over iterations carries one dtype.
-    return self._layers(self.core, h, self.condition(c_noise), attention).astype(state.dtype)
+    return self._layers(self.core, h, self.condition(c_noise),
+                        two_streams).astype(state.dtype)
 
-  def logits(self, state: jax.Array, c_noise: jax.Array, attention=None) -> jax.Array:
+  def logits(self, state: jax.Array, c_noise: jax.Array, two_streams: bool = False):
     """head(C(state)) (N, T, V), conditioned on c_noise (N,)."""
     cond = self.condition(c_noise)
-    return self.head(self._layers(self.coda, state, cond, attention), cond)
+    return self.head(self._layers(self.coda, state, cond, two_streams), cond)

@@ -234,7 +234,8 @@ def build(config, layer=None) -> Classification:
                   patch_size=m.patch_size, hidden_size=m.hidden_size,
                   num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
-                  frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype, layer=layer,
+                  frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype,
+                  attention=m.attention, layer=layer,
                   target_token=c.target_token if denoising else "none")
   plan, intervals = noise_plan(config, num_blocks)
   shared_modules = SHAREABLE_MODULES if denoising and c.shared_modules == "shared" else ()

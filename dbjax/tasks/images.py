@@ -130,7 +130,8 @@ def build(config, layer=None) -> ImageGeneration:
                   patch_size=m.patch_size, hidden_size=m.hidden_size,
                   num_layers=m.num_layers // num_blocks, num_heads=m.num_heads,
                   mlp_ratio=m.mlp_ratio, num_classes=data.num_classes,
-                  frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype, layer=layer)
+                  frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype,
+                  attention=m.attention, layer=layer)
   plan, intervals = noise_plan(config, num_blocks)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0))))
   return ImageGeneration(num_blocks=num_blocks, intervals=intervals,

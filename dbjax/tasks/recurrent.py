@@ -47,8 +47,7 @@ from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
 from dbjax.sampling import embedding_chain, fixed_size_batches, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
 from dbjax.tasks.language import load_data, resolve  # the language task's text data
-from dbjax.tasks.language.autoregressive import (block_diffusion_attention, check_prompt,
-                                                 denoising_cross_entropy)
+from dbjax.tasks.language.autoregressive import check_prompt, denoising_cross_entropy
 from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_params,
                                          sample_token, sampling_settings, token_embedding,
                                          token_metrics, write_texts)
@@ -257,9 +256,8 @@ def two_stream_logits(task, net, e, embedding, tokens, z, sigma, key):
   truth = embedding[tokens] + sigma * jax.random.normal(key, z.shape)
   inputs = c.c_in * jnp.concatenate([truth, z], axis=1)
   c_noise = jnp.full((n,), c.c_noise)
-  state = net.iterate(inputs, jnp.concatenate([e, e], axis=1), c_noise,
-                      attention=block_diffusion_attention)
-  return net.logits(state, c_noise, attention=block_diffusion_attention)[:, t:]
+  state = net.iterate(inputs, jnp.concatenate([e, e], axis=1), c_noise, two_streams=True)
+  return net.logits(state, c_noise, two_streams=True)[:, t:]
 
 
 def chain_logits(task, net, embedding, tokens, key, sigmas):
@@ -398,7 +396,8 @@ def build(config) -> RecurrentDepth:
   net = RecurrentConfig(vocab_size=config.data.vocab_size, seq_len=lang.seq_len,
                         hidden_size=m.hidden_size, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, frequency_dim=m.frequency_dim,
-                        remat=m.remat, dtype=m.dtype, positions="rotary",
+                        remat=m.remat, dtype=m.dtype, attention=m.attention,
+                        positions="rotary",
                         num_layers=rec.prelude_layers + rec.core_layers + rec.coda_layers,
                         prelude_layers=rec.prelude_layers, core_layers=rec.core_layers,
                         coda_layers=rec.coda_layers)

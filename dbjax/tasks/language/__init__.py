@@ -30,6 +30,7 @@ def build(config) -> LanguageTask:
                  hidden_size=m.hidden_size, num_layers=m.num_layers // num_blocks,
                  num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                  frequency_dim=m.frequency_dim, remat=m.remat, dtype=m.dtype,
+                 attention=m.attention,
                  positions=lang.positions)
   train_embedding = lang.token_embedding == "joint"
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LMNet(net, rngs=nnx.Rngs(0))))

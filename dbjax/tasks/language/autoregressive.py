@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from dbjax import edm, noise
+from dbjax.nets import attention
 from dbjax.sampling import embedding_chain, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, sampling_plan
 from dbjax.tasks.language.common import (LanguageTask, block_params, clean_vectors,
@@ -112,52 +113,14 @@ def check_prompt(prompt_ids, seq_len: int) -> np.ndarray:
 def autoregressive_mask(seq_len: int) -> np.ndarray:
   """(2T, 2T) block-diffusion mask over [clean; noisy], True where a row may attend:
   clean row i -> clean columns j <= i; noisy row i -> clean columns j < i and noisy
-  column i (itself)."""
-  causal = np.tri(seq_len, dtype=bool)
-  strictly_causal = np.tri(seq_len, k=-1, dtype=bool)
-  return np.block([[causal, np.zeros_like(causal)],
-                   [strictly_causal, np.eye(seq_len, dtype=bool)]])
-
-
-def block_diffusion_attention(q, k, v) -> jax.Array:
-  """Attention under `autoregressive_mask`, without its empty half.
-
-  q, k, v: (N, 2T, heads, head_dim) over [clean; noisy]. Clean rows attend causally to
-  clean columns; noisy row i to clean columns < i and to its own key. That is 2T^2 + T
-  scores per head where the dense masked form computes (2T)^2 (docs/results.md:
-  less memory and time per step, same values to float tolerance).
-  """
-  t = q.shape[1] // 2
-  clean = clean_attention(q[:, :t], k[:, :t], v[:, :t])
-  return jnp.concatenate([clean, noisy_attention(q[:, t:], k, v)], axis=1)
-
-
-def clean_attention(q, k, v) -> jax.Array:
-  """The clean stream's attention: causal, over the clean stream alone."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-
-def noisy_attention(q, k, v) -> jax.Array:
-  """The noisy stream's attention: q (N, T, heads, head_dim) of the noisy rows, k and v
-  (N, 2T, ...) over [clean; noisy]; noisy row i attends to clean columns < i and to its
-  own key. Scores and softmax in float32 (bfloat16 would round the weights of long
-  contexts), the weights then in the values' dtype."""
-  t, head_dim = q.shape[1], q.shape[-1]
-  (k_clean, k_noisy), (v_clean, v_noisy) = jnp.split(k, 2, axis=1), jnp.split(v, 2, axis=1)
-  scale = 1.0 / np.sqrt(head_dim)
-  earlier = jnp.einsum("nqhd,nkhd->nhqk", q, k_clean,
-                       preferred_element_type=jnp.float32) * scale
-  earlier = jnp.where(jnp.tri(t, k=-1, dtype=bool), earlier, jnp.finfo(earlier.dtype).min)
-  own = jnp.einsum("nqhd,nqhd->nhq", q, k_noisy,
-                   preferred_element_type=jnp.float32)[..., None] * scale
-  weights = jax.nn.softmax(jnp.concatenate([earlier, own], axis=-1), axis=-1).astype(v.dtype)
-  return (jnp.einsum("nhqk,nkhd->nqhd", weights[..., :t], v_clean)
-          + jnp.einsum("nhq,nqhd->nqhd", weights[..., t], v_noisy))
+  column i (itself). The layers never build it: they attend under
+  attention.BLOCK_DIFFUSION, whose pairs these are."""
+  return np.asarray(attention.dense_mask(attention.BLOCK_DIFFUSION, 2 * seq_len, 2 * seq_len))
 
 
 def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   """Logits (N, T, V) of the noisy stream: what `net` computes on [clean; noisy] under
-  `block_diffusion_attention`, as two passes over the layers: the clean stream alone
+  attention.BLOCK_DIFFUSION, as two passes over the layers: the clean stream alone
   (its rows see only clean columns), then the noisy stream, each layer against the clean
   keys and values of that layer. c_noise: (N, 2), the clean stream's and the noisy
   stream's.
@@ -180,13 +143,13 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   @jax.checkpoint
   def clean_layer(clean, layer_state):
     new_clean, keys_values = nnx.merge(graph, layer_state)(
-        clean, cond_clean, attention=clean_attention, positions=rotary)
+        clean, cond_clean, attention.CAUSAL, positions=rotary)
     return new_clean.astype(clean.dtype), keys_values
 
   def noisy_layer(noisy, layer_state_and_keys_values):
     layer_state, keys_values = layer_state_and_keys_values
-    new_noisy, _ = nnx.merge(graph, layer_state)(noisy, cond_noisy, context=keys_values,
-                                                 attention=noisy_attention, positions=rotary)
+    new_noisy, _ = nnx.merge(graph, layer_state)(noisy, cond_noisy, attention.NOISY_STREAM,
+                                                 context=keys_values, positions=rotary)
     return new_noisy.astype(noisy.dtype), None
 
   if net.cfg.remat:
@@ -213,7 +176,7 @@ def denoiser_logits(task, net, embedding, tokens, z, sigma) -> jax.Array:
     return two_stream_logits(net, clean, noisy, c_noise)
   vectors = jnp.concatenate([clean, noisy], axis=1)
   positions = jnp.concatenate([jnp.arange(t), jnp.arange(t)])
-  logits = net(vectors, positions, c_noise, attention=block_diffusion_attention)
+  logits = net(vectors, positions, c_noise, mask=attention.BLOCK_DIFFUSION)
   return logits[:, t:]
 
 

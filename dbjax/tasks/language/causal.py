@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dbjax.nets import attention
 from dbjax.sampling import stack_params
 from dbjax.tasks.language.autoregressive import check_prompt
 from dbjax.tasks.language.common import (LanguageTask, block_params, clean_vectors,
@@ -45,17 +46,12 @@ class CausalLM(LanguageTask):
                                 float(temperature), float(top_p)))
 
 
-def causal_mask(seq_len: int) -> np.ndarray:
-  """(T, T) lower-triangular mask of the end-to-end causal LM."""
-  return np.tri(seq_len, dtype=bool)
-
-
 def causal_logits(task, net, embedding, tokens) -> jax.Array:
   """End-to-end causal LM: logits (N, T, V) of x_i from [blank, x_0 .. x_{i-1}]."""
   n, t = tokens.shape
   inputs = jnp.pad(clean_vectors(task, embedding, tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
   blank = jnp.zeros((n, t), bool).at[:, 0].set(True)
-  return net(inputs, jnp.arange(t), jnp.zeros((n,)), mask=jnp.asarray(causal_mask(t)),
+  return net(inputs, jnp.arange(t), jnp.zeros((n,)), mask=attention.CAUSAL,
              blank=blank)
 
 

@@ -1,0 +1,279 @@
+"""Attention, in one place, that keeps no (heads, T, S) matrix for the backward pass.
+
+Every network here attends through `attend` (dbjax.nets.dit.DiTLayer, and through its
+layers the ViT, the token networks and the recurrent-depth network), and the config's
+`model.attention` chooses how:
+
+- "recompute": FlashAttention's backward pass (Dao et al. 2022, Sec. 3.1 and App. B.4;
+  Dao 2023, Alg. 2) in plain XLA operations. The forward pass keeps q, k, v, the output
+  and each row's log-sum-exp; the backward pass recomputes the probabilities from them.
+  Any backend, any dtype, every mask below. It costs one more (T, S) product than
+  autodiff (the scores), and saves (heads, T, S) floats per layer: at T = 257 and 12
+  heads, 3.2 MB per example and layer in float32.
+- "cudnn": cuDNN's fused attention (jax.nn.dot_product_attention(implementation=
+  "cudnn")), whose scores live only in on-chip memory: GPUs, bfloat16 or float16, no
+  mask or the causal one.
+- "auto" (the default): "cudnn" where it applies, "recompute" everywhere else (CPU, TPU,
+  float32, the block-diffusion masks).
+- "xla": jax.nn.dot_product_attention's XLA path, which keeps each layer's
+  probabilities for the backward pass (dbjax's attention before this module): to
+  compare with.
+
+On a TPU "auto" runs "recompute", plain XLA. A Pallas kernel (jax.experimental.pallas's
+TPU flash or splash attention) would be one more implementation here, chosen by `_choose`
+for TPUs, with the masks' `allows` as its block-sparsity pattern.
+
+Masks are structured, never arrays the step carries: each says which (row, column)
+pairs may attend, evaluated on index grids inside the computation, so no (T, S) mask is
+stored or broadcast. An array mask (the key-value cache's valid columns, one row of
+queries at a time, no backward pass) takes the XLA path.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "recompute", "cudnn", "xla")
+
+# Scores of masked pairs. Finite, so a row's maximum and log-sum-exp stay finite, and
+# exp(masked - lse) is 0 for any row that has an allowed column.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+# ------------------------------------------------------------------------ the masks
+
+
+class Mask:
+  """Which (row, column) pairs may attend. Subclasses are frozen dataclasses: static
+  values that jit and custom_vjp take as they are."""
+
+  def allows(self, rows, cols, num_keys):
+    """True where query row `rows` may attend to key column `cols` (integer arrays that
+    broadcast together), of num_keys columns in all."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Causal(Mask):
+  """Row i attends to columns j <= i (rows and columns over the same positions)."""
+
+  def allows(self, rows, cols, num_keys):
+    del num_keys
+    return cols <= rows
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyStream(Mask):
+  """The autoregressive block's noisy rows (paper, Sec. 3.4: block diffusion with blocks of
+  one token): columns are [clean (T); noisy (T)], and noisy row i attends to the clean
+  columns j < i and to its own noisy key, column T + i."""
+
+  def allows(self, rows, cols, num_keys):
+    return (cols < rows) | (cols == rows + num_keys // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusion(Mask):
+  """[clean (T); noisy (T)] against itself: clean rows causal over the clean columns,
+  noisy rows as NoisyStream. `attend` runs it as those two parts, so the empty quarter
+  (clean rows, noisy columns) is never computed: 3T^2 scores, not (2T)^2."""
+
+  def allows(self, rows, cols, num_keys):
+    t = num_keys // 2
+    return jnp.where(rows < t, cols <= rows, (cols < rows - t) | (cols == rows))
+
+
+CAUSAL, NOISY_STREAM, BLOCK_DIFFUSION = Causal(), NoisyStream(), BlockDiffusion()
+
+
+def dense_mask(mask, num_queries: int, num_keys: int) -> jax.Array:
+  """(num_queries, num_keys) booleans of a structured mask, True where a row attends."""
+  rows = jnp.arange(num_queries)[:, None]
+  return jnp.broadcast_to(mask.allows(rows, jnp.arange(num_keys)[None], num_keys),
+                          (num_queries, num_keys))
+
+
+# -------------------------------------------------------------------------- attend
+
+
+def attend(q, k, v, mask=None, implementation: str = "auto") -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim), where mask allows) v per head.
+
+  q (N, T, heads, head_dim); k, v (N, S, heads, head_dim), or tuples of such arrays
+  whose concatenation along S they stand for (a key-value context before the rows' own
+  keys: "recompute" keeps the parts, not a concatenated copy); mask None (every pair), a
+  structured mask above, or a boolean array broadcastable to (T, S). Returns
+  (N, T, heads, head_dim) in q's dtype. Scores, softmax and log-sum-exp are float32
+  whatever the inputs' dtype.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{IMPLEMENTATIONS}")
+  if isinstance(k, (tuple, list)) and _choose(implementation, q, mask) != "recompute":
+    k, v = jnp.concatenate(k, axis=1), jnp.concatenate(v, axis=1)
+  if isinstance(mask, BlockDiffusion):
+    t = q.shape[1] // 2
+    clean = attend(q[:, :t], k[:, :t], v[:, :t], CAUSAL, implementation)
+    noisy = attend(q[:, t:], (k[:, :t], k[:, t:]), (v[:, :t], v[:, t:]), NOISY_STREAM,
+                   implementation)
+    return jnp.concatenate([clean, noisy], 1)
+  if mask is not None and not isinstance(mask, Mask):
+    return _xla(q, *_joined(k, v), jnp.asarray(mask, bool))
+  chosen = _choose(implementation, q, mask)
+  if chosen == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=isinstance(mask, Causal),
+                                          implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      if implementation == "cudnn":
+        raise
+      chosen = "recompute"   # "auto": a shape or build cuDNN refuses
+  if chosen == "xla":
+    return _xla(q, k, v, None if mask is None else dense_mask(mask, q.shape[1], k.shape[1]))
+  k_parts = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+  v_parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+  if isinstance(mask, NoisyStream) and len(k_parts) == 1:  # [clean; noisy] as one array
+    k_parts, v_parts = tuple(jnp.split(k, 2, axis=1)), tuple(jnp.split(v, 2, axis=1))
+  return recompute_attention(q, k_parts, v_parts, mask)
+
+
+def _joined(k, v):
+  """k and v as single arrays, parts concatenated along the key axis."""
+  if isinstance(k, (tuple, list)):
+    return jnp.concatenate(k, axis=1), jnp.concatenate(v, axis=1)
+  return k, v
+
+
+def _choose(implementation: str, q, mask) -> str:
+  """The implementation "auto" resolves to for these queries and this mask."""
+  if implementation != "auto":
+    return implementation
+  cudnn_takes = (jax.default_backend() == "gpu"
+                 and q.dtype in (jnp.bfloat16, jnp.float16)
+                 and (mask is None or isinstance(mask, Causal))
+                 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+  return "cudnn" if cudnn_takes else "recompute"
+
+
+def _xla(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None, None])
+
+
+# ---------------------------------------------------------------------- recompute
+
+
+def _scores(q, k, mask) -> jax.Array:
+  """Scaled scores (N, heads, T, S) in float32, masked pairs at _MASKED."""
+  scores = jnp.einsum("nthd,nshd->nhts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / np.sqrt(q.shape[-1]))
+  if mask is None:
+    return scores
+  return jnp.where(dense_mask(mask, q.shape[1], k.shape[1]), scores, _MASKED)
+
+
+def _parts(k_parts, v_parts, mask):
+  """(dense keys, dense values, own keys, own values, the dense part's mask).
+
+  Under NoisyStream row i attends to clean columns j < i and to one more key, its own
+  (the second part): that key enters as a per-row score, so the scores are T x (T + 1)
+  rather than T x 2T, the half of the noisy columns the mask empties never computed.
+  Otherwise every part is dense and the own key is None."""
+  if isinstance(mask, NoisyStream):
+    (k_clean, k_own), (v_clean, v_own) = k_parts, v_parts
+    return k_clean, v_clean, k_own, v_own, _STRICTLY_CAUSAL
+  return (jnp.concatenate(k_parts, axis=1), jnp.concatenate(v_parts, axis=1), None, None,
+          mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StrictlyCausal(Mask):
+  """Row i attends to columns j < i (NoisyStream's clean part)."""
+
+  def allows(self, rows, cols, num_keys):
+    del num_keys
+    return cols < rows
+
+
+_STRICTLY_CAUSAL = _StrictlyCausal()
+
+
+def _all_scores(q, k_parts, v_parts, mask):
+  """(dense scores (N, heads, T, S), own scores (N, heads, T) or None, and _parts)."""
+  k, v, k_own, v_own, dense_mask_ = _parts(k_parts, v_parts, mask)
+  own = None if k_own is None else jnp.einsum(
+      "nthd,nthd->nht", q, k_own, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+  return _scores(q, k, dense_mask_), own, (k, v, k_own, v_own)
+
+
+def _per_row(a):
+  """(N, heads, T) -> (N, T, heads, 1): a per-row number against (N, T, heads, head_dim)."""
+  return jnp.moveaxis(a, 1, 2)[..., None]
+
+
+def _forward(q, k_parts, v_parts, mask):
+  """(output (N, T, heads, head_dim), log-sum-exp (N, heads, T) float32)."""
+  scores, own, (_, v, _, v_own) = _all_scores(q, k_parts, v_parts, mask)
+  row_max = jnp.max(scores, axis=-1)
+  row_max = row_max if own is None else jnp.maximum(row_max, own)
+  unnormalised = jnp.exp(scores - row_max[..., None])
+  row_sum = jnp.sum(unnormalised, axis=-1)
+  out = jnp.einsum("nhts,nshd->nthd", unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  if own is not None:
+    own_weight = jnp.exp(own - row_max)
+    row_sum = row_sum + own_weight
+    out = out + _per_row(own_weight) * v_own.astype(jnp.float32)
+  out = out / _per_row(row_sum)
+  return out.astype(q.dtype), row_max + jnp.log(row_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def recompute_attention(q, k_parts: tuple, v_parts: tuple, mask=None) -> jax.Array:
+  """Attention whose backward pass recomputes the probabilities (see the module
+  docstring); keys and values as tuples of parts along the key axis, kept as they are
+  (under NoisyStream: the clean part and the rows' own keys); mask: None or a
+  structured mask."""
+  return _forward(q, k_parts, v_parts, mask)[0]
+
+
+def _recompute_forward(q, k_parts, v_parts, mask):
+  out, log_sum_exp = _forward(q, k_parts, v_parts, mask)
+  return out, (q, k_parts, v_parts, out, log_sum_exp)
+
+
+def _recompute_backward(mask, residuals, d_out):
+  # The barrier ties the recomputation to the output's cotangent, so XLA can neither
+  # run it during the forward pass nor share it with the forward pass's scores, either
+  # of which would keep a (heads, T, S) array alive between the two passes.
+  q, k_parts, v_parts, out, log_sum_exp, d_out = jax.lax.optimization_barrier(
+      (*residuals, d_out))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  scores, own, (k, v, k_own, v_own) = _all_scores(q, k_parts, v_parts, mask)
+  probs = jnp.exp(scores - log_sum_exp[..., None])       # (N, heads, T, S)
+  d_v = jnp.einsum("nhts,nthd->nshd", probs.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("nthd,nshd->nhts", d_out, v, preferred_element_type=jnp.float32)
+  # sum_s P_ts dP_ts = sum_d dO_td O_td (FlashAttention-2, Sec. 2.2, the backward pass).
+  row_dot = jnp.einsum("nthd,nthd->nht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_scores = probs * (d_probs - row_dot[..., None]) * scale
+  d_q = jnp.einsum("nhts,nshd->nthd", d_scores.astype(k.dtype), k,
+                   preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("nhts,nthd->nshd", d_scores.astype(q.dtype), q,
+                   preferred_element_type=jnp.float32)
+  if own is None:
+    ends = np.cumsum([part.shape[1] for part in k_parts])[:-1]
+    d_k_parts, d_v_parts = jnp.split(d_k, ends, axis=1), jnp.split(d_v, ends, axis=1)
+  else:
+    own_probs = jnp.exp(own - log_sum_exp)                # (N, heads, T)
+    d_own_probs = jnp.einsum("nthd,nthd->nht", d_out, v_own, preferred_element_type=jnp.float32)
+    d_own = _per_row(own_probs * (d_own_probs - row_dot) * scale)
+    d_q = d_q + d_own * k_own.astype(jnp.float32)
+    d_k_parts = (d_k, d_own * q.astype(jnp.float32))
+    d_v_parts = (d_v, _per_row(own_probs) * d_out.astype(jnp.float32))
+  return (d_q.astype(q.dtype), tuple(d.astype(k.dtype) for d in d_k_parts),
+          tuple(d.astype(v.dtype) for d in d_v_parts))
+
+
+recompute_attention.defvjp(_recompute_forward, _recompute_backward)

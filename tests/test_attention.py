@@ -1,0 +1,202 @@
+"""dbjax.nets.attention: every implementation equals plain masked attention, values and
+gradients, and a block's train step keeps no (..., T, T) array for its backward pass."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dbjax import config as config_lib, tasks
+from dbjax.engine import profiling
+from dbjax.nets import attention
+from dbjax.tasks.language import autoregressive
+from tests.conftest import tiny_config
+from tests.test_language import lm_config
+from tests.test_recurrent import recurrent_config
+
+T = 6  # query rows; the masks over [clean; noisy] take 2T rows or columns
+
+
+def plain_attention(q, k, v, allowed):
+  """softmax(q k^T / sqrt(d)) v with disallowed pairs at -inf, written out in float64."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  scores = np.einsum("nthd,nshd->nhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(allowed, scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("nhts,nshd->nthd", weights, v)
+
+
+# (mask, query rows, key columns, the allowed pairs written by hand)
+MASKS = {
+    "none": (None, T, T, np.ones((T, T), bool)),
+    "causal": (attention.CAUSAL, T, T, np.tri(T, dtype=bool)),
+    "noisy_stream": (attention.NOISY_STREAM, T, 2 * T,
+                     np.hstack([np.tri(T, k=-1, dtype=bool), np.eye(T, dtype=bool)])),
+    # The mask the autoregressive task documents, itself tested against a hand-written
+    # case (tests/test_language.py); a function, so that importing this module starts
+    # no backend (tests/test_parallel.py sets its devices first).
+    "block_diffusion": (attention.BLOCK_DIFFUSION, 2 * T, 2 * T,
+                        lambda: autoregressive.autoregressive_mask(T)),
+}
+IMPLEMENTATIONS = ["recompute", "xla", "auto", "cudnn"]
+
+
+def inputs(num_queries, num_keys, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((2, num_queries, 3, 8))
+  k, v = (rng.standard_normal((2, num_keys, 3, 8)) for _ in range(2))
+  return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_each_structured_mask_allows_the_pairs_written_by_hand(mask_name):
+  mask, rows, cols, allowed = MASKS[mask_name]
+  allowed = allowed() if callable(allowed) else allowed
+  if mask is not None:
+    np.testing.assert_array_equal(attention.dense_mask(mask, rows, cols), allowed)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_values_and_gradients_equal_plain_attention(implementation, mask_name):
+  mask, rows, cols, allowed = MASKS[mask_name]
+  allowed = allowed() if callable(allowed) else allowed
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    pytest.skip("cuDNN needs a GPU")
+  if implementation == "cudnn" and mask not in (None, attention.CAUSAL):
+    pytest.skip("cuDNN takes no mask but the causal one")
+  dtype = jnp.bfloat16 if implementation == "cudnn" else jnp.float32
+  q, k, v = inputs(rows, cols, dtype)
+  out = attention.attend(q, k, v, mask, implementation)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(out, np.float64), plain_attention(q, k, v, allowed),
+                             atol=tolerance)
+  # Gradients of a loss that weights every output element differently.
+  weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(weights * fn(q, k, v).astype(jnp.float32))
+  ours = jax.grad(loss(lambda q, k, v: attention.attend(q, k, v, mask, implementation)),
+                  (0, 1, 2))(q, k, v)
+  dense_mask = jnp.asarray(allowed)[None, None]
+  reference = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+      mask=dense_mask)), (0, 1, 2))(q, k, v)
+  for name, a, b in zip("qkv", ours, reference):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tolerance * 5 if dtype == jnp.bfloat16 else 1e-5,
+                               err_msg=f"d{name}")
+
+
+def test_recompute_keeps_inputs_output_and_log_sum_exp_only():
+  q, k, v = inputs(T, T)
+  shapes = [shape for shape, _, _ in profiling.residuals_of(lambda q, k, v: jnp.sum(
+      attention.attend(q, k, v, attention.CAUSAL, "recompute")), q, k, v)]
+  assert (T, T) not in {s[-2:] for s in shapes}
+  assert shapes == [q.shape, (2, 3, T)], shapes   # the output, the log-sum-exp
+
+
+def test_bfloat16_attention_computes_its_softmax_in_float32():
+  """The scores are float32 although q and k are bfloat16: a softmax over bfloat16 scores
+  rounds them to 3 digits, which the float32 scores of the same inputs do not."""
+  q, k, v = inputs(T, T, jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention.attend(q, k, v, None, "recompute"))(
+      q, k, v))
+  assert "exp" in jaxpr and "f32[2,3,6,6]" in jaxpr and "bf16[2,3,6,6]" in jaxpr
+  out = attention.attend(q, k, v, None, "recompute")
+  assert out.dtype == jnp.bfloat16
+
+
+def test_an_unknown_implementation_is_refused_in_one_line():
+  q, k, v = inputs(T, T)
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    attention.attend(q, k, v, None, "flash")
+
+
+# ------------------------------------------------------- what a train step keeps
+
+
+# Sequence lengths T (and 2T) that no width of these networks equals, so only an
+# attention matrix can end in (T, T).
+def image_config():
+  config = tiny_config(method="diffusion_blocks", diffusion__num_blocks=2)
+  config.model.patch_size, config.model.hidden_size = 1, 24  # 64 tokens
+  return config, 64
+
+
+def classifier_config():
+  config, _ = image_config()
+  config.task = "classification"
+  return config, 66   # a [CLS] token and the noisy label token before 64 patches
+
+
+def language_config(kind, **fields):
+  return lm_config(kind=kind, positions="rotary", seq_len=12, **fields), 12
+
+
+def recurrent_task_config():
+  config = recurrent_config()
+  config.language.seq_len = 12
+  return config, 12
+
+
+STEP_CONFIGS = {
+    "images": image_config,
+    "classification": classifier_config,
+    "autoregressive": lambda: language_config("autoregressive"),
+    "autoregressive_remat_clean": lambda: language_config("autoregressive",
+                                                          remat_clean_stream=True),
+    "masked": lambda: language_config("masked"),
+    "recurrent": recurrent_task_config,
+}
+
+
+def attention_sized(residuals, seq_len: int) -> list:
+  """The residuals whose last two axes are (T, T) or (T, 2T) or (2T, 2T): attention
+  probabilities or scores."""
+  sizes = {(a, b) for a in (seq_len, 2 * seq_len) for b in (seq_len, 2 * seq_len)}
+  return [r for r in residuals if r[0][-2:] in sizes]
+
+
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+def test_a_block_step_keeps_no_attention_matrix(name, implementation):
+  """With "auto" (recompute on a CPU) nothing (..., T, T) is saved for the backward pass;
+  with "xla", the former attention, every task's step saves some (so the check bites)."""
+  config, seq_len = STEP_CONFIGS[name]()
+  config.model.attention = implementation
+  if config.task in ("language", "recurrent_depth"):
+    config, _ = tasks.load_data(config_lib.validate(config))
+  task = tasks.build(config_lib.validate(config))
+  found = attention_sized(profiling.saved_residuals(task, 4), seq_len)
+  if implementation == "auto":
+    assert not found, found
+  else:
+    assert found
+
+
+def test_recompute_lowers_the_compiled_step_memory():
+  """What the CPU compiler allocates follows: the 6-layer block's step at 64 tokens."""
+  memory = {}
+  for implementation in ("xla", "recompute"):
+    config, _ = image_config()
+    config.model.num_layers, config.diffusion.num_blocks = 6, 2
+    config.model.attention = implementation
+    memory[implementation] = profiling.train_step_memory(
+        tasks.build(config_lib.validate(config)), 32)["step_bytes"]
+  assert memory["recompute"] < 0.85 * memory["xla"], memory
+
+
+@pytest.mark.parametrize("implementation", ["recompute", "xla"])
+def test_keys_in_parts_equal_their_concatenation(implementation):
+  """A key-value context passed as parts (the noisy stream against the clean keys) gives
+  the values and gradients of the concatenated keys."""
+  q, k, v = inputs(T, 2 * T)
+  parts = lambda a: (a[:, :T], a[:, T:])
+  joined = lambda q, k, v: attention.attend(q, k, v, attention.NOISY_STREAM, implementation)
+  split = lambda q, k, v: attention.attend(q, parts(k), parts(v), attention.NOISY_STREAM,
+                                           implementation)
+  np.testing.assert_allclose(split(q, k, v), joined(q, k, v), atol=1e-6)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  for a, b in zip(jax.grad(loss(split), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(joined), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
