@@ -107,21 +107,60 @@ class Residual(nnx.Module):
     return x + 0.1 * self.linear(x) + cond[:, None]
 
 
-def test_wrap_computes_in_bfloat16():
+def dot_operand_dtypes(jaxpr, rhs_shape) -> set:
+  """The dtypes of every matrix product in a jaxpr (sub-jaxprs included) whose
+  right-hand side has rhs_shape: which precision a given weight is multiplied in."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape == rhs_shape:
+      found.add((eqn.invars[0].aval.dtype.name, eqn.invars[1].aval.dtype.name))
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(item, "eqns") or hasattr(item, "jaxpr"):
+          found |= dot_operand_dtypes(getattr(item, "jaxpr", item), rhs_shape)
+  return found
+
+
+def test_wrap_computes_a_plain_users_layer_in_bfloat16():
+  """The README's case: the user's nnx.Linear, with no dtype of its own, multiplies its
+  (32, 32) kernel in bfloat16 when wrap is asked for bfloat16 (and in float32 when not),
+  the loss differs a little, and what is kept stays float32."""
   losses = {}
   for dtype in ("float32", "bfloat16"):
     db = dbjax.wrap(Residual, num_layers=4, num_blocks=2, hidden_size=32, target="image",
                     dtype=dtype)
+    assert f"computing in {dtype}" in repr(db)
     state = db.init(jax.random.key(0))[1]
+    state = state._replace(params=perturbed([state])[0].params)
     batch = (jnp.linspace(-1, 1, 4 * 64).reshape(4, 8, 8, 1), jnp.arange(4))
+    jaxpr = jax.make_jaxpr(lambda p: db.loss(p, batch, jax.random.key(1), 1)[0])(state.params)
+    assert dot_operand_dtypes(jaxpr.jaxpr, (32, 32)) == {(dtype, dtype)}
     state, metrics = jax.jit(db.train_step, static_argnums=3)(state, batch,
                                                                jax.random.key(1), 1)
     losses[dtype] = float(metrics["loss"])
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
   assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=LOSS_TOLERANCE)
+  assert losses["bfloat16"] != losses["float32"]
   with pytest.raises(ConfigError, match="dtype"):
     dbjax.wrap(Residual, num_layers=4, num_blocks=2, hidden_size=32, target="image",
                dtype="half")
+
+
+def test_the_optimizer_state_stays_float32_through_bfloat16_steps():
+  """After real bfloat16 train steps, AdamW's moments (and every other float of the
+  block's state) are float32, and they moved."""
+  task = tasks.build(config_lib.validate(with_dtype(tiny_config(), "bfloat16")))
+  states, shared = engine.init_on_host(task, 0)
+  step = engine.jit_train_step(task)
+  state, shared_state = jax.device_put(states[0]), jax.device_put(shared)
+  for i in range(2):
+    state, shared_state, _ = step(state, shared_state, task.example_batch(8),
+                                  jax.random.key(i), jnp.asarray(task.intervals[0]))
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state)
+             if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1]
+  assert moments and {leaf.dtype for leaf in moments} == {jnp.dtype(jnp.float32)}
+  assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in moments)
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_an_unknown_dtype_is_named():

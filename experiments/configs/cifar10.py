@@ -21,4 +21,7 @@ def get_config():
   config.sample.guidance_scale = 1.5
   config.eval.num_samples = 10_000
   config.eval.classifier_steps = 3000
+  # An accelerator config: bfloat16 matmuls and activations, float32 parameters,
+  # optimizer state, softmax, norm statistics and loss (dbjax.nets.dit.compute_dtype).
+  config.model.dtype = "bfloat16"
   return config

@@ -16,4 +16,7 @@ def get_config():
   config.classifier.augment = True             # random flip and crop
   config.train.num_steps = 20000
   config.train.checkpoint_every = 1000
+  # An accelerator config: bfloat16 matmuls and activations, float32 parameters,
+  # optimizer state, softmax, norm statistics and loss (dbjax.nets.dit.compute_dtype).
+  config.model.dtype = "bfloat16"
   return config
