@@ -129,6 +129,7 @@ def run(main):
   if module is not None and "--config" in _flag_names():
     module.__doc__ = (module.__doc__ or "") + config_fields_help()
     check_config_arguments(sys.argv[1:])
+  enable_compilation_cache()
   try:
     app.run(one_line_errors(main))
   except AttributeError as e:  # a typo check_config_arguments could not see
@@ -192,12 +193,40 @@ def summary_columns(task, results) -> dict:
   return columns
 
 
-def write_json(path: str, summary: dict):
-  """Write a benchmark's summary to `path` (folders made as needed) and say so."""
+def write_json(path: str, summary: dict, quiet: bool = False):
+  """Write a benchmark's summary to `path` (folders made as needed) and say so. Written
+  to a temporary file and renamed, so a kill never leaves half a file: a script that
+  rewrites it after every row keeps every finished row."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=2)
-  print(f"wrote {path}")
+  os.replace(path + ".tmp", path)
+  if not quiet:
+    print(f"wrote {path}")
+
+
+def compilation_cache_dir() -> str | None:
+  """Where every command keeps JAX's persistent compilation cache: $JAX_COMPILATION_CACHE_DIR
+  if set, else $DBJAX_COMPILATION_CACHE, else <$DBJAX_CACHE or ~/.cache/dbjax>/
+  jax_compilation_cache; None when DBJAX_COMPILATION_CACHE=off."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  chosen = os.environ.get("DBJAX_COMPILATION_CACHE", "")
+  if chosen.lower() == "off":
+    return None
+  return chosen or os.path.join(
+      os.environ.get("DBJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dbjax")),
+      "jax_compilation_cache")
+
+
+def enable_compilation_cache():
+  """JAX's persistent compilation cache, on in every command: a second run of the same
+  program (the same config on the same device and jax) loads its compiled steps from
+  disk instead of compiling them (docs/results.md, "On accelerators", says how much that
+  saves). Programs that compile in under a second are not cached (jax's default)."""
+  directory = compilation_cache_dir()
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def print_table(rows: list[dict], columns: list[str]):

@@ -451,3 +451,17 @@ def test_device_check_runs_on_a_cpu(tmp_path):
   assert [r["way"] for r in summary["transfers"]["rows"]] == [  # this CPU has pinned_host
       "synchronous", "streamed", "streamed_pinned_host", "all_resident"]
   assert "transfers, streamed" in result.stdout
+  assert [(r["size"], r["method"], r["dtype"]) for r in summary["authors"]] == [
+      ("32x32", "end_to_end", "float32"), ("32x32", "diffusion_blocks", "float32"),
+      ("64x64", "end_to_end", "float32"), ("64x64", "diffusion_blocks", "float32"),
+      ("64x64", "diffusion_blocks", "bfloat16")]
+  assert all(r["step_ms"] > 0 and r["attention"] == "auto" for r in summary["authors"])
+
+
+def test_device_check_refuses_an_unknown_section_in_one_line(tmp_path):
+  result = run_cli("experiments.device_check", "--tiny", "--only=steps,speed",
+                   f"--out={tmp_path / 'check.json'}", check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: --only=steps,speed: speed is not a section; "
+                                   "choose from steps,authors,scaling,transfers")
+  assert not (tmp_path / "check.json").exists()
