@@ -257,6 +257,22 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, digits):
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the driver's is gone
 
 
+def test_an_inf_loss_with_finite_gradients_changes_nothing():
+  """The guard reads gradients; a loss that overflowed while its gradients did not (an
+  inf from squaring a huge but finite error) must be skipped all the same."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dbjax.engine.state import BlockState, guarded  # pylint: disable=g-import-not-at-top
+  from dbjax.engine.step import apply_step  # pylint: disable=g-import-not-at-top
+  optimizer = guarded(optax.adamw(0.1), 1.0)
+  params = {"w": jnp.ones(3)}
+  state = BlockState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  grads = {"w": jnp.full(3, 0.5)}
+  for loss, moved in ((jnp.float32(np.inf), False), (jnp.float32(2.0), True)):
+    new, metrics = apply_step(optimizer, state, grads, loss, {})
+    assert bool(metrics["skipped"]) is not moved
+    assert bool(jnp.any(new.params["w"] != params["w"])) is moved
+
+
 def test_a_state_with_nan_is_never_saved(tmp_path):
   checkpointer = RunCheckpointer(str(tmp_path), 1, 2)
   with pytest.raises(FloatingPointError, match="block_0 holds NaN"):

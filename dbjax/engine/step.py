@@ -29,6 +29,14 @@ def update(optimizer, state: BlockState, grads) -> BlockState:
   return BlockState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
 
+def nan_unless_loss_finite(loss, grads):
+  """grads, or NaN everywhere if the loss is NaN or inf, so that the NaN guard
+  (engine.state.guarded), which reads the gradients, skips every step that step_metrics
+  counts as skipped. The two can differ: an inf loss from squaring a huge but finite
+  error has finite gradients."""
+  return jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+
+
 def step_metrics(loss, grads, **others) -> dict:
   """Loss, gradient norm and whether the update was skipped (a NaN or inf in the loss
   or the gradients; see engine.state.guarded)."""
@@ -41,8 +49,8 @@ def step_metrics(loss, grads, **others) -> dict:
 def apply_step(optimizer, state: BlockState, grads, loss, metrics: dict):
   """(the state after one optimizer step, the step's metrics): step_metrics, and the
   learning rate of the update where the optimizer records it."""
-  state = update(optimizer, state, grads)
   metrics = step_metrics(loss, grads, **metrics)
+  state = update(optimizer, state, nan_unless_loss_finite(loss, grads))
   if (rate := learning_rate(state.opt_state)) is not None:
     metrics["learning_rate"] = rate
   return state, metrics
@@ -59,7 +67,7 @@ def train_step(task, state: BlockState, shared: BlockState, batch: tuple, key, i
       task.loss, argnums=(0, 1), has_aux=True)(state.params, shared.params, batch, key,
                                                interval))
   if jax.tree.leaves(shared.params):  # (known when tracing) an empty one stays as it is
-    shared = update(task.shared_optimizer, shared, shared_grads)
+    shared = update(task.shared_optimizer, shared, nan_unless_loss_finite(loss, shared_grads))
   state, metrics = apply_step(task.optimizer, state, block_grads, loss, metrics)
   return state, shared, metrics
 
