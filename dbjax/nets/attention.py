@@ -66,9 +66,9 @@ class Causal(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class NoisyStream(Mask):
-  """The autoregressive block's noisy rows (paper, Sec. 3.4: block diffusion with blocks of
-  one token): columns are [clean (T); noisy (T)], and noisy row i attends to the clean
-  columns j < i and to its own noisy key, column T + i."""
+  """The autoregressive block's noisy rows (paper, App. E: a block-diffusion mask with
+  blocks of one token): columns are [clean (T); noisy (T)], and noisy row i attends to
+  the clean columns j < i and to its own noisy key, column T + i."""
 
   def allows(self, rows, cols, num_keys):
     return (cols < rows) | (cols == rows + num_keys // 2)
@@ -83,6 +83,18 @@ class BlockDiffusion(Mask):
   def allows(self, rows, cols, num_keys):
     t = num_keys // 2
     return jnp.where(rows < t, cols <= rows, (cols < rows - t) | (cols == rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StrictlyCausal(Mask):
+  """Row i attends to columns j < i (NoisyStream's clean part)."""
+
+  def allows(self, rows, cols, num_keys):
+    del num_keys
+    return cols < rows
+
+
+_STRICTLY_CAUSAL = _StrictlyCausal()
 
 
 CAUSAL, NOISY_STREAM, BLOCK_DIFFUSION = Causal(), NoisyStream(), BlockDiffusion()
@@ -111,39 +123,34 @@ def attend(q, k, v, mask=None, implementation: str = "auto") -> jax.Array:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
                      f"{IMPLEMENTATIONS}")
-  if isinstance(k, (tuple, list)) and _choose(implementation, q, mask) != "recompute":
-    k, v = jnp.concatenate(k, axis=1), jnp.concatenate(v, axis=1)
   if isinstance(mask, BlockDiffusion):
     t = q.shape[1] // 2
     clean = attend(q[:, :t], k[:, :t], v[:, :t], CAUSAL, implementation)
     noisy = attend(q[:, t:], (k[:, :t], k[:, t:]), (v[:, :t], v[:, t:]), NOISY_STREAM,
                    implementation)
     return jnp.concatenate([clean, noisy], 1)
+  k_parts = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+  v_parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+  joined = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
   if mask is not None and not isinstance(mask, Mask):
-    return _xla(q, *_joined(k, v), jnp.asarray(mask, bool))
+    return _xla(q, joined(k_parts), joined(v_parts), jnp.asarray(mask, bool))
   chosen = _choose(implementation, q, mask)
   if chosen == "cudnn":
     try:
-      return jax.nn.dot_product_attention(q, k, v, is_causal=isinstance(mask, Causal),
+      return jax.nn.dot_product_attention(q, joined(k_parts), joined(v_parts),
+                                          is_causal=isinstance(mask, Causal),
                                           implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
       if implementation == "cudnn":
         raise
       chosen = "recompute"   # "auto": a shape or build cuDNN refuses
   if chosen == "xla":
-    return _xla(q, k, v, None if mask is None else dense_mask(mask, q.shape[1], k.shape[1]))
-  k_parts = tuple(k) if isinstance(k, (tuple, list)) else (k,)
-  v_parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    keys = joined(k_parts)
+    return _xla(q, keys, joined(v_parts),
+                None if mask is None else dense_mask(mask, q.shape[1], keys.shape[1]))
   if isinstance(mask, NoisyStream) and len(k_parts) == 1:  # [clean; noisy] as one array
     k_parts, v_parts = tuple(jnp.split(k, 2, axis=1)), tuple(jnp.split(v, 2, axis=1))
   return recompute_attention(q, k_parts, v_parts, mask)
-
-
-def _joined(k, v):
-  """k and v as single arrays, parts concatenated along the key axis."""
-  if isinstance(k, (tuple, list)):
-    return jnp.concatenate(k, axis=1), jnp.concatenate(v, axis=1)
-  return k, v
 
 
 def _choose(implementation: str, q, mask) -> str:
@@ -185,18 +192,6 @@ def _parts(k_parts, v_parts, mask):
     return k_clean, v_clean, k_own, v_own, _STRICTLY_CAUSAL
   return (jnp.concatenate(k_parts, axis=1), jnp.concatenate(v_parts, axis=1), None, None,
           mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StrictlyCausal(Mask):
-  """Row i attends to columns j < i (NoisyStream's clean part)."""
-
-  def allows(self, rows, cols, num_keys):
-    del num_keys
-    return cols < rows
-
-
-_STRICTLY_CAUSAL = _StrictlyCausal()
 
 
 def _all_scores(q, k_parts, v_parts, mask):

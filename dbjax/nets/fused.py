@@ -15,8 +15,6 @@ dbjax.nets.attention, the recomputation sits behind an optimization barrier with
 incoming cotangent, so XLA can neither hoist it into the forward pass nor share it with
 the forward pass's copy.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +41,7 @@ def modulated_layer_norm(x, shift, scale):
   """LayerNorm(x) (1 + scale) + shift, no learned affine (DiT's adaLN, Peebles & Xie 2023,
   Sec. 3.2); statistics in float32, the result in x's dtype. shift and scale (one dtype,
   as one Linear makes them) broadcast against x (per example or per segment;
-  dbjax.nets.dit.modulate)."""
+  dbjax.nets.dit.norm_and_modulate)."""
   return _norm_forward(x, shift, scale)[0]
 
 
