@@ -78,7 +78,8 @@ class NoisyStream(Mask):
 class BlockDiffusion(Mask):
   """[clean (T); noisy (T)] against itself: clean rows causal over the clean columns,
   noisy rows as NoisyStream. `attend` runs it as those two parts, so the empty quarter
-  (clean rows, noisy columns) is never computed: 3T^2 scores, not (2T)^2."""
+  (clean rows, noisy columns) and the noisy columns other than a row's own are never
+  computed: 2T^2 + T scores, not (2T)^2."""
 
   def allows(self, rows, cols, num_keys):
     t = num_keys // 2
