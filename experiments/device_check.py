@@ -33,15 +33,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from dbjax import tasks
 from dbjax.config import variant
 from dbjax.engine import profiling
-from dbjax.engine import state as state_lib
 from dbjax.errors import ConfigError
 from experiments.cli import config_help, print_table, run, write_json
 from experiments.configs import classify_cifar100
@@ -109,22 +106,6 @@ def authors_config(size: str, attention: str):
   return config
 
 
-def time_compiled_step(compiled, task, batch_size: int, repeats: int) -> float:
-  """Median seconds of `repeats` calls of a compiled step (after two untimed ones), with
-  one block's state, the shared state and a batch already on the device."""
-  key = jax.random.key(0)
-  state = jax.jit(lambda key: state_lib.init_block(task, key))(key)
-  shared = jax.jit(lambda key: state_lib.init_shared(task, key))(key)
-  batch = jax.device_put(task.example_batch(batch_size, np.random.default_rng(0)))
-  interval, times = jnp.asarray(task.intervals[0]), []
-  for i in range(2 + repeats):
-    start = time.perf_counter()
-    state, shared, metrics = compiled(state, shared, batch, jax.random.key(i), interval)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times[2:]))
-
-
 def measure(config, method: str, dtype: str, remat: bool, device_kind: str) -> dict:
   """Memory, time and MFU of one block's step (end-to-end: one block of L layers)."""
   config = variant(config, method, model__dtype=dtype, model__remat=remat)
@@ -139,7 +120,7 @@ def measure(config, method: str, dtype: str, remat: bool, device_kind: str) -> d
   flops = profiling.matmul_flops(task, batch)
   row["matmul_gflop"] = flops / 1e9
   if _REPEATS.value > 0:
-    seconds = time_compiled_step(compiled, task, batch, _REPEATS.value)
+    seconds = profiling.time_train_step(task, batch, _REPEATS.value, step=compiled)
     peak = peak_flops(device_kind, dtype)
     row.update(step_ms=1e3 * seconds, tflop_per_s=flops / seconds / 1e12,
                mfu=flops / seconds / peak if peak else None)

@@ -172,13 +172,15 @@ def resident_bytes(task, batch_size: int, seed: int = 0) -> int:
   return resident
 
 
-def time_train_step(task, batch_size: int, repeats: int = 10, warmup: int = 2) -> float:
-  """Median seconds of one block's train step (compiled, data already on the device)."""
-  step = jit_train_step(task)
+def time_train_step(task, batch_size: int, repeats: int = 10, warmup: int = 2,
+                    step=None) -> float:
+  """Median seconds of one block's train step (compiled, data already on the device);
+  step: a compiled step to time (compiled_train_step's), else jit_train_step's."""
+  step = step or jit_train_step(task)
   key = jax.random.key(0)
   state = jax.jit(lambda key: state_lib.init_block(task, key))(key)  # one block only
   shared = jax.jit(lambda key: state_lib.init_shared(task, key))(key)
-  batch = task.example_batch(batch_size, np.random.default_rng(0))
+  batch = jax.device_put(task.example_batch(batch_size, np.random.default_rng(0)))
   interval = jnp.asarray(task.intervals[0])
   times = []
   for i in range(warmup + repeats):
