@@ -200,3 +200,26 @@ def test_keys_in_parts_equal_their_concatenation(implementation):
   for a, b in zip(jax.grad(loss(split), (0, 1, 2))(q, k, v),
                   jax.grad(loss(joined), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_rows", [6, 7])   # 7: the last chunk padded
+@pytest.mark.parametrize("mask_name", ["none", "causal", "noisy_stream"])
+def test_recompute_in_query_chunks_equals_plain_attention(monkeypatch, mask_name, num_rows):
+  """Sequences longer than QUERY_CHUNK run a chunk of query rows at a time, forward and
+  backward: the same values and gradients."""
+  monkeypatch.setattr(attention, "QUERY_CHUNK", 3)
+  mask = MASKS[mask_name][0]
+  rows = np.arange(num_rows)[:, None]
+  num_keys = 2 * num_rows if mask_name == "noisy_stream" else num_rows
+  allowed = (np.ones((num_rows, num_keys), bool) if mask is None
+             else np.asarray(mask.allows(rows, np.arange(num_keys)[None], num_keys)))
+  q, k, v = inputs(num_rows, num_keys)
+  ours = lambda q, k, v: attention.attend(q, k, v, mask, "recompute")
+  np.testing.assert_allclose(ours(q, k, v), plain_attention(q, k, v, allowed), atol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(weights * fn(q, k, v))
+  reference = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=jnp.asarray(allowed)[None, None])
+  for a, b in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5)

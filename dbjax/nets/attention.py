@@ -172,13 +172,22 @@ def _xla(q, k, v, mask):
 # ---------------------------------------------------------------------- recompute
 
 
-def _scores(q, k, mask) -> jax.Array:
-  """Scaled scores (N, heads, T, S) in float32, masked pairs at _MASKED."""
+# Query rows per chunk of the recompute path: the (N, heads, rows, S) float32 scores,
+# probabilities and their cotangents of one chunk are the largest temporaries of either
+# pass, so longer sequences run in ceil(T / QUERY_CHUNK) equal chunks (at T = 257 and
+# batch 128 with 12 heads, three chunks of 86 rows instead of 387 MiB per array).
+QUERY_CHUNK = 128
+
+
+def _scores(q, k, mask, rows) -> jax.Array:
+  """Scaled scores (N, heads, rows, S) in float32 of query rows `rows` (their positions
+  among all rows), masked pairs at _MASKED."""
   scores = jnp.einsum("nthd,nshd->nhts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / np.sqrt(q.shape[-1]))
   if mask is None:
     return scores
-  return jnp.where(dense_mask(mask, q.shape[1], k.shape[1]), scores, _MASKED)
+  allowed = mask.allows(rows[:, None], jnp.arange(k.shape[1])[None], k.shape[1])
+  return jnp.where(allowed, scores, _MASKED)
 
 
 def _parts(k_parts, v_parts, mask):
@@ -195,34 +204,96 @@ def _parts(k_parts, v_parts, mask):
           mask)
 
 
-def _all_scores(q, k_parts, v_parts, mask):
-  """(dense scores (N, heads, T, S), own scores (N, heads, T) or None, and _parts)."""
-  k, v, k_own, v_own, dense_mask_ = _parts(k_parts, v_parts, mask)
-  own = None if k_own is None else jnp.einsum(
-      "nthd,nthd->nht", q, k_own, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
-  return _scores(q, k, dense_mask_), own, (k, v, k_own, v_own)
-
-
 def _per_row(a):
   """(N, heads, T) -> (N, T, heads, 1): a per-row number against (N, T, heads, head_dim)."""
   return jnp.moveaxis(a, 1, 2)[..., None]
 
 
-def _forward(q, k_parts, v_parts, mask):
-  """(output (N, T, heads, head_dim), log-sum-exp (N, heads, T) float32)."""
-  scores, own, (_, v, _, v_own) = _all_scores(q, k_parts, v_parts, mask)
+def _chunk_forward(q, k_own, v_own, rows, k, v, mask):
+  """Output (N, rows, heads, head_dim) and log-sum-exp (N, rows, heads) of some query
+  rows; k_own, v_own: their own keys and values, or None."""
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  scores = _scores(q, k, mask, rows)
   row_max = jnp.max(scores, axis=-1)
-  row_max = row_max if own is None else jnp.maximum(row_max, own)
+  if k_own is not None:
+    own = jnp.einsum("nthd,nthd->nht", q, k_own, preferred_element_type=jnp.float32) * scale
+    row_max = jnp.maximum(row_max, own)
   unnormalised = jnp.exp(scores - row_max[..., None])
   row_sum = jnp.sum(unnormalised, axis=-1)
   out = jnp.einsum("nhts,nshd->nthd", unnormalised.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  if own is not None:
+  if k_own is not None:
     own_weight = jnp.exp(own - row_max)
     row_sum = row_sum + own_weight
     out = out + _per_row(own_weight) * v_own.astype(jnp.float32)
   out = out / _per_row(row_sum)
-  return out.astype(q.dtype), row_max + jnp.log(row_sum)
+  return out.astype(q.dtype), jnp.moveaxis(row_max + jnp.log(row_sum), 1, 2)
+
+
+def _chunk_backward(q, k_own, v_own, out, log_sum_exp, d_out, rows, k, v, mask):
+  """(dq, dk, dv, d k_own, d v_own) in float32 from some query rows; dk and dv are their
+  share of the dense keys' and values' cotangents (FlashAttention-2, Alg. 2)."""
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  log_sum_exp = jnp.moveaxis(log_sum_exp, 1, 2)                        # (N, heads, rows)
+  probs = jnp.exp(_scores(q, k, mask, rows) - log_sum_exp[..., None])  # (N, heads, rows, S)
+  d_v = jnp.einsum("nhts,nthd->nshd", probs.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("nthd,nshd->nhts", d_out, v, preferred_element_type=jnp.float32)
+  # sum_s P_ts dP_ts = sum_d dO_td O_td (FlashAttention-2, Sec. 2.2, the backward pass).
+  row_dot = jnp.einsum("nthd,nthd->nht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_scores = probs * (d_probs - row_dot[..., None]) * scale
+  d_q = jnp.einsum("nhts,nshd->nthd", d_scores.astype(k.dtype), k,
+                   preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("nhts,nthd->nshd", d_scores.astype(q.dtype), q,
+                   preferred_element_type=jnp.float32)
+  if k_own is None:
+    return d_q, d_k, d_v, None, None
+  own = jnp.einsum("nthd,nthd->nht", q, k_own, preferred_element_type=jnp.float32) * scale
+  own_probs = jnp.exp(own - log_sum_exp)                              # (N, heads, rows)
+  d_own_probs = jnp.einsum("nthd,nthd->nht", d_out, v_own, preferred_element_type=jnp.float32)
+  d_own = _per_row(own_probs * (d_own_probs - row_dot) * scale)
+  return (d_q + d_own * k_own.astype(jnp.float32), d_k, d_v, d_own * q.astype(jnp.float32),
+          _per_row(own_probs) * d_out.astype(jnp.float32))
+
+
+def _row_chunks(num_rows: int) -> tuple[int, int]:
+  """(chunks, rows per chunk) of num_rows query rows: equal chunks of at most
+  QUERY_CHUNK rows, the last padded."""
+  count = -(-num_rows // QUERY_CHUNK)
+  return count, -(-num_rows // count)
+
+
+def _split_rows(tree, count: int, size: int):
+  """Arrays (N, T, ...) -> (count, N, size, ...), rows padded with zeros to count * size."""
+  def split(a):
+    a = jnp.pad(a, [(0, 0), (0, count * size - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(a.shape[0], count, size, *a.shape[2:]), 1, 0)
+  return jax.tree.map(split, tree)
+
+
+def _join_rows(tree, num_rows: int):
+  """The inverse of _split_rows."""
+  def join(a):
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :num_rows]
+  return jax.tree.map(join, tree)
+
+
+def _forward(q, k_parts, v_parts, mask):
+  """(output (N, T, heads, head_dim), log-sum-exp (N, heads, T) float32), one chunk of
+  query rows at a time."""
+  k, v, k_own, v_own, dense_part_mask = _parts(k_parts, v_parts, mask)
+  num_rows = q.shape[1]
+  count, size = _row_chunks(num_rows)
+  if count == 1:
+    out, log_sum_exp = _chunk_forward(q, k_own, v_own, jnp.arange(num_rows), k, v,
+                                      dense_part_mask)
+  else:
+    chunks = (_split_rows((q, k_own, v_own), count, size),
+              jnp.arange(count * size).reshape(count, size))
+    out, log_sum_exp = _join_rows(jax.lax.map(
+        lambda c: _chunk_forward(*c[0], c[1], k, v, dense_part_mask), chunks), num_rows)
+  return out, jnp.moveaxis(log_sum_exp, 1, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -245,29 +316,27 @@ def _recompute_backward(mask, residuals, d_out):
   # of which would keep a (heads, T, S) array alive between the two passes.
   q, k_parts, v_parts, out, log_sum_exp, d_out = jax.lax.optimization_barrier(
       (*residuals, d_out))
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  scores, own, (k, v, k_own, v_own) = _all_scores(q, k_parts, v_parts, mask)
-  probs = jnp.exp(scores - log_sum_exp[..., None])       # (N, heads, T, S)
-  d_v = jnp.einsum("nhts,nthd->nshd", probs.astype(d_out.dtype), d_out,
-                   preferred_element_type=jnp.float32)
-  d_probs = jnp.einsum("nthd,nshd->nhts", d_out, v, preferred_element_type=jnp.float32)
-  # sum_s P_ts dP_ts = sum_d dO_td O_td (FlashAttention-2, Sec. 2.2, the backward pass).
-  row_dot = jnp.einsum("nthd,nthd->nht", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  d_scores = probs * (d_probs - row_dot[..., None]) * scale
-  d_q = jnp.einsum("nhts,nshd->nthd", d_scores.astype(k.dtype), k,
-                   preferred_element_type=jnp.float32)
-  d_k = jnp.einsum("nhts,nthd->nshd", d_scores.astype(q.dtype), q,
-                   preferred_element_type=jnp.float32)
-  if own is None:
+  k, v, k_own, v_own, dense_part_mask = _parts(k_parts, v_parts, mask)
+  per_row = (q, k_own, v_own, out, jnp.moveaxis(log_sum_exp, 1, 2), d_out)
+  num_rows = q.shape[1]
+  count, size = _row_chunks(num_rows)
+  if count == 1:
+    d_q, d_k, d_v, d_k_own, d_v_own = _chunk_backward(*per_row, jnp.arange(num_rows), k, v,
+                                                      dense_part_mask)
+  else:
+    def chunk(sums, c):  # the dense keys' and values' cotangents add up over the chunks
+      d_q, d_k, d_v, d_k_own, d_v_own = _chunk_backward(*c[0], c[1], k, v, dense_part_mask)
+      return (sums[0] + d_k, sums[1] + d_v), (d_q, d_k_own, d_v_own)
+    zeros = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    (d_k, d_v), per_row_grads = jax.lax.scan(
+        chunk, zeros, (_split_rows(per_row, count, size),
+                       jnp.arange(count * size).reshape(count, size)))
+    d_q, d_k_own, d_v_own = _join_rows(per_row_grads, num_rows)
+  if k_own is None:
     ends = np.cumsum([part.shape[1] for part in k_parts])[:-1]
     d_k_parts, d_v_parts = jnp.split(d_k, ends, axis=1), jnp.split(d_v, ends, axis=1)
   else:
-    own_probs = jnp.exp(own - log_sum_exp)                # (N, heads, T)
-    d_own_probs = jnp.einsum("nthd,nthd->nht", d_out, v_own, preferred_element_type=jnp.float32)
-    d_own = _per_row(own_probs * (d_own_probs - row_dot) * scale)
-    d_q = d_q + d_own * k_own.astype(jnp.float32)
-    d_k_parts = (d_k, d_own * q.astype(jnp.float32))
-    d_v_parts = (d_v, _per_row(own_probs) * d_out.astype(jnp.float32))
+    d_k_parts, d_v_parts = (d_k, d_k_own), (d_v, d_v_own)
   return (d_q.astype(q.dtype), tuple(d.astype(k.dtype) for d in d_k_parts),
           tuple(d.astype(v.dtype) for d in d_v_parts))
 
