@@ -7,7 +7,8 @@ layers the ViT, the token networks and the recurrent-depth network), and the con
 - "recompute": FlashAttention's backward pass (Dao et al. 2022, Sec. 3.1 and App. B.4;
   Dao 2023, Alg. 2) in plain XLA operations. The forward pass keeps q, k, v, the output
   and each row's log-sum-exp; the backward pass recomputes the probabilities from them.
-  Any backend, any dtype, every mask below. It costs one more (T, S) product than
+  Both passes take at most QUERY_CHUNK query rows at a time, so a temporary holds a
+  chunk's scores, not all T rows'. Any backend, any dtype, every mask below. It costs one more (T, S) product than
   autodiff (the scores), and saves (heads, T, S) floats per layer: at T = 257 and 12
   heads, 3.2 MB per example and layer in float32.
 - "cudnn": cuDNN's fused attention (jax.nn.dot_product_attention(implementation=
