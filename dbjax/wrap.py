@@ -13,13 +13,14 @@ interval. The returned `DiffusionBlocks` gives pure, jittable functions:
     init_block(key) -> BlockState(params, opt_state, step), with its own optax state
     loss(params, batch, key, block) -> (loss, metrics)
     train_step(state, batch, key, block) -> (state, metrics)       (block may be traced)
+    jit_train_step() -> train_step compiled once for all blocks, each batch checked
     sample(block_params, key, inputs, num_steps) -> images | labels | token ids
 
 and moves weights between the blocks and the plain end-to-end network built from the
 same num_layers layers: `to_end_to_end`, `from_end_to_end`, `end_to_end()`. Block
 states save and load as an orbax checkpoint (a StandardCheckpointer directory):
 
-    db.save("/abs/or/relative/path", states)
+    db.save("/abs/or/relative/path", states)       # overwrite=True replaces a saved one
     states = db.load("/abs/or/relative/path")
 
 Batches: (images, labels) for "image" and "label", images float32 (N, H, W, C) scaled to
@@ -55,11 +56,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dbjax import checks
 from dbjax.config import default_config, validate
 from dbjax.engine import state as state_lib
 from dbjax.engine.state import BlockState
 from dbjax.engine.step import apply_step
-from dbjax.errors import ConfigError, warn
+from dbjax.errors import ConfigError, DataError, WorkdirError, warn
 from dbjax.nets.lm import LMConfig
 from dbjax.tasks import classification, images
 from dbjax.tasks.base import noise_plan
@@ -178,6 +180,7 @@ class DiffusionBlocks:
 
   def init_block(self, key) -> BlockState:
     """A fresh block: parameters, the optimizer's state for them, step 0."""
+    checks.check_key("key", key)
     return state_lib.init_block(self.task, key)
 
   def abstract_states(self) -> list[BlockState]:
@@ -185,12 +188,19 @@ class DiffusionBlocks:
     nothing: the target orbax restores saved states into."""
     return [state_lib.abstract_states(self.task)[0]] * self.num_blocks
 
-  def save(self, path: str, states: list[BlockState]):
-    """Write every block's state to the orbax checkpoint directory `path` (which must
-    not exist yet), and wait until it is on disk."""
+  def save(self, path: str, states: list[BlockState], overwrite: bool = False):
+    """Write every block's state to the orbax checkpoint directory `path`, and wait until
+    it is on disk. A `path` that exists is refused (a WorkdirError) unless overwrite=True,
+    which replaces it: orbax writes the new checkpoint aside and renames it into place."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+      raise WorkdirError(f"db.save: {path} exists; pass overwrite=True to replace it")
+    if len(states) != self.num_blocks:
+      raise DataError(f"states: got {len(states)} block states; expected num_blocks="
+                      f"{self.num_blocks}")
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.abspath(path), list(states))
+      checkpointer.save(path, list(states), force=overwrite)
 
   def load(self, path: str) -> list[BlockState]:
     """The block states `save` wrote to `path`. A checkpoint of another model (other
@@ -210,22 +220,50 @@ class DiffusionBlocks:
 
   def init(self, key) -> list[BlockState]:
     """All B blocks, block b from fold_in(key, b)."""
+    checks.check_key("key", key)
     init = jax.jit(self.init_block)  # compiled once for all blocks
     return [init(jax.random.fold_in(key, b)) for b in range(self.num_blocks)]
 
   def loss(self, params, batch: tuple, key, block):
     """(loss, metrics) of block `block` (an int or a traced scalar) on a batch: its
-    weighted denoising loss with sigma drawn from its own interval (paper, Eq. 6)."""
+    weighted denoising loss with sigma drawn from its own interval (paper, Eq. 6).
+    A batch, key or block that does not fit is a one-line DataError (dbjax.checks):
+    shapes and dtypes always, values where they are concrete (not under jax.jit)."""
+    return self._loss(params, self._checked(batch, key, block), key, block)
+
+  def _checked(self, batch, key, block) -> tuple:
+    """The batch as a tuple, once it, the key and the block index pass dbjax.checks."""
+    batch = self.task.check_batch(batch)
+    checks.check_key("key", key)
+    checks.check_block(block, self.num_blocks)
+    return batch
+
+  def _loss(self, params, batch: tuple, key, block):
     interval = jnp.asarray(self.intervals, jnp.float32)[block]
-    batch = batch if isinstance(batch, tuple) else (batch,)
     return self.task.loss(params, self.shared_params, batch, key, interval)
 
   def train_step(self, state: BlockState, batch: tuple, key, block):
-    """(state, batch, key, block) -> (state, metrics): one optimizer step of one block.
-    Jit it once for all blocks, donating the state: jax.jit(db.train_step, donate_argnums=0)."""
-    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, batch, key, block)
+    """(state, batch, key, block) -> (state, metrics): one optimizer step of one block,
+    its inputs checked as `loss` checks them. jit_train_step() compiles it once for all
+    blocks, donating the state; jax.jit(db.train_step, donate_argnums=0) does too, but
+    sees only the batch's shapes and dtypes, not its values."""
+    (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        state.params, self._checked(batch, key, block), key, block)
     return apply_step(self.optimizer, state, grads, loss, metrics)
+
+  def jit_train_step(self) -> Callable:
+    """train_step compiled once for every block, donating the state it is given, behind
+    a host-side check of each batch given as numpy arrays (their range and labels: what
+    jax.jit(train_step) cannot see, its batch being traced). A batch already on the
+    device is checked for shapes and dtypes only, so checking never moves it back."""
+    step = jax.jit(self.train_step, donate_argnums=0)
+
+    def checked_step(state: BlockState, batch, key, block):
+      if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(batch)):
+        batch = self.task.check_batch(batch)
+      checks.check_block(block, self.num_blocks)
+      return step(state, batch, key, block)
+    return checked_step
 
   def sample(self, block_params: list, key, inputs, num_steps: int | None = None,
              **options):

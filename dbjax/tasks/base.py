@@ -15,6 +15,8 @@ all at once, checkpoints and logs, and never asks which task it runs. A Task tel
   couples_blocks                  whether blocks share trained parameters (the driver then
                                   keeps the interleaved order of iterations)
   example_batch(batch_size)       a batch of the right shapes (profiling)
+  check_batch(batch)              the batch, or a one-line DataError naming what is wrong
+                                  (the Python API's check of a user's batch)
   sample(block_params, shared_params, key, inputs, num_steps, **options)
                                   the task's sampler or predictor (images from labels,
                                   labels from images, text from a prompt)
@@ -139,6 +141,11 @@ class Task:
 
   def check_train_data(self, config, train_data):
     """DataError, naming the problem, unless train_data fits this task and config."""
+
+  def check_batch(self, batch) -> tuple:
+    """The batch as a tuple; DataError, naming the array, unless it fits this task:
+    shapes and dtypes always, values where they are concrete (dbjax.checks)."""
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
   def write_run_files(self, workdir: str, train_data):
     """Files a later command needs to read this run's data as it trained (none here)."""

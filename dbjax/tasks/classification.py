@@ -44,17 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
-from dbjax import edm, noise
+from dbjax import checks, edm, noise
 from dbjax.config import num_trained_blocks, shared_updates
 from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
+from dbjax.progress import progress_bar
 from dbjax.sampling import embedding_chain, fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import NoisePlan, Task, noise_plan, sampling_plan
 from dbjax.tasks.images import (  # the same image sets: this task's load_data
-    check_training_images, example_images, load_data, resolve)
+    check_image_batch, check_training_images, example_images, load_data, resolve)
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
 SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
@@ -117,6 +117,9 @@ class Classification(Task):
   def check_train_data(self, config, train_data):
     check_training_images(config, train_data)
 
+  def check_batch(self, batch):
+    return check_image_batch(self.vit, batch)
+
   def target_embedding(self, shared_params):
     return label_embedding(shared_params)
 
@@ -133,6 +136,9 @@ class Classification(Task):
 
   def sample(self, block_params, shared_params, key, inputs, num_steps):
     """Predicted labels (N,) of images `inputs` after a num_steps-call chain."""
+    checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
+    vit = self.vit
+    checks.check_images("images", inputs, (vit.image_size, vit.image_size, vit.channels))
     logits = self.chain_logits(stack_params(block_params), shared_params,
                                jnp.asarray(inputs), num_steps, key)
     return jnp.argmax(logits[-1], axis=-1)
@@ -331,8 +337,8 @@ def predict(task: Classification, block_params, shared_params, images, num_steps
   key = jax.random.key(seed)
   predictions = []
   batches = fixed_size_batches(np.asarray(images, np.float32), batch_size)
-  for i, batch in enumerate(tqdm(batches, desc=f"predicting ({num_steps} steps)",
-                                 disable=not progress, leave=False)):
+  for i, batch in enumerate(progress_bar(batches, desc=f"predicting ({num_steps} steps)",
+                                         disable=not progress, leave=False)):
     logits = task.chain_logits(stacked, shared_params, jnp.asarray(batch), num_steps,
                                jax.random.fold_in(key, i))
     predictions.append(np.asarray(jnp.argmax(logits[-1], axis=-1)))

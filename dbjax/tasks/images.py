@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
-from dbjax import edm, noise
+from dbjax import checks, edm, noise
 from dbjax.config import num_trained_blocks
 from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer
+from dbjax.errors import DataError
 from dbjax.nets.dit import DiT, DiTConfig
+from dbjax.progress import progress_bar
 from dbjax.sampling import euler_step, fixed_size_batches, stack_params
 from dbjax.tasks.base import NoisePlan, RunData, Task, noise_plan, sampling_plan
 
@@ -87,6 +88,9 @@ class ImageGeneration(Task):
   def check_train_data(self, config, train_data):
     check_training_images(config, train_data)
 
+  def check_batch(self, batch):
+    return check_image_batch(self.dit, batch)
+
   def example_batch(self, batch_size, rng=None):
     return example_images(self.dit, batch_size, rng)
 
@@ -94,6 +98,10 @@ class ImageGeneration(Task):
              guidance_scale=1.0):
     """Images (N, H, W, C) for class labels `inputs` (N,); see `sample`."""
     del shared_params
+    checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
+    checks.check_labels("labels", inputs, self.dit.num_classes)
+    if solver not in SOLVERS:
+      raise DataError(f"solver={solver!r}: expected one of {SOLVERS}")
     return sample(self, stack_params(block_params), key, jnp.asarray(inputs), num_steps,
                   solver, guidance_scale)
 
@@ -162,6 +170,15 @@ def example_images(net: DiTConfig, batch_size: int, rng=None) -> tuple:
     return jnp.zeros(shape, jnp.float32), jnp.zeros((batch_size,), jnp.int32)
   return (jnp.asarray(0.5 * rng.standard_normal(shape).astype(np.float32)),
           jnp.asarray(rng.integers(0, net.num_classes, batch_size).astype(np.int32)))
+
+
+def check_image_batch(net, batch) -> tuple:
+  """(images, labels), DataError unless they are the network's images and classes
+  (dbjax.checks)."""
+  images, labels = checks.check_batch("batch", batch, 2, "(images, labels)")
+  checks.check_images("batch images", images, (net.image_size, net.image_size, net.channels))
+  checks.check_labels("batch labels", labels, net.num_classes)
+  return images, labels
 
 
 def check_training_images(config, train):
@@ -240,7 +257,8 @@ def sample_in_batches(task, stacked_params, key, labels, num_steps, solver="eule
   padded = fixed_size_batches(labels, batch_size)
   out = [np.asarray(sample(task, stacked_params, jax.random.fold_in(key, i), jnp.asarray(b),
                            num_steps, solver, guidance_scale))
-         for i, b in enumerate(tqdm(padded, desc="sampling", disable=not progress, leave=False))]
+         for i, b in enumerate(progress_bar(padded, desc="sampling", disable=not progress,
+                                            leave=False))]
   return np.concatenate(out)[:len(labels)]
 
 

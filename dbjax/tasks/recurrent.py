@@ -37,17 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from dbjax import edm, noise
 from dbjax.config import shared_updates
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
 from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
+from dbjax.progress import progress_bar
 from dbjax.sampling import embedding_chain, fixed_size_batches, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
 from dbjax.tasks.language import load_data, resolve  # the language task's text data
-from dbjax.tasks.language.autoregressive import check_prompt, denoising_cross_entropy
+from dbjax.tasks.language.autoregressive import denoising_cross_entropy
 from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_params,
                                          sample_token, sampling_settings, token_embedding,
                                          token_metrics, write_texts)
@@ -154,7 +154,7 @@ class RecurrentDenoiser(RecurrentDepth):
                temperature=0.0, top_p=1.0, num_steps=None):
     """Each next token from the last call of its num_steps-step chain, against the
     re-noised earlier tokens (no key-value cache: each call recomputes the prefix)."""
-    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
     sigmas, _ = sampling_plan(self.noise, num_steps or self.sample_iterations)
     return np.asarray(_generate_denoiser(
         self, stack_params(block_params_list), shared_params, jnp.asarray(prompt_ids),
@@ -208,7 +208,7 @@ class HuginnLM(RecurrentDepth):
   def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
                temperature=0.0, top_p=1.0, num_steps=None):
     """Each next token from the coda after num_steps iterations (no key-value cache)."""
-    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
     return np.asarray(_generate_huginn(
         self, stack_params(block_params_list), shared_params, jnp.asarray(prompt_ids),
         jax.random.key(seed), num_steps or self.sample_iterations, num_samples,
@@ -350,8 +350,8 @@ def bits_by_iterations(task, states, shared, tokens, seed: int, batch_size: int 
   stacked = stack_params([s.params for s in states])
   batches = fixed_size_batches(np.asarray(tokens, np.int32), batch_size)
   curve = {}
-  for k in tqdm(task.inference_iterations, desc="bits per character by K",
-                disable=not progress, leave=False):
+  for k in progress_bar(task.inference_iterations, desc="bits per character by K",
+                        disable=not progress, leave=False):
     total = 0.0
     for i, batch in enumerate(batches):
       keep = min(batch_size, len(tokens) - i * batch_size)

@@ -76,7 +76,7 @@ class AutoregressiveDenoiser(LanguageTask):
   def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
                temperature=0.0, top_p=1.0, num_steps=None):
     """num_steps (default B) denoising calls per token against each block's cache."""
-    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
     sigmas, blocks = sampling_plan(self.noise, num_steps or self.num_blocks)
     return np.asarray(_generate(self, stack_params(block_params_list), shared_params,
                                 jnp.asarray(prompt_ids), jax.random.key(seed),
@@ -96,15 +96,6 @@ class AutoregressiveDenoiser(LanguageTask):
   def evaluation_name(self, config):
     return (f"eval_steps_{config.language.inference_steps or self.num_blocks}"
             f"_{config.language.bridge}")
-
-
-def check_prompt(prompt_ids, seq_len: int) -> np.ndarray:
-  """The prompt as int32 ids; ValueError unless it is shorter than a sequence."""
-  prompt_ids = np.asarray(prompt_ids, np.int32)
-  if len(prompt_ids) >= seq_len:
-    raise ValueError(f"the prompt has {len(prompt_ids)} tokens; it must be shorter than "
-                     f"language.seq_len={seq_len}")
-  return prompt_ids
 
 
 # ------------------------------------------------------------------------ the masks

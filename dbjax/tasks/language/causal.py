@@ -11,7 +11,6 @@ import optax
 
 from dbjax.nets import attention
 from dbjax.sampling import stack_params
-from dbjax.tasks.language.autoregressive import check_prompt
 from dbjax.tasks.language.common import (LanguageTask, block_params, clean_vectors,
                                          empty_cache, sample_token, token_embedding,
                                          token_metrics, write_cache)
@@ -39,8 +38,7 @@ class CausalLM(LanguageTask):
   def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
                temperature=0.0, top_p=1.0, num_steps=None):
     """One call per token with a key-value cache (num_steps is unused)."""
-    del num_steps
-    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
     return np.asarray(_generate(self, stack_params(block_params_list), shared_params,
                                 jnp.asarray(prompt_ids), jax.random.key(seed), num_samples,
                                 float(temperature), float(top_p)))

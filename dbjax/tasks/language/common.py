@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from dbjax import edm
+from dbjax import checks, edm
 from dbjax.data import text
 from dbjax.nets.lm import LMConfig, LMNet
+from dbjax.progress import progress_bar
 from dbjax.sampling import fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import Task
 
@@ -92,6 +92,20 @@ class LanguageTask(Task):
     """Nats per token of each test sequence (N,): {"headline": the honest figure, ...}."""
     raise NotImplementedError
 
+  def check_batch(self, batch) -> tuple:
+    """(tokens,), DataError unless tokens are ids (N, T) of this vocabulary, T <= seq_len."""
+    (tokens,) = checks.check_batch("batch", batch, 1, "(tokens,)")
+    checks.check_tokens("batch tokens", tokens, self.net.vocab_size, self.net.seq_len)
+    return (tokens,)
+
+  def checked_prompt(self, prompt_ids, num_samples, temperature, top_p, num_steps=None):
+    """The prompt as int32 ids; DataError, naming the argument, unless the prompt is ids
+    of this vocabulary shorter than a sequence and the sampling settings are in range."""
+    checks.check_sampling(temperature, top_p, num_samples)
+    if num_steps is not None:
+      checks.check_count("num_steps", num_steps)
+    return checks.check_prompt(prompt_ids, self.net.vocab_size, self.net.seq_len)
+
   def generate(self, block_params, shared_params, prompt_ids, num_samples: int,
                seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                num_steps: int | None = None) -> np.ndarray:
@@ -109,6 +123,7 @@ class LanguageTask(Task):
   def sample(self, block_params, shared_params, key, inputs, num_steps, num_samples=1,
              temperature=0.0, top_p=1.0):
     """Token ids (num_samples, T) continuing the prompt ids `inputs`."""
+    checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     return self.generate(block_params, shared_params, inputs, num_samples, seed, temperature,
                          top_p, num_steps)
@@ -206,8 +221,8 @@ def bits_per_character(task: LanguageTask, block_params_list, shared_params, tok
   key = jax.random.key(seed)
   totals = {}
   batches = fixed_size_batches(np.asarray(tokens, np.int32), batch_size)
-  for i, batch in enumerate(tqdm(batches, desc="bits per character", disable=not progress,
-                                 leave=False)):
+  for i, batch in enumerate(progress_bar(batches, desc="bits per character",
+                                         disable=not progress, leave=False)):
     keep = min(batch_size, len(tokens) - i * batch_size)  # drop the padding rows
     nats = task.sequence_nats(stacked, shared_params, batch, jax.random.fold_in(key, i),
                               num_steps, num_chains)
@@ -234,8 +249,9 @@ def generate_text(task: LanguageTask, config, states, shared, vocabulary: text.V
   params = [s.params for s in states]
   steps = task.generation_steps(config)
   texts, speed = {}, None
-  for name, (temperature, top_p) in tqdm(sampling_settings(config).items(), desc="generating",
-                                         disable=not progress, leave=False):
+  for name, (temperature, top_p) in progress_bar(sampling_settings(config).items(),
+                                                 desc="generating", disable=not progress,
+                                                 leave=False):
     generate = lambda: task.generate(params, shared.params, prompt, lang.num_samples, seed,
                                      temperature, top_p, steps)
     ids = generate()

@@ -16,7 +16,6 @@ import numpy as np
 import optax
 
 from dbjax.sampling import stack_params
-from dbjax.tasks.language.autoregressive import check_prompt
 from dbjax.tasks.language.common import (LanguageTask, block_params, clean_vectors,
                                          sample_token, token_embedding)
 
@@ -62,7 +61,7 @@ class MaskedDiffusion(LanguageTask):
   def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
                temperature=0.0, top_p=1.0, num_steps=None):
     """Ancestral sampling in num_steps unmasking steps (default seq_len)."""
-    prompt_ids = check_prompt(prompt_ids, self.net.seq_len)
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
     levels, blocks = unmasking_plan(num_steps or self.net.seq_len, self.num_blocks)
     return np.asarray(_generate(self, stack_params(block_params_list), shared_params,
                                 jnp.asarray(prompt_ids), jax.random.key(seed),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dbjax import edm, noise, sampling
+from dbjax import checks, edm, noise, sampling
 from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
                            embedding, stacked_layers)
 from dbjax.nets.lm import LMConfig
@@ -85,8 +85,10 @@ class SingleStreamDenoiser(LanguageTask):
   def sample(self, block_params, shared_params, key, inputs, num_steps, num_samples=1,
              temperature=0.0, top_p=1.0):
     """Token ids (num_samples, T) led by the prompt ids `inputs`."""
+    checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
+    prompt = self.checked_prompt(inputs, num_samples, temperature, top_p)
     return generate_tokens(self, sampling.stack_params(block_params),
-                           token_embedding(shared_params), jnp.asarray(inputs, jnp.int32), key,
+                           token_embedding(shared_params), jnp.asarray(prompt), key,
                            num_samples, num_steps, temperature, top_p)
 
 
