@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
 from dbjax import config as config_lib, tasks
 from dbjax.data.batches import batch_indices
 from dbjax.engine import driver, profiling, state as state_lib
 from dbjax.engine.step import jit_train_step
+from dbjax.progress import progress_bar
 from experiments.cli import config_help, print_table, run, write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
@@ -54,7 +54,7 @@ def interval_seconds(way, step_fn, host_states, host_shared, task, chunk, train_
                      config) -> float:
   """Seconds to train `chunk` from the given states, the blocks moved `way`."""
   states = [jax.tree.map(np.copy, s) for s in host_states]
-  bar = tqdm(disable=True)
+  bar = progress_bar(disable=True)
   if way == "all_resident":
     device_states, shared = jax.device_put((states, host_shared))
     jax.block_until_ready(device_states)

@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 from absl import flags
-from tqdm.auto import tqdm
 
 from dbjax.eval import plots
+from dbjax.progress import progress_bar
 from dbjax.tasks import recurrent
 from dbjax.train import load_run_data, restore_run
 from experiments.cli import print_table, run, write_json
@@ -48,8 +48,8 @@ def main(argv):
   config, data = load_run_data(config, _WORKDIR.value)
   tokens = np.asarray(data.test.tokens[:_COUNT.value], np.int32)
   rows = []
-  for bridge, num_chains in tqdm([(b, n) for b in _BRIDGES.value for n in chains],
-                                 desc="bridge, chains"):
+  for bridge, num_chains in progress_bar([(b, n) for b in _BRIDGES.value for n in chains],
+                                         desc="bridge, chains"):
     scored = dataclasses.replace(task, bridge=bridge, mixture_chains=num_chains,
                                  inference_iterations=tuple(iterations))
     curve = recurrent.bits_by_iterations(scored, states, shared, tokens, config.seed)

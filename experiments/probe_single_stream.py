@@ -21,7 +21,6 @@ import numpy as np
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
 import dbjax
 from dbjax import data, sampling, tasks
@@ -31,6 +30,7 @@ from dbjax.engine.driver import block_for_step, step_key
 from dbjax.engine.state import make_optimizer
 from dbjax.nets.dit import DiTLayer
 from dbjax.nets.lm import LMConfig
+from dbjax.progress import progress_bar
 from dbjax.tasks.language import single_stream
 from experiments.cli import config_help, method_variant, print_table, run, write_json
 
@@ -60,7 +60,7 @@ def test_bits(db, block_params, tokens, seed=0, batch_size=32) -> dict:
   stacked = sampling.stack_params(block_params)
   embedding = db.target_embedding
   totals = np.zeros(2)
-  for i in tqdm(range(0, len(tokens), batch_size), desc="chain bits per character"):
+  for i in progress_bar(range(0, len(tokens), batch_size), desc="chain bits per character"):
     totals += np.array(single_stream.chain_nats(
         db.task, stacked, embedding, jnp.asarray(tokens[i:i + batch_size]),
         jax.random.key(seed + i), db.num_blocks))
@@ -84,7 +84,7 @@ def main(argv):
   memory = profiling.compiled_memory(
       step.lower(states[0], example, jax.random.key(0), 0).compile())
   start = time.perf_counter()
-  for i in tqdm(range(total_iterations(config)), desc="single-stream"):
+  for i in progress_bar(range(total_iterations(config)), desc="single-stream"):
     b = block_for_step(config.seed, i, d.num_blocks)
     rows = data.batch_indices(config.seed, i, train_data.num_examples, t.batch_size)
     states[b], _ = step(states[b], train_data.batch(rows), step_key(config.seed, i, b), b)

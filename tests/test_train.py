@@ -240,3 +240,14 @@ def test_train_and_evaluate_writes_its_outputs(tmp_path):
   # The pictures are in TensorBoard too.
   assert {"images/samples", "images/loss_curves"} <= set(
       read_tags(str(tmp_path / "run" / "tensorboard"))["images"])
+
+
+def test_a_run_compiles_its_train_step_once(tmp_path, caplog):
+  """Every iteration of every block, the first included, runs one compiled step: the
+  shared state goes to the device as the blocks do (a plain device_put of it made the
+  first call's arguments differ from the step's own outputs, and XLA compiled the step
+  a second time for the second call)."""
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    train.train(tiny_config(), str(tmp_path))
+  compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1

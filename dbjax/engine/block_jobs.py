@@ -31,7 +31,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from dbjax import config as config_lib
 from dbjax.engine import driver, signals, state as state_lib
@@ -39,6 +38,7 @@ from dbjax.engine.locks import BlockLock
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.step import jit_train_step, update
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
+from dbjax.progress import progress_bar
 
 BLOCKS_DIR = "blocks"
 LOCK_FILE = "lock"
@@ -194,9 +194,10 @@ def _train_own_blocks(task, config, workdir, train_data, blocks, locks, stop, bu
                        for s in range(total)])
   mine = np.isin(schedule, blocks)
   done = sum(int(np.sum(schedule[:progress[b]] == b)) for b in blocks)
-  bar = tqdm(total=int(mine.sum()), initial=done, unit="iteration",
-             desc=f"training block{'s' if len(blocks) > 1 else ''} "
-                  f"{','.join(map(str, blocks))}, iterations", disable=not config.train.progress)
+  bar = progress_bar(total=int(mine.sum()), initial=done, unit="iteration",
+                     desc=f"training block{'s' if len(blocks) > 1 else ''} "
+                          f"{','.join(map(str, blocks))}, iterations",
+                     disable=not config.train.progress, first_compiles=True)
   step_fn, shared = jit_train_step(task), state_lib.init_shared_on_host(task, config.seed)
   should_stop = lambda: stop.signal_name is not None
   try:

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
@@ -40,6 +39,7 @@ from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.signals import agreed_stop, stop_on_signals
 from dbjax.engine.step import jit_train_step
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError, warn
+from dbjax.progress import progress_bar
 
 METRICS_FILE = "train_metrics.jsonl"
 
@@ -149,7 +149,7 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
   upload = (lambda i: jax.device_put(states[runs[i][0]], on_device) if i < len(runs)
             else None)
   rows, leaving = [], None  # leaving: (block, its device state on its way to the host)
-  shared = jax.device_put(shared)  # small; stays on the device through the interval
+  shared = jax.device_put(shared, on_device)  # small; on the device through the interval
   arriving = upload(0)
   for i, (b, own_steps) in enumerate(runs):
     if should_stop():
@@ -365,8 +365,9 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
   log = MetricLog(workdir, METRICS_FILE, enabled=chief, purge_step=start)
   # TensorBoard discards from `start` on; blocks ahead of it keep their applied rows.
   log.write_rows([r for r in history if r["step"] >= start], tensorboard_only=True)
-  bar = tqdm(total=total, initial=applied, desc=f"training {config.method}, {unit}s",
-             disable=not (config.train.progress and chief), unit=unit)
+  bar = progress_bar(total=total, initial=applied, desc=f"training {config.method}, {unit}s",
+                     disable=not (config.train.progress and chief), unit=unit,
+                     first_compiles=True)
   try:
     should_stop = agreed_stop(stop)
     for chunk in checkpoint_chunks(start, total, config.train.checkpoint_every):

@@ -198,8 +198,8 @@ class BlockParallelTrainer:
 
   def train(self, steps: np.ndarray, bar=None, should_stop=None) -> list[dict]:
     """Run parallel steps `steps`; return one metrics row per (step, block) done.
-    bar: a tqdm bar to advance, if any; should_stop(): checked after every step, ends
-    the run of steps early when true."""
+    bar: a progress bar (dbjax.progress) to advance, if any; should_stop(): checked
+    after every step, ends the run of steps early when true."""
     cfg, num_blocks = self.config, self.task.num_blocks
     pending = []
     for step in steps:

@@ -23,9 +23,9 @@ import optax
 import orbax.checkpoint as ocp
 import scipy.linalg
 from flax import nnx
-from tqdm.auto import tqdm
 
 from dbjax.data import ImageData, batch_indices
+from dbjax.progress import progress_bar
 
 FEATURE_DIM = 64
 
@@ -78,7 +78,8 @@ def train_feature_net(train: ImageData, steps: int, seed: int = 0,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  for i in tqdm(range(steps), desc="feature classifier", disable=not progress, leave=False):
+  for i in progress_bar(range(steps), desc="feature classifier", disable=not progress,
+                        leave=False):
     index = batch_indices(seed, i, len(train.labels), batch_size)
     params, opt_state = step(params, opt_state, train.images[index], train.labels[index])
   return nnx.merge(graphdef, params)
