@@ -80,21 +80,15 @@ def one_line_errors(main):
 
 def _config_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
   """(the --config file, the dotted fields of the --config.<field> overrides) in argv."""
-  path, fields = None, []
-  for i, argument in enumerate(argv):
-    name, has_value, value = argument.partition("=")
-    if name == "--config":
-      path = value if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
-    elif name.startswith("--config."):
-      fields.append(name[len("--config."):])
-  return path, fields
+  fields = [a.partition("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+  return _argument_value(argv, "--config"), fields
 
 
 def check_config_arguments(argv: list[str]):
   """One line, before absl parses anything, for a --config file that does not exist
   and an override of a field no config has, each with the nearest valid choice."""
   path, fields = _config_arguments(argv)
-  if path is not None and not os.path.isfile(path):
+  if path is not None and not os.path.isfile(path.split(":", 1)[0]):
     _fail(f"--config={path}: no such file{nearest(path, available_configs())}; the "
           f"configs are: {', '.join(available_configs())}")
   known = flatten(default_config().to_dict())
@@ -107,12 +101,15 @@ def check_config_arguments(argv: list[str]):
                else "--help lists them all"))
 
 
-def config_fields_help() -> str:
-  """Every config field with its default, a line per section, for --help."""
-  lines = ["", "Config fields, set with --config.<field>=<value> (dbjax.default_config's "
-           "defaults; docs: the comments in dbjax/config.py):"]
+def config_fields_help(config=None) -> str:
+  """Every field of `config` (default: dbjax.default_config()) with its value, a line per
+  section, for --help."""
+  source = "this config's values" if config is not None else "dbjax.default_config's defaults"
+  config = default_config() if config is None else config
+  lines = ["", f"Config fields, set with --config.<field>=<value> ({source}; docs: the "
+           "comments in dbjax/config.py):"]
   sections = {}
-  for field, value in flatten(default_config().to_dict()).items():
+  for field, value in flatten(config.to_dict()).items():
     section, _, name = field.rpartition(".")
     sections.setdefault(section, []).append(f"{name}={value!r}")
   for section, values in sections.items():
@@ -122,19 +119,112 @@ def config_fields_help() -> str:
   return "\n".join(lines)
 
 
-def run(main):
-  """absl's app.run, with one-line errors also for a missing --config file and config
-  typos in --config.* flags, and every config field listed in --help."""
-  module = sys.modules.get(main.__module__)
-  if module is not None and "--config" in _flag_names():
-    module.__doc__ = (module.__doc__ or "") + config_fields_help()
-    check_config_arguments(sys.argv[1:])
-  enable_compilation_cache()
+# absl's help flags; each prints the usage and exits (status 1 in absl: 0 here).
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+# Loads a run's config.json as a config file (ml_collections passes what follows ':').
+SAVED_RUN_CONFIG = os.path.join(CONFIG_DIR, "_saved_run.py")
+
+
+def _argument_value(argv: list[str], flag: str) -> str | None:
+  """The value of --flag=value or --flag value in argv (the last one given), or None."""
+  value = None
+  for i, argument in enumerate(argv):
+    name, has_value, text = argument.partition("=")
+    if name == flag:
+      value = text if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+  """argv without --flag=value or --flag value."""
+  kept, skip = [], False
+  for argument in argv:
+    if skip:
+      skip = False
+    elif argument == flag:
+      skip = True
+    elif not argument.startswith(flag + "="):
+      kept.append(argument)
+  return kept
+
+
+def with_run_config(argv: list[str], required: bool) -> list[str]:
+  """argv with the config a run saved made a config file: --config=<workdir>/config.json
+  loads it, and --workdir alone (no --config) continues the run in that workdir with its
+  own config. --config.<field> overrides apply on top either way. required: whether the
+  command has no default config (then a missing one is a one-line error)."""
+  path = _argument_value(argv, "--config")
+  if path is None:
+    workdir = _argument_value(argv, "--workdir")
+    saved = os.path.join(workdir, "config.json") if workdir else None
+    if saved is not None and os.path.isfile(saved):
+      print(f"continuing the run in {workdir} with its saved config ({saved})",
+            file=sys.stderr)
+      path = saved
+    elif required and not any(a.split("=")[0] in HELP_FLAGS for a in argv):
+      where = (f"--workdir={workdir} holds no config.json of a run to continue" if workdir
+               else "no --workdir of a run to continue")
+      _fail(f"--config: not given, and {where}; give --config=<file>, one of: "
+            f"{', '.join(available_configs())}, or a run's config.json")
+    else:
+      return argv
+  if path.endswith(".json"):
+    if not os.path.isfile(path):
+      _fail(f"--config={path}: no such file")
+    try:
+      with open(path, encoding="utf-8") as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      _fail(f"--config={path}: not a run's config.json ({e})")
+    path = f"{SAVED_RUN_CONFIG}:{path}"
+  # Before the overrides: ml_collections applies --config.<field> to the config loaded.
+  return [f"--config={path}"] + _without(argv, "--config")
+
+
+def _config_for_help(argv: list[str]):
+  """The config that --config in argv names, for --help; None if none or unreadable."""
+  path = _argument_value(argv, "--config")
+  if path is None or not os.path.isfile(path.split(":", 1)[0]):
+    return None
+  from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
   try:
-    app.run(one_line_errors(main))
-  except AttributeError as e:  # a typo check_config_arguments could not see
+    return config_flags.ConfigFileFlagParser("config").parse(path)
+  except Exception:  # pylint: disable=broad-except  (help shows the defaults instead)
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, a bad flag value being one line and exit status 2 (a usage
+  error, as argparse and the shell's tools have it; absl exits 1 with a FATAL line)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(" ".join(str(e).split()))
+  except AttributeError as e:  # a --config override typo check_config_arguments missed
     text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "").strip("'")
     _fail(f"unknown config field in a --config override: {text}")
+
+
+def run(main):
+  """absl's app.run, with command-line behaviour as tools have it: usage errors (a missing
+  --config file, config typos in --config.* flags, a bad flag value) one line and exit
+  status 2; --help and --helpshort exit 0 and list every config field with the values of
+  the config given (or the defaults); a run's config.json is a config file, and --workdir
+  alone continues the run there (`with_run_config`)."""
+  argv = list(sys.argv)
+  module = sys.modules.get(main.__module__)
+  if module is not None and "--config" in _flag_names():
+    argv[1:] = with_run_config(argv[1:], required=flags.FLAGS["config"].default is None)
+    module.__doc__ = (module.__doc__ or "") + config_fields_help(_config_for_help(argv[1:]))
+    check_config_arguments(argv[1:])
+  sys.argv = argv
+  enable_compilation_cache()
+  try:
+    app.run(one_line_errors(main), flags_parser=_parse_flags)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)  # absl's help flags exit 1 after printing the help
+    raise
 
 
 def _flag_names() -> set:

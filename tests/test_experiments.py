@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -126,14 +127,17 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
   small = ["--config.model.num_layers=3", "--config.model.hidden_size=32",
            "--config.model.num_heads=2", "--config.train.num_steps=2",
-           "--config.train.batch_size=8", "--config.train.progress=False",
-           "--config.sample.num_steps=3", "--config.sample.grid_size=2",
-           "--config.eval.num_samples=50", "--config.eval.classifier_steps=5",
-           f"--config.eval.cache_dir={tmp_path / 'cache'}"]
+           "--config.train.batch_size=8", "--config.sample.num_steps=3",
+           "--config.sample.grid_size=2", "--config.eval.num_samples=50",
+           "--config.eval.classifier_steps=5", f"--config.eval.cache_dir={tmp_path / 'cache'}"]
   trained = run_cli("experiments.train", "--config=experiments/configs/digits.py",
                     f"--workdir={workdir}", *small)
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["iterations"] == 6
+  # Output to a file or pipe: the progress bar as plain lines, compile time on its own.
+  assert "\r" not in trained.stderr
+  assert "training diffusion_blocks, iterations: compiled in " in trained.stderr
+  assert "training diffusion_blocks, iterations: 100% 6/6 [" in trained.stderr
   # Metrics on the console, in the JSONL file and in TensorBoard, one curve per block.
   assert "iteration 6/6  loss  block " in trained.stdout
   # A warmup (50 updates, the default) longer than the 2 each block gets: one line.
@@ -153,6 +157,16 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=3",
                    "--num_samples=50")
   assert "frechet_distance" in result.stdout
+  # Continued with no --config: the run's saved config, with overrides on top.
+  resumed = run_cli("experiments.train", f"--workdir={workdir}", "--config.train.num_steps=3",
+                    "--config.eval.enabled=False")
+  assert f"continuing the run in {workdir} with its saved config" in resumed.stderr
+  assert "resuming from the checkpoint of iteration 6" in resumed.stdout
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f)["iterations"] == 9
+  # Its config.json is a config file: --help lists its values (3 layers), exit status 0.
+  shown = run_cli("experiments.train", f"--config={workdir}/config.json", "--help")
+  assert "num_layers=3" in shown.stdout and "num_steps=3" in shown.stdout
 
 
 @pytest.mark.slow  # three launches, 65 s; the classifier trains in process in the smoke run
@@ -208,7 +222,7 @@ def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
 
 
 def test_help_lists_every_config_and_every_field():
-  text = run_cli("experiments.train", "--help", check=False).stdout  # absl exits 1 on --help
+  text = run_cli("experiments.train", "--help").stdout  # exit status 0 (absl's: 1)
   for name in CONFIGS:
     assert f"experiments/configs/{name}.py" in text
   assert "Config fields, set with --config.<field>=<value>" in text
@@ -232,6 +246,34 @@ def test_command_line_errors_are_one_line(flag, message, tmp_path):
   assert result.returncode == 2
   assert message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--config=experiments/configs/digits.py", "--config.train.num_steps=ten"],
+     "error: flag --config.train.num_steps=ten: invalid literal for int()"),
+    (["--config=experiments/configs/digits.py", "--config.model.remat=yes"],
+     "error: flag --config.model.remat=yes: ('Non-boolean argument to boolean flag', 'yes')"),
+    (["--config=experiments/configs/digits.py", "--parallel=block"],
+     "error: flag --parallel=block: value should be one of <none|blocks>"),
+    ([], "error: --config: not given, and --workdir="),  # a workdir with no run in it
+])
+def test_usage_errors_exit_2_in_one_line_whoever_catches_them(arguments, message, tmp_path):
+  result = run_cli("experiments.train", f"--workdir={tmp_path}", *arguments, check=False)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (2, [mock.ANY])
+  assert result.stderr.startswith(message), result.stderr
+
+
+@pytest.mark.parametrize("command,flag", [("experiments.sample", "--helpshort"),
+                                          ("experiments.evaluate", "--help")])
+def test_help_exits_0(command, flag):
+  assert "--workdir" in run_cli(command, flag).stdout
+
+
+def test_help_shows_the_values_of_the_config_given():
+  text = run_cli("experiments.train", "--config=experiments/configs/fashion_mnist.py",
+                 "--help").stdout
+  assert "Config fields, set with --config.<field>=<value> (this config's values" in text
+  assert "image_size=28" in text and "image_size=8" not in text
 
 
 TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
