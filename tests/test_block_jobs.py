@@ -9,7 +9,6 @@ import sys
 import time
 
 import chex
-import numpy as np
 import pytest
 
 from dbjax import data, tasks, train

