@@ -46,10 +46,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
-      # images: "digits", "fashion_mnist", "tfds:<name>" (mnist, cifar10, ...);
+      # images: "digits", "fashion_mnist", "tfds:<name>" (mnist, cifar10, ...), your own
+      # "folder:<dir>" (a subfolder per class), "arrays:<file.npz>" or "latents:<dir>"
+      # (an autoencoder's latents on disk; docs/own_data.md);
       # text: "shakespeare", "file:<path>", "tfds:<name>" (tiny_shakespeare, lm1b, ...)
       name="digits",
       data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
+      resize=0,             # folder: resize every image to resize x resize; 0 = refuse mixed sizes
+      # The images' shape and classes; set from the data when it is read (a config names
+      # the data, not its shape), so these matter only where no data is read (profiling).
       image_size=8, channels=1,
       num_classes=10,       # image classes (generation, classification)
       vocab_size=0,         # text: the vocabulary size, 0 = from the text
@@ -250,6 +255,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"shorter than language.seq_len={lang.seq_len}")
   _require(config.data.max_chars >= 0, "data.max_chars", config.data.max_chars,
            ">= 0 (0 = all)")
+  _require(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
+           config.data.resize, "an integer >= 0 (0 = refuse images of mixed sizes)")
   steps = config.classifier.inference_steps
   _require(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps),
            "classifier.inference_steps", steps, "a non-empty tuple of positive integers")

@@ -13,7 +13,7 @@ workdir: samples.png (generation), confusion.png and accuracy_vs_steps.png
 Any config field can be overridden with --config.<field>=<value>. Re-running the same
 command resumes from the latest checkpoint in the workdir.
 
-All blocks at once, one slice of the devices each (docs/results.md, "Scaling out"):
+All blocks at once, one slice of the devices each (docs/scaling_out.md):
 
   python -m experiments.train --config=experiments/configs/digits.py --parallel=blocks \
       --workdir=runs/digits_parallel

@@ -52,13 +52,14 @@ def shrink(config):
 def test_every_config_is_listed():
   assert {"digits", "fashion_mnist", "mnist", "cifar10", "classify_digits",
           "classify_fashion_mnist", "classify_cifar100", "shakespeare_ar", "shakespeare_md4",
-          "lm1b", "shakespeare_recurrent"} <= set(CONFIGS)
+          "lm1b", "shakespeare_recurrent", "fashion_mnist_latent",
+          "imagenet256_latent"} <= set(CONFIGS)
 
 
 # In the default run, one config of each task and each way of reading data; the others,
 # whose task and reader those cover (digits: the command-line test below), in the slow set.
 SLOW_SMOKE_RUNS = {"digits", "mnist", "classify_fashion_mnist", "classify_cifar100",
-                   "shakespeare_recurrent"}
+                   "shakespeare_recurrent", "imagenet256_latent"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
@@ -71,6 +72,10 @@ def test_one_step_smoke_run(name, tmp_path):
       write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
       write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(8) % 10)
     config.data.data_dir = str(tmp_path)
+  if config.data.name.startswith("latents:"):  # random latents standing in for encoded ones
+    from tests.test_own_data import write_latents  # pylint: disable=g-import-not-at-top
+    shape = {"fashion_mnist_latent": (7, 7, 4), "imagenet256_latent": (32, 32, 4)}[name]
+    config.data.name = f"latents:{write_latents(tmp_path / 'latents', shape=shape)}"
   if config.data.name.startswith("tfds:"):
     with tfds.testing.mock_data(num_examples=8 if config.task != "language" else 40,
                                 policy=tfds.testing.MockPolicy.USE_CODE):

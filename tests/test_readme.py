@@ -16,7 +16,7 @@ def python_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", f.read(), re.S)
 
 
-@pytest.mark.slow  # four tasks built, trained and sampled from scratch, 100 s
+@pytest.mark.slow  # a run trained and evaluated, then the pieces, 60 s
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("DBJAX_CACHE", str(tmp_path / "cache"))
@@ -26,17 +26,11 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
                             "config.train.num_steps = 2; config.eval.num_samples = 100; "
                             "config.eval.classifier_steps = 20; config.model.num_layers = 3")
   # Fewer layers compile faster; the shapes the test checks do not depend on them.
-  assert "config.language.seq_len = 64" in snippet
-  snippet = snippet.replace("config.language.seq_len = 64",
-                            "config.language.seq_len = 64; config.model.num_layers = 3")
   namespace = {}
   exec(compile(snippet, README, "exec"), namespace)
   assert namespace["results"]["iterations"] == 6
   assert float(namespace["metrics"]["loss"]) > 0
   chex.assert_shape(namespace["images"], (10, 8, 8, 1))
-  chex.assert_shape(namespace["predicted"], (10,))
-  assert float(namespace["metrics"]["cross_entropy"]) > 0
-  chex.assert_shape(namespace["ids"], (2, 64))
 
 
 def test_readme_wrap_snippet_runs_exactly_as_written(tmp_path, monkeypatch):

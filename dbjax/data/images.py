@@ -6,8 +6,12 @@
   (/usr/share/datasets/fashion-mnist), or any directory given as data.data_dir.
 - "tfds:<name>" (mnist, cifar10, ...): read with tfds.data_source from array_record
   files, which needs no TensorFlow; downloads and prepares where the internet is there.
+- Your own: "folder:<dir>" (a subfolder per class) and "arrays:<file.npz>"
+  (dbjax.data.own), and an autoencoder's latents on disk, "latents:<dir>", of any size
+  (dbjax.data.latents).
 
-Images come back as float32 (N, H, W, C) in [-1, 1] and labels as int32 (N,).
+Images come back as float32 (N, H, W, C) in [-1, 1] (latents: scaled to unit variance)
+and labels as int32 (N,).
 The batch of iteration `step` is a pure function of (seed, step)
 (dbjax.data.batches), so a resumed run sees exactly the batches an uninterrupted one
 would.
@@ -19,7 +23,7 @@ import struct
 
 import numpy as np
 
-from dbjax.data import tfds_source
+from dbjax.data import latents, own, tfds_source
 from dbjax.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -27,9 +31,11 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  images: np.ndarray   # float32 (N, H, W, C) in [-1, 1]
+  images: np.ndarray   # float32 (N, H, W, C) in [-1, 1]; latents: rows read from disk
   labels: np.ndarray   # int32 (N,)
   num_classes: int
+  class_names: tuple = ()       # the classes' names, where the data has them
+  latents: dict | None = None   # a latent set's latents.json (scale, decoder, source)
 
   @property
   def num_examples(self) -> int:
@@ -97,25 +103,50 @@ def _tfds(name: str, split: str, data_dir: str) -> ImageData:
   return ImageData(images.astype(np.float32) / 127.5 - 1.0, labels, num_classes)
 
 
-def load_images(name: str, split: str, data_dir: str = "") -> ImageData:
-  """The `split` ("train" or "test") of data set `name`; see the module docstring."""
+def _own(kind: str, where: str, split: str, resize: int) -> ImageData:
+  if kind == "folder":
+    images, labels, names = own.read_folder(where, split, resize)
+    return ImageData(images.astype(np.float32) / 127.5 - 1.0, labels, len(names), names)
+  images, labels, names, num_classes = own.read_arrays(where, split)
+  return ImageData(images, labels, num_classes, names)
+
+
+def _latents(directory: str, split: str) -> ImageData:
+  rows, labels, info = latents.read_latents(directory, split)
+  return ImageData(rows, labels, int(info["num_classes"]),
+                   tuple(info.get("class_names") or ()), info)
+
+
+SOURCES = ("digits", "fashion_mnist", "tfds:<name>", "folder:<dir>", "arrays:<file.npz>",
+           "latents:<dir>")
+
+
+def load_images(name: str, split: str, data_dir: str = "", resize: int = 0) -> ImageData:
+  """The `split` ("train" or "test") of data set `name`; see the module docstring.
+  resize: a folder's images resized to resize x resize (0: refused if sizes differ)."""
   if split not in ("train", "test"):
     raise DataError(f"split={split!r} is not one of ('train', 'test')")
+  kind, _, where = name.partition(":")
   if name == "digits":
     return _digits(split)
   if name == "fashion_mnist":
     return _fashion_mnist(split, data_dir)
-  if name.startswith("tfds:"):
-    return _tfds(name[len("tfds:"):], split, data_dir)
-  raise DataError(f"config.data.name={name!r} is not one of 'digits', 'fashion_mnist', "
-                  "'tfds:<name>'")
+  if kind == "tfds" and where:
+    return _tfds(where, split, data_dir)
+  if kind in ("folder", "arrays") and where:
+    return _own(kind, os.path.expanduser(where), split, resize)
+  if kind == "latents" and where:
+    return _latents(os.path.expanduser(where), split)
+  raise DataError(f"config.data.name={name!r} is not one of {', '.join(map(repr, SOURCES))}")
 
 
 def check_images(images, labels, image_size: int, channels: int, num_classes: int,
                  what: str = "images"):
   """Raise DataError unless images are float (N, image_size, image_size, channels),
-  finite, and labels are integers in [0, num_classes)."""
-  images, labels = np.asarray(images), np.asarray(labels)
+  finite, and labels are integers in [0, num_classes). Latents on disk were checked as
+  they were opened (dbjax.data.latents): their shape only, so they are not read whole."""
+  on_disk = isinstance(images, latents.LatentRows)
+  images, labels = (images if on_disk else np.asarray(images)), np.asarray(labels)
   expected = (image_size, image_size, channels)
   if images.ndim != 4 or images.shape[1:] != expected:
     raise DataError(f"{what} have shape {images.shape}; expected (N, {image_size}, "
@@ -125,7 +156,7 @@ def check_images(images, labels, image_size: int, channels: int, num_classes: in
   if not np.issubdtype(images.dtype, np.floating):
     raise DataError(f"{what} have dtype {images.dtype}; expected a float dtype scaled to "
                     "[-1, 1] (see dbjax.data.load_images)")
-  if not np.all(np.isfinite(images)):
+  if not on_disk and not np.all(np.isfinite(images)):
     raise DataError(f"{what} contain NaN or inf")
   if labels.shape != images.shape[:1]:
     raise DataError(f"labels have shape {labels.shape}; expected ({images.shape[0]},)")

@@ -23,11 +23,23 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
   return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
-def save_image_grid(images: np.ndarray, path: str, rows: int, scale: int = 4):
-  """Save images as a PNG grid, each pixel enlarged `scale` times (8x8 digits are tiny)."""
+def save_image_grid(images: np.ndarray, path: str, rows: int, scale: int = 4,
+                    row_labels: list[str] | None = None):
+  """Save images as a PNG grid, each pixel enlarged `scale` times (8x8 digits are tiny);
+  with row_labels, each row named on its left."""
   grid = image_grid(images, rows).repeat(scale, 0).repeat(scale, 1)
-  matplotlib.image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
-                          vmin=0, vmax=255)
+  grid = grid[..., 0] if grid.shape[-1] == 1 else grid
+  if not row_labels:
+    matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+    return
+  height, width = grid.shape[:2]
+  fig, ax = _figure((1.5 + width / 100, 0.3 + height / 100))
+  ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+  row_height = height / rows
+  ax.set_yticks((np.arange(rows) + 0.5) * row_height, row_labels)
+  ax.set_xticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
 
 
 LOSS_LABELS = {"loss": "weighted denoising loss", "cross_entropy": "cross-entropy"}
@@ -52,8 +64,10 @@ def save_loss_curves(rows: list[dict], num_blocks: int, path: str, title: str = 
   fig.savefig(path, dpi=120)
 
 
-def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
-  """Row-normalised confusion matrix (true class down, predicted across), counts inside."""
+def save_confusion_matrix(counts: np.ndarray, path: str, title: str = "",
+                          class_names: tuple = ()):
+  """Row-normalised confusion matrix (true class down, predicted across), counts inside;
+  classes named where class_names gives them."""
   rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
   num_classes = len(counts)
   fig, ax = _figure((1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
@@ -63,6 +77,9 @@ def save_confusion_matrix(counts: np.ndarray, path: str, title: str = ""):
       ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
               color="white" if rates[i, j] > 0.5 else "black")
   ax.set(xlabel="predicted class", ylabel="true class", title=title)
+  if class_names and num_classes <= 40:
+    ax.set_xticks(range(num_classes), class_names, rotation=90)
+    ax.set_yticks(range(num_classes), class_names)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

@@ -374,7 +374,8 @@ def classify_and_evaluate(task: Classification, config, workdir: str, states, sh
       confusion = confusion_matrix(labels, predictions, config.data.num_classes)
   plots.save_confusion_matrix(confusion, os.path.join(workdir, f"{prefix}confusion.png"),
                               title=f"{config.method}, {config.data.name}: accuracy "
-                                    f"{accuracy[headline]:.3f}")
+                                    f"{accuracy[headline]:.3f}",
+                              class_names=test_data.class_names)
   results = {"accuracy": accuracy[headline], "inference_steps": headline,
              "test_examples": int(count),
              "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()}

@@ -23,8 +23,8 @@ import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import num_trained_blocks
-from dbjax.data import images as image_data
+from dbjax.config import num_trained_blocks, validate
+from dbjax.data import images as image_data, latents
 from dbjax.engine.state import make_optimizer
 from dbjax.errors import DataError
 from dbjax.nets.dit import DiT, DiTConfig
@@ -125,7 +125,8 @@ class ImageGeneration(Task):
                                jax.random.key(seed), grid_labels(config), s.num_steps,
                                s.solver, s.guidance_scale, batch_size=s.grid_size**2,
                                progress=config.train.progress)
-    plots.save_image_grid(images, path, rows=s.grid_size)
+    plots.save_image_grid(viewable(data.train, images), path, rows=s.grid_size,
+                          row_labels=grid_row_labels(config, data.train))
     return path
 
 
@@ -148,18 +149,36 @@ def build(config, layer=None) -> ImageGeneration:
                          label_dropout=m.label_dropout, graphdef=graphdef)
 
 
+# The data sets whose shape a config must give where no data is read (profiling); the
+# others (the user's own) are read to learn it.
+BUILT_IN = ("digits", "fashion_mnist")
+
+
 def resolve(config):
-  """An image config has no data-derived fields."""
-  return config
+  """config with the data's shape and classes: as the config gives them for the built-in
+  sets, read from the data for the user's own (data.name folder:, arrays:, latents:)."""
+  if config.data.name in BUILT_IN or config.data.name.startswith("tfds:"):
+    return config
+  return load_data(config)[0]
+
+
+def with_data_shape(config, train: image_data.ImageData):
+  """A copy of config with data.image_size, channels and num_classes those of the
+  training data: a config names its data, not the data's shape."""
+  config = config.copy_and_resolve_references()
+  config.data.image_size, _, config.data.channels = train.images.shape[1:]
+  config.data.num_classes = train.num_classes
+  return validate(config)
 
 
 def load_data(config, workdir=None):
-  """(config, RunData) of the config's image data set, the training split checked against
-  the config's shapes."""
+  """(config with the data's shape and classes, RunData) of the config's image data set."""
+  del workdir  # an image set reads the same wherever the run is
   d = config.data
-  train = image_data.load_images(d.name, "train", d.data_dir)
+  train = image_data.load_images(d.name, "train", d.data_dir, d.resize)
+  config = with_data_shape(config, train)
   check_training_images(config, train)
-  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir))
+  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir, d.resize))
 
 
 def example_images(net: DiTConfig, batch_size: int, rng=None) -> tuple:
@@ -271,23 +290,57 @@ def grid_labels(config) -> np.ndarray:
   return np.repeat(np.arange(n) % config.data.num_classes, n).astype(np.int32)
 
 
+def grid_row_labels(config, train: image_data.ImageData) -> list[str] | None:
+  """The class name of each row of the sample grid, where the data names its classes."""
+  if not train.class_names:
+    return None
+  rows = grid_labels(config)[::config.sample.grid_size]
+  return [train.class_names[int(label)] for label in rows]
+
+
+def viewable(train: image_data.ImageData, samples: np.ndarray) -> np.ndarray:
+  """Samples as images in [-1, 1]: latents decoded by their set's decoder, or, with no
+  decoder, their first (up to three) channels, divided by 3 (about 3 standard deviations
+  of unit-variance latents) and clipped to [-1, 1]."""
+  info = train.latents
+  if info is None:
+    return samples
+  if info.get("decoder"):
+    return latents.decode(info, samples)
+  return np.clip(samples[..., :3 if samples.shape[-1] >= 3 else 1] / 3, -1, 1)
+
+
+def pixel_data(train: image_data.ImageData, test: image_data.ImageData):
+  """(name, train, test) of the images the Frechet distance compares in: the pixel data
+  set latents were encoded from where their set has a decoder (so the figure is
+  comparable with a pixel-space run's), else the data as trained on."""
+  info = train.latents
+  if info is None or not info.get("decoder"):
+    return None, train, test
+  return (info["source"], image_data.load_images(info["source"], "train"),
+          image_data.load_images(info["source"], "test"))
+
+
 def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
                           grid_name: str = "samples.png") -> dict:
-  """Sample grid PNG <workdir>/<grid_name> and, if config.eval.enabled, Frechet distance
-  metrics."""
+  """Sample grid PNG <workdir>/<grid_name> (latents decoded; rows named by class where the
+  data names them) and, if config.eval.enabled, Frechet distance metrics: in pixel space
+  for latents with a decoder, else in the space trained on."""
   from dbjax.eval import features, plots  # pylint: disable=g-import-not-at-top
   stacked = stack_params([s.params for s in states])
   key = jax.random.fold_in(jax.random.key(config.seed), 10**9)
   s = config.sample
   grid = sample_in_batches(task, stacked, key, grid_labels(config), s.num_steps, s.solver,
                            s.guidance_scale, batch_size=s.grid_size**2)
-  plots.save_image_grid(grid, os.path.join(workdir, grid_name), rows=s.grid_size)
+  plots.save_image_grid(viewable(data.train, grid), os.path.join(workdir, grid_name),
+                        rows=s.grid_size, row_labels=grid_row_labels(config, data.train))
   results = {"sample_steps": s.num_steps, "solver": s.solver,
              "guidance_scale": s.guidance_scale}
   if not config.eval.enabled:
     return results
+  source, train, test = pixel_data(data.train, data.test)
   net = features.load_or_train_feature_net(
-      config.data.name, data.train, config.eval.classifier_steps, config.eval.cache_dir,
+      source or config.data.name, train, config.eval.classifier_steps, config.eval.cache_dir,
       progress=config.train.progress)
   labels = np.arange(config.eval.num_samples, dtype=np.int32) % config.data.num_classes
   start = time.perf_counter()
@@ -295,5 +348,10 @@ def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
                               s.num_steps, s.solver, s.guidance_scale,
                               progress=config.train.progress)
   results["samples_per_second"] = len(labels) / (time.perf_counter() - start)
-  results.update(features.evaluate_samples(net, samples, labels, data.test))
+  if source is not None:
+    samples = viewable(data.train, samples)
+    results["frechet_distance_space"] = f"pixels of {source}, latents decoded"
+  elif data.train.latents is not None:
+    results["frechet_distance_space"] = "latents"
+  results.update(features.evaluate_samples(net, samples, labels, test))
   return results

@@ -1,0 +1,258 @@
+"""Autoencoder latents on disk: "latents:<dir>", any size.
+
+A DiT at ImageNet's 256 x 256 trains on an autoencoder's latents, not on pixels (paper,
+Sec. 5.1, after Peebles and Xie 2023: Stable Diffusion's VAE, 32 x 32 x 4). The
+directory holds
+
+  train_latents.npy  (N, h, w, c) float16 or float32, the encoder's raw output
+  train_labels.npy   (N,) integers
+  test_latents.npy, test_labels.npy   the same for the test split
+  latents.json       {"scale_factor", "shape": [h, w, c], "source": the data set they
+                      encode, "decoder": "module:function" or null, "checkpoint": the
+                      decoder's weights (its argument) or null, "num_classes",
+                      "class_names"}
+
+experiments/encode_latents.py writes it. A batch is read row by row from the file
+(os.pread at each row's offset), never the array whole and never memory-mapped: a
+mapping counts against a cap on the process's address space, and the pages it touches
+stay in its resident set; a read leaves them to the kernel's page cache. So a set larger
+than the host's memory trains, and a step's batch is still a pure function of (seed,
+step). Latents are multiplied by scale_factor as they are read (unit variance, as latent
+diffusion has it; the config's diffusion.sigma_data says so to EDM).
+"""
+import importlib
+import json
+import os
+
+import numpy as np
+
+from dbjax.errors import DataError
+
+INFO_FILE = "latents.json"
+# Rows checked at a time for NaN or inf when a split is opened (bounded memory).
+CHECK_ROWS = 4096
+
+
+def _require_file(path: str):
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file (a latents directory holds train_latents.npy, "
+                    f"train_labels.npy, test_latents.npy, test_labels.npy and {INFO_FILE}; "
+                    "experiments/encode_latents.py writes them)")
+
+
+class LatentRows:
+  """The rows of a .npy file of latents, read from disk only when indexed, each times
+  `scale`: `rows[index]` is float32 (len(index), h, w, c). Quacks as much like an array as
+  the image task needs (shape, dtype, len, indexing, slicing)."""
+
+  def __init__(self, path: str, scale: float = 1.0):
+    _require_file(path)
+    self.path, self.scale = path, float(scale)
+    try:
+      with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        self.offset = f.tell()
+    except (OSError, ValueError) as e:
+      raise DataError(f"{path}: not a .npy file numpy can read ({e})") from e
+    if fortran or dtype not in (np.float16, np.float32):
+      raise DataError(f"{path}: latents of dtype {dtype}{' (Fortran order)' if fortran else ''}"
+                      "; expected float16 or float32 in C order")
+    if len(shape) != 4 or shape[1] != shape[2]:
+      raise DataError(f"{path}: latents of shape {shape}; expected (N, h, w, c) with h = w")
+    self.file_shape, self.file_dtype = shape, np.dtype(dtype)
+    self.row_bytes = int(np.prod(shape[1:])) * self.file_dtype.itemsize
+    expected = self.offset + shape[0] * self.row_bytes
+    if os.path.getsize(path) != expected:
+      raise DataError(f"{path}: {os.path.getsize(path)} bytes, its header says "
+                      f"{expected} (a file cut short?)")
+
+  @property
+  def shape(self) -> tuple:
+    """(N, h, w, c), as the file's header says."""
+    return self.file_shape
+
+  dtype = np.dtype(np.float32)
+  ndim = 4
+
+  def __len__(self) -> int:
+    return self.file_shape[0]
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, slice):
+      index = np.arange(len(self))[index]
+    index = np.asarray(index)
+    scalar = index.ndim == 0
+    index = np.atleast_1d(index).astype(np.int64)
+    if index.size and (index.min() < -len(self) or index.max() >= len(self)):
+      raise IndexError(f"rows {index.min()}..{index.max()} of {len(self)} in {self.path}")
+    index = np.where(index < 0, index + len(self), index)
+    out = np.empty((len(index), *self.file_shape[1:]), self.file_dtype)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      for i, row in enumerate(index):
+        out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.offset + int(row)
+                                        * self.row_bytes), self.file_dtype).reshape(
+                                            self.file_shape[1:])
+    finally:
+      os.close(fd)
+    out = out.astype(np.float32) * np.float32(self.scale)
+    return out[0] if scalar else out
+
+  def check_finite(self):
+    """DataError, naming the file and a row, unless every latent is finite; reads
+    CHECK_ROWS rows at a time."""
+    for start in range(0, len(self), CHECK_ROWS):
+      rows = self[start:start + CHECK_ROWS]
+      bad = ~np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+      if bad.any():
+        raise DataError(f"{self.path}: row {start + int(np.argmax(bad))} holds NaN or inf")
+
+
+def read_info(directory: str) -> dict:
+  """latents.json of a latents directory, checked."""
+  path = os.path.join(directory, INFO_FILE)
+  _require_file(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      info = json.load(f)
+  except ValueError as e:
+    raise DataError(f"{path}: not JSON ({e})") from e
+  for field in ("scale_factor", "shape", "num_classes"):
+    if field not in info:
+      raise DataError(f"{path}: no {field!r} (it holds {sorted(info)})")
+  if not (isinstance(info["scale_factor"], (int, float)) and info["scale_factor"] > 0):
+    raise DataError(f"{path}: scale_factor={info['scale_factor']!r}; expected a positive "
+                    "number")
+  return info
+
+
+def read_latents(directory: str, split: str):
+  """(LatentRows, labels int32 (N,), info) of one split, every problem one DataError."""
+  info = read_info(directory)
+  rows = LatentRows(os.path.join(directory, f"{split}_latents.npy"), info["scale_factor"])
+  if list(rows.shape[1:]) != list(info["shape"]):
+    raise DataError(f"{rows.path}: latents of shape {rows.shape[1:]}; {INFO_FILE} says "
+                    f"{tuple(info['shape'])}")
+  labels_path = os.path.join(directory, f"{split}_labels.npy")
+  _require_file(labels_path)
+  labels = np.load(labels_path, allow_pickle=False)
+  if labels.shape != (len(rows),) or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{labels_path}: labels of shape {labels.shape} and dtype {labels.dtype};"
+                    f" expected integers ({len(rows)},), one per latent")
+  if labels.size and (labels.min() < 0 or labels.max() >= info["num_classes"]):
+    raise DataError(f"{labels_path}: labels span [{labels.min()}, {labels.max()}]; allowed "
+                    f"is [0, {info['num_classes']}) ({INFO_FILE}'s num_classes)")
+  rows.check_finite()
+  return rows, labels.astype(np.int32), info
+
+
+def resolve_function(spec: str, what: str):
+  """The function a "module:function" names; DataError naming `what` unless it exists."""
+  module_name, _, name = spec.partition(":")
+  try:
+    function = getattr(importlib.import_module(module_name), name)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise DataError(f"{what}={spec!r}: no such function (expected 'module:function'): "
+                    f"{e}") from e
+  if not callable(function):
+    raise DataError(f"{what}={spec!r} is not callable")
+  return function
+
+
+def decode(info: dict, latents: np.ndarray, batch_size: int = 256) -> np.ndarray:
+  """Scaled latents back to images in [-1, 1] with the set's decoder, in batches."""
+  decoder = resolve_function(info["decoder"], "latents.json decoder")
+  unscaled = np.asarray(latents, np.float32) / np.float32(info["scale_factor"])
+  return np.concatenate([np.asarray(decoder(unscaled[i:i + batch_size], info.get("checkpoint")),
+                                    np.float32)
+                         for i in range(0, len(unscaled), batch_size)])
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def _progress_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f".{split}_latents.rows_done")
+
+
+def _rows_done(directory: str, split: str) -> int:
+  path = _progress_path(directory, split)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return int(f.read().strip() or 0)
+
+
+def _write_atomically(path: str, text: str):
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
+                 batch_size: int, bar=None) -> str:
+  """Encode `images` (anything indexable by a slice of rows) in batches of batch_size and
+  write <directory>/<split>_latents.npy and <split>_labels.npy; return the latents' path.
+
+  Written in chunks to <split>_latents.npy.partial, each chunk flushed to disk before a
+  small file records the rows done, so a run killed at any moment resumes at the first
+  row not recorded and rewrites nothing before it; the array takes its final name only
+  when every row is there, so a half-written array never looks complete. Every batch
+  has batch_size rows (the last one padded), so one compiled encoder serves all, and a
+  resumed encoding gives the same bits as an uninterrupted one (for a deterministic
+  encoder)."""
+  final = os.path.join(directory, f"{split}_latents.npy")
+  count = len(labels)
+  if os.path.exists(final):
+    if bar is not None:
+      bar.update(count)
+    return final
+  partial = final + ".partial"
+  done = _rows_done(directory, split) if os.path.exists(partial) else 0
+  if bar is not None:
+    bar.update(done)
+  out = None
+  for start in range(done, count, batch_size):
+    rows = np.asarray(images[start:start + batch_size], np.float32)
+    padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), 0)])
+    latents = np.asarray(encode(padded), np.float32)[:len(rows)]
+    if out is None:
+      mode = "r+" if done else "w+"
+      out = np.lib.format.open_memmap(partial, mode=mode, dtype=np.float32,
+                                      shape=(count, *latents.shape[1:]))
+    out[start:start + len(rows)] = latents
+    out.flush()
+    _write_atomically(_progress_path(directory, split), str(start + len(rows)))
+    if bar is not None:
+      bar.update(len(rows))
+  del out
+  np.save(os.path.join(directory, f"{split}_labels.npy"), np.asarray(labels, np.int32))
+  os.replace(partial, final)
+  os.remove(_progress_path(directory, split))
+  return final
+
+
+def unit_variance_scale(path: str) -> float:
+  """1 / the standard deviation of every latent in the .npy at `path` (the latent
+  diffusion scale factor), read CHECK_ROWS rows at a time."""
+  rows = LatentRows(path)
+  total = total_squares = 0.0
+  for start in range(0, len(rows), CHECK_ROWS):
+    chunk = rows[start:start + CHECK_ROWS].astype(np.float64)
+    total += chunk.sum()
+    total_squares += np.square(chunk).sum()
+  n = len(rows) * int(np.prod(rows.shape[1:]))
+  variance = total_squares / n - (total / n) ** 2
+  if not variance > 0:
+    raise DataError(f"{path}: the latents do not vary (variance {variance}); no scale factor")
+  return float(1.0 / np.sqrt(variance))
+
+
+def write_info(directory: str, info: dict):
+  """latents.json, written last and atomically: the set is complete when it exists."""
+  _write_atomically(os.path.join(directory, INFO_FILE), json.dumps(info, indent=2))

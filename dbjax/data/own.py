@@ -1,0 +1,163 @@
+"""Your own images: a folder of image files, one subfolder per class, or a .npz of arrays.
+
+- "folder:<dir>": <dir>/<class>/<image files> (torchvision's and tfds' ImageFolder
+  layout), or <dir>/train/<class>/... and <dir>/test/<class>/... where the split is made
+  already. Files are decoded with Pillow; colour images are read as RGB (3 channels),
+  greyscale ones as one channel. Images of different sizes are refused, unless
+  `resize` (config data.resize) gives the square size they are all resized to. The
+  classes are the subfolders' names in sorted order.
+- "arrays:<file.npz>": `images` (N, H, W, C) and `labels` (N,), or `train_images`,
+  `train_labels`, `test_images` and `test_labels`; optional `class_names`. Images are
+  uint8 in [0, 255] or float in [-1, 1].
+
+Without a test split of its own, a data set is split 80/20 by a fixed permutation, as
+scikit-learn's digits are. Images come back as float32 in [-1, 1], as every image set.
+Every problem (a missing file, an empty class folder, images of mixed sizes, a wrong
+shape or dtype, labels out of range) is one DataError naming the file and the problem.
+"""
+import os
+
+import numpy as np
+
+from dbjax.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TEST_SHARE = 0.2
+
+
+def split_rows(count: int, split: str) -> np.ndarray:
+  """The rows of `split` in a set without a test split of its own: a fixed 80/20
+  permutation (the same on every machine and run)."""
+  order = np.random.default_rng(0).permutation(count)
+  cut = int(round((1 - TEST_SHARE) * count))
+  return order[:cut] if split == "train" else order[cut:]
+
+
+def to_unit_range(images: np.ndarray, where: str) -> np.ndarray:
+  """uint8 pixels, or floats already in [-1, 1], as float32 in [-1, 1]."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  if not np.issubdtype(images.dtype, np.floating):
+    raise DataError(f"{where}: images of dtype {images.dtype}; expected uint8 in [0, 255] or "
+                    "float in [-1, 1]")
+  if not np.all(np.isfinite(images)):
+    raise DataError(f"{where}: images contain NaN or inf")
+  low, high = float(images.min(initial=0)), float(images.max(initial=0))
+  if low < -1.001 or high > 1.001:
+    raise DataError(f"{where}: float images span [{low:g}, {high:g}]; expected [-1, 1] (or "
+                    "uint8 pixels in [0, 255])")
+  return images.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def class_folders(directory: str) -> list[str]:
+  """The class subfolders of `directory`, sorted; DataError if there is none."""
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such folder of class subfolders")
+  classes = sorted(d for d in os.listdir(directory)
+                   if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+  if not classes:
+    raise DataError(f"{directory}: no class subfolders (expected <dir>/<class>/<images>)")
+  return classes
+
+
+def _image_files(folder: str) -> list[str]:
+  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+  if not files:
+    raise DataError(f"{folder}: an empty class folder (no {', '.join(IMAGE_SUFFIXES)} files)")
+  return [os.path.join(folder, f) for f in files]
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _decode(path: str, resize: int) -> np.ndarray:
+  """One image file as uint8 (H, W, 1) if it is greyscale, else (H, W, 3)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      grey = image.mode in GREY_MODES
+      image = image.convert("L" if grey else "RGB")
+      if resize:
+        image = image.resize((resize, resize), Image.Resampling.BICUBIC)
+      pixels = np.asarray(image, np.uint8)
+  except OSError as e:
+    raise DataError(f"{path}: not an image Pillow can read ({e})") from e
+  return pixels[..., None] if grey else pixels
+
+
+def read_folder(directory: str, split: str, resize: int = 0):
+  """(images uint8 (N, H, W, C), labels int32 (N,), class names) of one split of an
+  image folder (see the module docstring)."""
+  has_splits = all(os.path.isdir(os.path.join(directory, s)) for s in ("train", "test"))
+  root = os.path.join(directory, split) if has_splits else directory
+  classes = class_folders(root)
+  if has_splits and classes != class_folders(os.path.join(directory, "train")):
+    raise DataError(f"{root}: its classes {classes} differ from the train split's")
+  files = [(path, label) for label, name in enumerate(classes)
+           for path in _image_files(os.path.join(root, name))]
+  if not has_splits:
+    files = [files[i] for i in sorted(split_rows(len(files), split))]
+  images = [_decode(p, resize) for p, _ in files]
+  if any(im.shape[-1] == 3 for im in images):  # colour: greyscale images as grey RGB
+    images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
+  sizes = sorted({im.shape[:2] for im in images})
+  if len(sizes) > 1:
+    example = next(p for (p, _), im in zip(files, images) if im.shape[:2] == sizes[-1])
+    raise DataError(f"{root}: images of mixed sizes {sizes[:4]} (e.g. {example}); set "
+                    "config.data.resize=<size> to resize them all to <size> x <size>")
+  (height, width), = sizes
+  if height != width:
+    raise DataError(f"{root}: images are {height} x {width}; the networks take square "
+                    "images: set config.data.resize=<size>")
+  return (np.stack(images), np.array([label for _, label in files], np.int32),
+          tuple(classes))
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def read_arrays(path: str, split: str):
+  """(images float32 in [-1, 1], labels int32, class names, number of classes) of one
+  split of a .npz; the classes are class_names', else 0 .. the largest label of the set."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such .npz file")
+  try:
+    arrays = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: not a .npz file numpy can read ({e})") from e
+  with arrays:
+    keys = set(arrays.files)
+    if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
+      images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+      every_label = np.concatenate([arrays["train_labels"].ravel(),
+                                    arrays["test_labels"].ravel()])
+      rows = None
+    elif {"images", "labels"} <= keys:
+      images, labels = arrays["images"], arrays["labels"]
+      every_label = labels.ravel()
+      rows = np.sort(split_rows(len(labels), split))
+    else:
+      raise DataError(f"{path}: holds {sorted(keys)}; expected 'images' and 'labels', or "
+                      "'train_images', 'train_labels', 'test_images' and 'test_labels'")
+    names = tuple(str(n) for n in arrays["class_names"]) if "class_names" in keys else ()
+  if images.ndim == 3:  # (N, H, W): one channel
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[1] != images.shape[2]:
+    raise DataError(f"{path}: images of shape {images.shape}; expected (N, H, W, C) with "
+                    "H = W (square images)")
+  if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{path}: labels of shape {labels.shape} and dtype {labels.dtype}; "
+                    f"expected integers ({images.shape[0]},), one per image")
+  if rows is not None:
+    images, labels = images[rows], labels[rows]
+  if labels.size and labels.min() < 0:
+    raise DataError(f"{path}: labels span [{labels.min()}, {labels.max()}]; expected "
+                    "0, 1, ... (one integer per class)")
+  if names and labels.size and labels.max() >= len(names):
+    raise DataError(f"{path}: labels span [0, {labels.max()}] but class_names holds "
+                    f"{len(names)} names")
+  num_classes = len(names) or int(every_label.max(initial=0)) + 1
+  return to_unit_range(images, path), labels.astype(np.int32), names, num_classes

@@ -1,0 +1,76 @@
+r"""Encode an image data set into an autoencoder's latents on disk, which a run then trains
+on with --config.data.name=latents:<out> (dbjax.data.latents).
+
+  python -m experiments.encode_latents --data=fashion_mnist \
+      --encoder=dbjax.nets.autoencoder:encode --checkpoint=runs/vae_fashion_mnist \
+      --decoder=dbjax.nets.autoencoder:decode --out=runs/latents_fashion_mnist
+
+--encoder and --decoder name functions "module:function": encoder(images, checkpoint)
+takes float32 images (N, H, W, C) in [-1, 1] and gives latents (N, h, w, c); decoder
+(latents, checkpoint) gives the images back (for sample grids and a pixel-space Frechet
+distance). Batches are encoded on the device with a progress bar and written in chunks:
+a killed run, rerun with the same command, resumes where it stopped and gives an array
+bit-identical to an uninterrupted one. The scale factor (1 / the training latents'
+standard deviation: unit variance, as latent diffusion has it) is computed unless
+--scale_factor is given. latents.json is written last: the set is complete when it exists.
+"""
+import os
+
+import numpy as np
+from absl import flags
+
+from dbjax.data import latents, load_images
+from dbjax.errors import ConfigError
+from dbjax.progress import progress_bar
+from experiments.cli import run
+
+_DATA = flags.DEFINE_string("data", None, "any image data set dbjax reads (config.data.name)")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "config.data.data_dir of --data")
+_RESIZE = flags.DEFINE_integer("resize", 0, "config.data.resize of --data (a folder)")
+_ENCODER = flags.DEFINE_string("encoder", "dbjax.nets.autoencoder:encode",
+                               "module:function, (images, checkpoint) -> latents")
+_DECODER = flags.DEFINE_string("decoder", "dbjax.nets.autoencoder:decode",
+                               "module:function, (latents, checkpoint) -> images; 'none' "
+                               "for latents with no decoder")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "the argument both functions get: "
+                                  "their weights (for dbjax's: a train_autoencoder workdir)")
+_OUT = flags.DEFINE_string("out", None, "the latents directory")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "images per encoder call")
+_SCALE = flags.DEFINE_float("scale_factor", 0.0, "the latents' scale; 0: 1 / their std")
+flags.mark_flags_as_required(["data", "out"])
+
+
+def main(argv):
+  del argv
+  if _BATCH.value < 1:
+    raise ConfigError(f"--batch_size={_BATCH.value}: expected a positive integer")
+  if _SCALE.value < 0:
+    raise ConfigError(f"--scale_factor={_SCALE.value}: expected > 0, or 0 to compute it")
+  encoder = latents.resolve_function(_ENCODER.value, "--encoder")
+  decoder = None if _DECODER.value.lower() == "none" else _DECODER.value
+  if decoder is not None:
+    latents.resolve_function(decoder, "--decoder")
+  splits = {s: load_images(_DATA.value, s, _DATA_DIR.value, _RESIZE.value)
+            for s in ("train", "test")}
+  if splits["train"].latents is not None:
+    raise ConfigError(f"--data={_DATA.value}: holds latents already; give the images")
+  os.makedirs(_OUT.value, exist_ok=True)
+  total = sum(d.num_examples for d in splits.values())
+  with progress_bar(total=total, desc="encoding", unit="image", first_compiles=True) as bar:
+    paths = {split: latents.encode_split(lambda x: encoder(x, _CHECKPOINT.value), d.images,
+                                         d.labels, _OUT.value, split, _BATCH.value, bar)
+             for split, d in splits.items()}
+  shape = list(np.load(paths["train"], mmap_mode="r").shape[1:])
+  scale = _SCALE.value or latents.unit_variance_scale(paths["train"])
+  train = splits["train"]
+  latents.write_info(_OUT.value, {
+      "scale_factor": scale, "shape": shape, "source": _DATA.value, "decoder": decoder,
+      "checkpoint": os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else None,
+      "encoder": _ENCODER.value, "num_classes": train.num_classes,
+      "class_names": list(train.class_names)})
+  print(f"wrote {total} latents {tuple(shape)} to {_OUT.value} (scale factor {scale:.4g}); "
+        f"train on them with --config.data.name=latents:{_OUT.value}")
+
+
+if __name__ == "__main__":
+  run(main)
