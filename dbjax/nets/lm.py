@@ -86,10 +86,14 @@ class LMNet(nnx.Module):
     """vectors (N, S, D); positions (S,); c_noise (N,) or (N, G) for G equal segments;
     mask: where rows attend (dbjax.nets.attention: None for every column, CAUSAL,
     BLOCK_DIFFUSION); blank (N, S), True where the input is the blank vector."""
+    return self.head(*self.hidden(vectors, positions, c_noise, mask, blank))
+
+  def hidden(self, vectors, positions, c_noise, mask=None, blank=None):
+    """(the last layer's output (N, S, D), before the adaLN head; the conditioning)."""
     cond = self.condition(c_noise)
     x = apply_layers(self.layers, self.embed(vectors, positions, blank), cond,
                      self.cfg.remat, mask, self.rotary_positions(positions))
-    return self.head(x, cond)
+    return x, cond
 
   def decode(self, vectors, position, c_noise, cache, valid, blank=None):
     """One position per sequence against a key-value cache.

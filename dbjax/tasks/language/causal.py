@@ -46,11 +46,17 @@ class CausalLM(LanguageTask):
 
 def causal_logits(task, net, embedding, tokens) -> jax.Array:
   """End-to-end causal LM: logits (N, T, V) of x_i from [blank, x_0 .. x_{i-1}]."""
+  return net.head(*causal_hidden(task, net, embedding, tokens))
+
+
+def causal_hidden(task, net, embedding, tokens):
+  """(the last layer's output (N, T, D) at each position i, which reads [blank, x_0 ..
+  x_{i-1}]; the conditioning): what causal_logits' head maps to the logits of x_i."""
   n, t = tokens.shape
   inputs = jnp.pad(clean_vectors(task, embedding, tokens[:, :-1]), ((0, 0), (1, 0), (0, 0)))
   blank = jnp.zeros((n, t), bool).at[:, 0].set(True)
-  return net(inputs, jnp.arange(t), jnp.zeros((n,)), mask=attention.CAUSAL,
-             blank=blank)
+  return net.hidden(inputs, jnp.arange(t), jnp.zeros((n,)), mask=attention.CAUSAL,
+                    blank=blank)
 
 
 @functools.partial(jax.jit, static_argnames=("task",))

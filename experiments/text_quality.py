@@ -1,0 +1,130 @@
+r"""Score a language run on its samples, as the paper does: MAUVE against real text,
+generative bits per character under a judge LM, and diversity (dbjax.eval.text_quality).
+
+  python -m experiments.text_quality --workdir=runs/compare_shakespeare_ar/diffusion_blocks \
+      --judge=runs/compare_shakespeare_ar/end_to_end --num_samples=256 --length=64
+  python -m experiments.text_quality --workdir=runs/recurrent_top_800 \
+      --judge=runs/compare_shakespeare_ar/end_to_end --num_steps=1,2,4,8,16,32
+
+From a fixed draw of --num_samples test sequences (the same for every run with the same
+--seed), each text's first --prompt_length characters are the prompt and the next
+--length characters the real continuation; the run continues each prompt with one sample
+(key seed, prompt index), so two runs scored with the same flags see the same prompts and
+keys. Works on any language run: autoregressive, MD4, recurrent (at each K of
+--num_steps) and their end-to-end baselines. The judge is an end-to-end causal LM trained
+on the training split only (not the paper's GPT-2; docs/results.md says what that means).
+Writes <workdir>/text_quality_<settings>.json (or --out), prints a table, and plots each
+measure against K where --num_steps lists several.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from dbjax.errors import ConfigError
+from dbjax.eval import plots, text_quality
+from dbjax.progress import progress_bar
+from dbjax.train import load_run_data, restore_run
+from experiments.cli import print_table, run, with_field, write_json
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the language run to score")
+_JUDGE = flags.DEFINE_string("judge", "runs/compare_shakespeare_ar/end_to_end",
+                             "an end-to-end causal LM run on the same text (its training "
+                             "split only): the judge")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 256, "texts scored (each side)")
+_LENGTH = flags.DEFINE_integer("length", 64, "characters generated after each prompt")
+_PROMPT = flags.DEFINE_integer("prompt_length", 32, "characters of each prompt")
+_STEPS = flags.DEFINE_list("num_steps", None, "denoising calls per token, MD4 steps or "
+                           "recurrent iterations K; several give a curve (default: the run's)")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature (0: greedy)")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus mass (1: all)")
+_BRIDGE = flags.DEFINE_enum("bridge", None, ["argmax", "expected"],
+                            "the chain's Euler bridge (default: the run's)")
+_SEED = flags.DEFINE_integer("seed", 0, "which test texts and which sampling keys")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default: in the workdir)")
+flags.mark_flags_as_required(["workdir"])
+
+
+def held_out_texts(tokens: np.ndarray, count: int, length: int, seed: int) -> np.ndarray:
+  """`count` test sequences, cut to `length`, in a fixed order drawn from `seed`."""
+  if count > len(tokens):
+    raise ConfigError(f"--num_samples={count}: the test split holds {len(tokens)} sequences")
+  rows = np.random.default_rng([seed, 7]).permutation(len(tokens))[:count]
+  return np.asarray(tokens)[rows, :length]
+
+
+def sample_continuations(task, states, shared, real: np.ndarray, prompt_length: int,
+                         num_steps, seed: int) -> np.ndarray:
+  """Each prompt continued by one sample, cut to the real texts' length."""
+  params = [s.params for s in states]
+  out = []
+  for i, text in enumerate(progress_bar(real, desc=f"sampling (K = {num_steps})",
+                                        unit="text", first_compiles=True)):
+    ids = task.generate(params, shared.params, text[:prompt_length], 1,
+                        seed=seed * 1_000_003 + i, temperature=_TEMPERATURE.value,
+                        top_p=_TOP_P.value, num_steps=num_steps)
+    out.append(np.asarray(ids)[0, :real.shape[1]])
+  return np.stack(out)
+
+
+def main(argv):
+  del argv
+  length = _PROMPT.value + _LENGTH.value
+  config, task, states, shared = restore_run(_WORKDIR.value)
+  if config.task not in ("language", "recurrent_depth"):
+    raise ConfigError(f"--workdir={_WORKDIR.value} holds a config.task={config.task!r} run; "
+                      "text_quality scores language runs")
+  if _BRIDGE.value is not None:
+    config = with_field(config, "language.bridge", _BRIDGE.value)
+    from dbjax import tasks  # pylint: disable=g-import-not-at-top
+    task = tasks.build(config)
+  judge_config, judge, judge_states, judge_shared = restore_run(_JUDGE.value)
+  config, data = load_run_data(config, _WORKDIR.value)
+  _, judge_data = load_run_data(judge_config, _JUDGE.value)
+  vocabulary = data.test.vocabulary
+  if judge_data.test.vocabulary != vocabulary:
+    raise ConfigError(f"--judge={_JUDGE.value} reads another vocabulary than "
+                      f"{_WORKDIR.value}: train the judge on the same text")
+  if length > min(config.language.seq_len, judge_config.language.seq_len):
+    raise ConfigError(f"--prompt_length + --length = {length}: longer than a sequence "
+                      f"(seq_len {config.language.seq_len}, the judge's "
+                      f"{judge_config.language.seq_len})")
+  real = held_out_texts(data.test.tokens, _NUM_SAMPLES.value, length, _SEED.value)
+  steps = [int(k) for k in _STEPS.value] if _STEPS.value else [None]
+  rows = []
+  for k in steps:
+    start = time.perf_counter()
+    generated = sample_continuations(task, states, shared, real, _PROMPT.value, k,
+                                     _SEED.value)
+    seconds = time.perf_counter() - start
+    scores = text_quality.score(judge, judge_states[0].params, judge_shared.params, real,
+                                generated, _PROMPT.value, vocabulary.decode, seed=_SEED.value)
+    rows.append({"num_steps": k if k is not None else "default", **scores,
+                 "sampling_seconds": seconds,
+                 "example": vocabulary.decode(generated[0])})
+  settings = {"workdir": _WORKDIR.value, "judge": _JUDGE.value, "method": config.method,
+              "task": config.task, "kind": config.language.kind,
+              "bridge": config.language.bridge, "num_samples": _NUM_SAMPLES.value,
+              "prompt_length": _PROMPT.value, "length": _LENGTH.value,
+              "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value, "seed": _SEED.value,
+              "mauve_buckets": text_quality.NUM_BUCKETS, "device": jax.devices()[0].device_kind}
+  name = (f"text_quality_t{_TEMPERATURE.value:g}_p{_TOP_P.value:g}_{config.language.bridge}"
+          f"_seed{_SEED.value}")
+  out = _OUT.value or os.path.join(_WORKDIR.value, name + ".json")
+  print_table(rows, ["num_steps", "mauve", "generative_bits_per_character",
+                     "real_bits_per_character", "distinct_2", "real_distinct_2",
+                     "unigram_entropy_bits", "sampling_seconds"])
+  write_json(out, {**settings, "rows": rows})
+  if len(steps) > 1:
+    for measure in ("mauve", "generative_bits_per_character", "distinct_2"):
+      plots.save_metric_vs_steps({r["num_steps"]: r[measure] for r in rows},
+                                 out[:-len(".json")] + f"_{measure}.png", "K",
+                                 measure.replace("_", " "), title=f"{config.method}")
+  print(json.dumps(rows[0]["example"]))
+
+
+if __name__ == "__main__":
+  run(main)
