@@ -26,7 +26,6 @@ from absl import flags
 
 from dbjax.errors import ConfigError
 from dbjax.eval import plots, text_quality
-from dbjax.progress import progress_bar
 from dbjax.train import load_run_data, restore_run
 from experiments.cli import print_table, run, with_field, write_json
 
@@ -58,16 +57,10 @@ def held_out_texts(tokens: np.ndarray, count: int, length: int, seed: int) -> np
 
 def sample_continuations(task, states, shared, real: np.ndarray, prompt_length: int,
                          num_steps, seed: int) -> np.ndarray:
-  """Each prompt continued by one sample, cut to the real texts' length."""
-  params = [s.params for s in states]
-  out = []
-  for i, text in enumerate(progress_bar(real, desc=f"sampling (K = {num_steps})",
-                                        unit="text", first_compiles=True)):
-    ids = task.generate(params, shared.params, text[:prompt_length], 1,
-                        seed=seed * 1_000_003 + i, temperature=_TEMPERATURE.value,
-                        top_p=_TOP_P.value, num_steps=num_steps)
-    out.append(np.asarray(ids)[0, :real.shape[1]])
-  return np.stack(out)
+  """Each prompt continued by one sample (task.continue_prompts), as long as the real."""
+  return task.continue_prompts([s.params for s in states], shared.params,
+                               real[:, :prompt_length], real.shape[1], seed,
+                               _TEMPERATURE.value, _TOP_P.value, num_steps)
 
 
 def main(argv):

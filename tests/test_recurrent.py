@@ -239,3 +239,29 @@ def test_chain_probe_scores_every_cell_and_more_chains_score_lower(denoiser_run,
     assert cells["argmax", chains, 1] == pytest.approx(cells["expected", chains, 1], rel=1e-6)
   for bridge in ("argmax", "expected"):
     assert cells[bridge, 16, 2] < cells[bridge, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["diffusion_blocks", "end_to_end"])
+def test_prompts_continued_at_once_each_follow_their_own_prompt(data_and_configs, method):
+  """continue_prompts (text quality's sampler) continues N different prompts in one batch
+  to any length: each row starts with its prompt and depends on it alone (another
+  prompt in row 0 leaves rows 1 and 2 as they were), the same seed the same rows."""
+  config, data = data_and_configs
+  task = tasks.build(config_lib.variant(config, method))
+  states, shared = engine.init_on_host(task, 0)
+  params = [perturbed(states[0].params)]
+  prompts = np.asarray(data.test.tokens[:3, :5])
+  continued = lambda prompts, seed=0: task.continue_prompts(params, shared.params, prompts, 9,
+                                                            seed, 1.0, 1.0, num_steps=2)
+  batch = continued(prompts)
+  assert batch.shape == (3, 9)
+  np.testing.assert_array_equal(batch[:, :5], prompts)
+  np.testing.assert_array_equal(continued(prompts), batch)
+  assert not np.array_equal(continued(prompts, seed=1), batch)
+  other = prompts.copy()
+  other[0] = (other[0] + 1) % config.data.vocab_size
+  changed = continued(other)
+  np.testing.assert_array_equal(changed[1:], batch[1:])
+  assert not np.array_equal(changed[0], batch[0])
+  with pytest.raises(dbjax.errors.DataError, match="length=17: expected above"):
+    task.continue_prompts(params, shared.params, prompts, 17)

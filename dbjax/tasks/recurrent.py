@@ -155,11 +155,19 @@ class RecurrentDenoiser(RecurrentDepth):
     """Each next token from the last call of its num_steps-step chain, against the
     re-noised earlier tokens (no key-value cache: each call recomputes the prefix)."""
     prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
+    return self.continue_prompts(block_params_list, shared_params,
+                                 np.tile(prompt_ids, (num_samples, 1)), self.net.seq_len, seed,
+                                 temperature, top_p, num_steps)
+
+  def continue_prompts(self, block_params_list, shared_params, prompts, length, seed=0,
+                       temperature=0.0, top_p=1.0, num_steps=None):
+    """Every prompt's row continued at once (one batch, one key)."""
+    prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
     sigmas, _ = sampling_plan(self.noise, num_steps or self.sample_iterations)
     return np.asarray(_generate_denoiser(
-        self, stack_params(block_params_list), shared_params, jnp.asarray(prompt_ids),
-        jax.random.key(seed), jnp.asarray(sigmas, jnp.float32), num_samples,
-        float(temperature), float(top_p)))
+        self, stack_params(block_params_list), shared_params, jnp.asarray(prompts, jnp.int32),
+        jax.random.key(seed), jnp.asarray(sigmas, jnp.float32), length, float(temperature),
+        float(top_p)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -209,10 +217,18 @@ class HuginnLM(RecurrentDepth):
                temperature=0.0, top_p=1.0, num_steps=None):
     """Each next token from the coda after num_steps iterations (no key-value cache)."""
     prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
+    return self.continue_prompts(block_params_list, shared_params,
+                                 np.tile(prompt_ids, (num_samples, 1)), self.net.seq_len, seed,
+                                 temperature, top_p, num_steps)
+
+  def continue_prompts(self, block_params_list, shared_params, prompts, length, seed=0,
+                       temperature=0.0, top_p=1.0, num_steps=None):
+    """Every prompt's row continued at once (one batch, one key)."""
+    prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
     return np.asarray(_generate_huginn(
-        self, stack_params(block_params_list), shared_params, jnp.asarray(prompt_ids),
-        jax.random.key(seed), num_steps or self.sample_iterations, num_samples,
-        float(temperature), float(top_p)))
+        self, stack_params(block_params_list), shared_params, jnp.asarray(prompts, jnp.int32),
+        jax.random.key(seed), num_steps or self.sample_iterations, length, float(temperature),
+        float(top_p)))
 
 
 def iteration_counts(key, shape, mean: float, spread: float) -> jax.Array:
@@ -305,13 +321,13 @@ def _huginn_nats(task, stacked_params, shared_params, tokens, key, num_iteration
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens), 1)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_samples", "temperature", "top_p"))
-def _generate_denoiser(task, stacked_params, shared_params, prompt, key, sigmas, num_samples,
+@functools.partial(jax.jit, static_argnames=("task", "length", "temperature", "top_p"))
+def _generate_denoiser(task, stacked_params, shared_params, prompts, key, sigmas, length,
                        temperature, top_p):
+  """Sequences (N, length), each continuing its row of prompts (N, P)."""
   net = task.network(block_params(stacked_params, 0))
   embedding = token_embedding(shared_params)
-  length = task.net.seq_len
-  tokens = jnp.zeros((num_samples, length), jnp.int32).at[:, :len(prompt)].set(prompt)
+  tokens = jnp.zeros((len(prompts), length), jnp.int32).at[:, :prompts.shape[1]].set(prompts)
 
   def position_step(position, tokens):
     key_position = jax.random.fold_in(key, position)
@@ -320,17 +336,17 @@ def _generate_denoiser(task, stacked_params, shared_params, prompt, key, sigmas,
                           temperature, top_p)
     return tokens.at[:, position].set(choice)
 
-  return jax.lax.fori_loop(len(prompt), length, position_step, tokens)
+  return jax.lax.fori_loop(prompts.shape[1], length, position_step, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_iterations", "num_samples",
+@functools.partial(jax.jit, static_argnames=("task", "num_iterations", "length",
                                              "temperature", "top_p"))
-def _generate_huginn(task, stacked_params, shared_params, prompt, key, num_iterations,
-                     num_samples, temperature, top_p):
+def _generate_huginn(task, stacked_params, shared_params, prompts, key, num_iterations,
+                     length, temperature, top_p):
+  """Sequences (N, length), each continuing its row of prompts (N, P)."""
   net = task.network(block_params(stacked_params, 0))
   embedding = token_embedding(shared_params)
-  length = task.net.seq_len
-  tokens = jnp.zeros((num_samples, length), jnp.int32).at[:, :len(prompt)].set(prompt)
+  tokens = jnp.zeros((len(prompts), length), jnp.int32).at[:, :prompts.shape[1]].set(prompts)
 
   def position_step(position, tokens):
     state_key, draw_key = jax.random.split(jax.random.fold_in(key, position))
@@ -338,7 +354,7 @@ def _generate_huginn(task, stacked_params, shared_params, prompt, key, num_itera
     return tokens.at[:, position].set(sample_token(draw_key, logits[:, position],
                                                    temperature, top_p))
 
-  return jax.lax.fori_loop(len(prompt), length, position_step, tokens)
+  return jax.lax.fori_loop(prompts.shape[1], length, position_step, tokens)
 
 
 # -------------------------------------------------------------------- evaluation

@@ -26,6 +26,7 @@ from flax import nnx
 from dbjax import checks, edm
 from dbjax.data import text
 from dbjax.nets.lm import LMConfig, LMNet
+from dbjax.errors import DataError
 from dbjax.progress import progress_bar
 from dbjax.sampling import fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import Task
@@ -106,11 +107,37 @@ class LanguageTask(Task):
       checks.check_count("num_steps", num_steps)
     return checks.check_prompt(prompt_ids, self.net.vocab_size, self.net.seq_len)
 
+  def checked_prompts(self, prompts, length: int, temperature, top_p, num_steps=None):
+    """Prompts (N, P) as int32 ids; DataError unless they are ids of this vocabulary and
+    P < length <= seq_len, with the sampling settings in range."""
+    checks.check_sampling(temperature, top_p, 1)
+    if num_steps is not None:
+      checks.check_count("num_steps", num_steps)
+    prompts = checks.check_ids("prompts", prompts, self.net.vocab_size, 2,
+                               f"integer token ids (N, P) in [0, {self.net.vocab_size})",
+                               "vocab_size")
+    if not prompts.shape[1] < length <= self.net.seq_len:
+      raise DataError(f"length={length}: expected above the prompts' {prompts.shape[1]} "
+                      f"characters and at most seq_len={self.net.seq_len}")
+    return np.asarray(prompts, np.int32)
+
   def generate(self, block_params, shared_params, prompt_ids, num_samples: int,
                seed: int = 0, temperature: float = 0.0, top_p: float = 1.0,
                num_steps: int | None = None) -> np.ndarray:
     """num_samples sequences of seq_len token ids, each starting with prompt_ids."""
     raise NotImplementedError
+
+  def continue_prompts(self, block_params, shared_params, prompts, length: int, seed: int = 0,
+                       temperature: float = 0.0, top_p: float = 1.0,
+                       num_steps: int | None = None) -> np.ndarray:
+    """Sequences (N, length): row i continues prompts[i] (N rows of P ids), one sample
+    each. By default one `generate` call per prompt, row i with seed (seed, i); a task
+    with a batched sampler (the recurrent ones) continues them all at once."""
+    prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
+    return np.stack([self.generate(block_params, shared_params, prompt, 1,
+                                   seed=seed * 1_000_003 + i, temperature=temperature,
+                                   top_p=top_p, num_steps=num_steps)[0, :length]
+                     for i, prompt in enumerate(prompts)])
 
   def generation_steps(self, config) -> int | None:
     """The config's steps for `generate` (None = the default)."""
