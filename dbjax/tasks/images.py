@@ -149,16 +149,22 @@ def build(config, layer=None) -> ImageGeneration:
                          label_dropout=m.label_dropout, graphdef=graphdef)
 
 
-# The data sets whose shape a config must give where no data is read (profiling); the
-# others (the user's own) are read to learn it.
-BUILT_IN = ("digits", "fashion_mnist")
+# (image size, channels, classes) of the built-in sets, known without reading them.
+BUILT_IN_SHAPES = {"digits": (8, 1, 10), "fashion_mnist": (28, 1, 10)}
 
 
 def resolve(config):
-  """config with the data's shape and classes: as the config gives them for the built-in
-  sets, read from the data for the user's own (data.name folder:, arrays:, latents:)."""
-  if config.data.name in BUILT_IN or config.data.name.startswith("tfds:"):
+  """config with the data's shape and classes, where no data needs to be read to know
+  them (profiling, which trains nothing): the built-in sets' from BUILT_IN_SHAPES; the
+  user's own (folder:, arrays:, latents:) read from the data; a tfds set's as its config
+  gives them (reading it may need a download)."""
+  if config.data.name.startswith("tfds:"):
     return config
+  if config.data.name in BUILT_IN_SHAPES:
+    config = config.copy_and_resolve_references()
+    d = config.data
+    d.image_size, d.channels, d.num_classes = BUILT_IN_SHAPES[config.data.name]
+    return validate(config)
   return load_data(config)[0]
 
 
