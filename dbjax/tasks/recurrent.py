@@ -82,6 +82,14 @@ class RecurrentDepth(LanguageTask):
     """{"headline": nats per token of each sequence after num_steps iterations}."""
     raise NotImplementedError
 
+  def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
+               temperature=0.0, top_p=1.0, num_steps=None):
+    """num_samples continuations of one prompt: continue_prompts of it repeated."""
+    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
+    return self.continue_prompts(block_params_list, shared_params,
+                                 np.tile(prompt_ids, (num_samples, 1)), self.net.seq_len, seed,
+                                 temperature, top_p, num_steps)
+
   def core_passes_per_step(self) -> tuple[float, float]:
     """(forward, backward) passes of the core in one training step, on average."""
     raise NotImplementedError
@@ -150,18 +158,11 @@ class RecurrentDenoiser(RecurrentDepth):
     return (f"{super().evaluation_name(config)}_chains{config.recurrent.mixture_chains}"
             f"_{config.language.bridge}")
 
-  def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
-               temperature=0.0, top_p=1.0, num_steps=None):
-    """Each next token from the last call of its num_steps-step chain, against the
-    re-noised earlier tokens (no key-value cache: each call recomputes the prefix)."""
-    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
-    return self.continue_prompts(block_params_list, shared_params,
-                                 np.tile(prompt_ids, (num_samples, 1)), self.net.seq_len, seed,
-                                 temperature, top_p, num_steps)
-
   def continue_prompts(self, block_params_list, shared_params, prompts, length, seed=0,
                        temperature=0.0, top_p=1.0, num_steps=None):
-    """Every prompt's row continued at once (one batch, one key)."""
+    """Each next token from the last call of its num_steps-step chain, against the
+    re-noised earlier tokens (no key-value cache: each call recomputes the prefix); every
+    prompt's row at once (one batch, one key)."""
     prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
     sigmas, _ = sampling_plan(self.noise, num_steps or self.sample_iterations)
     return np.asarray(_generate_denoiser(
@@ -213,17 +214,10 @@ class HuginnLM(RecurrentDepth):
     return {"headline": _huginn_nats(self, stacked_params, shared_params, jnp.asarray(tokens),
                                      key, num_steps or self.mean_iterations)}
 
-  def generate(self, block_params_list, shared_params, prompt_ids, num_samples, seed=0,
-               temperature=0.0, top_p=1.0, num_steps=None):
-    """Each next token from the coda after num_steps iterations (no key-value cache)."""
-    prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
-    return self.continue_prompts(block_params_list, shared_params,
-                                 np.tile(prompt_ids, (num_samples, 1)), self.net.seq_len, seed,
-                                 temperature, top_p, num_steps)
-
   def continue_prompts(self, block_params_list, shared_params, prompts, length, seed=0,
                        temperature=0.0, top_p=1.0, num_steps=None):
-    """Every prompt's row continued at once (one batch, one key)."""
+    """Each next token from the coda after num_steps iterations (no key-value cache);
+    every prompt's row at once (one batch, one key)."""
     prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
     return np.asarray(_generate_huginn(
         self, stack_params(block_params_list), shared_params, jnp.asarray(prompts, jnp.int32),
