@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import num_trained_blocks, validate
+from dbjax.config import SOLVERS, num_trained_blocks, validate
 from dbjax.data import images as image_data, latents
 from dbjax.engine.state import make_optimizer
 from dbjax.errors import DataError
@@ -31,8 +31,6 @@ from dbjax.nets.dit import DiT, DiTConfig
 from dbjax.progress import progress_bar
 from dbjax.sampling import euler_step, fixed_size_batches, stack_params
 from dbjax.tasks.base import NoisePlan, RunData, Task, noise_plan, sampling_plan
-
-SOLVERS = ("euler", "heun")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
@@ -100,8 +98,6 @@ class ImageGeneration(Task):
     del shared_params
     checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
     checks.check_labels("labels", inputs, self.dit.num_classes)
-    if solver not in SOLVERS:
-      raise DataError(f"solver={solver!r}: expected one of {SOLVERS}")
     return sample(self, stack_params(block_params), key, jnp.asarray(inputs), num_steps,
                   solver, guidance_scale)
 
@@ -267,7 +263,7 @@ def sample(task: ImageGeneration, stacked_params, key: jax.Array, labels: jax.Ar
   "Sampling"). stacked_params: `stack_params` of all blocks' params.
   """
   if solver not in SOLVERS:
-    raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
+    raise DataError(f"solver={solver!r}: expected one of {SOLVERS}")
   sigmas, blocks = sampling_plan(task.noise, num_steps)
   shape = (labels.shape[0], task.dit.image_size, task.dit.image_size, task.dit.channels)
   z = noise.pure_noise(key, shape, task.noise.dist)
