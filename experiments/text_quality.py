@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from absl import flags
 
+from dbjax import tasks
+from dbjax.data import text
 from dbjax.errors import ConfigError
 from dbjax.eval import plots, text_quality
 from dbjax.train import load_run_data, restore_run
@@ -72,13 +74,16 @@ def main(argv):
                       "text_quality scores language runs")
   if _BRIDGE.value is not None:
     config = with_field(config, "language.bridge", _BRIDGE.value)
-    from dbjax import tasks  # pylint: disable=g-import-not-at-top
     task = tasks.build(config)
   judge_config, judge, judge_states, judge_shared = restore_run(_JUDGE.value)
   config, data = load_run_data(config, _WORKDIR.value)
-  _, judge_data = load_run_data(judge_config, _JUDGE.value)
   vocabulary = data.test.vocabulary
-  if judge_data.test.vocabulary != vocabulary:
+  # The vocabulary the judge trained with, as its run saved it (its text is not re-read).
+  judge_vocabulary = os.path.join(_JUDGE.value, text.VOCABULARY_FILE)
+  if not os.path.exists(judge_vocabulary):
+    raise ConfigError(f"--judge={_JUDGE.value}: no {text.VOCABULARY_FILE}; a judge is a "
+                      "language run")
+  if text.Vocabulary.load(judge_vocabulary) != vocabulary:
     raise ConfigError(f"--judge={_JUDGE.value} reads another vocabulary than "
                       f"{_WORKDIR.value}: train the judge on the same text")
   if length > min(config.language.seq_len, judge_config.language.seq_len):

@@ -102,5 +102,5 @@ def score(judge, judge_params, judge_shared, real: np.ndarray, generated: np.nda
   return {"mauve": mauve_score(real_features, features, seed),
           "generative_bits_per_character": float(np.mean(bits)),
           "real_bits_per_character": float(np.mean(real_bits)),
-          **{f"{k}": v for k, v in generated_diversity.items()},
+          **generated_diversity,
           **{f"real_{k}": v for k, v in real_diversity.items()}}
