@@ -170,9 +170,12 @@ def check_sample_call(block_params, num_blocks: int, key, num_steps):
     check_count("num_steps", num_steps)
 
 
-def check_sampling(temperature: float, top_p: float, num_samples: int):
-  """DataError unless the text sampling settings are in range."""
+def check_sampling(temperature: float, top_p: float, num_samples: int, num_steps=None):
+  """DataError unless the text sampling settings are in range (num_steps: >= 1, or None
+  for the task's default)."""
   check_count("num_samples", num_samples)
+  if num_steps is not None:
+    check_count("num_steps", num_steps)
   if not temperature >= 0:
     raise DataError(f"temperature={temperature!r}: expected >= 0 (0: greedy)")
   if not 0 < top_p <= 1:

@@ -102,17 +102,13 @@ class LanguageTask(Task):
   def checked_prompt(self, prompt_ids, num_samples, temperature, top_p, num_steps=None):
     """The prompt as int32 ids; DataError, naming the argument, unless the prompt is ids
     of this vocabulary shorter than a sequence and the sampling settings are in range."""
-    checks.check_sampling(temperature, top_p, num_samples)
-    if num_steps is not None:
-      checks.check_count("num_steps", num_steps)
+    checks.check_sampling(temperature, top_p, num_samples, num_steps)
     return checks.check_prompt(prompt_ids, self.net.vocab_size, self.net.seq_len)
 
   def checked_prompts(self, prompts, length: int, temperature, top_p, num_steps=None):
     """Prompts (N, P) as int32 ids; DataError unless they are ids of this vocabulary and
     P < length <= seq_len, with the sampling settings in range."""
-    checks.check_sampling(temperature, top_p, 1)
-    if num_steps is not None:
-      checks.check_count("num_steps", num_steps)
+    checks.check_sampling(temperature, top_p, 1, num_steps)
     prompts = checks.check_ids("prompts", prompts, self.net.vocab_size, 2,
                                f"integer token ids (N, P) in [0, {self.net.vocab_size})",
                                "vocab_size")
