@@ -125,6 +125,10 @@ HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 SAVED_RUN_CONFIG = os.path.join(CONFIG_DIR, "_saved_run.py")
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+  return any(a.split("=")[0] in HELP_FLAGS for a in argv)
+
+
 def _argument_value(argv: list[str], flag: str) -> str | None:
   """The value of --flag=value or --flag value in argv (the last one given), or None."""
   value = None
@@ -161,7 +165,7 @@ def with_run_config(argv: list[str], required: bool) -> list[str]:
       print(f"continuing the run in {workdir} with its saved config ({saved})",
             file=sys.stderr)
       path = saved
-    elif required and not any(a.split("=")[0] in HELP_FLAGS for a in argv):
+    elif required and not _asks_for_help(argv):
       where = (f"--workdir={workdir} holds no config.json of a run to continue" if workdir
                else "no --workdir of a run to continue")
       _fail(f"--config: not given, and {where}; give --config=<file>, one of: "
@@ -215,14 +219,15 @@ def run(main):
   module = sys.modules.get(main.__module__)
   if module is not None and "--config" in _flag_names():
     argv[1:] = with_run_config(argv[1:], required=flags.FLAGS["config"].default is None)
-    module.__doc__ = (module.__doc__ or "") + config_fields_help(_config_for_help(argv[1:]))
+    if _asks_for_help(argv[1:]):  # the config is read for the listing only then
+      module.__doc__ = (module.__doc__ or "") + config_fields_help(_config_for_help(argv[1:]))
     check_config_arguments(argv[1:])
   sys.argv = argv
   enable_compilation_cache()
   try:
     app.run(one_line_errors(main), flags_parser=_parse_flags)
   except SystemExit as e:
-    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+    if e.code == 1 and _asks_for_help(argv[1:]):
       sys.exit(0)  # absl's help flags exit 1 after printing the help
     raise
 
