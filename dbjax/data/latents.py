@@ -80,7 +80,22 @@ class LatentRows:
   def __len__(self) -> int:
     return self.file_shape[0]
 
+  def _read(self, fd: int, first: int, count: int) -> np.ndarray:
+    """Rows first .. first + count - 1 as stored, in one read."""
+    raw = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+    return np.frombuffer(raw, self.file_dtype).reshape(count, *self.file_shape[1:])
+
+  def _scaled(self, rows: np.ndarray) -> np.ndarray:
+    return rows.astype(np.float32) * np.float32(self.scale)
+
   def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, slice) and index.step in (None, 1):  # consecutive rows: one read
+      start, stop, _ = index.indices(len(self))
+      fd = os.open(self.path, os.O_RDONLY)
+      try:
+        return self._scaled(self._read(fd, start, max(stop - start, 0)))
+      finally:
+        os.close(fd)
     if isinstance(index, slice):
       index = np.arange(len(self))[index]
     index = np.asarray(index)
@@ -93,19 +108,22 @@ class LatentRows:
     fd = os.open(self.path, os.O_RDONLY)
     try:
       for i, row in enumerate(index):
-        out[i] = np.frombuffer(os.pread(fd, self.row_bytes, self.offset + int(row)
-                                        * self.row_bytes), self.file_dtype).reshape(
-                                            self.file_shape[1:])
+        out[i] = self._read(fd, int(row), 1)[0]
     finally:
       os.close(fd)
-    out = out.astype(np.float32) * np.float32(self.scale)
+    out = self._scaled(out)
     return out[0] if scalar else out
+
+  def chunks(self, size: int = CHECK_ROWS):
+    """(first row, rows) of consecutive blocks of `size` rows, each one read: the whole
+    file in bounded memory."""
+    for start in range(0, len(self), size):
+      yield start, self[start:start + size]
 
   def check_finite(self):
     """DataError, naming the file and a row, unless every latent is finite; reads
     CHECK_ROWS rows at a time."""
-    for start in range(0, len(self), CHECK_ROWS):
-      rows = self[start:start + CHECK_ROWS]
+    for start, rows in self.chunks():
       bad = ~np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
       if bad.any():
         raise DataError(f"{self.path}: row {start + int(np.argmax(bad))} holds NaN or inf")
@@ -242,8 +260,8 @@ def unit_variance_scale(path: str) -> float:
   diffusion scale factor), read CHECK_ROWS rows at a time."""
   rows = LatentRows(path)
   total = total_squares = 0.0
-  for start in range(0, len(rows), CHECK_ROWS):
-    chunk = rows[start:start + CHECK_ROWS].astype(np.float64)
+  for _, chunk in rows.chunks():
+    chunk = chunk.astype(np.float64)
     total += chunk.sum()
     total_squares += np.square(chunk).sum()
   n = len(rows) * int(np.prod(rows.shape[1:]))
