@@ -106,6 +106,13 @@ def test_a_run_learns_its_shape_and_classes_from_the_data(tmp_path):
   config, run_data = tasks.load_data(config)  # the config says 8x8x1, 10 classes
   assert (config.data.image_size, config.data.channels, config.data.num_classes) == (16, 3, 3)
   assert run_data.train.class_names == CLASSES
+  # Where no data is read (profiling), a built-in set's shape is known, whatever the
+  # config's shape fields say.
+  stale = tiny_config()
+  stale.data.name, stale.data.data_dir = "fashion_mnist", str(tmp_path / "no_files_here")
+  resolved = tasks.resolve(stale)
+  assert (resolved.data.image_size, resolved.data.channels, resolved.data.num_classes) == (
+      28, 1, 10)
   config.data.name = "folder:" + str(write_folder(tmp_path / "odd", size=6))
   config.model.patch_size = 4
   with pytest.raises(ConfigError, match="model.patch_size"):  # 4 does not divide 6
