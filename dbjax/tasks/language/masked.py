@@ -62,11 +62,24 @@ class MaskedDiffusion(LanguageTask):
                temperature=0.0, top_p=1.0, num_steps=None):
     """Ancestral sampling in num_steps unmasking steps (default seq_len)."""
     prompt_ids = self.checked_prompt(prompt_ids, num_samples, temperature, top_p, num_steps)
+    return self._unmask(block_params_list, shared_params, np.tile(prompt_ids, (num_samples, 1)),
+                        seed, temperature, top_p, num_steps)
+
+  def continue_prompts(self, block_params_list, shared_params, prompts, length, seed=0,
+                       temperature=0.0, top_p=1.0, num_steps=None):
+    """Every prompt's row at once (one batch, one key): the whole sequence is unmasked,
+    as in `generate`, and its first `length` ids returned."""
+    prompts = self.checked_prompts(prompts, length, temperature, top_p, num_steps)
+    return self._unmask(block_params_list, shared_params, prompts, seed, temperature, top_p,
+                        num_steps)[:, :length]
+
+  def _unmask(self, block_params_list, shared_params, prompts, seed, temperature, top_p,
+              num_steps):
     levels, blocks = unmasking_plan(num_steps or self.net.seq_len, self.num_blocks)
     return np.asarray(_generate(self, stack_params(block_params_list), shared_params,
-                                jnp.asarray(prompt_ids), jax.random.key(seed),
+                                jnp.asarray(prompts, jnp.int32), jax.random.key(seed),
                                 jnp.asarray(levels, jnp.float32), jnp.asarray(blocks, jnp.int32),
-                                num_samples, float(temperature), float(top_p)))
+                                float(temperature), float(top_p)))
 
   def generation_steps(self, config):
     return config.language.sample_steps or None
@@ -136,16 +149,17 @@ def unmasking_plan(num_steps: int, num_blocks: int):
   return levels, masking_owner(num_steps - np.arange(num_steps), num_steps, num_blocks)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_samples", "temperature", "top_p"))
-def _generate(task, stacked_params, shared_params, prompt, key, levels, blocks,
-                     num_samples, temperature, top_p):
-  """MD4 ancestral sampling: from t to s < t each masked token is unmasked with
-  probability (t - s) / t, its value drawn from the block's prediction."""
+@functools.partial(jax.jit, static_argnames=("task", "temperature", "top_p"))
+def _generate(task, stacked_params, shared_params, prompts, key, levels, blocks, temperature,
+              top_p):
+  """MD4 ancestral sampling of sequences that start with `prompts` (N, P): from t to
+  s < t each masked token is unmasked with probability (t - s) / t, its value drawn from
+  the block's prediction."""
+  num_samples, prompt_length = prompts.shape
   length = task.net.seq_len
   embedding = token_embedding(shared_params)
-  prompt = jnp.pad(prompt, (0, length - prompt.shape[0]), constant_values=-1)
-  given = jnp.broadcast_to(prompt >= 0, (num_samples, length))
-  tokens = jnp.broadcast_to(jnp.maximum(prompt, 0), (num_samples, length))
+  given = jnp.broadcast_to(jnp.arange(length) < prompt_length, (num_samples, length))
+  tokens = jnp.pad(prompts, ((0, 0), (0, length - prompt_length)))
 
   def step(carry, xs):
     tokens, masked = carry
