@@ -15,6 +15,7 @@ steps' buffers, and the memory figures the tests read, are the same.
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from dbjax.config import default_config
@@ -63,3 +64,20 @@ def tiny_config(**overrides):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+def assert_rows_follow_their_own_prompts(continued, prompts, vocab_size: int):
+  """continued(prompts, seed) -> (N, length) ids, as a task's continue_prompts: each row
+  starts with its prompt and depends on it alone (another prompt in row 0 leaves the
+  other rows as they were), the same seed gives the same rows and another seed others.
+  Returns the rows of seed 0."""
+  rows = continued(prompts, 0)
+  np.testing.assert_array_equal(rows[:, :prompts.shape[1]], prompts)
+  np.testing.assert_array_equal(continued(prompts, 0), rows)
+  assert not np.array_equal(continued(prompts, 1), rows)
+  other = prompts.copy()
+  other[0] = (other[0] + 1) % vocab_size
+  changed = continued(other, 0)
+  np.testing.assert_array_equal(changed[1:], rows[1:])
+  assert not np.array_equal(changed[0], rows[0])
+  return rows

@@ -17,7 +17,7 @@ from dbjax.tasks import language
 from dbjax.tasks.base import sampling_plan
 from dbjax.tasks.language import autoregressive, causal, common, masked
 from dbjax.errors import ConfigError, DataError
-from tests.conftest import shrink_model
+from tests.conftest import assert_rows_follow_their_own_prompts, shrink_model
 from dbjax.config import default_config, validate
 
 TEXT = ("To be, or not to be, that is the question:\n"
@@ -335,30 +335,21 @@ def test_generation_shapes_prompt_and_determinism(kind, method):
 
 @pytest.mark.parametrize("kind", ["masked", "autoregressive"])
 def test_prompts_continued_each_follow_their_own_prompt(kind):
-  """continue_prompts (text quality's sampler; MD4's in one batch): each row starts with
-  its prompt and depends on it alone (another prompt in row 0 leaves rows 1 and 2 as they
-  were), the same seed the same rows, and MD4's rows are `generate`'s for one prompt."""
+  """continue_prompts (text quality's sampler; MD4's in one batch): each row follows its
+  own prompt alone, and MD4's rows of one prompt are `generate`'s."""
   model = language.build(lm_config(kind))
   states, shared = perturbed_states(model)
   params = [s.params for s in states]
   prompts = np.asarray(np.random.default_rng(0).integers(0, model.net.vocab_size, (3, 5)))
-  continued = lambda prompts, seed=0: model.continue_prompts(params, shared.params, prompts,
-                                                             9, seed, 1.0, 1.0, num_steps=4)
-  batch = continued(prompts)
-  assert batch.shape == (3, 9)
-  np.testing.assert_array_equal(batch[:, :5], prompts)
-  np.testing.assert_array_equal(continued(prompts), batch)
-  assert not np.array_equal(continued(prompts, seed=1), batch)
-  other = prompts.copy()
-  other[0] = (other[0] + 1) % model.net.vocab_size
-  changed = continued(other)
-  np.testing.assert_array_equal(changed[1:], batch[1:])
-  assert not np.array_equal(changed[0], batch[0])
+  continued = lambda prompts, seed: model.continue_prompts(params, shared.params, prompts, 9,
+                                                          seed, 1.0, 1.0, num_steps=4)
+  chex.assert_shape(assert_rows_follow_their_own_prompts(continued, prompts,
+                                                         model.net.vocab_size), (3, 9))
   if kind == "masked":
     same = np.tile(prompts[:1], (3, 1))
     np.testing.assert_array_equal(
-        continued(same), model.generate(params, shared.params, prompts[0], 3, 0, 1.0, 1.0,
-                                        4)[:, :9])
+        continued(same, 0),
+        model.generate(params, shared.params, prompts[0], 3, 0, 1.0, 1.0, 4)[:, :9])
   with pytest.raises(DataError, match="length=17: expected above"):
     model.continue_prompts(params, shared.params, prompts, 17)
 
