@@ -73,8 +73,13 @@ def main(argv):
     raise ConfigError(f"--workdir={_WORKDIR.value} holds a config.task={config.task!r} run; "
                       "text_quality scores language runs")
   if _BRIDGE.value is not None:
+    if getattr(task, "bridge", None) is None:
+      raise ConfigError(f"--bridge={_BRIDGE.value}: {_WORKDIR.value} samples without an Euler "
+                        f"bridge (method {config.method}, kind {config.language.kind}); "
+                        "DiffusionBlocks' autoregressive and recurrent runs have one")
     config = with_field(config, "language.bridge", _BRIDGE.value)
     task = tasks.build(config)
+  bridge = getattr(task, "bridge", None)  # None: no chain (MD4, the end-to-end baselines)
   judge_config, judge, judge_states, judge_shared = restore_run(_JUDGE.value)
   config, data = load_run_data(config, _WORKDIR.value)
   vocabulary = data.test.vocabulary
@@ -105,12 +110,12 @@ def main(argv):
                  "example": vocabulary.decode(generated[0])})
   settings = {"workdir": _WORKDIR.value, "judge": _JUDGE.value, "method": config.method,
               "task": config.task, "kind": config.language.kind,
-              "bridge": config.language.bridge, "num_samples": _NUM_SAMPLES.value,
+              "bridge": bridge, "num_samples": _NUM_SAMPLES.value,
               "prompt_length": _PROMPT.value, "length": _LENGTH.value,
               "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value, "seed": _SEED.value,
               "mauve_buckets": text_quality.NUM_BUCKETS, "device": jax.devices()[0].device_kind}
-  name = (f"text_quality_t{_TEMPERATURE.value:g}_p{_TOP_P.value:g}_{config.language.bridge}"
-          f"_seed{_SEED.value}")
+  name = (f"text_quality_t{_TEMPERATURE.value:g}_p{_TOP_P.value:g}"
+          f"{'_' + bridge if bridge else ''}_seed{_SEED.value}")
   out = _OUT.value or os.path.join(_WORKDIR.value, name + ".json")
   print_table(rows, ["num_steps", "mauve", "generative_bits_per_character",
                      "real_bits_per_character", "distinct_2", "real_distinct_2",

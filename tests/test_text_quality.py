@@ -84,12 +84,18 @@ def test_the_command_scores_a_run_with_a_judge_and_writes_its_settings(judge, tm
   result = run_cli("experiments.text_quality", f"--workdir={workdir}", f"--judge={workdir}",
                    "--num_samples=40", "--prompt_length=16", "--length=32", "--top_p=0.9",
                    "--num_steps=1,2")
-  out = workdir / "text_quality_t1_p0.9_argmax_seed0.json"
+  out = workdir / "text_quality_t1_p0.9_seed0.json"  # an end-to-end LM: no bridge
   import json  # pylint: disable=g-import-not-at-top
   scores = json.loads(out.read_text())
-  assert scores["top_p"] == 0.9 and scores["num_samples"] == 40
+  assert scores["top_p"] == 0.9 and scores["num_samples"] == 40 and scores["bridge"] is None
   assert [r["num_steps"] for r in scores["rows"]] == [1, 2]
   for row in scores["rows"]:
     assert 0 <= row["mauve"] <= 1 and row["generative_bits_per_character"] > 0
-  assert (workdir / "text_quality_t1_p0.9_argmax_seed0_mauve.png").exists()
+  assert (workdir / "text_quality_t1_p0.9_seed0_mauve.png").exists()
   assert "mauve" in result.stdout
+  refused = run_cli("experiments.text_quality", f"--workdir={workdir}", f"--judge={workdir}",
+                    "--bridge=expected", check=False)
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines()[-1].endswith(
+      "samples without an Euler bridge (method end_to_end, kind autoregressive); "
+      "DiffusionBlocks' autoregressive and recurrent runs have one")
