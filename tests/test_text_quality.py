@@ -99,3 +99,36 @@ def test_the_command_scores_a_run_with_a_judge_and_writes_its_settings(judge, tm
   assert refused.stderr.strip().splitlines()[-1].endswith(
       "samples without an Euler bridge (method end_to_end, kind autoregressive); "
       "DiffusionBlocks' autoregressive and recurrent runs have one")
+
+
+def _scored(path, steps, seed=0, mauve=0.5):
+  """A text_quality output with rows at `steps` (what the plot reads of it)."""
+  import json  # pylint: disable=g-import-not-at-top
+  rows = [{"num_steps": k, "mauve": mauve + k / 100, "generative_bits_per_character": 3.0,
+           "distinct_2": 0.9} for k in steps]
+  path.write_text(json.dumps({"judge": "j", "num_samples": 256, "prompt_length": 32,
+                              "length": 32, "temperature": 1.0, "top_p": 0.9, "seed": seed,
+                              "rows": rows}))
+  return str(path)
+
+
+def test_the_plot_merges_a_models_files_by_k_and_refuses_unlike_settings(tmp_path):
+  from tests.test_experiments import run_cli  # pylint: disable=g-import-not-at-top
+  a, b = _scored(tmp_path / "a.json", [1, 2]), _scored(tmp_path / "b.json", [16])
+  other = _scored(tmp_path / "c.json", [1, 2], mauve=0.2)
+  out = tmp_path / "curves"
+  result = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{b}",
+                   f"--curve=Huginn={other}", f"--out={out}")
+  table = [line.split() for line in result.stdout.splitlines()[1:6]]
+  assert [(row[0], row[1], row[2]) for row in table] == [
+      ("DB", "1", "0.51"), ("DB", "2", "0.52"), ("DB", "16", "0.66"),
+      ("Huginn", "1", "0.21"), ("Huginn", "2", "0.22")]
+  for measure in ("mauve", "generative_bits_per_character", "distinct_2"):
+    assert (tmp_path / f"curves_{measure}.png").stat().st_size > 0
+  twice = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{a}", f"--out={out}",
+                  check=False)
+  assert twice.returncode == 2 and "K = 1 is in two of its files" in twice.stderr
+  reseeded = _scored(tmp_path / "d.json", [4], seed=1)
+  unlike = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{reseeded}",
+                   f"--out={out}", check=False)
+  assert unlike.returncode == 2 and "with seed=1" in unlike.stderr
