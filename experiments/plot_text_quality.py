@@ -33,8 +33,9 @@ SHARED_SETTINGS = ("judge", "num_samples", "prompt_length", "length", "temperatu
 
 
 def parse_curve(spec: str) -> tuple[str, list[str]]:
-  """'LABEL=a.json,b.json' -> ('LABEL', ['a.json', 'b.json'])."""
-  label, sep, files = spec.partition("=")
+  """'LABEL=a.json,b.json' -> ('LABEL', ['a.json', 'b.json']); split at the last '=', so
+  a label may hold one ('sigma_max_share=0.5') and the file names may not."""
+  label, sep, files = spec.rpartition("=")
   if not sep or not label or not files:
     raise ConfigError(f"--curve={spec}: expected LABEL=FILE[,FILE...]")
   return label, files.split(",")

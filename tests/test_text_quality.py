@@ -118,11 +118,11 @@ def test_the_plot_merges_a_models_files_by_k_and_refuses_unlike_settings(tmp_pat
   other = _scored(tmp_path / "c.json", [1, 2], mauve=0.2)
   out = tmp_path / "curves"
   result = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{b}",
-                   f"--curve=Huginn={other}", f"--out={out}")
+                   f"--curve=share=0.5={other}", f"--out={out}")
   table = [line.split() for line in result.stdout.splitlines()[1:6]]
   assert [(row[0], row[1], row[2]) for row in table] == [
       ("DB", "1", "0.51"), ("DB", "2", "0.52"), ("DB", "16", "0.66"),
-      ("Huginn", "1", "0.21"), ("Huginn", "2", "0.22")]
+      ("share=0.5", "1", "0.21"), ("share=0.5", "2", "0.22")]
   for measure in ("mauve", "generative_bits_per_character", "distinct_2"):
     assert (tmp_path / f"curves_{measure}.png").stat().st_size > 0
   twice = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{a}", f"--out={out}",
