@@ -17,7 +17,7 @@ import json
 from absl import flags
 
 from dbjax.errors import ConfigError
-from dbjax.eval import plots
+from dbjax.eval import text_quality
 from experiments.cli import print_table, run
 
 _CURVES = flags.DEFINE_multi_string("curve", None, "LABEL=FILE[,FILE...] of text_quality "
@@ -25,8 +25,6 @@ _CURVES = flags.DEFINE_multi_string("curve", None, "LABEL=FILE[,FILE...] of text
 _OUT = flags.DEFINE_string("out", None, "path prefix of the plots")
 flags.mark_flags_as_required(["curve", "out"])
 
-MEASURES = {"mauve": "MAUVE", "generative_bits_per_character": "generative bits per character",
-            "distinct_2": "distinct-2"}
 # The settings two cells must share to be on one plot (text_quality's JSON keys).
 SHARED_SETTINGS = ("judge", "num_samples", "prompt_length", "length", "temperature", "top_p",
                    "seed")
@@ -72,14 +70,11 @@ def main(argv):
         outputs[path] = json.load(f)
     curves[label] = merged_cells([outputs[p] for p in paths], label)
   check_same_settings(outputs)
-  rows = [{"model": label, "K": k, **{m: cells[k][m] for m in MEASURES}}
+  measures = text_quality.CURVE_MEASURES
+  rows = [{"model": label, "K": k, **{m: cells[k][m] for m in measures}}
           for label, cells in curves.items() for k in sorted(cells)]
-  print_table(rows, ["model", "K", *MEASURES])
-  for measure, name in MEASURES.items():
-    path = f"{_OUT.value}_{measure}.png"
-    plots.save_metric_lines({label: {k: row[measure] for k, row in cells.items()}
-                             for label, cells in curves.items()},
-                            path, "K (iterations or denoising calls)", name)
+  print_table(rows, ["model", "K", *measures])
+  for path in text_quality.save_curves(curves, _OUT.value):
     print(f"wrote {path}")
 
 

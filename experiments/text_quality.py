@@ -27,7 +27,7 @@ from absl import flags
 from dbjax import tasks
 from dbjax.data import text
 from dbjax.errors import ConfigError
-from dbjax.eval import plots, text_quality
+from dbjax.eval import text_quality
 from dbjax.train import load_run_data, restore_run
 from experiments.cli import print_table, run, with_field, write_json
 
@@ -72,14 +72,14 @@ def main(argv):
   if config.task not in ("language", "recurrent_depth"):
     raise ConfigError(f"--workdir={_WORKDIR.value} holds a config.task={config.task!r} run; "
                       "text_quality scores language runs")
+  bridge = getattr(task, "bridge", None)  # None: no chain (MD4, the end-to-end baselines)
   if _BRIDGE.value is not None:
-    if getattr(task, "bridge", None) is None:
+    if bridge is None:
       raise ConfigError(f"--bridge={_BRIDGE.value}: {_WORKDIR.value} samples without an Euler "
                         f"bridge (method {config.method}, kind {config.language.kind}); "
                         "DiffusionBlocks' autoregressive and recurrent runs have one")
     config = with_field(config, "language.bridge", _BRIDGE.value)
-    task = tasks.build(config)
-  bridge = getattr(task, "bridge", None)  # None: no chain (MD4, the end-to-end baselines)
+    task, bridge = tasks.build(config), _BRIDGE.value
   judge_config, judge, judge_states, judge_shared = restore_run(_JUDGE.value)
   config, data = load_run_data(config, _WORKDIR.value)
   vocabulary = data.test.vocabulary
@@ -122,10 +122,8 @@ def main(argv):
                      "unigram_entropy_bits", "sampling_seconds"])
   write_json(out, {**settings, "rows": rows})
   if len(steps) > 1:
-    for measure in ("mauve", "generative_bits_per_character", "distinct_2"):
-      plots.save_metric_vs_steps({r["num_steps"]: r[measure] for r in rows},
-                                 out[:-len(".json")] + f"_{measure}.png", "K",
-                                 measure.replace("_", " "), title=f"{config.method}")
+    text_quality.save_curves({config.method: {r["num_steps"]: r for r in rows}},
+                             out[:-len(".json")])
   print(json.dumps(rows[0]["example"]))
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from dbjax.errors import ConfigError
+from dbjax.eval import plots
 from dbjax.tasks.language.causal import CausalLM, causal_hidden
 from dbjax.tasks.language.common import token_embedding
 
@@ -104,3 +105,21 @@ def score(judge, judge_params, judge_shared, real: np.ndarray, generated: np.nda
           "real_bits_per_character": float(np.mean(real_bits)),
           **generated_diversity,
           **{f"real_{k}": v for k, v in real_diversity.items()}}
+
+
+# The measures plotted against K, and their axis names.
+CURVE_MEASURES = {"mauve": "MAUVE",
+                  "generative_bits_per_character": "generative bits per character",
+                  "distinct_2": "distinct-2"}
+
+
+def save_curves(curves: dict, path_prefix: str) -> list[str]:
+  """<path_prefix>_<measure>.png for each of CURVE_MEASURES: one line per model of
+  curves {label: {K: scored row}}. Returns the paths written."""
+  paths = []
+  for measure, name in CURVE_MEASURES.items():
+    paths.append(f"{path_prefix}_{measure}.png")
+    plots.save_metric_lines({label: {k: row[measure] for k, row in cells.items()}
+                             for label, cells in curves.items()},
+                            paths[-1], "K (iterations or denoising calls)", name)
+  return paths
