@@ -13,6 +13,7 @@ the lines compare like with like. Writes <out>_<measure>.png for MAUVE, generati
 per character and distinct-2, and prints the merged table.
 """
 import json
+import os
 
 from absl import flags
 
@@ -66,6 +67,8 @@ def main(argv):
   for spec in _CURVES.value:
     label, paths = parse_curve(spec)
     for path in paths:
+      if not os.path.isfile(path):
+        raise ConfigError(f"--curve={spec}: {path} does not exist")
       with open(path) as f:
         outputs[path] = json.load(f)
     curves[label] = merged_cells([outputs[p] for p in paths], label)

@@ -132,3 +132,7 @@ def test_the_plot_merges_a_models_files_by_k_and_refuses_unlike_settings(tmp_pat
   unlike = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{reseeded}",
                    f"--out={out}", check=False)
   assert unlike.returncode == 2 and "with seed=1" in unlike.stderr
+  missing = run_cli("experiments.plot_text_quality", f"--curve=DB={tmp_path / 'no.json'}",
+                    f"--out={out}", check=False)
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines()[-1].endswith(f"{tmp_path / 'no.json'} does not exist")
