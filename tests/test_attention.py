@@ -92,7 +92,7 @@ def test_recompute_keeps_inputs_output_and_log_sum_exp_only():
   shapes = [shape for shape, _, _ in profiling.residuals_of(lambda q, k, v: jnp.sum(
       attention.attend(q, k, v, attention.CAUSAL, "recompute")), q, k, v)]
   assert (T, T) not in {s[-2:] for s in shapes}
-  assert shapes == [q.shape, (2, 3, T)], shapes   # the output, the log-sum-exp
+  assert shapes == [q.shape, (2, T, 3)], shapes   # the output, the log-sum-exp per row
 
 
 def test_bfloat16_attention_computes_its_softmax_in_float32():
@@ -202,7 +202,7 @@ def test_keys_in_parts_equal_their_concatenation(implementation):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_rows", [6, 7])   # 7: the last chunk padded
+@pytest.mark.parametrize("num_rows", [6, 7])   # 7: the last chunk overlaps the one before
 @pytest.mark.parametrize("mask_name", ["none", "causal", "noisy_stream"])
 def test_recompute_in_query_chunks_equals_plain_attention(monkeypatch, mask_name, num_rows):
   """Sequences longer than QUERY_CHUNK run a chunk of query rows at a time, forward and

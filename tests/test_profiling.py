@@ -80,13 +80,16 @@ def test_an_autoregressive_block_recomputing_its_clean_stream_needs_a_bth_of_mem
   """The paper's block input is [clean; noisy], 2T rows against end-to-end's T, so the
   plain block step saves only about B/2; language.remat_clean_stream recomputes the clean
   stream in the backward pass, after the noisy stream's, and brings the saving to
-  0.79 B here (0.55 B when the clean pass was rematerialised inside the layer loop). It
-  was 0.86 B while every layer kept its (heads, T, T) attention probabilities: keeping
-  none (dbjax.nets.attention) shrinks end-to-end's step, whose 6 layers kept three times
-  as many, more than this block's, so the ratio is now just under the 0.8 B it had met."""
+  0.71 B here (0.55 B when the clean pass was rematerialised inside the layer loop).
+  Each change that shrank what a layer keeps shrank end-to-end's 6 layers more than this
+  block's 2, whose backward pass also holds the scores of T rows against 2T keys: 0.86 B
+  while every layer kept its attention probabilities, 0.79 B without them, 0.71 B since
+  the Linear behind the norm and the GELU recomputes its input (dbjax.nets.fused),
+  end-to-end's step 26.0 -> 15.8 MB and this block's 11.0 -> 7.5 MB over the last two.
+  On shakespeare_ar.py at B = 4 it is 0.76 B (docs/results.md)."""
   num_blocks = 3
   end_to_end = language_step_bytes("end_to_end")
   plain = language_step_bytes("diffusion_blocks", num_blocks)
   recomputed = language_step_bytes("diffusion_blocks", num_blocks, remat_clean_stream=True)
   assert end_to_end / plain < 0.6 * num_blocks, end_to_end / plain
-  assert end_to_end / recomputed >= 0.75 * num_blocks, end_to_end / recomputed
+  assert end_to_end / recomputed >= 0.68 * num_blocks, end_to_end / recomputed

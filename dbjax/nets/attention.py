@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dbjax.nets import fused
+
 IMPLEMENTATIONS = ("auto", "recompute", "cudnn", "xla")
 
 # Scores of masked pairs. Finite, so a row's maximum and log-sum-exp stay finite, and
@@ -259,42 +261,39 @@ def _chunk_backward(q, k_own, v_own, out, log_sum_exp, d_out, rows, k, v, mask):
 
 def _row_chunks(num_rows: int) -> tuple[int, int]:
   """(chunks, rows per chunk) of num_rows query rows: equal chunks of at most
-  QUERY_CHUNK rows, the last padded."""
+  QUERY_CHUNK rows, the last one moved back to end at the last row (`_chunk_start`)."""
   count = -(-num_rows // QUERY_CHUNK)
   return count, -(-num_rows // count)
 
 
-def _split_rows(tree, count: int, size: int):
-  """Arrays (N, T, ...) -> (count, N, size, ...), rows padded with zeros to count * size."""
-  def split(a):
-    a = jnp.pad(a, [(0, 0), (0, count * size - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
-    return jnp.moveaxis(a.reshape(a.shape[0], count, size, *a.shape[2:]), 1, 0)
-  return jax.tree.map(split, tree)
+def _chunk_start(chunk, size: int, num_rows: int):
+  """Where chunk `chunk` of `size` rows starts: chunk x size, but no later than
+  num_rows - size, so every chunk is a window of the arrays as they are (no padded or
+  transposed copies; at T = 257 three chunks of 86, the last starting at row 171)."""
+  return jnp.minimum(chunk * size, num_rows - size)
 
 
-def _join_rows(tree, num_rows: int):
-  """The inverse of _split_rows."""
-  def join(a):
-    a = jnp.moveaxis(a, 0, 1)
-    return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :num_rows]
-  return jax.tree.map(join, tree)
+def _rows(tree, start, size: int):
+  """Rows start .. start + size of arrays (N, T, ...) (None stays None)."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), tree)
 
 
 def _forward(q, k_parts, v_parts, mask):
-  """(output (N, T, heads, head_dim), log-sum-exp (N, heads, T) float32), one chunk of
-  query rows at a time."""
+  """(output (N, T, heads, head_dim), log-sum-exp (N, T, heads) float32), one chunk of
+  query rows at a time, each written into the output in place."""
   k, v, k_own, v_own, dense_part_mask = _parts(k_parts, v_parts, mask)
   num_rows = q.shape[1]
   count, size = _row_chunks(num_rows)
-  if count == 1:
-    out, log_sum_exp = _chunk_forward(q, k_own, v_own, jnp.arange(num_rows), k, v,
-                                      dense_part_mask)
-  else:
-    chunks = (_split_rows((q, k_own, v_own), count, size),
-              jnp.arange(count * size).reshape(count, size))
-    out, log_sum_exp = _join_rows(jax.lax.map(
-        lambda c: _chunk_forward(*c[0], c[1], k, v, dense_part_mask), chunks), num_rows)
-  return out, jnp.moveaxis(log_sum_exp, 1, 2)
+
+  def chunk(i, outputs):  # rows the last chunk shares with the one before get equal values
+    start = _chunk_start(i, size, num_rows)
+    results = _chunk_forward(*_rows((q, k_own, v_own), start, size), start + jnp.arange(size),
+                             k, v, dense_part_mask)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(a, r, start, axis=1)
+                 for a, r in zip(outputs, results))
+  # zeros_like: under shard_map the buffers vary over the mesh axes q varies over.
+  return jax.lax.fori_loop(0, count, chunk, (jnp.zeros_like(q),
+                                             jnp.zeros_like(q[..., 0], jnp.float32)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -312,27 +311,32 @@ def _recompute_forward(q, k_parts, v_parts, mask):
 
 
 def _recompute_backward(mask, residuals, d_out):
-  # The barrier ties the recomputation to the output's cotangent, so XLA can neither
-  # run it during the forward pass nor share it with the forward pass's scores, either
-  # of which would keep a (heads, T, S) array alive between the two passes.
-  q, k_parts, v_parts, out, log_sum_exp, d_out = jax.lax.optimization_barrier(
-      (*residuals, d_out))
+  # Tied to the output's cotangent, so XLA can neither run the recomputation during the
+  # forward pass nor share it with the forward pass's scores, either of which would keep
+  # a (heads, T, S) array alive between the two passes.
+  (q, k_parts, v_parts, out, log_sum_exp), d_out = fused.after_cotangent(residuals, d_out)
   k, v, k_own, v_own, dense_part_mask = _parts(k_parts, v_parts, mask)
-  per_row = (q, k_own, v_own, out, jnp.moveaxis(log_sum_exp, 1, 2), d_out)
   num_rows = q.shape[1]
   count, size = _row_chunks(num_rows)
-  if count == 1:
-    d_q, d_k, d_v, d_k_own, d_v_own = _chunk_backward(*per_row, jnp.arange(num_rows), k, v,
-                                                      dense_part_mask)
-  else:
-    def chunk(sums, c):  # the dense keys' and values' cotangents add up over the chunks
-      d_q, d_k, d_v, d_k_own, d_v_own = _chunk_backward(*c[0], c[1], k, v, dense_part_mask)
-      return (sums[0] + d_k, sums[1] + d_v), (d_q, d_k_own, d_v_own)
-    zeros = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    (d_k, d_v), per_row_grads = jax.lax.scan(
-        chunk, zeros, (_split_rows(per_row, count, size),
-                       jnp.arange(count * size).reshape(count, size)))
-    d_q, d_k_own, d_v_own = _join_rows(per_row_grads, num_rows)
+
+  def chunk(i, sums):
+    # Every gradient is a sum over query rows, so each chunk adds its rows' share; rows
+    # an earlier chunk has done get a zero cotangent here, hence add nothing.
+    start = _chunk_start(i, size, num_rows)
+    rows = start + jnp.arange(size)
+    q_c, k_own_c, v_own_c, out_c, lse_c, d_out_c = _rows(
+        (q, k_own, v_own, out, log_sum_exp, d_out), start, size)
+    d_out_c = jnp.where((rows >= i * size)[None, :, None, None], d_out_c, 0)
+    shares = _chunk_backward(q_c, k_own_c, v_own_c, out_c, lse_c, d_out_c, rows, k, v,
+                             dense_part_mask)
+    d_q, d_k, d_v, d_k_own, d_v_own = sums
+    per_row = tuple(None if a is None else jax.lax.dynamic_update_slice_in_dim(
+        a, _rows(a, start, size) + share, start, axis=1)
+        for a, share in zip((d_q, d_k_own, d_v_own), shares[:1] + shares[3:]))
+    return per_row[0], d_k + shares[1], d_v + shares[2], per_row[1], per_row[2]
+  zeros = lambda a: None if a is None else jnp.zeros_like(a, jnp.float32)
+  d_q, d_k, d_v, d_k_own, d_v_own = jax.lax.fori_loop(
+      0, count, chunk, tuple(map(zeros, (q, k, v, k_own, v_own))))
   if k_own is None:
     ends = np.cumsum([part.shape[1] for part in k_parts])[:-1]
     d_k_parts, d_v_parts = jnp.split(d_k, ends, axis=1), jnp.split(d_v, ends, axis=1)

@@ -1,4 +1,4 @@
-"""Two layer pieces whose backward pass keeps only their inputs.
+"""Layer pieces whose backward pass keeps only their inputs.
 
 Differentiated as written, each keeps copies that PyTorch's autograd does not:
 - DiT's LayerNorm then adaLN modulation, x_hat (1 + scale) + shift with x_hat =
@@ -7,19 +7,48 @@ Differentiated as written, each keeps copies that PyTorch's autograd does not:
   arrays for one that the backward pass needs.
 - the tanh approximation of GELU (used by DiT): tanh, x^3 and their products, five
   (N, T, 4D) arrays for the one input.
+- a Linear after either: it keeps its own input, the modulated x or GELU's output, beside
+  the input of the piece that made it: one more (N, T, D) array after each norm and one
+  (N, T, 4D) after the GELU.
 
 Here each is a custom_vjp that keeps its input (in the compute dtype) and, for the norm,
 two float32 numbers per token, and recomputes the rest in the backward pass: the same
-values and gradients to float32 rounding (tests/test_fused.py). As in
-dbjax.nets.attention, the recomputation sits behind an optimization barrier with the
-incoming cotangent, so XLA can neither hoist it into the forward pass nor share it with
-the forward pass's copy.
+values and gradients to float32 rounding (tests/test_fused.py). `dense_of` puts a Linear
+behind either piece and recomputes the piece's output for the Linear's weight gradient
+(elementwise work beside the matmuls), so a DiT layer keeps 12 widths per token where
+PyTorch's autograd keeps 21 (experiments/bench_layer_residuals.py). Every recomputation
+here and in dbjax.nets.attention starts from `after_cotangent`, so no compiler can run
+it in the forward pass and keep its output until the backward pass.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 LAYER_NORM_EPSILON = 1e-6  # DiT's
+
+
+def after_cotangent(residuals, cotangent):
+  """(residuals, cotangent), the residuals' floating arrays made to depend on the
+  cotangent, so that what a backward pass recomputes from them waits for it.
+
+  jax.lax.optimization_barrier says so to XLA's GPU and TPU compilers, which drop the
+  barrier only after scheduling. XLA's CPU compiler drops it before it schedules (its
+  OptimizationBarrierExpander runs ahead of layout assignment), and then computed the
+  recomputed GELU outputs and normalised inputs, transposed, during the forward pass and
+  kept them for the backward pass. So each array also gets 0 x one element of the
+  cotangent, a dependency no compiler may drop (0 x a float is not folded: 0 x inf is
+  nan); the add fuses into the recomputation. A non-finite cotangent element makes the
+  whole gradient non-finite, which the optimizer's guard skips (dbjax.engine.step) as it
+  would the partly non-finite gradient.
+  """
+  residuals, cotangent = jax.lax.optimization_barrier((residuals, cotangent))
+  zero = jnp.ravel(cotangent)[0] * 0
+
+  def tie(a):
+    return a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  return jax.tree.map(tie, residuals), cotangent
 
 
 def _sum_to_shape(g, shape):
@@ -53,7 +82,7 @@ def _norm_forward(x, shift, scale):
 
 
 def _norm_backward(residuals, d_out):
-  x, mean, rstd, scale, d_out = jax.lax.optimization_barrier((*residuals, d_out))
+  (x, mean, rstd, scale), d_out = after_cotangent(residuals, d_out)
   g = d_out.astype(jnp.float32)
   x_hat = (x.astype(jnp.float32) - mean) * rstd
   d_shift = _sum_to_shape(g, scale.shape).astype(scale.dtype)
@@ -88,7 +117,7 @@ def _gelu_forward(x):
 
 
 def _gelu_backward(x, d_out):
-  x, d_out = jax.lax.optimization_barrier((x, d_out))
+  x, d_out = after_cotangent(x, d_out)
   f = x.astype(jnp.float32)
   t = jnp.tanh(_GELU_C * (f + _GELU_A * f**3))
   slope = 0.5 * (1 + t) + 0.5 * f * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * f * f)
@@ -96,3 +125,50 @@ def _gelu_backward(x, d_out):
 
 
 gelu_tanh.defvjp(_gelu_forward, _gelu_backward)
+
+
+def dense_of(fn, args, kernel, bias):
+  """fn(*args) @ kernel + bias over the last axis, keeping args (not fn's output) for
+  the backward pass, which recomputes fn(*args) for the kernel's gradient. fn is an
+  elementwise or per-token piece (modulated_layer_norm, gelu_tanh); kernel (D_in,
+  D_out) and bias (D_out,) are in the compute dtype, as nnx.Linear(dtype=...) casts them."""
+  # Under shard_map the kernel varies over fewer mesh axes than the tokens (the "data"
+  # axis of dbjax.engine.parallel), and a custom_vjp's cotangents must have its inputs'
+  # types. Autodiff casts the kernel so in a plain matmul, and the cast's transpose sums
+  # its gradient over those axes: the same here, made explicit. The bias stays outside.
+  missing = tuple(sorted(_varying_axes(args[0]) - _varying_axes(kernel)))
+  return _matmul_of(fn, args, jax.lax.pcast(kernel, missing, to="varying")) + bias
+
+
+def _varying_axes(x) -> frozenset:
+  """The shard_map mesh axes x varies over (none outside shard_map)."""
+  aval = jax.typeof(x)
+  if hasattr(aval, "mat"):  # jax >= 0.10; before, the set was aval.vma
+    return aval.mat.varying
+  return getattr(aval, "vma", frozenset())
+
+
+def _matmul(y, kernel):
+  return jax.lax.dot_general(y, kernel, (((y.ndim - 1,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _matmul_of(fn, args, kernel):
+  return _matmul(fn(*args), kernel)
+
+
+def _matmul_of_forward(fn, args, kernel):
+  return _matmul_of(fn, args, kernel), (args, kernel)
+
+
+def _matmul_of_backward(fn, residuals, d_out):
+  args, kernel = residuals
+  args, d_out = after_cotangent(args, d_out)
+  y, fn_vjp = jax.vjp(fn, *args)
+  rows = tuple(range(y.ndim - 1))
+  d_kernel = jax.lax.dot_general(y, d_out, ((rows, rows), ((), ())))
+  d_y = jax.lax.dot_general(d_out, kernel, (((d_out.ndim - 1,), (1,)), ((), ())))
+  return fn_vjp(d_y.astype(y.dtype)), d_kernel.astype(kernel.dtype)
+
+
+_matmul_of.defvjp(_matmul_of_forward, _matmul_of_backward)

@@ -134,13 +134,14 @@ def two_stream_logits(net, clean_vectors, noisy_vectors, c_noise):
   @jax.checkpoint
   def clean_layer(clean, layer_state):
     new_clean, keys_values = nnx.merge(graph, layer_state)(
-        clean, cond_clean, attention.CAUSAL, positions=rotary)
+        clean, cond_clean, attention.CAUSAL, positions=rotary, rematerialised=True)
     return new_clean.astype(clean.dtype), keys_values
 
   def noisy_layer(noisy, layer_state_and_keys_values):
     layer_state, keys_values = layer_state_and_keys_values
     new_noisy, _ = nnx.merge(graph, layer_state)(noisy, cond_noisy, attention.NOISY_STREAM,
-                                                 context=keys_values, positions=rotary)
+                                                 context=keys_values, positions=rotary,
+                                                 rematerialised=net.cfg.remat)
     return new_noisy.astype(noisy.dtype), None
 
   if net.cfg.remat:
