@@ -101,9 +101,9 @@ def linear_of(layer: nnx.Linear, fn, *args, rematerialised: bool = False):
   fn is elementwise work and the copy it saves is a width (a norm) or four (the GELU).
 
   rematerialised: the layer runs under jax.checkpoint, whose backward pass recomputes
-  all of it and keeps its residuals only while that runs; there the plain Linear, whose
-  residual is already there, needs less (the authors' 64x64 block with model.remat:
-  3,933 against 4,611 MiB compiled on a CPU)."""
+  all of it and keeps its residuals only while that runs; there the plain Linear needs
+  less (the authors' 64x64 block with model.remat, compiled on a CPU: 3,934 against
+  4,611 MiB; docs/results.md, "Attention and saved activations")."""
   if rematerialised:
     return layer(fn(*args))
   kernel, bias = (p[...].astype(layer.dtype) for p in (layer.kernel, layer.bias))
