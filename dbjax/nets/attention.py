@@ -8,9 +8,9 @@ layers the ViT, the token networks and the recurrent-depth network), and the con
   Dao 2023, Alg. 2) in plain XLA operations. The forward pass keeps q, k, v, the output
   and each row's log-sum-exp; the backward pass recomputes the probabilities from them.
   Both passes take at most QUERY_CHUNK query rows at a time, so a temporary holds a
-  chunk's scores, not all T rows'. Any backend, any dtype, every mask below. It costs one more (T, S) product than
-  autodiff (the scores), and saves (heads, T, S) floats per layer: at T = 257 and 12
-  heads, 3.2 MB per example and layer in float32.
+  chunk's scores, not all T rows'. Any backend, any dtype, every mask below. It costs
+  one more (T, S) product than autodiff (the scores), and saves (heads, T, S) floats per
+  layer: at T = 257 and 12 heads, 3.2 MB per example and layer in float32.
 - "cudnn": cuDNN's fused attention (jax.nn.dot_product_attention(implementation=
   "cudnn")), whose scores live only in on-chip memory: GPUs, bfloat16 or float16, no
   mask or the causal one.
@@ -178,7 +178,7 @@ def _xla(q, k, v, mask):
 # Query rows per chunk of the recompute path: the (N, heads, rows, S) float32 scores,
 # probabilities and their cotangents of one chunk are the largest temporaries of either
 # pass, so longer sequences run in ceil(T / QUERY_CHUNK) equal chunks (at T = 257 and
-# batch 128 with 12 heads, three chunks of 86 rows instead of 387 MiB per array).
+# batch 128 with 12 heads, three chunks of 86 rows, 130 MiB per array, instead of 387).
 QUERY_CHUNK = 128
 
 

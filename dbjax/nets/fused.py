@@ -39,9 +39,9 @@ def after_cotangent(residuals, cotangent):
   recomputed GELU outputs and normalised inputs, transposed, during the forward pass and
   kept them for the backward pass. So each array also gets 0 x one element of the
   cotangent, a dependency no compiler may drop (0 x a float is not folded: 0 x inf is
-  nan); the add fuses into the recomputation. A non-finite cotangent element makes the
-  whole gradient non-finite, which the optimizer's guard skips (dbjax.engine.step) as it
-  would the partly non-finite gradient.
+  nan); the add fuses into an elementwise recomputation. A non-finite cotangent element
+  makes the whole gradient non-finite, which the optimizer's guard skips
+  (dbjax.engine.step) as it would the partly non-finite gradient.
   """
   residuals, cotangent = jax.lax.optimization_barrier((residuals, cotangent))
   zero = jnp.ravel(cotangent)[0] * 0
