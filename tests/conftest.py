@@ -13,6 +13,7 @@ third to two fifths of a cold compile). It is below XLA's own passes, so the com
 steps' buffers, and the memory figures the tests read, are the same.
 """
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -30,6 +31,23 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytests_directory(tmp_path_factory):
+  """Every temporary file of the run, the command lines' it starts included, goes under
+  pytest's own directory, which pytest prunes (it keeps the last three runs): tfds's
+  DatasetInfo.initialize_from_bucket makes a tempfile.mkdtemp() it never removes, each
+  time a test asks for a data set this machine does not hold."""
+  directory = str(tmp_path_factory.mktemp("tempfiles"))
+  saved = tempfile.tempdir, os.environ.get("TMPDIR")
+  tempfile.tempdir = os.environ["TMPDIR"] = directory
+  yield directory
+  tempfile.tempdir = saved[0]
+  if saved[1] is None:
+    os.environ.pop("TMPDIR")
+  else:
+    os.environ["TMPDIR"] = saved[1]
 
 
 def shrink_model(config):

@@ -2,6 +2,8 @@
 import gzip
 import os
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -129,3 +131,18 @@ def test_batches_are_a_pure_function_of_seed_and_step():
   np.testing.assert_array_equal(a, data.batch_indices(0, 7, 100, 16))
   assert not np.array_equal(a, data.batch_indices(0, 8, 100, 16))
   assert len(set(a)) == 16  # without replacement within a batch
+
+
+def test_temporary_files_of_the_run_stay_in_pytests_directory(
+    temporary_files_under_pytests_directory, tmp_path, monkeypatch):
+  """tfds leaves a tempfile.mkdtemp() behind for a data set it does not hold; with the
+  conftest fixture it lands under pytest's directory (pruned), as a command line's do."""
+  directory = temporary_files_under_pytests_directory
+  before = set(os.listdir(directory))
+  monkeypatch.setattr(tfds_source, "network_unreachable", lambda: "Name or service not known")
+  with pytest.raises(DataError):
+    data.load_images("tfds:mnist", "train", str(tmp_path / "tfds"))
+  assert set(os.listdir(directory)) - before   # tfds's leftover, here and not in /tmp
+  child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+                         capture_output=True, text=True, check=True)
+  assert child.stdout.strip() == directory
