@@ -18,8 +18,10 @@ import tempfile
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from dbjax.config import default_config
+from dbjax.nets import fused
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -48,6 +50,14 @@ def temporary_files_under_pytests_directory(tmp_path_factory):
     os.environ.pop("TMPDIR")
   else:
     os.environ["TMPDIR"] = saved[1]
+
+
+def plain_modulated_norm(x, shift, scale):
+  """DiT's adaLN as written: flax's LayerNorm without affine, then x (1 + scale) + shift
+  (the reference dbjax.nets.fused's norm is tested against)."""
+  norm = nnx.LayerNorm(x.shape[-1], epsilon=fused.LAYER_NORM_EPSILON, use_scale=False,
+                       use_bias=False, rngs=nnx.Rngs(0))
+  return norm(x) * (1 + scale) + shift
 
 
 def shrink_model(config):

@@ -11,6 +11,7 @@ from flax import nnx
 from dbjax.engine import profiling
 from dbjax.nets.dit import (DiT, DiTConfig, DiTLayer, patchify, rotary,
                             sincos_position_embedding, unpatchify)
+from tests.conftest import plain_modulated_norm
 
 CFG = DiTConfig(image_size=8, channels=1, patch_size=2, hidden_size=32, num_layers=3,
                 num_heads=2, frequency_dim=32)
@@ -94,13 +95,11 @@ def plain_dit_layer(layer: DiTLayer, x, cond):
   jax's own pieces: LayerNorm without affine, adaLN modulation, dense attention, GELU."""
   shift1, scale1, gate1, shift2, scale2, gate2 = (
       m[:, None] for m in jnp.split(layer.modulation(nnx.silu(cond)), 6, axis=-1))
-  norm = nnx.LayerNorm(x.shape[-1], epsilon=1e-6, use_scale=False, use_bias=False,
-                       rngs=nnx.Rngs(0))
   n, t, d = x.shape
-  qkv = layer.qkv(norm(x) * (1 + scale1) + shift1).reshape(n, t, 3, layer.num_heads, -1)
+  qkv = layer.qkv(plain_modulated_norm(x, shift1, scale1)).reshape(n, t, 3, layer.num_heads, -1)
   out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
   x = x + gate1 * layer.proj(out.reshape(n, t, d))
-  hidden = jax.nn.gelu(layer.fc1(norm(x) * (1 + scale2) + shift2), approximate=True)
+  hidden = jax.nn.gelu(layer.fc1(plain_modulated_norm(x, shift2, scale2)), approximate=True)
   return x + gate2 * layer.fc2(hidden)
 
 

@@ -4,16 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dbjax.engine import profiling
 from dbjax.nets import fused
-
-
-def plain_modulated_norm(x, shift, scale):
-  norm = nnx.LayerNorm(x.shape[-1], epsilon=fused.LAYER_NORM_EPSILON, use_scale=False,
-                       use_bias=False, rngs=nnx.Rngs(0))
-  return norm(x) * (1 + scale) + shift
+from tests.conftest import plain_modulated_norm
 
 
 def inputs(dtype=jnp.float32, per_segment=False):
