@@ -329,11 +329,12 @@ def _recompute_backward(mask, residuals, d_out):
     d_out_c = jnp.where((rows >= i * size)[None, :, None, None], d_out_c, 0)
     shares = _chunk_backward(q_c, k_own_c, v_own_c, out_c, lse_c, d_out_c, rows, k, v,
                              dense_part_mask)
+    def add_rows(a, share):  # share's rows onto a's at start (a per-row gradient)
+      return None if a is None else jax.lax.dynamic_update_slice_in_dim(
+          a, _rows(a, start, size) + share, start, axis=1)
     d_q, d_k, d_v, d_k_own, d_v_own = sums
-    per_row = tuple(None if a is None else jax.lax.dynamic_update_slice_in_dim(
-        a, _rows(a, start, size) + share, start, axis=1)
-        for a, share in zip((d_q, d_k_own, d_v_own), shares[:1] + shares[3:]))
-    return per_row[0], d_k + shares[1], d_v + shares[2], per_row[1], per_row[2]
+    return (add_rows(d_q, shares[0]), d_k + shares[1], d_v + shares[2],
+            add_rows(d_k_own, shares[3]), add_rows(d_v_own, shares[4]))
   zeros = lambda a: None if a is None else jnp.zeros_like(a, jnp.float32)
   d_q, d_k, d_v, d_k_own, d_v_own = jax.lax.fori_loop(
       0, count, chunk, tuple(map(zeros, (q, k, v, k_own, v_own))))
