@@ -1,6 +1,7 @@
 """Metrics reach the JSONL file, TensorBoard event files and the console."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -75,3 +76,19 @@ def test_a_disabled_log_writes_nothing(tmp_path):
                                         {"a.b": 1, "a.c.d": 2, "e": 3}), ({}, {})])
 def test_flatten(tree, flat):
   assert flatten(tree) == flat
+
+
+def test_a_run_resumed_within_the_same_second_keeps_the_earlier_rows(tmp_path, monkeypatch):
+  """tensorboardX names an event file by the second it opens it: a run stopped and
+  resumed within one second (a quick preemption; the fault tests' tiny runs) wrote the
+  second file over the first, and TensorBoard lost the rows before the stop."""
+  from tensorboardX import event_file_writer
+  monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(
+      time=lambda: 1_700_000_000.25))  # both writers open their files in one second
+  first = MetricLog(str(tmp_path), "metrics.jsonl")
+  first.write_rows(ROWS[:2])
+  first.close()
+  resumed = MetricLog(str(tmp_path), "metrics.jsonl", purge_step=2)
+  resumed.write_rows(ROWS[2:])
+  resumed.close()
+  assert read_scalars(str(tmp_path / TENSORBOARD_DIR))["block_1/loss"] == [(0, 2.0), (2, 1.0)]

@@ -15,6 +15,7 @@ so every (tag, step) has one point after any number of resumes.
 """
 import json
 import os
+import time
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,8 +38,12 @@ class MetricLog:
     if enabled:
       # Imported here, not with the package: only a training run writes event files.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      # tensorboardX names the file by the second it opens it, so a run resumed within
+      # that second would write over the stopped run's file; the nanoseconds make each
+      # name new, and TensorBoard reads the files in name order, the resumed one last.
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                                  purge_step=purge_step)
+                                  purge_step=purge_step,
+                                  filename_suffix=f".{time.time_ns()}")
 
   def write_rows(self, rows: list[dict], tensorboard_only: bool = False):
     """Append iteration rows to the JSONL file (unless tensorboard_only) and to
