@@ -16,6 +16,7 @@ METHODS = ("diffusion_blocks", "end_to_end")
 PARALLEL_MODES = ("none", "blocks")
 NONFINITE_POLICIES = ("stop", "skip")
 WAITING_BLOCKS = ("pinned_host", "numpy")
+MESH_AXES = ("block", "data", "fsdp", "tensor")  # dbjax.engine.mesh.AXES
 SOLVERS = ("euler", "heun")
 LANGUAGE_CHOICES = {
     "kind": ("autoregressive", "masked"),
@@ -166,6 +167,20 @@ def default_config() -> ml_collections.ConfigDict:
       # embedding, shared modules) across blocks, one small all-reduce; 0 = never, which
       # needs them frozen. Must divide train.checkpoint_every.
       shared_sync_every=0,
+      # The one mesh of every mode (dbjax.engine.mesh; docs/scaling_out.md): devices per
+      # axis, -1 = the devices left over (at most one of data, fsdp, tensor). block:
+      # blocks trained at once (-1: the largest divisor of B that fits; 1 in mode
+      # "none"); data and fsdp split the batch, and fsdp also shards each block's state;
+      # tensor splits the dimensions that `rules` map to it.
+      mesh=ml_collections.ConfigDict(dict(block=-1, data=-1, fsdp=1, tensor=1)),
+      # Logical axis names on parameters (nnx.with_partitioning) -> mesh axes, as
+      # maxtext's logical_axis_rules; a name that is itself a mesh axis maps to it.
+      rules=(("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+             ("vocab", "tensor"), ("layers", None)),
+      # Leaves without names below this many elements are copied to every device of
+      # the block's slice, not sharded (biases, norm scales: a gather would cost more
+      # than they weigh; at 256 they are 0.7% of a digits block at fsdp 8).
+      min_shard_size=256,
   ))
   c.train = ml_collections.ConfigDict(dict(
       # The budget in end-to-end steps. DiffusionBlocks runs num_steps * B iterations
@@ -336,6 +351,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            "parallel.shared_sync_every", p.shared_sync_every,
            f"an integer >= 0 (0 = never) that divides train.checkpoint_every="
            f"{t.checkpoint_every}, so every checkpoint holds one shared state")
+  for axis in MESH_AXES:
+    size = p.mesh[axis]
+    _require(isinstance(size, int) and (size >= 1 or size == -1), f"parallel.mesh.{axis}",
+             size, "a number of devices >= 1, or -1 for the devices left over")
+  _require(all(len(rule) == 2 and isinstance(rule[0], str)
+               and (rule[1] is None or rule[1] in MESH_AXES) for rule in p.rules),
+           "parallel.rules", p.rules,
+           f"pairs (logical name, mesh axis or None), the axes among {MESH_AXES}")
+  _require(isinstance(p.min_shard_size, int) and p.min_shard_size >= 0,
+           "parallel.min_shard_size", p.min_shard_size, "an integer >= 0")
   _require(s.solver in SOLVERS, "sample.solver", s.solver, f"one of {SOLVERS}")
   _require(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
            ">= 0 (1 means no guidance)")

@@ -67,6 +67,9 @@ def shrink_model(config):
   config.model.frequency_dim = 32
   config.train.progress = False
   config.eval.enabled = False
+  # Every test process has 8 fake devices (tests/test_parallel.py and test_mesh.py set
+  # them at import); a run stays on one of them unless its test spreads it.
+  config.parallel.mesh.data = 1
   return config
 
 

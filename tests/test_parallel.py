@@ -56,6 +56,7 @@ def digits():
 def parallel_config(num_blocks=4, **overrides):
   config = tiny_config(diffusion__num_blocks=num_blocks, **overrides)
   config.parallel.mode = "blocks"
+  config.parallel.mesh.data = -1  # the devices each block's slice can have
   return config
 
 
@@ -102,7 +103,7 @@ def test_mesh_shape_uses_the_largest_block_group_that_fits():
 
 def test_parallel_blocks_equal_blocks_trained_one_after_another(one_device_per_block, digits):
   trainer, config = one_device_per_block, one_device_per_block.config
-  assert trainer.mesh.devices.shape == (4, 1)
+  assert trainer.mesh.devices.shape == (4, 1, 1, 1)
   parallel_states, _ = trainer.host_states()
   # The reference: each block alone on one device, through the same steps, batches
   # and keys.
@@ -120,27 +121,24 @@ def test_parallel_blocks_equal_blocks_trained_one_after_another(one_device_per_b
     assert int(parallel_states[b].step) == 3
 
 
-def test_data_parallel_gradient_is_the_mean_over_the_data_shards(two_devices_per_block,
+def test_data_parallel_step_equals_the_whole_batch_on_one_device(two_devices_per_block,
                                                                  digits):
+  """A block split over a data axis of 2 takes the step of its whole batch: the noise
+  is drawn for the whole batch (not per shard), so the mesh changes nothing but the
+  order of float reductions."""
   trainer, config = two_devices_per_block, two_devices_per_block.config
   model = trainer.task
-  assert trainer.mesh.devices.shape == (4, 2)
+  assert trainer.mesh.devices.shape == (4, 2, 1, 1)
   states, _ = trainer.host_states()
-  # Block 2 by hand: each half of its batch with the key folded with its shard index.
-  b, half = 2, config.train.batch_size // 2
+  b = 2
   initial = engine.init_on_host(model, config.seed)[0][b]
-  images, labels = digits.batch(data.batch_indices(config.seed, 0, digits.num_examples,
-                                                   config.train.batch_size, block=b))
-  key = train.step_key(config.seed, 0, b)
-
-  @jax.jit
-  def one_step_by_hand(state):
-    grads = [jax.grad(lambda params: model.loss(
-        params, {}, (images[d * half:(d + 1) * half], labels[d * half:(d + 1) * half]),
-        jax.random.fold_in(key, d), model.intervals[b])[0])(state.params) for d in range(2)]
-    return update(model.optimizer, state, jax.tree.map(lambda g0, g1: (g0 + g1) / 2, *grads))
-  expected = one_step_by_hand(initial)
-  chex.assert_trees_all_close(states[b].params, jax.device_get(expected.params), atol=2e-6)
+  batch = digits.batch(data.batch_indices(config.seed, 0, digits.num_examples,
+                                          config.train.batch_size, block=b))
+  expected, _, _ = engine.jit_train_step(model)(
+      jax.device_put(initial), jax.device_put(engine.init_on_host(model, 0)[1]), batch,
+      train.step_key(config.seed, 0, b), jnp.asarray(model.intervals[b]))
+  chex.assert_trees_all_close(jax.device_get(states[b].params),
+                              jax.device_get(expected.params), atol=2e-6)
 
 
 def collective_groups(trainer, sync_shared=False) -> list[set[int]]:

@@ -71,28 +71,34 @@ def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_b
 
 
 @pytest.mark.parametrize("waiting_blocks", ["pinned_host", "numpy"])
-def test_streamed_blocks_wait_where_configured_and_end_the_interval_as_numpy(
-    digits, waiting_blocks):
-  """While a block trains, the one that trained before it waits in pinned host memory
-  (this CPU backend has that memory kind) or as numpy; after the interval all are numpy."""
+def test_streamed_blocks_wait_where_configured(digits, waiting_blocks):
+  """While a block trains, the others wait in pinned host memory (this CPU backend has
+  that memory kind), with the block's own sharding, or as numpy; they stay there
+  between intervals (checkpoints save them from there)."""
   config = tiny_config()
   config.diffusion.num_blocks = 3
+  config.train.waiting_blocks = waiting_blocks
   task = tasks.build(config)
-  states, shared = engine.init_on_host(task, config.seed)
-  step_fn, seen = engine.jit_train_step(task), []
+  placement = driver.placement_of(task, config)
+  states, shared = driver.born_sharded(task, config.seed, placement)
+  step_fn, seen = driver.jit_sharded_step(task, placement), []
+
+  def kind(leaf):
+    return type(leaf).__name__ if isinstance(leaf, np.ndarray) else leaf.sharding.memory_kind
 
   def noting_step(state, *args):
-    seen.append({type(leaf).__name__ if isinstance(leaf, np.ndarray) else
-                 leaf.sharding.memory_kind for s in states for leaf in jax.tree.leaves(s)})
+    seen.append({kind(leaf) for s in states for leaf in jax.tree.leaves(s)})
     return step_fn(state, *args)
   chunk = np.arange(12)
   driver.train_interval(noting_step, states, shared, task, chunk, digits, config,
-                        tqdm(disable=True), [0] * 3, lambda: False, stream=True,
-                        waiting=waiting_blocks)
-  kinds = set().union(*seen)
-  assert kinds == ({"ndarray", "pinned_host"} if waiting_blocks == "pinned_host"
-                   else {"ndarray"})
-  assert all(isinstance(leaf, np.ndarray) for s in states for leaf in jax.tree.leaves(s))
+                        tqdm(disable=True), [0] * 3, lambda: False, placement, stream=True)
+  waiting = "pinned_host" if waiting_blocks == "pinned_host" else "ndarray"
+  assert waiting in set().union(*seen)
+  assert {kind(leaf) for s in states for leaf in jax.tree.leaves(s)} == {waiting}
+  if waiting_blocks == "pinned_host":
+    for state in states:  # each leaf with the sharding it trains with, in host memory
+      assert [leaf.sharding for leaf in jax.tree.leaves(state)] == jax.tree.leaves(
+          placement.waiting)
 
 
 def test_schedule_is_uniform_over_blocks():
@@ -249,5 +255,5 @@ def test_a_run_compiles_its_train_step_once(tmp_path, caplog):
   a second time for the second call)."""
   with jax.log_compiles(), caplog.at_level("WARNING"):
     train.train(tiny_config(), str(tmp_path))
-  compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+  compiles = [r for r in caplog.records if "Compiling jit(sharded_train_step)" in r.getMessage()]
   assert len(compiles) == 1

@@ -24,11 +24,19 @@ def two_process_config():
   from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(train__num_steps=4, train__checkpoint_every=2)
   config.parallel.mode = "blocks"
+  config.parallel.mesh.data = -1  # a 2 x 2 mesh: block x data
   return config
 
 
 def flat_params(states) -> dict:
-  return {f"{b}/{jax.tree_util.keystr(path)}": np.asarray(leaf)
+  """{block/path: numpy} of the blocks' parameters; on many processes the sharded
+  arrays are gathered (the test compares whole values; every process must call it)."""
+  def whole(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+  return {f"{b}/{jax.tree_util.keystr(path)}": whole(leaf)
           for b, state in enumerate(states)
           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
 
@@ -45,11 +53,12 @@ def main(coordinator: str, process_id: int, workdir: str):
   if process_id == 0:
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   multihost_utils.sync_global_devices("removed the last checkpoint")
-  resumed = train.train(config, workdir)
+  uninterrupted = flat_params(uninterrupted.states)
+  resumed = flat_params(train.train(config, workdir).states)
   if process_id == 0:
     np.savez(os.path.join(workdir, "params.npz"),
-             **{f"uninterrupted/{k}": v for k, v in flat_params(uninterrupted.states).items()},
-             **{f"resumed/{k}": v for k, v in flat_params(resumed.states).items()})
+             **{f"uninterrupted/{k}": v for k, v in uninterrupted.items()},
+             **{f"resumed/{k}": v for k, v in resumed.items()})
   multihost_utils.sync_global_devices("done")
 
 
@@ -66,8 +75,9 @@ def train_once(coordinator: str, process_id: int, workdir: str):
   except TrainingInterrupted as e:
     print(e, flush=True)
     sys.exit(128 + signal.Signals[e.signal_name])
+  params = flat_params(run.states)
   if process_id == 0:
-    np.savez(os.path.join(workdir, "params.npz"), **flat_params(run.states))
+    np.savez(os.path.join(workdir, "params.npz"), **params)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dbjax import config as config_lib
 from dbjax.engine import driver, signals, state as state_lib
 from dbjax.engine.locks import BlockLock
 from dbjax.engine.metric_log import MetricLog
-from dbjax.engine.step import jit_train_step, update
+from dbjax.engine.step import update
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
 from dbjax.progress import progress_bar
 
@@ -198,14 +198,15 @@ def _train_own_blocks(task, config, workdir, train_data, blocks, locks, stop, bu
                      desc=f"training block{'s' if len(blocks) > 1 else ''} "
                           f"{','.join(map(str, blocks))}, iterations",
                      disable=not config.train.progress, first_compiles=True)
-  step_fn, shared = jit_train_step(task), state_lib.init_shared_on_host(task, config.seed)
+  placement = driver.placement_of(task, config)
+  step_fn = driver.jit_sharded_step(task, placement)
+  shared = state_lib.init_shared_on_host(task, config.seed)
   should_stop = lambda: stop.signal_name is not None
   try:
     for chunk in driver.checkpoint_chunks(min(progress[b] for b in blocks), total, every):
       rows, shared = driver.train_interval(
           step_fn, states, shared, task, chunk[mine[chunk]], train_data, config, bar,
-          progress, should_stop, stream=config.train.stream_blocks,
-          waiting=config.train.waiting_blocks)
+          progress, should_stop, placement, stream=config.train.stream_blocks)
       driver.skipped_steps(rows, config.train.on_nonfinite, "iteration")
       done += len(rows)
       for b in blocks:

@@ -1,17 +1,21 @@
 """Run checkpoints with orbax: one item per block, the shared state (classification)
 if the run has one, and a JSON item of run metadata.
 
-Blocks are saved from and restored to host memory (numpy), so neither saving nor
-resuming ever puts more than the active block on the accelerator.
+Blocks are saved as they are, sharded global arrays (or numpy): orbax writes each
+host's own shards (OCDBT, one namespace per process), and nothing is gathered. A
+restore reads into abstract targets that carry this run's shardings, so a run continues
+on another device count, host count or mesh shape, each host reading its own shards.
 
 Faults:
 - A kill during a save: orbax writes each step to a temporary directory and renames it
   when complete, so the previous checkpoint is untouched; leftovers are removed.
-- Truncated or altered files: once a step is written, <step>/file_checksums.json holds
-  a SHA-256 of every file in it, checked before orbax reads anything (orbax's reader,
-  handed a truncated file, fails in background threads that print pages of tracebacks);
-  the metadata also holds a SHA-256 of every item's arrays, checked after reading. Either
-  way `restore_latest_good` notices even a flipped bit, moves the step aside (to
+- Truncated or altered files: once a step is written, each process writes
+  <step>/file_checksums.<process>.json, a SHA-256 of every file it wrote (its OCDBT
+  namespace; process 0 also the metadata), so a host hashes its own shards, never the
+  whole model. A restore checks them before orbax reads anything (orbax's reader,
+  handed a truncated file, fails in background threads that print pages of
+  tracebacks), each host its share of the listings, and the hosts agree on the verdict.
+  `restore_latest_good` notices even a flipped bit, moves the step aside (to
   <directory>_corrupt/) and falls back to the one before; when none is left, the next
   run says that it starts afresh and where the unreadable steps are.
 - A full disk: reported as a CheckpointError naming the step kept; the partial step is
@@ -36,12 +40,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from dbjax.config import field_holder, flatten
 from dbjax.errors import CheckpointError, ConfigError
 
-# Written into each step's directory once the step is complete (see the module docstring).
-FILE_CHECKSUMS = "file_checksums.json"
+# Written into each step's directory once the step is complete, one per process
+# (file_checksums.<process>.json; see the module docstring).
+FILE_CHECKSUMS_STEM = "file_checksums"
 
 # A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
 # the same trees can mean another schedule, so this field must match as well.
@@ -55,10 +61,16 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def leaf_path(path) -> str:
+  """A leaf's key path as "a/b/0/c", the same for a tree of arrays, abstract arrays or
+  orbax array metadata (which saves named tuples as dicts)."""
+  return "/".join(_key_name(k) for k in path)
+
+
 def tree_signature(tree) -> dict:
   """{path: (shape, dtype)} of every leaf of a tree of arrays, abstract arrays or orbax
-  array metadata; paths as "a/b/0/c", the same for all three."""
-  return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+  array metadata (paths as leaf_path writes them)."""
+  return {leaf_path(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -89,36 +101,91 @@ def checksum(tree) -> str:
   return digest.hexdigest()
 
 
-def file_checksums(directory: str) -> dict:
-  """{path relative to `directory`: SHA-256 of its bytes} of every file below it."""
+def writer_of(relative_path: str) -> int:
+  """The process that wrote a file of a step: its OCDBT namespace's (ocdbt.process_<i>),
+  process 0 for the rest (metadata, the merged manifest)."""
+  for part in relative_path.split(os.sep):
+    if part.startswith("ocdbt.process_"):
+      return int(part.rsplit("_", 1)[1])
+  return 0
+
+
+def file_checksums(directory: str, process: int | None = None) -> dict:
+  """{path relative to `directory`: SHA-256 of its bytes} of every file below it that
+  `process` wrote (writer_of; None: every file)."""
   digests = {}
   for root, _, names in os.walk(directory):
     for name in names:
       path = os.path.join(root, name)
-      if not name.startswith(FILE_CHECKSUMS):  # the listing itself, whole or partial
-        with open(path, "rb") as f:
-          digests[os.path.relpath(path, directory)] = hashlib.file_digest(f, "sha256").hexdigest()
+      relative = os.path.relpath(path, directory)
+      if name.startswith(FILE_CHECKSUMS_STEM) or (
+          process is not None and writer_of(relative) != process):
+        continue  # the listings themselves, whole or partial; other processes' files
+      with open(path, "rb") as f:
+        digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
   return digests
 
 
-def check_files(directory: str):
+def _listings(directory: str) -> list[str]:
+  """The checksum listings of a step, whole ones only, in process order."""
+  return sorted(n for n in os.listdir(directory)
+                if n.startswith(FILE_CHECKSUMS_STEM) and n.endswith(".json"))
+
+
+def check_files(directory: str, share: tuple[int, int] = (0, 1)):
   """CheckpointError naming the first file of a step directory that is missing or
-  differs from the checksum written with it (steps saved without checksums pass)."""
-  listing = os.path.join(directory, FILE_CHECKSUMS)
-  if not os.path.exists(listing):
-    return
-  with open(listing) as f:
-    expected = json.load(f)
-  found = file_checksums(directory)
-  for name, digest in expected.items():
-    if found.get(name) != digest:
-      raise CheckpointError(f"{name} is {'changed' if name in found else 'missing'} "
-                            "(its SHA-256 differs from the one written with it)")
+  differs from the checksum written with it (steps saved without checksums pass).
+  share (k, n): check listings k, k + n, ... (each of n hosts its share)."""
+  first, every = share
+  for listing in _listings(directory)[first::every]:
+    with open(os.path.join(directory, listing)) as f:
+      expected = json.load(f)
+    for name, digest in expected.items():
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise CheckpointError(f"{name} is missing (listed in {listing})")
+      with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+          raise CheckpointError(f"{name} is changed (its SHA-256 differs from the one "
+                                "written with it)")
+
+
+def check_files_on_every_host(directory: str):
+  """check_files with the listings shared out over the processes, and one verdict for
+  all: any host's failure is a CheckpointError on every host."""
+  if jax.process_count() == 1:
+    return check_files(directory)
+  problem = ""
+  try:
+    check_files(directory, (jax.process_index(), jax.process_count()))
+  except CheckpointError as e:
+    problem = str(e)
+  failed = multihost_utils.process_allgather(np.array([bool(problem)]))
+  if problem:
+    raise CheckpointError(problem)
+  if np.any(failed):
+    raise CheckpointError("another host found a file of this step changed or missing")
+
+
+def restore_args(target):
+  """orbax's reading of each leaf: into the target's sharding where it has one, else
+  as numpy."""
+  def leaf(t):
+    sharding = getattr(t, "sharding", None)
+    if isinstance(sharding, jax.sharding.Sharding):
+      return ocp.ArrayRestoreArgs(sharding=sharding)
+    return ocp.RestoreArgs(restore_type=np.ndarray)
+  return jax.tree.map(leaf, target)
 
 
 def _all_finite(tree) -> bool:
-  return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+  """No NaN or inf in the shards this process holds (each host checks its own)."""
+  def shards(leaf):
+    if isinstance(leaf, jax.Array):
+      return [np.asarray(s.data) for s in leaf.addressable_shards]
+    return [np.asarray(leaf)]
+  return all(np.all(np.isfinite(shard)) for leaf in jax.tree.leaves(tree)
+             for shard in shards(leaf) if np.issubdtype(shard.dtype, np.inexact))
 
 
 def _is_disk_full(error: BaseException | None) -> bool:
@@ -168,15 +235,13 @@ class RunCheckpointer:
     for name, tree in trees.items():
       if not _all_finite(tree):  # the train step never applies a non-finite update
         raise FloatingPointError(f"refusing to save step {step}: {name} holds NaN or inf")
-    meta = dict(metadata, step=step, config=json.loads(config.to_json()),
-                checksums={name: checksum(tree) for name, tree in trees.items()})
+    meta = dict(metadata, step=step, config=json.loads(config.to_json()))
     try:
       self.manager.save(step, args=ocp.args.Composite(
           meta=ocp.args.JsonSave(meta),
           **{name: ocp.args.PyTreeSave(tree) for name, tree in trees.items()}))
       self.manager.wait_until_finished()
-      if jax.process_index() == 0:
-        self._write_file_checksums(step)
+      self._write_file_checksums(step)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_disk_full(e):
         raise
@@ -188,12 +253,14 @@ class RunCheckpointer:
           "and run the same command to resume") from e
 
   def _write_file_checksums(self, step: int):
-    """<step>/file_checksums.json, written whole or not at all (a rename)."""
+    """<step>/file_checksums.<process>.json of the files this process wrote, whole or
+    not at all (a rename)."""
     step_dir = os.path.join(self.directory, str(step))
-    partial = os.path.join(step_dir, FILE_CHECKSUMS + ".partial")
+    name = f"{FILE_CHECKSUMS_STEM}.{jax.process_index()}"
+    partial = os.path.join(step_dir, name + ".partial")
     with open(partial, "w") as f:
-      json.dump(file_checksums(step_dir), f)
-    os.replace(partial, os.path.join(step_dir, FILE_CHECKSUMS))
+      json.dump(file_checksums(step_dir, jax.process_index()), f)
+    os.replace(partial, os.path.join(step_dir, name + ".json"))
 
   def read_metadata(self, step: int) -> dict:
     """The JSON item of `step`: run metadata and the config the run was made with."""
@@ -201,28 +268,29 @@ class RunCheckpointer:
         meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, target_states, config, step=None, target_shared=None):
-    """(step, states as numpy, shared state as numpy or None, metadata) of `step`
-    (default: the latest).
+    """(step, states, shared state or None, metadata) of `step` (default: the
+    latest).
 
     target_states, target_shared: this run's states, concrete or abstract
-      (jax.ShapeDtypeStruct), giving structure and shapes.
+      (jax.ShapeDtypeStruct), giving structure and shapes; abstract leaves that carry
+      a sharding are read as global arrays with it (each host its own shards), the
+      others as numpy.
     Refuses (ConfigError, nothing moved) a checkpoint whose trees differ from the
     targets', naming the first differing path and the config fields behind it.
     """
     step = self.manager.latest_step() if step is None else step
-    check_files(os.path.join(self.directory, str(step)))
+    check_files_on_every_host(os.path.join(self.directory, str(step)))
     meta = self.read_metadata(step)
     targets = {f"block_{b}": state for b, state in zip(self.block_ids, target_states)}
     if target_shared is not None:
       targets["shared"] = target_shared
     self._check_fits(step, meta, targets, config)
-    as_numpy = lambda tree: jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        name: ocp.args.PyTreeRestore(item=target, restore_args=as_numpy(target))
+        name: ocp.args.PyTreeRestore(item=target, restore_args=restore_args(target))
         for name, target in targets.items()}))
+    # Steps saved before the per-host file listings carry whole-array checksums.
     for name, expected in meta.get("checksums", {}).items():
-      if name in targets and checksum(restored[name]) != expected:
+      if name in targets and checksum(jax.device_get(restored[name])) != expected:
         raise CheckpointError(f"{name} does not match the checksum saved with it")
     return (step, [restored[f"block_{b}"] for b in self.block_ids],
             restored["shared"] if target_shared is not None else None, meta)

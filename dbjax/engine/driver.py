@@ -4,10 +4,15 @@ Schedule (paper, Sec. 4): every iteration draws one block uniformly at random an
 trains it on the whole batch; DiffusionBlocks runs B times as many iterations as
 end-to-end training, so both spend the same layer evaluations.
 
-Memory: all blocks' states live in host memory as numpy; only the block being trained
-(and the small shared state, if the task has one) is on the accelerator, with the next
-block on its way there and the last on its way back (`train_interval`, config
-train.stream_blocks). When blocks
+Mesh (dbjax.engine.mesh): the active block's step runs on every device of the run's
+mesh (block axis 1), its batch split over data x fsdp and its state sharded over fsdp
+(x tensor). Each host builds only the rows of the batch its devices hold.
+
+Memory: blocks are born sharded where they live (jit with out_shardings) and wait in
+the devices' pinned host memory, with the same sharding, so no host holds more of a
+block than its own devices' shards; only the block being trained (and the small shared
+state, if the task has one) is in device memory, with the next block on its way there
+and the last on its way back (`train_interval`, config train.stream_blocks). When blocks
 share no trained parameters (task.couples_blocks is False) the iterations of a
 checkpoint interval are regrouped by block: each block still sees its own iterations in
 order, with the batch and key of that iteration, which gives exactly the parameters of
@@ -20,7 +25,9 @@ engine.parallel.BlockParallelTrainer instead, which trains all blocks at every s
 
 Determinism: the block, the batch and the key of iteration `step` are pure functions
 of (seed, step), so a run resumed from a checkpoint continues exactly as an
-uninterrupted one would.
+uninterrupted one would. The step draws its noise for the global batch (JAX's
+partitionable threefry), so the parameters do not depend on the mesh beyond the order
+of float reductions.
 """
 import json
 import os
@@ -34,10 +41,10 @@ from absl import logging
 
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
-from dbjax.engine import parallel, state as state_lib
+from dbjax.engine import mesh as mesh_lib, parallel, state as state_lib
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.signals import agreed_stop, stop_on_signals
-from dbjax.engine.step import jit_train_step
+from dbjax.engine.step import train_step
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError, warn
 from dbjax.progress import progress_bar
 
@@ -93,20 +100,81 @@ def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
   return [(b, np.array(steps)) for b, steps in runs]
 
 
+class Placement(NamedTuple):
+  """Where a sequential run's states live on its mesh (block axis 1)."""
+  mesh: jax.sharding.Mesh
+  block: Any      # NamedShardings of a block's state in device memory
+  waiting: Any    # the same in pinned host memory, or None: numpy (one process only)
+  shared: Any     # the shared state's, in device memory
+  batch: jax.sharding.NamedSharding
+
+
+def placement_of(task, config, devices=None) -> Placement:
+  """The sequential run's mesh (config parallel.mesh) and its states' shardings
+  (config parallel.rules); ConfigError naming the field for sizes that do not fit."""
+  mesh = mesh_lib.make_mesh(config, task.num_blocks, devices)
+  mesh_lib.check_batch_size(config.train.batch_size, mesh)
+  rules = mesh_lib.Rules.of(config)
+  block, shared = state_lib.abstract_states(task)
+  host = mesh_lib.host_memory_kind(mesh)
+  numpy = (config.train.waiting_blocks == "numpy" or host is None) and \
+      jax.process_count() == 1
+  return Placement(mesh, mesh_lib.shardings(block, mesh, rules),
+                   None if numpy else mesh_lib.shardings(block, mesh, rules, memory_kind=host),
+                   mesh_lib.shardings(shared, mesh, rules), mesh_lib.batch_sharding(mesh))
+
+
+def jit_sharded_step(task, placement: Placement):
+  """train_step compiled once for all blocks on the placement's mesh: states in and out
+  with their shardings (both donated), the batch split over data x fsdp, the key (raw
+  key data) and the interval on every device."""
+  everywhere = mesh_lib.replicated(placement.mesh)
+  def sharded_train_step(state, shared, batch, key_data, interval):
+    return train_step(task, state, shared, batch, jax.random.wrap_key_data(key_data),
+                      interval)
+  return jax.jit(sharded_train_step, in_shardings=(placement.block, placement.shared, placement.batch,
+                                     everywhere, everywhere),
+                 out_shardings=(placement.block, placement.shared, everywhere),
+                 donate_argnums=(0, 1))
+
+
+def sharded_batch(train_data, index: np.ndarray, sharding) -> tuple:
+  """The batch of examples `index` as global arrays split by `sharding` over its rows;
+  this host reads only the rows its own devices hold."""
+  num_rows = len(index)
+  device_rows = [range(num_rows)[i[0]] for i in
+                 sharding.addressable_devices_indices_map((num_rows,)).values()]
+  own = sorted({row for rows in device_rows for row in rows})
+  position = np.full(num_rows, -1)
+  position[own] = np.arange(len(own))
+  local = train_data.batch(index[own])
+  def global_leaf(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(
+        (num_rows, *x.shape[1:]), sharding,
+        lambda i: x[position[np.arange(num_rows)[i[0]]]][(slice(None), *i[1:])])
+  return tuple(global_leaf(x) for x in local)
+
+
+def step_key_data(seed: int, step: int, block_index: int) -> np.ndarray:
+  """step_key's raw key data, as numpy: the same value on every host."""
+  return np.asarray(jax.random.key_data(step_key(seed, step, block_index)))
+
+
 def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, train_data,
-                          config, bar, should_stop):
+                          config, bar, should_stop, batch_sharding):
   """Dispatch one block's iterations (its state already on the device, or on its way),
   stopping early after the first one at which should_stop() holds; return its state,
   the shared state and the metrics of the iterations dispatched, all still on the
   device (JAX dispatches asynchronously: nothing here waits for the steps)."""
   metrics = []
-  interval = jnp.asarray(task.intervals[block_index])
+  interval = np.asarray(task.intervals[block_index], np.float32)
   for step in steps:
     index = batch_indices(config.seed, int(step), train_data.num_examples,
                           config.train.batch_size)
     state, shared, step_metrics = step_fn(
-        state, shared, train_data.batch(index), step_key(config.seed, int(step), block_index),
-        interval)
+        state, shared, sharded_batch(train_data, index, batch_sharding),
+        step_key_data(config.seed, int(step), block_index), interval)
     metrics.append(step_metrics)
     bar.update(1)
     if should_stop():
@@ -114,77 +182,67 @@ def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, trai
   return state, shared, metrics
 
 
-def waiting_placement(waiting: str):
-  """Where a block waits in host memory while another trains (config
-  train.waiting_blocks): the device's pinned host memory where its backend has that memory
-  kind ("pinned_host"; page-locked, so copies to and from the device are DMA that need no
-  staging buffer and run beside the steps), else None, numpy arrays in ordinary memory."""
-  device = jax.local_devices()[0]
-  if waiting == "pinned_host" and "pinned_host" in {m.kind for m in
-                                                    device.addressable_memories()}:
-    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-  return None
+def to_waiting(tree, placement: Placement):
+  """A block's state sent to where it waits between its turns: pinned host memory with
+  its sharding (dispatched, not awaited), or numpy when placement.waiting is None."""
+  if placement.waiting is None:
+    return jax.device_get(tree)
+  return jax.device_put(tree, placement.waiting)
 
 
 def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
-                    should_stop, stream: bool = True, waiting: str = "numpy"):
+                   should_stop, placement: Placement, stream: bool = True):
   """Train the iterations in `chunk` that are not applied yet (block b's from
-  progress[b] on), until should_stop() holds; update the host `states` and `progress`
-  in place and return (metric rows in iteration order, the host shared state).
+  progress[b] on), until should_stop() holds; update `states` (where blocks wait,
+  to_waiting) and `progress` in place and return (metric rows in iteration order, the
+  shared state).
 
+  A block is in one place at a time: its waiting copy is dropped when it is sent to the
+  devices (states[b] is None meanwhile) and it comes back after its steps, so a host
+  never holds a block twice.
   stream: a block's steps are dispatched first (JAX runs them asynchronously), and only
-  then is the previous block fetched back to the host and the next one sent to the
-  device, so both transfers overlap the steps and the device never waits for them; it
-  holds the training block and the one arriving. Without it each block goes there and
-  back between the steps. The results are the same, bit for bit.
-  waiting: where streamed blocks wait (`waiting_placement`); the states are numpy again
-  when the interval ends."""
+  then is the block sent back to pinned host memory and the next one to the devices,
+  so both copies overlap the steps; the devices hold the training block and the one
+  arriving. Without it each block goes there and back between the steps. The results
+  are the same, bit for bit."""
   schedule = np.array([block_for_step(config.seed, s, task.num_blocks) for s in chunk])
   runs = [(b, steps[steps >= progress[b]])
           for b, steps in block_runs(chunk, schedule, task.couples_blocks)]
   runs = [(b, steps) for b, steps in runs if len(steps)]
-  # Explicitly the device's default memory: a plain device_put leaves a pinned array there.
-  on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  parked = waiting_placement(waiting) if stream else None
-  upload = (lambda i: jax.device_put(states[runs[i][0]], on_device) if i < len(runs)
-            else None)
-  rows, leaving = [], None  # leaving: (block, its device state on its way to the host)
-  shared = jax.device_put(shared, on_device)  # small; on the device through the interval
-  arriving = upload(0)
+
+  def to_devices(i):  # (block, its state on the devices), its waiting copy dropped
+    if i >= len(runs):
+      return None
+    b = runs[i][0]
+    state, states[b] = jax.device_put(states[b], placement.block), None
+    return b, state
+
+  rows = []
+  shared = jax.device_put(shared, placement.shared)  # small; there through the interval
+  arriving = to_devices(0)
   for i, (b, own_steps) in enumerate(runs):
     if should_stop():
       break
-    state, shared, metrics = _dispatch_block_steps(step_fn, arriving, shared, task, b,
+    state, shared, metrics = _dispatch_block_steps(step_fn, arriving[1], shared, task, b,
                                                    own_steps, train_data, config, bar,
-                                                   should_stop)
+                                                   should_stop, placement.batch)
     arriving = None
-    if stream:  # while block b computes: the last block back, the next one there
-      _land(states, leaving)
-      if parked is not None:  # dispatched, not awaited: the copy follows b's steps
-        states[b], leaving = jax.device_put(state, parked), None
-      else:
-        leaving = (b, state)
-      arriving = upload(i + 1)
+    if stream:  # while block b computes: it leaves for host memory, the next one comes
+      if placement.waiting is not None:
+        states[b], state = to_waiting(state, placement), None
+      arriving = to_devices(i + 1)
     metrics = jax.device_get(metrics)  # waits for block b's steps
     for step, m in zip(own_steps, metrics):
       rows.append({"step": int(step), "block": b, **{k: float(v) for k, v in m.items()}})
     progress[b] = int(own_steps[len(metrics) - 1]) + 1  # its iterations before are applied
-    if not stream:  # back to host, then the next block to the device
-      states[b] = jax.device_get(state)
-      del state  # free its device buffers before the next block is put there
-      arriving = upload(i + 1)
-  _land(states, leaving)
-  if parked is not None:  # the parked blocks back to numpy (numpy ones stay as they are)
-    for b in {b for b, _ in runs}:
-      states[b] = jax.device_get(states[b])
-  return sorted(rows, key=lambda r: r["step"]), jax.device_get(shared)
-
-
-def _land(states, leaving):
-  """Wait for a block's copy to the host to finish and keep it in `states`."""
-  if leaving is not None:
-    b, state = leaving
-    states[b] = jax.device_get(state)
+    if state is not None:  # back to host memory now, then the next block
+      states[b] = jax.block_until_ready(to_waiting(state, placement))
+      state = None  # free its device buffers before the next block is put there
+      if not stream:
+        arriving = to_devices(i + 1)
+  if arriving is not None:  # stopped before its turn: back where it waits, untrained
+    states[arriving[0]] = to_waiting(arriving[1], placement)
+  return sorted(rows, key=lambda r: r["step"]), shared
 
 
 def checkpoint_chunks(first: int, total: int, every: int) -> list[np.ndarray]:
@@ -283,14 +341,36 @@ def checkpointer_of(task, config, workdir: str, build=None):
                          task.num_blocks, config.train.max_checkpoints, targets_of=targets_of)
 
 
-def restore(task, config, checkpointer):
-  """(step, host block states, host shared state, saved metadata) of the newest readable
-  checkpoint (the metadata holds the config it was saved with)."""
+def restore(task, config, checkpointer, placement: Placement | None = None):
+  """(step, block states, shared state, saved metadata) of the newest readable
+  checkpoint (the metadata holds the config it was saved with). With a placement the
+  blocks are read straight to where they wait and the shared state to the devices,
+  each host reading its own shards (a checkpoint of any mesh or host count); without
+  one, as numpy."""
   targets = checkpoint_targets(task, config)
+  blocks = [targets[f"block_{b}"] for b in range(task.num_blocks)]
+  if isinstance(placement, parallel.BlockParallelTrainer):
+    blocks = [with_shardings(t, placement.block_shardings()) for t in blocks]
+    shared_shardings = placement.shared_shardings
+  elif placement is not None:
+    blocks = [with_shardings(t, placement.waiting) for t in blocks]
+    shared_shardings = placement.shared
+  if placement is not None and "shared" in targets:
+    targets["shared"] = with_shardings(targets["shared"], shared_shardings)
   step, states, shared, meta = checkpointer.restore_latest_good(
-      [targets[f"block_{b}"] for b in range(task.num_blocks)], config,
-      target_shared=targets.get("shared"))
-  return step, states, _restored_shared(task, config, shared), meta
+      blocks, config, target_shared=targets.get("shared"))
+  shared = _restored_shared(task, config, shared)
+  if placement is not None:
+    shared = jax.device_put(shared, shared_shardings)
+  return step, states, shared, meta
+
+
+def with_shardings(abstract, shardings):
+  """Abstract arrays that carry `shardings` (None: as they are; orbax then reads numpy)."""
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def train(task, config, workdir: str, train_data, devices=None, build=None) -> TrainedRun:
@@ -318,15 +398,26 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
   unit = config_lib.counter_unit(config)
   checkpointer = checkpointer_of(task, config, workdir, build)
   saved_config = None
+  if in_parallel:
+    placement = trainer = parallel.BlockParallelTrainer(task, config, train_data,
+                                                        devices=devices, allocate=False)
+  else:
+    placement = placement_of(task, config, devices)
+  if chief:
+    print(f"training on {mesh_lib.describe(placement.mesh)}", flush=True)
   if checkpointer.latest_step() is None:
-    init = parallel.init_on_host if in_parallel else state_lib.init_on_host
-    applied, (states, shared), meta = 0, init(task, config.seed), {}
+    if in_parallel:
+      trainer.load()
+      states, shared = trainer.host_states()
+    else:
+      states, shared = born_sharded(task, config.seed, placement)
+    applied, meta = 0, {}
     if chief and (aside := checkpointer.set_aside()):
       print(f"starting afresh from {unit} 0: no readable checkpoint in "
             f"{checkpointer.directory}; the unreadable ones are kept in "
             f"{checkpointer.corrupt_directory} ({', '.join(aside)})", flush=True)
   else:
-    applied, states, shared, meta = restore(task, config, checkpointer)
+    applied, states, shared, meta = restore(task, config, checkpointer, placement)
     saved_config = meta.get("config")
     if chief:
       print(f"resuming from the checkpoint of {unit} {applied} in {workdir}", flush=True)
@@ -344,7 +435,8 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
 
   if in_parallel:  # train.num_steps steps, each of all B blocks at once
     total = config.train.num_steps
-    trainer = parallel.BlockParallelTrainer(task, config, train_data, states, shared, devices)
+    if trainer.states is None:  # restored
+      trainer.load(states, shared)
     def train_chunk(chunk, states, shared, should_stop):
       del states, shared  # the trainer holds them on the devices
       rows = trainer.train(chunk, bar, should_stop=should_stop)
@@ -353,12 +445,11 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
       return (rows, *trainer.host_states())
   else:  # total_iterations iterations of one block each
     total = config_lib.total_iterations(config)
-    step_fn = jit_train_step(task)
+    step_fn = jit_sharded_step(task, placement)
     def train_chunk(chunk, states, shared, should_stop):
       rows, shared = train_interval(step_fn, states, shared, task, chunk, train_data,
-                                     config, bar, progress, should_stop,
-                                     stream=config.train.stream_blocks,
-                                     waiting=config.train.waiting_blocks)
+                                     config, bar, progress, should_stop, placement,
+                                     stream=config.train.stream_blocks)
       return rows, states, shared
   # Purged from `start` on, also at 0: a run started afresh over unreadable checkpoints
   # must not show the old run's curves.
@@ -396,4 +487,26 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
     bar.close()
     checkpointer.close()
     log.close()
-  return TrainedRun(task, states, one_shared(config, shared), history)
+  return TrainedRun(task, *on_host(states, one_shared(config, shared)), history)
+
+
+def on_host(states, shared):
+  """(states, shared) as numpy where this process holds them whole (one process), for
+  evaluation and sampling; the sharded arrays as they are on many hosts."""
+  if all(getattr(leaf, "is_fully_addressable", True)
+         for leaf in jax.tree.leaves((states, shared))):
+    return jax.device_get(states), jax.device_get(shared)
+  return states, shared
+
+
+def born_sharded(task, seed: int, placement: Placement):
+  """(every block's fresh state where it waits, the fresh shared state on the devices):
+  each made by a jit whose out_shardings are the placement's, so no host ever holds
+  more of a block than its own devices' shards. The same values as
+  state.init_on_host (block b from fold_in(key(seed), b), shared from index B)."""
+  def fresh(init, index, shardings):
+    return jax.jit(lambda: init(task, jax.random.fold_in(jax.random.key(seed), index)),
+                   out_shardings=shardings)()
+  states = [to_waiting(fresh(state_lib.init_block, b, placement.block), placement)
+            for b in range(task.num_blocks)]
+  return states, fresh(state_lib.init_shared, task.num_blocks, placement.shared)
