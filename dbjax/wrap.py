@@ -203,9 +203,12 @@ class DiffusionBlocks:
       checkpointer.save(path, list(states), force=overwrite)
 
   def load(self, path: str) -> list[BlockState]:
-    """The block states `save` wrote to `path`. A checkpoint of another model (other
-    shapes, blocks or optimizer) is refused with a ConfigError naming the first
-    differing leaf, before any array is read."""
+    """The block states `save` wrote to `path`. Under a jax.set_mesh each leaf is read
+    onto that mesh with the partition spec it was saved with (a user's
+    nnx.with_partitioning annotation; others whole on every device), each host
+    reading its own shards.
+    A checkpoint of another model (other shapes, blocks or optimizer) is refused with a
+    ConfigError naming the first differing leaf, before any array is read."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from dbjax.engine import checkpoint  # pylint: disable=g-import-not-at-top
     path, target = os.path.abspath(path), self.abstract_states()
@@ -216,6 +219,9 @@ class DiffusionBlocks:
       if difference is not None:
         raise ConfigError(f"dbjax.wrap: {path} holds block states of another model: "
                           f"{difference}")
+      mesh = jax.sharding.get_mesh()
+      if not mesh.empty:
+        target = on_mesh(target, saved.tree, mesh)
       return checkpointer.restore(path, target)
 
   def init(self, key) -> list[BlockState]:
@@ -470,3 +476,24 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
                              shared_optimizer=optax.set_to_zero())
   shared = jax.device_get(task.init_shared_params(jax.random.key(seed)))
   return DiffusionBlocks(target=target, task=task, shared_params=shared, arguments=arguments)
+
+
+def on_mesh(abstract, saved, mesh):
+  """Abstract leaves placed on the concrete `mesh` in scope, each with the partition
+  spec it was saved with where the mesh has its axes (a user's annotations, kept by
+  wrap's step), else whole on every device. (flax's own abstract leaves carry the
+  abstract mesh, which orbax cannot read into.)"""
+  from dbjax.engine.checkpoint import leaf_path  # pylint: disable=g-import-not-at-top
+  saved_by_path = {leaf_path(path): leaf for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+  def place(path, leaf):
+    metadata = saved_by_path.get(leaf_path(path))
+    spec = getattr(getattr(metadata, "sharding", None), "partition_spec", None) or ()
+    named = {a for entry in spec if entry for a in (entry if isinstance(entry, tuple)
+                                                     else (entry,))}
+    spec = jax.sharding.PartitionSpec(*spec) if named <= set(mesh.axis_names) else \
+        jax.sharding.PartitionSpec()
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                sharding=jax.sharding.NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map_with_path(place, abstract)
