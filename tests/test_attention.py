@@ -63,8 +63,6 @@ def test_values_and_gradients_equal_plain_attention(implementation, mask_name):
   allowed = allowed() if callable(allowed) else allowed
   if implementation == "cudnn" and jax.default_backend() != "gpu":
     pytest.skip("cuDNN needs a GPU")
-  if implementation == "cudnn" and mask not in (None, attention.CAUSAL):
-    pytest.skip("cuDNN takes no mask but the causal one")
   dtype = jnp.bfloat16 if implementation == "cudnn" else jnp.float32
   q, k, v = inputs(rows, cols, dtype)
   out = attention.attend(q, k, v, mask, implementation)
@@ -85,6 +83,31 @@ def test_values_and_gradients_equal_plain_attention(implementation, mask_name):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                atol=tolerance * 5 if dtype == jnp.bfloat16 else 1e-5,
                                err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_cudnn_is_given_every_mask(monkeypatch, mask_name):
+  """"cudnn" on a CPU, through a recorder that runs XLA in cuDNN's place: every mask
+  reaches it (NoisyStream's and the noisy half of BlockDiffusion's as a dense mask;
+  only is_causal was passed before, and their noisy rows saw future tokens), and the
+  output is plain attention's."""
+  mask, rows, cols, allowed = MASKS[mask_name]
+  allowed = allowed() if callable(allowed) else allowed
+  seen, real = [], jax.nn.dot_product_attention
+
+  def recorder(q, k, v, mask=None, is_causal=False, implementation=None):
+    assert implementation == "cudnn"
+    seen.append((mask is not None, is_causal))
+    return real(q, k, v, mask=mask, is_causal=is_causal)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  q, k, v = inputs(rows, cols)
+  out = attention.attend(q, k, v, mask, "cudnn")
+  np.testing.assert_allclose(np.asarray(out, np.float64), plain_attention(q, k, v, allowed),
+                             atol=1e-5)
+  expected = {"none": [(False, False)], "causal": [(False, True)],
+              "noisy_stream": [(True, False)],
+              "block_diffusion": [(False, True), (True, False)]}[mask_name]
+  assert seen == expected
 
 
 def test_recompute_keeps_inputs_output_and_log_sum_exp_only():

@@ -140,9 +140,10 @@ def attend(q, k, v, mask=None, implementation: str = "auto") -> jax.Array:
     return _xla(q, joined(k_parts), joined(v_parts), jnp.asarray(mask, bool))
   chosen = _choose(implementation, q, mask)
   if chosen == "cudnn":
+    keys = joined(k_parts)
     try:
-      return jax.nn.dot_product_attention(q, joined(k_parts), joined(v_parts),
-                                          is_causal=isinstance(mask, Causal),
+      return jax.nn.dot_product_attention(q, keys, joined(v_parts),
+                                          **_cudnn_mask(mask, q.shape[1], keys.shape[1]),
                                           implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
       if implementation == "cudnn":
@@ -155,6 +156,17 @@ def attend(q, k, v, mask=None, implementation: str = "auto") -> jax.Array:
   if isinstance(mask, NoisyStream) and len(k_parts) == 1:  # [clean; noisy] as one array
     k_parts, v_parts = tuple(jnp.split(k, 2, axis=1)), tuple(jnp.split(v, 2, axis=1))
   return recompute_attention(q, k_parts, v_parts, mask)
+
+
+def _cudnn_mask(mask, num_queries: int, num_keys: int) -> dict:
+  """cuDNN's arguments for a structured mask: is_causal for Causal (its own fast path),
+  a dense boolean mask for the others (NoisyStream's noisy rows attend to their own
+  noisy key and the earlier clean ones, which no flag says), nothing for None."""
+  if mask is None:
+    return {}
+  if isinstance(mask, Causal):
+    return {"is_causal": True}
+  return {"mask": dense_mask(mask, num_queries, num_keys)[None, None]}
 
 
 def _choose(implementation: str, q, mask) -> str:
