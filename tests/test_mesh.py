@@ -238,3 +238,21 @@ def test_wrap_keeps_a_users_annotations_through_a_step_a_save_and_a_load(tmp_pat
   chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(states))
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(states)):
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+
+
+def test_a_pod_plan_comes_from_the_compiled_sharded_step():
+  """plan_pod's rows: end to end and B = 2 on 4 devices over 2 hosts, fsdp 4. A
+  device holds a quarter of a block's state (as the shardings say) inside its compiled
+  step's bytes; a host holds its two devices' shares of the block that waits."""
+  from dbjax.engine import planning  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.parallel.mesh.update(data=1, fsdp=-1)
+  rows = planning.pod_plan(config, jax.devices()[:4], 2, [2])
+  assert [(r["method"], r["num_blocks"]) for r in rows] == [("end_to_end", 1),
+                                                            ("diffusion_blocks", 2)]
+  for row in rows:
+    assert row["mesh"] == "data=1,fsdp=4,tensor=1"
+    assert row["device_state_bytes"] < row["device_bytes"]
+    assert row["device_state_bytes"] <= row["block_state_bytes"] / 4 * 1.1
+    assert row["host_bytes"] == (row["num_blocks"] - 1) * row["device_state_bytes"] * 2
+  assert rows[1]["device_bytes"] < rows[0]["device_bytes"]  # half the layers per block
