@@ -160,7 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict(dict(
       # "none": every iteration trains one block drawn at random (paper, Sec. 4), one
       # block on the device at a time. "blocks": every step trains all B blocks at once,
-      # each on its own batch, on a ("block", "data") mesh of the devices present, with
+      # each on its own batch, on its own slice of the mesh (parallel.mesh below), with
       # no communication between blocks (dbjax.engine.parallel); train.num_steps such steps.
       mode="none",
       # Steps between averaging learned shared parameters (a joint label or token

@@ -69,7 +69,7 @@ def main(argv):
            "step_memory_mib": profiling.train_step_memory(
                task, config.train.batch_size)["step_bytes"] / 2**20},
           {"schedule": "parallel", "devices": trainer.mesh.size,
-           "mesh": "x".join(map(str, trainer.mesh.devices.shape)),
+           "mesh": f"{trainer.mesh.shape[parallel.BLOCK]}x{trainer.mesh.shape[parallel.DATA]}",
            "blocks_per_device": num_blocks // trainer.mesh.shape[parallel.BLOCK],
            "step_memory_mib": profiling.compiled_memory(compiled)["step_bytes"] / 2**20,
            "collectives_within_blocks": sum(not crosses_blocks(g, width)

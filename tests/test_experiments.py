@@ -512,3 +512,38 @@ def test_device_check_refuses_an_unknown_section_in_one_line(tmp_path):
   assert result.stderr.strip() == ("error: --only=steps,speed: speed is not a section; "
                                    "choose from steps,authors,scaling,transfers")
   assert not (tmp_path / "check.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_scale_splits_a_block_over_fsdp(tmp_path):
+  out = tmp_path / "scale.json"
+  subprocess.run([sys.executable, "-m", "experiments.bench_scale",
+                  "--config=experiments/configs/digits.py", "--devices=1,2",
+                  "--config.diffusion.num_blocks=2", f"--out={out}", *TINY_FLAGS], cwd=ROOT, check=True, capture_output=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["mode"], r["devices"]) for r in rows] == [
+      ("sequential", 1), ("blocks", 1), ("sequential", 2), ("blocks", 2)]
+  one, two = rows[0], rows[2]
+  assert one["state_bytes_per_device"] == one["state_bytes"]
+  # Half, but for the tiny model's copied biases.
+  assert two["state_bytes"] / 2 <= two["state_bytes_per_device"] < 0.6 * two["state_bytes"]
+  assert two["temp_bytes_per_device"] < one["temp_bytes_per_device"]
+
+
+@pytest.mark.slow
+def test_plan_pod_plans_end_to_end_and_blocks(tmp_path):
+  out = tmp_path / "plan.json"
+  subprocess.run([sys.executable, "-m", "experiments.plan_pod",
+                  "--config=experiments/configs/digits.py", "--devices=4", "--hosts=2",
+                  "--device_memory=1GiB", "--blocks=2", "--config.diffusion.num_blocks=2",
+                  "--config.parallel.mesh.data=1",
+                  "--config.parallel.mesh.fsdp=-1", f"--out={out}", *TINY_FLAGS],
+                 cwd=ROOT, check=True, capture_output=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  plan = json.loads(out.read_text())
+  e2e, blocks = plan["rows"]
+  assert plan["devices"] == 4 and plan["hosts"] == 2
+  assert e2e["method"] == "end_to_end" and blocks["num_blocks"] == 2
+  assert blocks["device_bytes"] < e2e["device_bytes"] <= 2**30 and e2e["fits"]
+  assert blocks["host_bytes"] == blocks["device_state_bytes"] * 2  # 1 waiting, 2 devices

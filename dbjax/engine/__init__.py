@@ -2,11 +2,12 @@
 
   state       BlockState(params, opt_state, step), each block's own optimizer, host init
   step        the pure train step (state, shared, batch, key, interval) with its reduce hook
-  driver      the sequential driver: one block on the device at a time, resume
+  driver      the sequential driver: one block on the mesh at a time, resume
   signals     a stop within one train step on SIGTERM or Ctrl-C, agreed by every process
   block_jobs  blocks trained as separate jobs, and their assembly into one run
   locks       the lock file that keeps a second job off a block a live job trains
-  parallel    all blocks at once on a ("block", "data") mesh (jax.shard_map)
+  mesh        the one mesh of every mode, and where each leaf of a state lives on it
+  parallel    all blocks at once, each on its slice of the mesh (jax.shard_map)
   checkpoint  orbax checkpoints, one item per block, checksummed and checked for fit
   metric_log  train_metrics.jsonl, TensorBoard and the console
   profiling   compiled memory and step time of a block's step
