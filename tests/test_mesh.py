@@ -9,6 +9,7 @@ _XLA_FLAGS = os.environ.get("XLA_FLAGS")
 os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8"
 
 import importlib.util  # pylint: disable=wrong-import-position
+import shutil  # pylint: disable=wrong-import-position
 
 import chex  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
@@ -256,3 +257,24 @@ def test_a_pod_plan_comes_from_the_compiled_sharded_step():
     assert row["device_state_bytes"] <= row["block_state_bytes"] / 4 * 1.1
     assert row["host_bytes"] == (row["num_blocks"] - 1) * row["device_state_bytes"] * 2
   assert rows[1]["device_bytes"] < rows[0]["device_bytes"]  # half the layers per block
+
+
+def test_a_run_continues_on_other_topologies(tmp_path, digits):
+  """Checkpoints of an 8-device run (fsdp 8) continued on 2 devices (fsdp 2), then on
+  1: each leg reads the last one's checkpoint onto its own mesh, and the run ends at
+  the uninterrupted run's parameters to 1e-5; resumed on the same mesh, bit for bit."""
+  config = tiny_config(train__num_steps=6, train__checkpoint_every=4,
+                       train__max_checkpoints=3)  # iterations 4, 8, 12 (B = 2)
+  config.parallel.mesh.update(data=1, fsdp=-1)
+  straight = train.train(config, str(tmp_path / "straight"), digits)
+  legs, same = tmp_path / "legs", tmp_path / "same"
+  shutil.copytree(tmp_path / "straight", legs)
+  shutil.copytree(tmp_path / "straight", same)
+  for removed, devices in ((("8", "12"), 2), (("12",), 1)):
+    for step in removed:
+      shutil.rmtree(legs / "checkpoints" / step)
+    run = train.train(config, str(legs), digits, devices=jax.devices()[:devices])
+  chex.assert_trees_all_close(run.states, straight.states, atol=1e-5, rtol=1e-5)
+  shutil.rmtree(same / "checkpoints" / "12")
+  again = train.train(config, str(same), digits)
+  chex.assert_trees_all_equal(again.states, straight.states)
