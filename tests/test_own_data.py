@@ -62,6 +62,41 @@ def test_colour_folders_and_resizing(tmp_path):
   assert resized.images.shape[1:] == (16, 16, 1)
 
 
+def test_channels_and_size_are_the_whole_folders(tmp_path):
+  """One colour image in the train split makes both splits colour (the test split was
+  read as grey and evaluation died in JAX); a test split of another size is refused
+  in one line when the training split is read; macOS's hidden ._x.png is skipped."""
+  root = tmp_path / "split"
+  write_folder(root / "train")
+  write_folder(root / "test")
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / "train" / "cat" / "rgb.png")
+  (root / "test" / "dog" / "._0.png").write_bytes(b"AppleDouble, not a png")
+  train_data = data.load_images(f"folder:{root}", "train")
+  test_data = data.load_images(f"folder:{root}", "test")
+  assert train_data.images.shape[1:] == test_data.images.shape[1:] == (8, 8, 3)
+  assert len(test_data.labels) == 18
+  other = tmp_path / "other"
+  write_folder(other / "train")
+  write_folder(other / "test", size=12)
+  with pytest.raises(DataError, match=r"images of mixed sizes \[\(8, 8\), \(12, 12\)\]"):
+    data.load_images(f"folder:{other}", "train")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+  """64 distinct 16-bit grey levels stay 64 levels (Pillow's convert("L") made them
+  {0, 255})."""
+  for name in CLASSES:
+    os.makedirs(tmp_path / "deep" / name)
+    for i in range(4):
+      levels = (np.arange(64, dtype=np.uint16) * 1040).reshape(8, 8)
+      Image.fromarray(levels).save(tmp_path / "deep" / name / f"{i}.png")
+  assert Image.open(tmp_path / "deep" / "cat" / "0.png").mode in own.SIXTEEN_BIT_MODES
+  images = data.load_images(f"folder:{tmp_path / 'deep'}", "train").images
+  assert len(np.unique(images)) == 64
+  expected = np.rint(np.arange(64) * 1040 * 255 / 65535) / 127.5 - 1
+  np.testing.assert_allclose(np.unique(images), expected, atol=1e-6)
+
+
 def test_bad_folders_are_one_line_naming_the_folder(tmp_path):
   with pytest.raises(DataError, match="no such folder"):
     data.load_images(f"folder:{tmp_path / 'nothing'}", "train")

@@ -64,28 +64,77 @@ def class_folders(directory: str) -> list[str]:
 
 
 def _image_files(folder: str) -> list[str]:
-  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+  # Hidden files are skipped: macOS's "._x.png" AppleDouble files are not images.
+  files = sorted(f for f in os.listdir(folder)
+                 if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
   if not files:
     raise DataError(f"{folder}: an empty class folder (no {', '.join(IMAGE_SUFFIXES)} files)")
   return [os.path.join(folder, f) for f in files]
 
 
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# Greyscale modes of 16-bit pixels (a 16-bit PNG opens as "I;16" or "I"): scaled by
+# 255 / 65535, where Pillow's convert("L") would clip everything above 255.
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
-def _decode(path: str, resize: int) -> np.ndarray:
-  """One image file as uint8 (H, W, 1) if it is greyscale, else (H, W, 3)."""
+def _decode(path: str, resize: int, colour: bool) -> np.ndarray:
+  """One image file as uint8 (H, W, 3) if `colour` (greyscale as grey RGB), else
+  (H, W, 1)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as image:
-      grey = image.mode in GREY_MODES
-      image = image.convert("L" if grey else "RGB")
+      if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * 255 / 65535), 0, 255).astype(np.uint8))
+      image = image.convert("RGB" if colour else "L")
       if resize:
         image = image.resize((resize, resize), Image.Resampling.BICUBIC)
       pixels = np.asarray(image, np.uint8)
   except OSError as e:
     raise DataError(f"{path}: not an image Pillow can read ({e})") from e
-  return pixels[..., None] if grey else pixels
+  return pixels if colour else pixels[..., None]
+
+
+def _folder_files(directory: str) -> dict:
+  """{split: [(path, label)]} of a folder, per split folder (train/, test/) where it has
+  them, else all its files under "all"; class names come from class_folders."""
+  has_splits = all(os.path.isdir(os.path.join(directory, s)) for s in ("train", "test"))
+  roots = {s: os.path.join(directory, s) for s in ("train", "test")} if has_splits \
+      else {"all": directory}
+  return {split: [(path, label) for label, name in enumerate(class_folders(root))
+                  for path in _image_files(os.path.join(root, name))]
+          for split, root in roots.items()}
+
+
+def folder_shape(directory: str, resize: int = 0) -> tuple[int, int]:
+  """(side, channels) of every image of a folder, both splits, read from the files'
+  headers alone: 3 channels if any image is in colour, the side `resize` or the one
+  size they all share. One-line DataError for mixed or non-square sizes, naming a file,
+  so both splits are checked before anything trains."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sizes, colour = {}, False
+  for files in _folder_files(directory).values():
+    for path, _ in files:
+      try:
+        with Image.open(path) as image:
+          sizes.setdefault(image.size, path)
+          colour = colour or image.mode not in GREY_MODES
+      except OSError as e:
+        raise DataError(f"{path}: not an image Pillow can read ({e})") from e
+  channels = 3 if colour else 1
+  if resize:
+    return resize, channels
+  if len(sizes) > 1:
+    (_, first), (size, example) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
+    raise DataError(f"{directory}: images of mixed sizes {sorted(sizes)[:4]} (e.g. "
+                    f"{example}, {size[0]} x {size[1]}, and {first}); set "
+                    "config.data.resize=<size> to resize them all to <size> x <size>")
+  (width, height), = sizes
+  if height != width:
+    raise DataError(f"{directory}: images are {height} x {width}; the networks take square "
+                    "images: set config.data.resize=<size>")
+  return width, channels
 
 
 def read_folder(directory: str, split: str, resize: int = 0):
@@ -96,22 +145,14 @@ def read_folder(directory: str, split: str, resize: int = 0):
   classes = class_folders(root)
   if has_splits and classes != class_folders(os.path.join(directory, "train")):
     raise DataError(f"{root}: its classes {classes} differ from the train split's")
+  # Channels and size are the whole folder's (both splits), so a colour image in one
+  # split, or a test split of another size, is settled or refused before training.
+  _, channels = folder_shape(directory, resize)
   files = [(path, label) for label, name in enumerate(classes)
            for path in _image_files(os.path.join(root, name))]
   if not has_splits:
     files = [files[i] for i in sorted(split_rows(len(files), split))]
-  images = [_decode(p, resize) for p, _ in files]
-  if any(im.shape[-1] == 3 for im in images):  # colour: greyscale images as grey RGB
-    images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
-  sizes = sorted({im.shape[:2] for im in images})
-  if len(sizes) > 1:
-    example = next(p for (p, _), im in zip(files, images) if im.shape[:2] == sizes[-1])
-    raise DataError(f"{root}: images of mixed sizes {sizes[:4]} (e.g. {example}); set "
-                    "config.data.resize=<size> to resize them all to <size> x <size>")
-  (height, width), = sizes
-  if height != width:
-    raise DataError(f"{root}: images are {height} x {width}; the networks take square "
-                    "images: set config.data.resize=<size>")
+  images = [_decode(p, resize, channels == 3) for p, _ in files]
   return (np.stack(images), np.array([label for _, label in files], np.int32),
           tuple(classes))
 
