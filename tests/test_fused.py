@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dbjax.engine import profiling
 from dbjax.nets import fused
@@ -108,6 +109,21 @@ def test_dense_of_in_bfloat16_gives_bfloat16_gradients():
                                                      kernel.astype(jnp.float32), 1.0)))(
       x.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(grads[0], np.float32), reference, rtol=0.05, atol=0.05)
+
+
+def test_dense_of_multiplies_in_the_kernels_dtype_as_nnx_linear_does():
+  """float32 tokens into a bfloat16 layer: the product and the output are bfloat16, as
+  nnx.Linear(dtype=bfloat16) gives (they were float32, so a bfloat16 block saved its
+  q, k, v and fc1 outputs in float32); the tokens' gradient keeps their dtype."""
+  x, _, _ = inputs(jnp.float32)
+  kernel, bias = jnp.ones((16, 8), jnp.bfloat16), jnp.ones(8, jnp.bfloat16)
+  linear = nnx.Linear(16, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert linear(fused.gelu_tanh(x)).dtype == jnp.bfloat16
+  out = fused.dense_of(fused.gelu_tanh, (x,), kernel, bias)
+  assert out.dtype == jnp.bfloat16
+  grads = jax.grad(lambda x, k: jnp.sum(fused.dense_of(fused.gelu_tanh, (x,), k, bias)
+                                        .astype(jnp.float32)), (0, 1))(x, kernel)
+  assert [g.dtype for g in grads] == [jnp.float32, jnp.bfloat16]
 
 
 def mlp_stack_memory(fused_matmul: bool, layers=6, rows=1024, width=64) -> int:

@@ -154,7 +154,9 @@ def _matmul(y, kernel):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _matmul_of(fn, args, kernel):
-  return _matmul(fn(*args), kernel)
+  # In the kernel's (compute) dtype, as nnx.Linear(dtype=...) casts its input: a
+  # bfloat16 layer given float32 tokens multiplies, and returns, bfloat16.
+  return _matmul(fn(*args).astype(kernel.dtype), kernel)
 
 
 def _matmul_of_forward(fn, args, kernel):
@@ -166,7 +168,7 @@ def _matmul_of_backward(fn, residuals, d_out):
   args, d_out = after_cotangent(args, d_out)
   y, fn_vjp = jax.vjp(fn, *args)
   rows = tuple(range(y.ndim - 1))
-  d_kernel = jax.lax.dot_general(y, d_out, ((rows, rows), ((), ())))
+  d_kernel = jax.lax.dot_general(y.astype(kernel.dtype), d_out, ((rows, rows), ((), ())))
   d_y = jax.lax.dot_general(d_out, kernel, (((d_out.ndim - 1,), (1,)), ((), ())))
   return fn_vjp(d_y.astype(y.dtype)), d_kernel.astype(kernel.dtype)
 
