@@ -1,12 +1,13 @@
 """One mesh for every mode: its sizes, where each leaf lives, sequential mode on all
 devices, and a run that continues on another mesh.
 
-Runs on 8 fake CPU devices (see tests/test_parallel.py for why the flag is set here).
+Runs on 8 fake CPU devices (tests/fake_devices.py).
 """
 import os
 
-_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8"
+from tests import fake_devices
+
+NUM_DEVICES = fake_devices.start(8)
 
 import importlib.util  # pylint: disable=wrong-import-position
 import shutil  # pylint: disable=wrong-import-position
@@ -24,16 +25,11 @@ from dbjax.engine import state as state_lib  # pylint: disable=wrong-import-posi
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 
-NUM_DEVICES = jax.device_count()
-if _XLA_FLAGS is None:
-  del os.environ["XLA_FLAGS"]
-else:
-  os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
-  assert NUM_DEVICES == 8
+  fake_devices.require(8, NUM_DEVICES)
 
 
 @pytest.fixture(scope="module")

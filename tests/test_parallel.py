@@ -1,14 +1,12 @@
-"""All blocks at once on a ("block", "data") mesh: the same parameters as one block after
-another, no collective across blocks, resume on other device counts, two processes.
-
-Runs on 8 fake CPU devices: XLA reads XLA_FLAGS when the backend starts, which is at
-the first computation, so setting it here, before this module imports jax, is in time
-as long as no test module collected before it computes at import.
+"""All blocks at once, each on its slice of the mesh: the same parameters as one block
+after another, no collective across blocks, resume on other device counts, two
+processes. Runs on 8 fake CPU devices (tests/fake_devices.py).
 """
 import os
 
-_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8"
+from tests import fake_devices
+
+NUM_DEVICES = fake_devices.start(8)
 
 import re  # pylint: disable=wrong-import-position
 import shutil  # pylint: disable=wrong-import-position
@@ -33,19 +31,10 @@ from experiments.soak import saved_steps  # pylint: disable=wrong-import-positio
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
 
-# Start the backend now, with the flag, then put the environment back, so that the
-# command-line tests' child processes in this worker see their usual one device.
-NUM_DEVICES = jax.device_count()
-if _XLA_FLAGS is None:
-  del os.environ["XLA_FLAGS"]
-else:
-  os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
-  assert NUM_DEVICES == 8, (
-      "the CPU backend started before this module set XLA_FLAGS: some module computes "
-      "at import")
+  fake_devices.require(8, NUM_DEVICES)
 
 
 @pytest.fixture(scope="module")
