@@ -78,6 +78,16 @@ class ProgressBar(tqdm.auto.tqdm):
       self._write_line()
     return shown
 
+  def already_done(self, n: int):
+    """Count n units done before this run (a resumed job's, a file already written):
+    no work, so neither the compilation nor the speed; the next update is still the
+    first that computes."""
+    if self.disable or not n:
+      return
+    self.n += n
+    self.initial, self.last_print_n = self.n, self.n
+    self.refresh()
+
   def _end_compilation(self, n):
     """Count the first update's n, report its time as compilation and restart the speed
     from now (tqdm's rate: (n - initial) / elapsed, or its moving averages)."""

@@ -1,6 +1,8 @@
 """dbjax.progress: plain lines where the output is a file, compile time kept apart."""
 import io
 
+import pytest
+
 from dbjax.progress import progress_bar
 
 
@@ -43,6 +45,24 @@ def test_the_first_update_is_reported_as_compilation_and_left_out_of_the_speed()
   bar.close()
   first = out.getvalue().splitlines()[0]
   assert first == "training: compiled in 7.5 s (the first iteration, left out of the speed)"
+
+
+@pytest.mark.parametrize("done_before", [0, 5])
+def test_work_done_before_is_not_the_compilation(done_before):
+  """encode_latents counted the rows already encoded (0 on a fresh run) as the first
+  update, so it printed "compiled in 0.0 s"; they are counted apart now, and the
+  compilation is the first batch that computes."""
+  out, clock = io.StringIO(), FakeClock()
+  bar = progress_bar(total=20, desc="encoding", unit="image", file=out, first_compiles=True)
+  bar._time = clock
+  bar.start_t = bar.last_print_t = clock.now
+  bar.already_done(done_before)
+  assert bar.compile_seconds is None and bar.n == done_before
+  clock.now += 3.0
+  bar.update(5)
+  assert bar.compile_seconds == 3.0 and bar.n == done_before + 5
+  bar.close()
+  assert "encoding: compiled in 3.0 s" in out.getvalue()
 
 
 def test_a_disabled_bar_writes_nothing():

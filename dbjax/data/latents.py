@@ -228,12 +228,12 @@ def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
   count = len(labels)
   if os.path.exists(final):
     if bar is not None:
-      bar.update(count)
+      bar.already_done(count)
     return final
   partial = final + ".partial"
   done = _rows_done(directory, split) if os.path.exists(partial) else 0
   if bar is not None:
-    bar.update(done)
+    bar.already_done(done)  # not the compilation: that is the first batch encoded
   out = None
   for start in range(done, count, batch_size):
     rows = np.asarray(images[start:start + batch_size], np.float32)
