@@ -190,8 +190,11 @@ class DiffusionBlocks:
 
   def save(self, path: str, states: list[BlockState], overwrite: bool = False):
     """Write every block's state to the orbax checkpoint directory `path`, and wait until
-    it is on disk. A `path` that exists is refused (a WorkdirError) unless overwrite=True,
-    which replaces it: orbax writes the new checkpoint aside and renames it into place."""
+    it is on disk (each host its own shards). A `path` that exists is refused (a
+    WorkdirError) unless overwrite=True, which replaces it without ever leaving neither:
+    the new checkpoint is written whole beside it (<path>.saving) and only then renamed
+    into its place (orbax's own force=True deletes the old one first, so a kill during
+    the write lost both). `load` reads <path>.saving if a kill fell between the renames."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
@@ -199,8 +202,12 @@ class DiffusionBlocks:
     if len(states) != self.num_blocks:
       raise DataError(f"states: got {len(states)} block states; expected num_blocks="
                       f"{self.num_blocks}")
+    target = path + SAVING if os.path.exists(path) else path
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(path, list(states), force=overwrite)
+      # force: only a stale <path>.saving of an earlier killed save is replaced
+      checkpointer.save(target, list(states), force=True)
+    if target != path:
+      replace_directory(target, path)
 
   def load(self, path: str) -> list[BlockState]:
     """The block states `save` wrote to `path`. Under a jax.set_mesh each leaf is read
@@ -212,6 +219,8 @@ class DiffusionBlocks:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from dbjax.engine import checkpoint  # pylint: disable=g-import-not-at-top
     path, target = os.path.abspath(path), self.abstract_states()
+    if not os.path.exists(path) and os.path.exists(path + SAVING):  # see `save`
+      path += SAVING
     with ocp.StandardCheckpointer() as checkpointer:
       saved = checkpointer.metadata(path).item_metadata
       difference = checkpoint.first_difference(checkpoint.tree_signature(saved.tree),
@@ -497,3 +506,24 @@ def on_mesh(abstract, saved, mesh):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                 sharding=jax.sharding.NamedSharding(mesh, spec))
   return jax.tree_util.tree_map_with_path(place, abstract)
+
+
+# Where db.save(overwrite=True) writes the new checkpoint before it takes the old one's
+# place; the old one waits at <path>.replaced until the new one is in.
+SAVING, REPLACED = ".saving", ".replaced"
+
+
+def replace_directory(new: str, path: str):
+  """Put the complete directory `new` in the place of `path`, on process 0, then wait for
+  every process: path -> path.replaced, new -> path, the old one removed. A kill between
+  the two renames leaves `new` complete, which load reads."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    old = path + REPLACED
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"db.save replaced {path}")

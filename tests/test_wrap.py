@@ -1,5 +1,7 @@
 """dbjax.wrap: a user's own layers as DiffusionBlocks, for each target, and the move
 to and from the end-to-end network of the same layers."""
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -214,6 +216,40 @@ def test_block_states_save_and_load_with_orbax(tmp_path):
   with pytest.raises(ConfigError,
                      match=r"another model: 0/params/cls_token/value has shape \(1, 1, 32\)"):
     wider.load(path)
+
+
+def test_overwriting_a_save_never_loses_both(tmp_path, monkeypatch):
+  """db.save(overwrite=True) killed while it writes keeps the old checkpoint (orbax's
+  force=True deleted it first, so both were lost), and killed between its renames
+  leaves the new one, which load reads."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  db = wrapped("image")
+  old = db.init(jax.random.key(0))
+  new = db.init(jax.random.key(1))
+  path = str(tmp_path / "blocks")
+  db.save(path, old)
+  real_save = ocp.StandardCheckpointHandler.async_save
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # a kill while the arrays are written
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", killed)
+  with pytest.raises(KeyboardInterrupt):
+    db.save(path, new, overwrite=True)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", real_save)
+  chex.assert_trees_all_equal(db.load(path), old)
+  real_rename = os.rename
+
+  def killed_between(source, destination):
+    if str(source).endswith(".saving") and str(destination) == path:
+      raise KeyboardInterrupt  # after path -> path.replaced, before the new one is in
+    real_rename(source, destination)
+  monkeypatch.setattr(os, "rename", killed_between)
+  with pytest.raises(KeyboardInterrupt):
+    db.save(path, new, overwrite=True)
+  monkeypatch.setattr(os, "rename", real_rename)
+  chex.assert_trees_all_equal(db.load(path), new)
+  db.save(path, old, overwrite=True)  # and it recovers from there
+  chex.assert_trees_all_equal(db.load(path), old)
 
 
 @pytest.mark.parametrize("arguments,message", [
