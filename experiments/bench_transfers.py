@@ -52,29 +52,54 @@ def train_all_resident(step_fn, device_states, shared, task, chunk, train_data, 
 
 def interval_seconds(way, step_fn, host_states, host_shared, task, chunk, train_data,
                      config) -> float:
-  """Seconds to train `chunk` from the given states, the blocks moved `way`."""
+  """Seconds to train `chunk` from the given states, the blocks moved `way`; step_fn:
+  None, or a wrapper of the compiled step (recording_live_bytes)."""
   states = [jax.tree.map(np.copy, s) for s in host_states]
   bar = progress_bar(disable=True)
   if way == "all_resident":
     device_states, shared = jax.device_put((states, host_shared))
     jax.block_until_ready(device_states)
+    plain_step = _SHARDED.setdefault("all_resident", jit_train_step(task))
     start = time.perf_counter()
-    train_all_resident(step_fn, device_states, shared, task, chunk, train_data, config)
+    train_all_resident(plain_step if step_fn is None else step_fn(plain_step), device_states,
+                       shared, task, chunk, train_data, config)
   else:
-    start = time.perf_counter()
     stream, waiting = MOVED[way]
-    driver.train_interval(step_fn, states, host_shared, task, chunk, train_data, config, bar,
-                          [0] * task.num_blocks, lambda: False, stream=stream,
-                          waiting=waiting)
+    placement, sharded_step = sharded_for(task, config, waiting)
+    start = time.perf_counter()
+    driver.train_interval(sharded_step if step_fn is None else step_fn(sharded_step), states,
+                          host_shared, task, chunk, train_data, config, bar,
+                          [0] * task.num_blocks, lambda: False, placement, stream=stream)
   return time.perf_counter() - start
 
 
-def recording_live_bytes(step_fn, peaks: list):
-  """step_fn, noting the live device bytes (block states, batches) at each call."""
-  def step(*args):
-    peaks.append(profiling.live_device_bytes())
-    return step_fn(*args)
-  return step
+_SHARDED = {}  # waiting -> (placement, its step): compiled once, outside the timing
+
+
+def sharded_for(task, config, waiting: str):
+  """(placement_for's placement, the driver's step compiled for it), made once."""
+  if waiting not in _SHARDED:
+    placement = placement_for(task, config, waiting)
+    _SHARDED[waiting] = placement, driver.jit_sharded_step(task, placement)
+  return _SHARDED[waiting]
+
+
+def placement_for(task, config, waiting: str):
+  """The driver's placement with blocks waiting as `waiting` (train.waiting_blocks)."""
+  config = config.copy_and_resolve_references()
+  config.train.waiting_blocks = waiting
+  return driver.placement_of(task, config)
+
+
+def recording_live_bytes(peaks: list):
+  """A wrapper of a step that notes the live device bytes (block states, batches) at
+  each call."""
+  def wrap(step_fn):
+    def step(*args):
+      peaks.append(profiling.live_device_bytes())
+      return step_fn(*args)
+    return step
+  return wrap
 
 
 def main(argv):
@@ -83,22 +108,22 @@ def main(argv):
   task = tasks.build(config)
   host_states, host_shared = state_lib.init_on_host(task, config.seed)
   chunk = np.arange(_ITERATIONS.value)
-  step_fn = jit_train_step(task)
   args = (host_states, host_shared, task, chunk, data.train, config)
   ways = [way for way, (_, waiting) in MOVED.items()  # pinned_host where the backend has it
-          if waiting == "numpy" or driver.waiting_placement(waiting)] + ["all_resident"]
+          if waiting == "numpy" or placement_for(task, config, waiting).waiting is not None
+          ] + ["all_resident"]
   for way in ways:  # compile, and warm every path
-    interval_seconds(way, step_fn, *args)
+    interval_seconds(way, None, *args)
   seconds = {way: [] for way in ways}
   for _ in range(_REPEATS.value):  # in turn, so that the machine's noise falls on all
     for way in ways:
-      seconds[way].append(interval_seconds(way, step_fn, *args))
+      seconds[way].append(interval_seconds(way, None, *args))
   block_bytes = profiling.state_bytes(task)
   baseline = profiling.live_device_bytes()
   rows = []
   for way in ways:
     peaks = []
-    interval_seconds(way, recording_live_bytes(step_fn, peaks), *args)
+    interval_seconds(way, recording_live_bytes(peaks), *args)
     median = float(np.median(seconds[way]))
     rows.append({"way": way, "interval_seconds": median,
                  "waiting_share": 1 - float(np.median(seconds["all_resident"])) / median,

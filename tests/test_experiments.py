@@ -547,3 +547,16 @@ def test_plan_pod_plans_end_to_end_and_blocks(tmp_path):
   assert e2e["method"] == "end_to_end" and blocks["num_blocks"] == 2
   assert blocks["device_bytes"] < e2e["device_bytes"] <= 2**30 and e2e["fits"]
   assert blocks["host_bytes"] == blocks["device_state_bytes"] * 2  # 1 waiting, 2 devices
+
+
+@pytest.mark.slow
+def test_bench_transfers_times_every_way_of_moving_blocks(tmp_path):
+  out = tmp_path / "transfers.json"
+  run_cli("experiments.bench_transfers", "--config=experiments/configs/digits.py",
+          "--iterations=6", "--repeats=1", "--config.diffusion.num_blocks=2",
+          f"--out={out}", *TINY_FLAGS)
+  rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"synchronous", "streamed", "streamed_pinned_host", "all_resident"}
+  assert rows["all_resident"]["waiting_share"] == 0
+  # One block on the device at a time when moved (and a little), all of them resident.
+  assert rows["synchronous"]["blocks_on_device"] < 1.5 < rows["all_resident"]["blocks_on_device"]
