@@ -14,7 +14,7 @@ from PIL import Image
 
 from dbjax import data, tasks, train
 from dbjax.data import latents, own
-from dbjax.errors import ConfigError, DataError
+from dbjax.errors import ConfigError, ConfigWarning, DataError
 from dbjax.nets import autoencoder
 from tests.conftest import tiny_config
 from tests.test_experiments import ROOT, run_cli
@@ -133,6 +133,10 @@ def test_arrays_read_uint8_or_float_and_refuse_what_they_cannot_use(tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=message):
       data.load_images(f"arrays:{tmp_path / 'bad.npz'}", "train")
+  # Floats in [0, 1]: probably pixels scaled the other way; they load, with a word.
+  np.savez(tmp_path / "unit.npz", images=pixels / 255.0, labels=np.zeros(20, int))
+  with pytest.warns(ConfigWarning, match=r"float images span \[0, 1\], not \[-1, 1\].*2 x - 1"):
+    data.load_images(f"arrays:{tmp_path / 'unit.npz'}", "train")
 
 
 def test_a_run_learns_its_shape_and_classes_from_the_data(tmp_path):

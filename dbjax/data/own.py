@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from dbjax.errors import DataError
+from dbjax.errors import DataError, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEST_SHARE = 0.2
@@ -46,6 +46,9 @@ def to_unit_range(images: np.ndarray, where: str) -> np.ndarray:
   if low < -1.001 or high > 1.001:
     raise DataError(f"{where}: float images span [{low:g}, {high:g}]; expected [-1, 1] (or "
                     "uint8 pixels in [0, 255])")
+  if low >= 0 and images.size:  # [0, 1] pixels would train, a quarter of the range off
+    warn(f"{where}: float images span [{low:g}, {high:g}], not [-1, 1]: if they are pixels "
+         "in [0, 1], save them as 2 x - 1 (or as uint8)", stacklevel=3)
   return images.astype(np.float32)
 
 
