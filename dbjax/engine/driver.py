@@ -132,8 +132,9 @@ def jit_sharded_step(task, placement: Placement):
   def sharded_train_step(state, shared, batch, key_data, interval):
     return train_step(task, state, shared, batch, jax.random.wrap_key_data(key_data),
                       interval)
-  return jax.jit(sharded_train_step, in_shardings=(placement.block, placement.shared, placement.batch,
-                                     everywhere, everywhere),
+  return jax.jit(sharded_train_step,
+                 in_shardings=(placement.block, placement.shared, placement.batch,
+                               everywhere, everywhere),
                  out_shardings=(placement.block, placement.shared, everywhere),
                  donate_argnums=(0, 1))
 

@@ -158,8 +158,10 @@ def spread_spec(shape: tuple, mesh) -> P:
 
 def state_specs(tree, mesh, rules: Rules, stacked: bool = False, spread: bool = False):
   """A PartitionSpec for every array leaf of `tree` (concrete or abstract; a block's
-  state, a shared state), in a tree of the same structure. stacked: leaves carry a leading axis of B blocks (parallel
-  mode), which goes over the block axis, the rest as one block's leaf."""
+  state, a shared state), in a tree of the same structure. stacked: leaves carry a
+  leading axis of B blocks (parallel mode), which goes over the block axis, the rest as
+  one block's leaf. spread: every leaf over all the mesh's devices (spread_spec), as
+  parallel mode checkpoints a block."""
   def spec(path, variable):
     names = _names_of(variable)
     leaf = variable.get_value() if isinstance(variable, nnx.Variable) else variable
