@@ -13,6 +13,12 @@ a killed run, rerun with the same command, resumes where it stopped and gives an
 bit-identical to an uninterrupted one. The scale factor (1 / the training latents'
 standard deviation: unit variance, as latent diffusion has it) is computed unless
 --scale_factor is given. latents.json is written last: the set is complete when it exists.
+
+Rows already in --out are reused or resumed only when they were made by the same encoder,
+the same weights (a SHA-256 of --checkpoint's files), the same data read the same way
+and the same row count; otherwise the command stops, naming what differs, unless
+--overwrite is given. The weights' hash goes into latents.json too, and sampling or
+evaluation refuses a decoder whose weights have changed since.
 """
 import os
 
@@ -37,6 +43,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "the argument both functio
 _OUT = flags.DEFINE_string("out", None, "the latents directory")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "images per encoder call")
 _SCALE = flags.DEFINE_float("scale_factor", 0.0, "the latents' scale; 0: 1 / their std")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "encode again rows in --out that other "
+                               "settings made (else the command stops, naming what differs)")
 flags.mark_flags_as_required(["data", "out"])
 
 
@@ -55,19 +63,25 @@ def main(argv):
   if splits["train"].latents is not None:
     raise ConfigError(f"--data={_DATA.value}: holds latents already; give the images")
   os.makedirs(_OUT.value, exist_ok=True)
+  checkpoint = os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else None
+  made_by = {"encoder": _ENCODER.value, "checkpoint": checkpoint,
+             "checkpoint_sha256": latents.weights_sha256(checkpoint), "source": _DATA.value,
+             "data_dir": _DATA_DIR.value, "resize": _RESIZE.value}
   total = sum(d.num_examples for d in splits.values())
   with progress_bar(total=total, desc="encoding", unit="image", first_compiles=True) as bar:
     paths = {split: latents.encode_split(lambda x: encoder(x, _CHECKPOINT.value), d.images,
-                                         d.labels, _OUT.value, split, _BATCH.value, bar)
+                                         d.labels, _OUT.value, split, _BATCH.value, made_by,
+                                         bar, overwrite=_OVERWRITE.value)
              for split, d in splits.items()}
   shape = list(np.load(paths["train"], mmap_mode="r").shape[1:])
   scale = _SCALE.value or latents.unit_variance_scale(paths["train"])
   train = splits["train"]
   latents.write_info(_OUT.value, {
-      "scale_factor": scale, "shape": shape, "source": _DATA.value, "decoder": decoder,
-      "checkpoint": os.path.abspath(_CHECKPOINT.value) if _CHECKPOINT.value else None,
-      "encoder": _ENCODER.value, "num_classes": train.num_classes,
-      "class_names": list(train.class_names)})
+      **made_by, "scale_factor": scale,
+      "scale_rule": "given" if _SCALE.value else "1 / std of the training latents",
+      "shape": shape, "decoder": decoder,
+      "rows": {split: d.num_examples for split, d in splits.items()},
+      "num_classes": train.num_classes, "class_names": list(train.class_names)})
   print(f"wrote {total} latents {tuple(shape)} to {_OUT.value} (scale factor {scale:.4g}); "
         f"train on them with --config.data.name=latents:{_OUT.value}")
 

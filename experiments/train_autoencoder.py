@@ -6,7 +6,9 @@ trains on, and report its reconstruction error on the test split.
 
 Writes <workdir>/autoencoder.json (its config, the test reconstruction error and PSNR),
 <workdir>/params/ (orbax) and <workdir>/reconstructions.png (test images above their
-reconstructions). Then:
+reconstructions). A --workdir that holds a trained autoencoder is refused unless
+--overwrite is given: latents encoded by it record a hash of its weights, and refuse to
+decode with others. Then:
 
   python -m experiments.encode_latents --data=fashion_mnist \
       --encoder=dbjax.nets.autoencoder:encode --checkpoint=runs/vae_fashion_mnist \
@@ -40,6 +42,9 @@ _WIDTH = flags.DEFINE_integer("width", 64, "channels of the inner convolutions")
 _KL = flags.DEFINE_float("kl_weight", 1e-3, "weight of the KL term per latent element")
 _LR = flags.DEFINE_float("learning_rate", 2e-3, "Adam's peak learning rate (cosine decay)")
 _SEED = flags.DEFINE_integer("seed", 0, "initialisation and batch order")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an autoencoder already trained "
+                               "in --workdir (latent sets encoded by it then refuse to "
+                               "decode until encoded again)")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -61,6 +66,11 @@ def main(argv):
                       ("latent_channels", _LATENT.value)):
     if value < 1:
       raise ConfigError(f"--{name}={value}: expected a positive integer")
+  finished = os.path.join(_WORKDIR.value, autoencoder.CONFIG_FILE)
+  if os.path.exists(finished) and not _OVERWRITE.value:
+    raise ConfigError(f"--workdir={_WORKDIR.value}: holds a trained autoencoder already "
+                      f"({finished}); latent sets encoded by it would no longer decode. "
+                      "Choose another --workdir, or pass --overwrite")
   train, test = (load_images(_DATA.value, split, _DATA_DIR.value) for split in ("train", "test"))
   if train.latents is not None:
     raise ConfigError(f"--data={_DATA.value}: holds latents already; give the images")

@@ -298,7 +298,8 @@ def test_an_interrupted_encoding_resumes_bit_identical(digits_autoencoder, tmp_p
   directory, _ = digits_autoencoder
   images = data.load_images("digits", "train")
   encode = lambda x: autoencoder.encode(x, directory)
-  whole = latents.encode_split(encode, images.images, images.labels, str(tmp_path), "train", 64)
+  whole = latents.encode_split(encode, images.images, images.labels, str(tmp_path), "train", 64,
+                               MADE_BY)
   expected = np.load(whole)
 
   class Killed(Exception):
@@ -315,14 +316,95 @@ def test_an_interrupted_encoding_resumes_bit_identical(digits_autoencoder, tmp_p
   os.makedirs(resumed)
   with pytest.raises(Killed):
     latents.encode_split(dies_at_the_ninth_batch, images.images, images.labels, str(resumed),
-                         "train", 64)
+                         "train", 64, MADE_BY)
   assert not (resumed / "train_latents.npy").exists()  # nothing that looks complete
   assert (resumed / ".train_latents.rows_done").read_text() == str(8 * 64)
   seen = []
   path = latents.encode_split(lambda x: seen.append(len(x)) or encode(x), images.images,
-                              images.labels, str(resumed), "train", 64)
+                              images.labels, str(resumed), "train", 64, MADE_BY)
   np.testing.assert_array_equal(np.load(path), expected)
   assert len(seen) == -(-1437 // 64) - 8  # only the batches not written before
+
+
+MADE_BY = {"encoder": "dbjax.nets.autoencoder:encode", "source": "digits"}
+
+
+def _fake_encoder(factor):
+  """A 4x-downsampling 'encoder' whose rows tell which factor made them."""
+  return lambda images: factor * images[:, ::4, ::4]
+
+
+def test_rows_made_by_other_settings_are_refused_or_encoded_again(tmp_path):
+  images = data.load_images("digits", "train")
+  first_10, first_20 = (images.images[:n] for n in (10, 20))
+  a, b = _fake_encoder(1.0), _fake_encoder(2.0)
+  made_by_a, made_by_b = ({**MADE_BY, "checkpoint_sha256": h} for h in ("aaa", "bbb"))
+  out = str(tmp_path)
+  path = latents.encode_split(a, first_10, images.labels[:10], out, "train", 4, made_by_a)
+  with pytest.raises(DataError, match=r"train_latents.npy: made by other settings "
+                     r"\(checkpoint_sha256 was 'aaa', this run's is 'bbb'\).*--overwrite"):
+    latents.encode_split(b, first_10, images.labels[:10], out, "train", 4, made_by_b)
+  with pytest.raises(DataError, match=r"rows was 10, this run's is 20"):
+    latents.encode_split(a, first_20, images.labels[:20], out, "train", 4, made_by_a)
+  latents.encode_split(b, first_10, images.labels[:10], out, "train", 4, made_by_b,
+                       overwrite=True)
+  np.testing.assert_array_equal(np.load(path), 2 * first_10[:, ::4, ::4])  # all B's now
+
+  class Killed(Exception):
+    pass
+
+  def dies_after_one_batch(x, calls=[]):  # pylint: disable=dangerous-default-value
+    calls.append(1)
+    if len(calls) == 2:
+      raise Killed
+    return a(x)
+
+  resumed = str(tmp_path / "resumed")
+  os.makedirs(resumed)
+  with pytest.raises(Killed):
+    latents.encode_split(dies_after_one_batch, first_10, images.labels[:10], resumed, "train",
+                         4, made_by_a)
+  with pytest.raises(DataError, match=r"train_latents.npy.partial: made by other settings"):
+    latents.encode_split(b, first_10, images.labels[:10], resumed, "train", 4, made_by_b)
+  path = latents.encode_split(b, first_10, images.labels[:10], resumed, "train", 4, made_by_b,
+                              overwrite=True)
+  np.testing.assert_array_equal(np.load(path), 2 * first_10[:, ::4, ::4])  # not [A x 4, B x 6]
+  with pytest.raises(DataError, match=r"the test split of 'digits' holds no images"):
+    latents.encode_split(a, first_10[:0], images.labels[:0], out, "test", 4, made_by_a)
+
+
+def test_a_decoder_whose_weights_changed_is_refused(digits_autoencoder, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  weights = str(tmp_path / "vae")
+  shutil.copytree(digits_autoencoder[0], weights)
+  info = {"decoder": "dbjax.nets.autoencoder:decode", "checkpoint": weights,
+          "checkpoint_sha256": latents.weights_sha256(weights), "scale_factor": 1.0}
+  assert latents.decode(info, np.zeros((2, 2, 2, 4), np.float32)).shape == (2, 8, 8, 1)
+  with open(os.path.join(weights, autoencoder.CONFIG_FILE), "a") as f:
+    f.write(" ")  # any byte of the checkpoint
+  with pytest.raises(DataError, match=r"the decoder's weights changed since these latents "
+                     r"were encoded .*--overwrite"):
+    latents.decode(info, np.zeros((2, 2, 2, 4), np.float32))
+
+
+def test_train_autoencoder_refuses_to_replace_a_trained_one(tmp_path):
+  (tmp_path / autoencoder.CONFIG_FILE).write_text("{}")
+  result = run_cli("experiments.train_autoencoder", "--data=digits", f"--workdir={tmp_path}",
+                   check=False)
+  assert result.returncode != 0
+  assert "holds a trained autoencoder already" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_latent_sets_pixels_are_read_as_they_were_encoded(tmp_path):
+  folder = write_folder(tmp_path / "mixed", per_class=10, sizes=(8, 12))
+  info = {"source": f"folder:{folder}", "resize": 8, "data_dir": "", "decoder": "x:y"}
+  with pytest.raises(DataError):  # mixed sizes: read without resize, the folder fails
+    data.load_images(f"folder:{folder}", "train")
+  trained_on = data.ImageData(np.zeros((4, 2, 2, 4), np.float32), np.zeros(4, np.int32), 3,
+                              latents=info)
+  name, train_pixels, test_pixels = tasks.images.pixel_data(trained_on, trained_on)
+  assert name == f"folder:{folder}"
+  assert train_pixels.images.shape[1:] == test_pixels.images.shape[1:] == (8, 8, 1)
 
 
 @pytest.mark.slow  # three launches of the command, 40 s
@@ -362,7 +444,7 @@ def test_a_latent_run_decodes_its_samples_and_scores_them_in_pixels(digits_autoe
     split_data = data.load_images("digits", split)
     paths[split] = latents.encode_split(lambda x: autoencoder.encode(x, directory),
                                         split_data.images, split_data.labels, str(out), split,
-                                        256)
+                                        256, MADE_BY)
   scale = latents.unit_variance_scale(paths["train"])
   unscaled = np.load(paths["train"])
   assert abs(np.std(unscaled * scale) - 1) < 1e-3  # unit variance

@@ -7,10 +7,15 @@ directory holds
   train_latents.npy  (N, h, w, c) float16 or float32, the encoder's raw output
   train_labels.npy   (N,) integers
   test_latents.npy, test_labels.npy   the same for the test split
-  latents.json       {"scale_factor", "shape": [h, w, c], "source": the data set they
-                      encode, "decoder": "module:function" or null, "checkpoint": the
-                      decoder's weights (its argument) or null, "num_classes",
-                      "class_names"}
+  latents.json       {"scale_factor", "scale_rule", "shape": [h, w, c], "source": the
+                      data set they encode, "data_dir" and "resize" it was read with,
+                      "encoder" and "decoder": "module:function" (decoder null for none),
+                      "checkpoint": their weights (their argument) or null,
+                      "checkpoint_sha256": a hash of those weights' files, "rows" per
+                      split, "num_classes", "class_names"}
+  <split>_latents.made_by.json   what made the split's rows (encoder, weights' hash,
+                      source and how it was read, row count, image shape): rows are
+                      resumed or reused only when all of it matches
 
 experiments/encode_latents.py writes it. A batch is read row by row from the file
 (os.pread at each row's offset), never the array whole and never memory-mapped: a
@@ -20,12 +25,14 @@ than the host's memory trains, and a step's batch is still a pure function of (s
 step). Latents are multiplied by scale_factor as they are read (unit variance, as latent
 diffusion has it; the config's diffusion.sigma_data says so to EDM).
 """
+import hashlib
 import importlib
 import json
 import os
 
 import numpy as np
 
+from dbjax.engine.checkpoint import file_checksums
 from dbjax.errors import DataError
 
 INFO_FILE = "latents.json"
@@ -180,9 +187,26 @@ def resolve_function(spec: str, what: str):
   return function
 
 
+def check_decoder_weights(info: dict):
+  """DataError unless the decoder's checkpoint is the one the set was encoded with (its
+  SHA-256 in latents.json): a retrained autoencoder decodes old latents into noise, with
+  no error of its own. Sets written before the hash was recorded pass."""
+  recorded = info.get("checkpoint_sha256")
+  if recorded is None:
+    return
+  now = weights_sha256(info.get("checkpoint"))
+  if now != recorded:
+    raise DataError(f"{info.get('checkpoint')}: the decoder's weights changed since these "
+                    f"latents were encoded (SHA-256 {recorded[:12]}... then, "
+                    f"{now[:12] + '...' if now else 'no such path'} now); encode them again "
+                    "(experiments/encode_latents.py --overwrite) or restore those weights")
+
+
 def decode(info: dict, latents: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """Scaled latents back to images in [-1, 1] with the set's decoder, in batches."""
+  """Scaled latents back to images in [-1, 1] with the set's decoder, in batches, once
+  its weights are checked to be the ones that encoded the set."""
   decoder = resolve_function(info["decoder"], "latents.json decoder")
+  check_decoder_weights(info)
   unscaled = np.asarray(latents, np.float32) / np.float32(info["scale_factor"])
   return np.concatenate([np.asarray(decoder(unscaled[i:i + batch_size], info.get("checkpoint")),
                                     np.float32)
@@ -212,10 +236,63 @@ def _write_atomically(path: str, text: str):
   os.replace(path + ".tmp", path)
 
 
+def weights_sha256(checkpoint) -> str | None:
+  """SHA-256 of the files at `checkpoint` (a file, or every file below a directory, by
+  relative path), or None where it names no path (a hub model's name, say): what
+  identifies an encoder's or decoder's weights, so that a set is never decoded, or
+  resumed, by weights other than the ones that made it."""
+  if not checkpoint or not os.path.exists(checkpoint):
+    return None
+  if os.path.isfile(checkpoint):
+    with open(checkpoint, "rb") as f:
+      return hashlib.file_digest(f, "sha256").hexdigest()
+  listing = json.dumps(file_checksums(checkpoint), sort_keys=True)
+  return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _made_by_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f"{split}_latents.made_by.json")
+
+
+def _read_made_by(directory: str, split: str) -> dict | None:
+  path = _made_by_path(directory, split)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _what_differs(recorded: dict | None, made_by: dict) -> str | None:
+  """A phrase naming the first field of made_by that the record lacks or holds another
+  value of; None where they agree."""
+  if recorded is None:
+    return "no record of what made them"
+  for field, value in made_by.items():
+    if recorded.get(field) != value:
+      return f"{field} was {recorded.get(field)!r}, this run's is {value!r}"
+  return None
+
+
+def _remove_split(directory: str, split: str):
+  final = os.path.join(directory, f"{split}_latents.npy")
+  for path in (final, final + ".partial", _progress_path(directory, split),
+               _made_by_path(directory, split),
+               os.path.join(directory, f"{split}_labels.npy")):
+    if os.path.exists(path):
+      os.remove(path)
+
+
 def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
-                 batch_size: int, bar=None) -> str:
+                 batch_size: int, made_by: dict, bar=None, overwrite: bool = False) -> str:
   """Encode `images` (anything indexable by a slice of rows) in batches of batch_size and
   write <directory>/<split>_latents.npy and <split>_labels.npy; return the latents' path.
+
+  made_by (JSON-able) says what makes the rows: the encoder, a hash of its weights, the
+  source and how it was read. It is written beside the rows before the first one, and
+  its row count and image shape are added to it. Rows already there, whole or partial,
+  are kept only when their record matches in every field; otherwise a DataError names
+  the first field that differs, or, with overwrite, they are deleted and encoded again.
+  So a retrained encoder, or another data set, never hands back the old rows.
 
   Written in chunks to <split>_latents.npy.partial, each chunk flushed to disk before a
   small file records the rows done, so a run killed at any moment resumes at the first
@@ -225,12 +302,27 @@ def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
   resumed encoding gives the same bits as an uninterrupted one (for a deterministic
   encoder)."""
   final = os.path.join(directory, f"{split}_latents.npy")
+  partial = final + ".partial"
   count = len(labels)
+  if count == 0:
+    raise DataError(f"the {split} split of {made_by.get('source', 'the data')!r} holds no "
+                    "images; nothing to encode")
+  made_by = {**made_by, "rows": count, "image_shape": list(np.shape(images)[1:])}
+  if os.path.exists(final) or os.path.exists(partial):
+    differs = _what_differs(_read_made_by(directory, split), made_by)
+    if differs and not overwrite:
+      found = final if os.path.exists(final) else partial
+      raise DataError(f"{found}: made by other settings ({differs}); encode into another "
+                      "directory, or pass --overwrite to encode again")
+    if differs:  # and the set's latents.json: it is no longer complete
+      _remove_split(directory, split)
+      if os.path.exists(os.path.join(directory, INFO_FILE)):
+        os.remove(os.path.join(directory, INFO_FILE))
   if os.path.exists(final):
     if bar is not None:
       bar.already_done(count)
     return final
-  partial = final + ".partial"
+  _write_atomically(_made_by_path(directory, split), json.dumps(made_by, indent=2))
   done = _rows_done(directory, split) if os.path.exists(partial) else 0
   if bar is not None:
     bar.already_done(done)  # not the compilation: that is the first batch encoded

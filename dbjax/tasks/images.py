@@ -315,12 +315,14 @@ def viewable(train: image_data.ImageData, samples: np.ndarray) -> np.ndarray:
 def pixel_data(train: image_data.ImageData, test: image_data.ImageData):
   """(name, train, test) of the images the Frechet distance compares in: the pixel data
   set latents were encoded from where their set has a decoder (so the figure is
-  comparable with a pixel-space run's), else the data as trained on."""
+  comparable with a pixel-space run's), read as it was read to be encoded (its data_dir
+  and resize), else the data as trained on."""
   info = train.latents
   if info is None or not info.get("decoder"):
     return None, train, test
-  return (info["source"], image_data.load_images(info["source"], "train"),
-          image_data.load_images(info["source"], "test"))
+  source = [info["source"], info.get("data_dir", ""), info.get("resize", 0)]
+  return (info["source"], image_data.load_images(source[0], "train", *source[1:]),
+          image_data.load_images(source[0], "test", *source[1:]))
 
 
 def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
