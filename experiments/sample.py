@@ -34,6 +34,8 @@ _FLAGS = {
                                 "--temperature is given, else the run's)"),
     "num_samples": flags.DEFINE_integer("num_samples", None, "text: how many (default: the "
                                         "run's)"),
+    "bridge": flags.DEFINE_enum("bridge", None, ["argmax", "expected"], "text: the chain's "
+                                "Euler bridge (default: the run's)"),
 }
 flags.mark_flags_as_required(["workdir"])
 
@@ -48,6 +50,7 @@ def main(argv):
     values["top_p"] = 1.0  # a temperature alone samples the whole distribution
   config = set_flags(config, task, task.sample_flags, values, "experiments.sample")
   task = tasks.build(config)
+  task.check_sample_flags({name: flag.value for name, flag in _FLAGS.items() if flag.present})
   config, data = load_run_data(config, _WORKDIR.value)
   path = task.write_samples(config, _WORKDIR.value, states, shared, data, _SEED.value,
                             _OUT.value)

@@ -216,9 +216,12 @@ def test_command_line_language_model_trains_samples_and_evaluates(tmp_path):
   result = run_cli("experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO.",
                    "--temperature=0", "--num_samples=2")
   assert result.stdout.count("=====\nROMEO.") == 2
+  refused = run_cli("experiments.sample", f"--workdir={workdir}", "--bridge=argmax",
+                    "--temperature=0.8", check=False)
+  assert refused.returncode != 0 and "changes nothing" in refused.stderr.strip().splitlines()[-1]
   result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_steps=4",
                    "--mixture_chains=3", "--max_test_examples=2")
-  with open(os.path.join(workdir, "eval_steps_4_argmax.json")) as f:
+  with open(os.path.join(workdir, "eval_steps_4_expected.json")) as f:
     evaluated = json.load(f)
   assert evaluated["inference_steps"] == 4 and evaluated["mixture_chains"] == 3
   assert evaluated["test_characters"] == 32

@@ -333,6 +333,30 @@ def test_generation_shapes_prompt_and_determinism(kind, method):
   assert not np.array_equal(first, other)
 
 
+def test_sampling_settings_act_or_are_refused():
+  """The default (expected) bridge's samples follow temperature and top-p; the argmax
+  bridge, a near-greedy decoder, is shown greedy alone and refuses them in one line."""
+  assert default_config().language.bridge == "expected"
+  model = language.build(lm_config())
+  states, shared = perturbed_states(model)
+  draw = lambda temperature, top_p: model.generate(
+      [s.params for s in states], shared.params, np.array([5], np.int32), 4, seed=0,
+      temperature=temperature, top_p=top_p)
+  greedy = draw(0.0, 1.0)
+  assert not np.array_equal(draw(1.5, 1.0), greedy)
+  assert not np.array_equal(draw(1.0, 0.5), draw(1.0, 1.0))
+  model.check_sample_flags({"temperature": 0.8, "top_p": 0.5})
+  assert len(common.sampling_settings(model, lm_config())) == 3
+  near_greedy = language.build(lm_config(bridge="argmax"))
+  assert list(common.sampling_settings(near_greedy, lm_config(bridge="argmax")).values()) == [
+      (0.0, 1.0)]
+  near_greedy.check_sample_flags({"temperature": 0.0, "prompt": "The"})
+  for flag, value in (("temperature", 0.8), ("top_p", 0.5)):
+    with pytest.raises(ConfigError, match=rf"--{flag}={value:g} changes nothing with "
+                       r"language.bridge='argmax' .* add --bridge=expected"):
+      near_greedy.check_sample_flags({flag: value})
+
+
 @pytest.mark.parametrize("kind", ["masked", "autoregressive"])
 def test_prompts_continued_each_follow_their_own_prompt(kind):
   """continue_prompts (text quality's sampler; MD4's in one batch): each row follows its

@@ -150,6 +150,11 @@ class Task:
   def write_run_files(self, workdir: str, train_data):
     """Files a later command needs to read this run's data as it trained (none here)."""
 
+  def check_sample_flags(self, given: dict):
+    """ConfigError, in one line, for a flag of sample_flags in `given` ({flag: value} a
+    user passed) that this task's sampler, as configured, cannot act on: refused rather
+    than echoed as if it changed something. Every flag acts by default."""
+
   def write_samples(self, config, workdir: str, states, shared, data: RunData, seed: int,
                     path: str | None = None) -> str:
     """Draw samples as the config says and write them to `path` (default: a file in

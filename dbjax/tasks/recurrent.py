@@ -124,6 +124,7 @@ class RecurrentDenoiser(RecurrentDepth):
 
   evaluate_flags = {**RecurrentDepth.evaluate_flags, "mixture_chains": "recurrent.mixture_chains",
                     "bridge": "language.bridge"}
+  sample_flags = {**RecurrentDepth.sample_flags, "bridge": "language.bridge"}
 
   def loss(self, params, shared_params, batch, key, interval):
     """(loss, metrics): w(sigma) CE after one pass of the core, sigma drawn from the whole
@@ -389,7 +390,7 @@ def evaluate_iterations(task, config, workdir: str, states, shared, test_data,
   texts = {name: [vocabulary.decode(row) for row in task.generate(
       [s.params for s in states], shared.params, prompt, config.language.num_samples,
       config.seed, temperature, top_p, task.sample_iterations)]
-      for name, (temperature, top_p) in sampling_settings(config).items()}
+      for name, (temperature, top_p) in sampling_settings(task, config).items()}
   write_texts(os.path.join(workdir, f"{prefix}{SAMPLES_FILE}"), texts)
   return {"bits_per_character": curve[best], "best_iterations": best,
           "bits_per_character_by_iterations": {str(k): v for k, v in curve.items()},

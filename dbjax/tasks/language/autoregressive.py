@@ -40,7 +40,8 @@ class AutoregressiveDenoiser(LanguageTask):
 
   evaluate_flags = {**LanguageTask.evaluate_flags, "num_steps": "language.inference_steps",
                     "bridge": "language.bridge", "mixture_chains": "language.mixture_chains"}
-  sample_flags = {**LanguageTask.sample_flags, "num_steps": "language.inference_steps"}
+  sample_flags = {**LanguageTask.sample_flags, "num_steps": "language.inference_steps",
+                  "bridge": "language.bridge"}
 
   def loss(self, params, shared_params, batch, key, interval):
     """(loss, metrics) of one block on token sequences (N, T)."""

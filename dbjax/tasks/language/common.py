@@ -26,7 +26,7 @@ from flax import nnx
 from dbjax import checks, edm
 from dbjax.data import text
 from dbjax.nets.lm import LMConfig, LMNet
-from dbjax.errors import DataError
+from dbjax.errors import ConfigError, DataError
 from dbjax.progress import progress_bar
 from dbjax.sampling import fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import Task
@@ -50,6 +50,15 @@ class LanguageTask(Task):
   evaluate_flags = {"max_test_examples": "eval.max_test_examples"}
   sample_flags = {"prompt": "language.prompt", "temperature": "language.temperature",
                   "top_p": "language.top_p", "num_samples": "language.num_samples"}
+
+  def check_sample_flags(self, given: dict):
+    acting = {"temperature": 0.0, "top_p": 1.0}  # the values a near-greedy sampler takes
+    for flag, neutral in acting.items():
+      if near_greedy(self) and given.get(flag, neutral) != neutral:
+        raise ConfigError(f"--{flag}={given[flag]:g} changes nothing with "
+                          "language.bridge='argmax' (a near-greedy decoder: every "
+                          "temperature and top-p give the greedy text); add "
+                          "--bridge=expected")
 
   @property
   def network_config(self) -> LMConfig:
@@ -172,12 +181,14 @@ class LanguageTask(Task):
     lang = config.language
     path = path or os.path.join(workdir, f"generated_{seed}.txt")
     vocabulary = data.train.vocabulary
+    temperature, top_p = (0.0, 1.0) if near_greedy(self) else (lang.temperature, lang.top_p)
     ids = self.generate([s.params for s in states], shared.params,
                         vocabulary.encode(lang.prompt, "config.language.prompt"),
-                        lang.num_samples, seed, lang.temperature, lang.top_p,
+                        lang.num_samples, seed, temperature, top_p,
                         self.generation_steps(config))
-    write_texts(path, {f"temperature {lang.temperature:g}, top-p {lang.top_p:g}":
-                       [vocabulary.decode(r) for r in ids]})
+    title = (next(iter(sampling_settings(self, config))) if near_greedy(self)
+             else f"temperature {temperature:g}, top-p {top_p:g}")
+    write_texts(path, {title: [vocabulary.decode(r) for r in ids]})
     return path
 
 
@@ -254,10 +265,20 @@ def bits_per_character(task: LanguageTask, block_params_list, shared_params, tok
   return {name: total / len(tokens) / np.log(2) for name, total in totals.items()}
 
 
-def sampling_settings(config) -> dict:
-  """The generation settings every language run is shown with: {name: (temperature,
-  top_p)}."""
+def near_greedy(task) -> bool:
+  """Whether the task samples through the argmax Euler bridge: its chain's last call,
+  at sigma_min, is then near-certain of the token the chain ends on, so every temperature
+  and top-p give the greedy text (docs/results.md, "Samples": MAUVE 0.13 to 0.15 against
+  0.79 with the expected bridge)."""
+  return getattr(task, "bridge", None) == "argmax"
+
+
+def sampling_settings(task, config) -> dict:
+  """The generation settings a language run is shown with: {name: (temperature,
+  top_p)}; greedy alone for a near-greedy sampler, which the others would only repeat."""
   lang = config.language
+  if near_greedy(task):
+    return {"greedy (the argmax bridge is near-greedy at any temperature)": (0.0, 1.0)}
   return {"greedy": (0.0, 1.0), f"temperature {lang.temperature:g}": (lang.temperature, 1.0),
           f"top-p {lang.top_p:g}": (1.0, lang.top_p)}
 
@@ -272,7 +293,7 @@ def generate_text(task: LanguageTask, config, states, shared, vocabulary: text.V
   params = [s.params for s in states]
   steps = task.generation_steps(config)
   texts, speed = {}, None
-  for name, (temperature, top_p) in progress_bar(sampling_settings(config).items(),
+  for name, (temperature, top_p) in progress_bar(sampling_settings(task, config).items(),
                                                  desc="generating", disable=not progress,
                                                  leave=False):
     generate = lambda: task.generate(params, shared.params, prompt, lang.num_samples, seed,
