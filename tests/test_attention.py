@@ -7,7 +7,7 @@ import pytest
 
 from dbjax import config as config_lib, tasks
 from dbjax.engine import profiling
-from dbjax.nets import attention
+from dbjax.nets import attention, fused
 from dbjax.tasks.language import autoregressive
 from tests.conftest import tiny_config
 from tests.test_language import lm_config
@@ -197,16 +197,24 @@ def test_a_block_step_keeps_no_attention_matrix(name, implementation):
     assert found
 
 
-def test_recompute_lowers_the_compiled_step_memory():
-  """What the CPU compiler allocates follows: the 6-layer block's step at 64 tokens."""
-  memory = {}
-  for implementation in ("xla", "recompute"):
-    config, _ = image_config()
-    config.model.num_layers, config.diffusion.num_blocks = 6, 2
-    config.model.attention = implementation
-    memory[implementation] = profiling.train_step_memory(
-        tasks.build(config_lib.validate(config)), 32)["step_bytes"]
-  assert memory["recompute"] < 0.85 * memory["xla"], memory
+def _six_layer_step_bytes(implementation: str) -> int:
+  config, _ = image_config()
+  config.model.num_layers, config.diffusion.num_blocks = 6, 2
+  config.model.attention = implementation
+  return profiling.train_step_memory(tasks.build(config_lib.validate(config)), 32)["step_bytes"]
+
+
+def test_recompute_lowers_the_compiled_step_memory(monkeypatch):
+  """What the CPU compiler allocates follows: the 6-layer block's step at 64 tokens takes
+  about half of plain XLA's (0.51x measured), and the CPU's cotangent tie is what gets
+  it there: with the barrier alone the CPU compiler keeps recomputed arrays from the
+  forward pass (0.86x of XLA's with the tie)."""
+  xla, recompute = (_six_layer_step_bytes(i) for i in ("xla", "recompute"))
+  assert recompute < 0.6 * xla, (recompute, xla)
+  monkeypatch.setattr(fused, "after_cotangent",
+                      lambda residuals, cotangent: jax.lax.optimization_barrier(
+                          (residuals, cotangent)))
+  assert recompute < 0.7 * _six_layer_step_bytes("recompute")
 
 
 @pytest.mark.parametrize("implementation", ["recompute", "xla"])

@@ -1,5 +1,7 @@
 """dbjax.nets.fused: the modulated LayerNorm and the tanh GELU equal their plain forms,
 values and gradients, and keep only their inputs for the backward pass."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +97,34 @@ def test_dense_of_equals_the_piece_then_a_linear_and_keeps_only_the_pieces_input
   assert [shape for shape, _, _ in kept if shape[:-1] == x.shape[:-1]] == [], kept
   plain_kept = profiling.residuals_of(lambda *a: jnp.sum(plain(*a)), kernel, bias, *args)
   assert [shape for shape, _, _ in plain_kept if shape == x.shape]   # the piece's output
+
+
+def _multiplies_by_zero(lowered_text: str) -> int:
+  """How many multiplies by a scalar 0.0 constant a lowered StableHLO module holds (the
+  tie of after_cotangent; nothing else in a dense_of backward multiplies by zero)."""
+  zeros = re.findall(r"(%\S+) = stablehlo.constant dense<0.000000e\+00> : tensor<f32>",
+                     lowered_text)
+  return sum(len(re.findall(rf"stablehlo.multiply %\S+, {re.escape(z)}\b", lowered_text))
+             for z in zeros)
+
+
+def test_the_cotangent_tie_is_lowered_for_the_cpu_alone():
+  """after_cotangent's 0 x cotangent tie is in a program lowered for the CPU, and absent
+  from one lowered for a GPU, where the barrier alone keeps recomputation after the
+  cotangent; the CPU's gradients are the plain ones."""
+  x, shift, scale = inputs()
+  kernel = jnp.asarray(np.random.default_rng(2).standard_normal((16, 8)), jnp.float32)
+  loss = lambda kernel, x: jnp.sum(jnp.sin(fused.dense_of(fused.modulated_layer_norm,
+                                                          (x, shift, scale), kernel, 0.0)))
+  traced = jax.jit(jax.grad(loss, (0, 1))).trace(kernel, x)
+  on_cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+  on_gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert _multiplies_by_zero(on_cpu) >= 1 and _multiplies_by_zero(on_gpu) == 0
+  assert "optimization_barrier" in on_gpu
+  plain = lambda kernel, x: jnp.sum(jnp.sin(plain_dense(plain_modulated_norm(x, shift, scale),
+                                                        kernel, 0.0)))
+  for a, b in zip(jax.grad(loss, (0, 1))(kernel, x), jax.grad(plain, (0, 1))(kernel, x)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 def test_dense_of_in_bfloat16_gives_bfloat16_gradients():

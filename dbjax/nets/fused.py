@@ -37,13 +37,21 @@ def after_cotangent(residuals, cotangent):
   barrier only after scheduling. XLA's CPU compiler drops it before it schedules (its
   OptimizationBarrierExpander runs ahead of layout assignment), and then computed the
   recomputed GELU outputs and normalised inputs, transposed, during the forward pass and
-  kept them for the backward pass. So each array also gets 0 x one element of the
-  cotangent, a dependency no compiler may drop (0 x a float is not folded: 0 x inf is
-  nan); the add fuses into an elementwise recomputation. A non-finite cotangent element
-  makes the whole gradient non-finite, which the optimizer's guard skips
-  (dbjax.engine.step) as it would the partly non-finite gradient.
+  kept them for the backward pass. So on the CPU alone each array also gets 0 x one
+  element of the cotangent (`_tied_to`), a dependency no compiler may drop (0 x a float
+  is not folded: 0 x inf is nan). It costs what the barrier alone does not: a full-size
+  add per array that cannot always fuse, and a non-finite cotangent element makes the
+  whole gradient non-finite (which the optimizer's guard, dbjax.engine.step, skips as
+  it would a partly non-finite one). A program lowered for a GPU or TPU keeps the
+  barrier alone (jax.lax.platform_dependent picks the branch when it lowers).
   """
   residuals, cotangent = jax.lax.optimization_barrier((residuals, cotangent))
+  return jax.lax.platform_dependent(residuals, cotangent, cpu=_tied_to,
+                                    default=lambda residuals, cotangent: (residuals, cotangent))
+
+
+def _tied_to(residuals, cotangent):
+  """after_cotangent's CPU branch: each floating residual plus 0 x a cotangent element."""
   zero = jnp.ravel(cotangent)[0] * 0
 
   def tie(a):
