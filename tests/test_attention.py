@@ -48,12 +48,17 @@ def inputs(num_queries, num_keys, dtype=jnp.float32, seed=0):
   return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
 
 
-@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("mask_name", [name for name in MASKS if name != "none"])
 def test_each_structured_mask_allows_the_pairs_written_by_hand(mask_name):
-  mask, rows, cols, allowed = MASKS[mask_name]
-  allowed = allowed() if callable(allowed) else allowed
-  if mask is not None:
-    np.testing.assert_array_equal(attention.dense_mask(mask, rows, cols), allowed)
+  mask, rows, cols, _ = MASKS[mask_name]
+  by_hand = {
+      "causal": np.tri(T, dtype=bool),
+      "noisy_stream": np.hstack([np.tri(T, k=-1, dtype=bool), np.eye(T, dtype=bool)]),
+      # clean rows causal over the clean columns; noisy row i: clean j < i and itself
+      "block_diffusion": np.block([[np.tri(T, dtype=bool), np.zeros((T, T), bool)],
+                                   [np.tri(T, k=-1, dtype=bool), np.eye(T, dtype=bool)]]),
+  }[mask_name]
+  np.testing.assert_array_equal(attention.dense_mask(mask, rows, cols), by_hand)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -171,6 +176,55 @@ STEP_CONFIGS = {
     "masked": lambda: language_config("masked"),
     "recurrent": recurrent_task_config,
 }
+
+
+def _record_cudnn_calls(monkeypatch, probe_passes: bool) -> list:
+  """A faked GPU backend on which "auto" sees cuDNN's probe pass or fail, and a recorder
+  of what cuDNN is given (it runs XLA in cuDNN's place): [(mask given, is_causal)]."""
+  seen, real = [], jax.nn.dot_product_attention
+
+  def recorder(q, k, v, mask=None, is_causal=False, implementation=None):
+    assert implementation == "cudnn"
+    seen.append((mask is not None, is_causal))
+    return real(q, k, v, mask=mask, is_causal=is_causal)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "cudnn_runs", lambda *signature: probe_passes)
+  return seen
+
+
+# What "auto" gives cuDNN in one bfloat16 block step on a GPU, per task: each attention
+# call as (a dense mask given, is_causal). The autoregressive block's noisy rows
+# (NoisyStream) always take "recompute"; its clean rows are causal.
+CUDNN_CALLS = {
+    "images": {(False, False)}, "classification": {(False, False)},
+    "autoregressive": {(False, True)}, "autoregressive_remat_clean": {(False, True)},
+    "masked": {(False, False)}, "recurrent": {(False, True)},
+}
+
+
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("probe_passes", [True, False])
+def test_auto_picks_cudnn_where_it_applies_and_its_probe_passes(monkeypatch, name, dtype,
+                                                                probe_passes):
+  config, _ = STEP_CONFIGS[name]()
+  config.model.attention, config.model.dtype = "auto", dtype
+  config.model.hidden_size, config.model.num_heads = 32, 2  # head_dim 16, cuDNN's kind
+  if config.task in ("language", "recurrent_depth"):
+    config, _ = tasks.load_data(config_lib.validate(config))
+  task = tasks.build(config_lib.validate(config))
+  seen = _record_cudnn_calls(monkeypatch, probe_passes)
+  profiling.saved_residuals(task, 4)
+  expected = CUDNN_CALLS[name] if dtype == "bfloat16" and probe_passes else set()
+  assert set(seen) == expected
+
+
+def test_cudnn_probe_fails_on_a_cpu_and_is_asked_once_per_signature():
+  attention.cudnn_runs.cache_clear()
+  assert not attention.cudnn_runs((2, 8, 2, 16), 8, "bfloat16", None)
+  assert not attention.cudnn_runs((2, 8, 2, 16), 8, "bfloat16", None)
+  assert attention.cudnn_runs.cache_info().hits == 1
 
 
 def attention_sized(residuals, seq_len: int) -> list:

@@ -14,8 +14,9 @@ layers the ViT, the token networks and the recurrent-depth network), and the con
 - "cudnn": cuDNN's fused attention (jax.nn.dot_product_attention(implementation=
   "cudnn")), whose scores live only in on-chip memory: GPUs, bfloat16 or float16, no
   mask or the causal one.
-- "auto" (the default): "cudnn" where it applies, "recompute" everywhere else (CPU, TPU,
-  float32, the block-diffusion masks).
+- "auto" (the default): "cudnn" where it applies and a probe of the call's signature
+  compiles and runs (`cudnn_runs`), "recompute" everywhere else (CPU, TPU, float32, the
+  block-diffusion masks' noisy rows).
 - "xla": jax.nn.dot_product_attention's XLA path, which keeps each layer's
   probabilities for the backward pass (dbjax's attention before this module): to
   compare with.
@@ -138,17 +139,13 @@ def attend(q, k, v, mask=None, implementation: str = "auto") -> jax.Array:
   joined = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
   if mask is not None and not isinstance(mask, Mask):
     return _xla(q, joined(k_parts), joined(v_parts), jnp.asarray(mask, bool))
-  chosen = _choose(implementation, q, mask)
+  num_keys = sum(part.shape[1] for part in k_parts)
+  chosen = _choose(implementation, q, num_keys, mask)
   if chosen == "cudnn":
     keys = joined(k_parts)
-    try:
-      return jax.nn.dot_product_attention(q, keys, joined(v_parts),
-                                          **_cudnn_mask(mask, q.shape[1], keys.shape[1]),
-                                          implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError):
-      if implementation == "cudnn":
-        raise
-      chosen = "recompute"   # "auto": a shape or build cuDNN refuses
+    return jax.nn.dot_product_attention(q, keys, joined(v_parts),
+                                        **_cudnn_mask(mask, q.shape[1], keys.shape[1]),
+                                        implementation="cudnn")
   if chosen == "xla":
     keys = joined(k_parts)
     return _xla(q, keys, joined(v_parts),
@@ -169,15 +166,42 @@ def _cudnn_mask(mask, num_queries: int, num_keys: int) -> dict:
   return {"mask": dense_mask(mask, num_queries, num_keys)[None, None]}
 
 
-def _choose(implementation: str, q, mask) -> str:
-  """The implementation "auto" resolves to for these queries and this mask."""
+def _choose(implementation: str, q, num_keys: int, mask) -> str:
+  """The implementation "auto" resolves to for these queries, keys and mask: "cudnn"
+  where cuDNN takes them (a GPU, 16-bit floats, no mask or the causal one, a head
+  dimension it supports) and a probe of exactly this signature compiled and ran, else
+  "recompute"."""
   if implementation != "auto":
     return implementation
   cudnn_takes = (jax.default_backend() == "gpu"
                  and q.dtype in (jnp.bfloat16, jnp.float16)
                  and (mask is None or isinstance(mask, Causal))
                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
-  return "cudnn" if cudnn_takes else "recompute"
+  signature = (tuple(q.shape), num_keys, jnp.dtype(q.dtype).name, mask)
+  return "cudnn" if cudnn_takes and cudnn_runs(*signature) else "recompute"
+
+
+@functools.cache
+def cudnn_runs(q_shape: tuple, num_keys: int, dtype: str, mask) -> bool:
+  """Whether cuDNN's attention, forward and backward, compiles and runs on this GPU for
+  queries of q_shape and num_keys keys: it refuses some signatures only when compiled or
+  run ("No valid engine configs", jax-ml/jax issues 20438 and 23227), which in a train
+  step would stop the run instead of falling back. So "auto" probes each signature once,
+  on zeros of one call's size, before it builds cuDNN into a step."""
+  q = np.zeros(q_shape, dtype)
+  k = np.zeros((q_shape[0], num_keys, *q_shape[2:]), dtype)
+
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, **_cudnn_mask(mask, q_shape[1], num_keys),
+                                       implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32))
+  try:
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, k).compile()
+    with jax.ensure_compile_time_eval():  # run now, even while a step is being traced
+      jax.block_until_ready(compiled(q, k, k))
+  except Exception:  # pylint: disable=broad-exception-caught
+    return False  # cuDNN's refusals come as ValueError, NotImplementedError, XlaRuntimeError
+  return True
 
 
 def _xla(q, k, v, mask):
