@@ -251,6 +251,27 @@ def test_a_block_step_keeps_no_attention_matrix(name, implementation):
     assert found
 
 
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+def test_a_bfloat16_block_step_saves_its_activations_in_bfloat16(name):
+  """Every array of a bfloat16 block step's backward pass that carries features (its
+  last axis the width, the MLP's 4x, a head's dimension) is bfloat16; float32 is left
+  to softmax statistics (a log-sum-exp per head), norm statistics and the loss, which
+  work on the float32 that leaves the network. Before, the masked LM's blank selection
+  and the recurrent network's state and inputs were saved in float32."""
+  config, seq_len = STEP_CONFIGS[name]()
+  config.model.dtype = "bfloat16"
+  if config.task in ("language", "recurrent_depth"):
+    config, _ = tasks.load_data(config_lib.validate(config))
+  task = tasks.build(config_lib.validate(config))
+  d, heads = config.model.hidden_size, config.model.num_heads
+  features = {d, 4 * d, d // heads}
+  batch = 4
+  carrying = [(shape, dtype, where) for shape, dtype, where in profiling.saved_residuals(
+      task, batch) if shape and shape[-1] in features and np.prod(shape) >= batch * seq_len]
+  assert any(r[1] == jnp.bfloat16 for r in carrying)
+  assert [r for r in carrying if r[1] in (np.float32, np.float64)] == []
+
+
 def _six_layer_step_bytes(implementation: str) -> int:
   config, _ = image_config()
   config.model.num_layers, config.diffusion.num_blocks = 6, 2

@@ -71,8 +71,12 @@ class LMNet(nnx.Module):
   def embed(self, vectors, positions, blank=None):
     """Input vectors (blank where `blank` is True) mapped into the model, plus learned
     positions."""
+    # In the compute dtype before anything else: what the backward pass saves of the
+    # inputs (token_in's operand, the blank selection's) is then 16-bit too.
+    dtype = compute_dtype(self.cfg)
+    vectors = vectors.astype(dtype)
     if blank is not None:
-      vectors = jnp.where(blank[..., None], self.blank.value, vectors)
+      vectors = jnp.where(blank[..., None], self.blank.value.astype(dtype), vectors)
     if self.cfg.positions == "rotary":
       return self.token_in(vectors).astype(self.cfg.dtype)
     return (self.token_in(vectors) + self.position(positions)).astype(self.cfg.dtype)

@@ -63,20 +63,25 @@ class RecurrentLM(nnx.Module):
     positions = jnp.tile(jnp.arange(t // 2), 2) if two_streams else jnp.arange(t)
     rotary = positions if self.cfg.positions == "rotary" else None
     mask = attention.BLOCK_DIFFUSION if two_streams else attention.CAUSAL
-    return apply_layers(layers, x, cond, self.cfg.remat, mask, rotary)
+    # In the compute dtype: the loop's float32 state would otherwise carry every layer's
+    # residual stream, and what the backward pass saves of it, in float32.
+    return apply_layers(layers, x.astype(compute_dtype(self.cfg)), cond, self.cfg.remat,
+                        mask, rotary)
 
   def read(self, previous: jax.Array) -> jax.Array:
     """e (N, T, D) = P(previous tokens' vectors (N, T, D)): position i reads tokens < i."""
     n, _, d = previous.shape
-    inputs = jnp.concatenate([jnp.broadcast_to(self.start.value, (n, 1, d)),
-                              previous[:, :-1]], axis=1)
+    dtype = compute_dtype(self.cfg)  # what the backward pass saves of the inputs, too
+    inputs = jnp.concatenate([jnp.broadcast_to(self.start.value.astype(dtype), (n, 1, d)),
+                              previous[:, :-1].astype(dtype)], axis=1)
     return self._layers(self.prelude, self.token_in(inputs), self.condition(jnp.zeros((n,))))
 
   def iterate(self, state: jax.Array, e: jax.Array, c_noise: jax.Array,
               two_streams: bool = False) -> jax.Array:
     """One iteration of the core, R(adapter([state; e])) conditioned on c_noise (N,);
     two_streams: state is [clean; noisy] under the block-diffusion mask (see _layers)."""
-    h = self.adapter(jnp.concatenate([state, e], axis=-1))
+    dtype = compute_dtype(self.cfg)
+    h = self.adapter(jnp.concatenate([state.astype(dtype), e.astype(dtype)], axis=-1))
     # In the state's dtype: a loop over iterations carries one dtype.
     return self._layers(self.core, h, self.condition(c_noise),
                         two_streams).astype(state.dtype)
