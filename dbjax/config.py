@@ -216,6 +216,9 @@ def default_config() -> ml_collections.ConfigDict:
       num_steps=30, solver="euler",
       guidance_scale=2.0,    # classifier-free guidance; 1.0 = none
       grid_size=10,          # the PNG grid is grid_size x grid_size
+      # "": one class per row of the grid; a class's name (a folder's subfolder) or
+      # index: every image of the grid of that class.
+      class_label="",
   ))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True,

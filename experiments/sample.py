@@ -4,6 +4,7 @@ language run, text with any prompt, temperature and top-p (printed, and written 
 
   python -m experiments.sample --workdir=runs/digits --num_steps=50 --solver=heun \
       --guidance_scale=2.0 --out=runs/digits/samples_heun.png
+  python -m experiments.sample --workdir=runs/shapes --class=triangle
   python -m experiments.sample --workdir=runs/shakespeare --prompt="ROMEO." \
       --temperature=0.8 --top_p=0.9 --num_samples=4
 
@@ -34,6 +35,8 @@ _FLAGS = {
                                 "--temperature is given, else the run's)"),
     "num_samples": flags.DEFINE_integer("num_samples", None, "text: how many (default: the "
                                         "run's)"),
+    "class": flags.DEFINE_string("class", None, "images: every image of the grid of this "
+                                 "class, by name (a folder's subfolder) or index"),
     "bridge": flags.DEFINE_enum("bridge", None, ["argmax", "expected"], "text: the chain's "
                                 "Euler bridge (default: the run's)"),
 }

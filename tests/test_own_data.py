@@ -175,9 +175,34 @@ def test_a_folder_trains_samples_and_evaluates_from_the_command_line(tmp_path):
     assert json.load(f)["data"]["num_classes"] == 3
   out = str(tmp_path / "grid.png")
   run_cli("experiments.sample", f"--workdir={workdir}", f"--out={out}")
-  assert Image.open(out).size[0] > 3 * 8  # the grid, its rows named by class
+  from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
+  plots.save_image_grid(np.zeros((9, 8, 8, 1)), str(tmp_path / "unnamed.png"), rows=3)
+  unnamed = Image.open(tmp_path / "unnamed.png").size[0]
+  assert Image.open(out).size[0] > unnamed  # the same grid with its rows named by class
+  run_cli("experiments.sample", f"--workdir={workdir}", "--class=owl", f"--out={out}")
+  assert Image.open(out).size[0] > unnamed
+  refused = run_cli("experiments.sample", f"--workdir={workdir}", "--class=eagle",
+                    check=False)
+  assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].endswith(
+      "sample.class_label='eagle': not a class of this run (its classes: cat, dog, owl)")
   result = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_samples=12")
   assert "frechet_distance" in result.stdout
+
+
+def test_the_grid_holds_one_class_by_name_or_index_or_a_class_per_row():
+  config = tiny_config()
+  config.data.num_classes, config.sample.grid_size = 3, 3
+  grid = lambda label: tasks.images.grid_labels(_with_label(config, label), CLASSES).tolist()
+  assert grid("") == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert grid("dog") == grid("1") == [1] * 9
+  with pytest.raises(ConfigError, match=r"class_label='3': not a class of this run"):
+    grid("3")
+
+
+def _with_label(config, label):
+  config = config.copy_and_resolve_references()
+  config.sample.class_label = label
+  return config
 
 
 # ---------------------------------------------------------------------------- latents

@@ -26,7 +26,7 @@ from dbjax import checks, edm, noise
 from dbjax.config import SOLVERS, num_trained_blocks, validate
 from dbjax.data import images as image_data, latents
 from dbjax.engine.state import make_optimizer
-from dbjax.errors import DataError
+from dbjax.errors import ConfigError, DataError
 from dbjax.nets.dit import DiT, DiTConfig
 from dbjax.progress import progress_bar
 from dbjax.sampling import euler_step, fixed_size_batches, stack_params
@@ -47,7 +47,7 @@ class ImageGeneration(Task):
                     "guidance_scale": "sample.guidance_scale",
                     "num_samples": "eval.num_samples"}
   sample_flags = {"num_steps": "sample.num_steps", "solver": "sample.solver",
-                  "guidance_scale": "sample.guidance_scale"}
+                  "guidance_scale": "sample.guidance_scale", "class": "sample.class_label"}
 
   @property
   def network_config(self) -> DiTConfig:
@@ -94,7 +94,9 @@ class ImageGeneration(Task):
 
   def sample(self, block_params, shared_params, key, inputs, num_steps, solver="euler",
              guidance_scale=1.0):
-    """Images (N, H, W, C) for class labels `inputs` (N,); see `sample`."""
+    """Images (N, H, W, C) for class labels `inputs` (N,); see `sample`. The ODE's end,
+    unclipped (it overshoots [-1, 1] a little; `viewable` clips what is shown, the
+    Frechet distance scores it as it is)."""
     del shared_params
     checks.check_sample_call(block_params, self.num_blocks, key, num_steps)
     checks.check_labels("labels", inputs, self.dit.num_classes)
@@ -118,8 +120,8 @@ class ImageGeneration(Task):
     s = config.sample
     path = path or os.path.join(workdir, f"samples_{s.solver}_{s.num_steps}.png")
     images = sample_in_batches(self, stack_params([st.params for st in states]),
-                               jax.random.key(seed), grid_labels(config), s.num_steps,
-                               s.solver, s.guidance_scale, batch_size=s.grid_size**2,
+                               jax.random.key(seed), grid_labels(config, data.train.class_names),
+                               s.num_steps, s.solver, s.guidance_scale, batch_size=s.grid_size**2,
                                progress=config.train.progress)
     plots.save_image_grid(viewable(data.train, images), path, rows=s.grid_size,
                           row_labels=grid_row_labels(config, data.train))
@@ -286,9 +288,28 @@ def sample_in_batches(task, stacked_params, key, labels, num_steps, solver="eule
 # ------------------------------------------------------------------------ evaluation
 
 
-def grid_labels(config) -> np.ndarray:
-  """Labels of the sample grid: each row one class in turn."""
+def class_index(config, class_names: tuple) -> int | None:
+  """The class config.sample.class_label names (its name or index), None for "";
+  ConfigError naming the label and the classes otherwise."""
+  label, count = str(config.sample.class_label), config.data.num_classes
+  if not label:
+    return None
+  if label in class_names:
+    return class_names.index(label)
+  if label.isdigit() and int(label) < count:
+    return int(label)
+  known = ", ".join(class_names) if class_names else f"indices 0 to {count - 1}"
+  raise ConfigError(f"sample.class_label={label!r}: not a class of this run (its classes: "
+                    f"{known})")
+
+
+def grid_labels(config, class_names: tuple = ()) -> np.ndarray:
+  """Labels of the sample grid: each row one class in turn, or every image of the class
+  config.sample.class_label names."""
   n = config.sample.grid_size
+  only = class_index(config, class_names)
+  if only is not None:
+    return np.full(n * n, only, np.int32)
   return np.repeat(np.arange(n) % config.data.num_classes, n).astype(np.int32)
 
 
@@ -296,17 +317,18 @@ def grid_row_labels(config, train: image_data.ImageData) -> list[str] | None:
   """The class name of each row of the sample grid, where the data names its classes."""
   if not train.class_names:
     return None
-  rows = grid_labels(config)[::config.sample.grid_size]
+  rows = grid_labels(config, train.class_names)[::config.sample.grid_size]
   return [train.class_names[int(label)] for label in rows]
 
 
 def viewable(train: image_data.ImageData, samples: np.ndarray) -> np.ndarray:
-  """Samples as images in [-1, 1]: latents decoded by their set's decoder, or, with no
+  """Samples as images in [-1, 1]: pixels clipped to it, latents decoded by their set's
+  decoder, or, with no
   decoder, their first (up to three) channels, divided by 3 (about 3 standard deviations
   of unit-variance latents) and clipped to [-1, 1]."""
   info = train.latents
-  if info is None:
-    return samples
+  if info is None:  # the ODE's end overshoots [-1, 1] a little; pixels stop there
+    return np.clip(samples, -1, 1)
   if info.get("decoder"):
     return latents.decode(info, samples)
   return np.clip(samples[..., :3 if samples.shape[-1] >= 3 else 1] / 3, -1, 1)
@@ -334,7 +356,8 @@ def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
   stacked = stack_params([s.params for s in states])
   key = jax.random.fold_in(jax.random.key(config.seed), 10**9)
   s = config.sample
-  grid = sample_in_batches(task, stacked, key, grid_labels(config), s.num_steps, s.solver,
+  grid = sample_in_batches(task, stacked, key, grid_labels(config, data.train.class_names),
+                           s.num_steps, s.solver,
                            s.guidance_scale, batch_size=s.grid_size**2)
   plots.save_image_grid(viewable(data.train, grid), os.path.join(workdir, grid_name),
                         rows=s.grid_size, row_labels=grid_row_labels(config, data.train))
