@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from dbjax import data
+from dbjax.errors import ConfigWarning
 from dbjax.eval import features as evaluation
 
 
@@ -35,3 +36,8 @@ def test_feature_net_learns_digits_and_is_cached(tmp_path):
   # Second call loads the cached classifier: same features, no retraining.
   cached = evaluation.load_or_train_feature_net("digits", train, 150, str(tmp_path))
   np.testing.assert_array_equal(cached.features(test.images[:10]), net.features(test.images[:10]))
+  assert results["frechet_test_images"] == 360
+  small = data.ImageData(test.images[:12], test.labels[:12], 10)
+  with pytest.warns(ConfigWarning, match="measured against 12 test images; below 256"):
+    assert evaluation.evaluate_samples(net, test.images[:60], test.labels[:60],
+                                       small)["frechet_test_images"] == 12

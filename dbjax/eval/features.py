@@ -25,9 +25,16 @@ import scipy.linalg
 from flax import nnx
 
 from dbjax.data import ImageData, batch_indices
+from dbjax.errors import warn
 from dbjax.progress import progress_bar
 
 FEATURE_DIM = 64
+# Below this many test images the Frechet distance is mostly the noise of estimating a
+# 64 x 64 covariance (FEATURE_DIM) from them: with fewer images than dimensions it is
+# rank-deficient, and Chong and Forsyth (2020, "Effectively unbiased FID") show the
+# estimate's bias falls only as 1 / N. A warning, not an error: a small folder still
+# gets a figure to compare its own runs by.
+MIN_FRECHET_TEST_IMAGES = 4 * FEATURE_DIM
 
 
 class FeatureNet(nnx.Module):
@@ -125,11 +132,18 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 def evaluate_samples(net: FeatureNet, samples: np.ndarray, sample_labels: np.ndarray,
                      test: ImageData) -> dict:
-  """Frechet distance to the test set, and how often samples show the asked-for class."""
+  """Frechet distance to the test set (with the number of test images it is measured
+  against; a ConfigWarning below MIN_FRECHET_TEST_IMAGES), and how often samples show
+  the asked-for class."""
+  if test.num_examples < MIN_FRECHET_TEST_IMAGES:
+    warn(f"the Frechet distance is measured against {test.num_examples} test images; below "
+         f"{MIN_FRECHET_TEST_IMAGES} it is mostly estimation noise (compare runs on the "
+         "same split only, or give the data a larger test split)")
   features = jax.jit(net.features)
   logits = jax.jit(net)
   fd = frechet_distance(batched_apply(features, samples), batched_apply(features, test.images))
   class_accuracy = float(np.mean(batched_apply(logits, samples).argmax(-1) == sample_labels))
   test_accuracy = float(np.mean(batched_apply(logits, test.images).argmax(-1) == test.labels))
-  return {"frechet_distance": fd, "class_accuracy": class_accuracy,
+  return {"frechet_distance": fd, "frechet_test_images": test.num_examples,
+          "class_accuracy": class_accuracy,
           "feature_net_test_accuracy": test_accuracy}
