@@ -57,6 +57,14 @@ def test_the_judges_bits_per_character_of_real_text_is_its_own_test_figure(judge
   _, bits = text_quality.judge_texts(task, params, shared, tokens, prompt_length=0)
   nats = task.sequence_nats(stack_params([params]), shared, tokens, None)["headline"]
   np.testing.assert_allclose(bits, np.asarray(nats) / math.log(2), rtol=1e-5)
+  # After a prompt of P characters only the continuation is scored: a causal judge's
+  # first P characters score the same alone, so the whole text's total splits in two.
+  # An average over the prompt too would give the whole text's mean here.
+  _, after_prompt = text_quality.judge_texts(task, params, shared, tokens, PROMPT)
+  _, prompt_alone = text_quality.judge_texts(task, params, shared, tokens[:, :PROMPT], 0)
+  np.testing.assert_allclose(bits * LENGTH, prompt_alone * PROMPT
+                             + after_prompt * (LENGTH - PROMPT), rtol=1e-4)
+  assert np.abs(after_prompt - bits).max() > 1e-2
 
 
 def test_diversity_catches_repetition():
@@ -89,8 +97,15 @@ def test_the_command_scores_a_run_with_a_judge_and_writes_its_settings(judge, tm
   scores = json.loads(out.read_text())
   assert scores["top_p"] == 0.9 and scores["num_samples"] == 40 and scores["bridge"] is None
   assert [r["num_steps"] for r in scores["rows"]] == [1, 2]
+  # The real texts' bits, recomputed here from the same held-out rows: the continuation's
+  # 16 characters scored, not the prompt's.
+  from experiments.text_quality import held_out_texts  # pylint: disable=g-import-not-at-top
+  own = train.restore_run(str(workdir))
+  own_data = train.load_run_data(own[0], str(workdir))[1]
+  real = held_out_texts(own_data.test.tokens, 40, 16 + 32, 0)  # prompt, then --length
+  _, real_bits = text_quality.judge_texts(own[1], own[2][0].params, own[3].params, real, 16)
   for row in scores["rows"]:
-    assert 0 <= row["mauve"] <= 1 and row["generative_bits_per_character"] > 0
+    assert row["real_bits_per_character"] == pytest.approx(float(np.mean(real_bits)), rel=1e-5)
   assert (workdir / "text_quality_t1_p0.9_seed0_mauve.png").exists()
   assert "mauve" in result.stdout
   refused = run_cli("experiments.text_quality", f"--workdir={workdir}", f"--judge={workdir}",
