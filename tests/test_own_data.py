@@ -254,8 +254,9 @@ def test_bad_latents_are_one_line_naming_the_file(tmp_path, spoil, message):
 
 
 def _resident_after_reading(directory: str) -> int:
-  """Bytes of this process's anonymous resident memory after reading every row of the
-  training latents in batches, as training does (Linux)."""
+  """Bytes of this process's resident memory, anonymous and file-backed, after reading
+  every row of the training latents in batches, as training does (Linux): a reader
+  that memory-maps the file would leave RssAnon flat and grow RssFile instead."""
   code = (
       "import sys, numpy as np\n"
       "from dbjax.data import load_images\n"
@@ -263,7 +264,8 @@ def _resident_after_reading(directory: str) -> int:
       "for start in range(0, len(rows), 512):\n"
       "  rows[np.arange(start, min(start + 512, len(rows)))]\n"
       "status = open('/proc/self/status').read()\n"
-      "print([l.split()[1] for l in status.splitlines() if l.startswith('RssAnon')][0])\n")
+      "print(sum(int(l.split()[1]) for l in status.splitlines()\n"
+      "          if l.startswith(('RssAnon', 'RssFile'))))\n")
   out = subprocess.run([sys.executable, "-c", code, directory], capture_output=True, text=True,
                        check=True, cwd=ROOT)
   return int(out.stdout.strip()) * 1024
@@ -315,7 +317,11 @@ def test_the_autoencoder_learns_and_reloads_as_the_encode_decode_pair(digits_aut
   codes = autoencoder.encode(images, directory)
   assert codes.shape == (16, 2, 2, 4)  # 4x down
   decoded = autoencoder.decode(codes, directory)
-  assert decoded.shape == images.shape and np.abs(decoded).max() <= 1
+  assert decoded.shape == images.shape
+  # The round trip reconstructs: below the error of the mean image (the decoder
+  # clips to [-1, 1], so a range check could not fail).
+  error = np.mean(np.square(decoded - images))
+  assert error < 0.7 * np.mean(np.square(images.mean(0) - images)), error  # 0.51x here
   np.testing.assert_array_equal(autoencoder.encode(images, directory), codes)  # deterministic
 
 
