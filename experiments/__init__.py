@@ -1,4 +1,5 @@
-"""dbjax's command lines (python -m experiments.<name>), their configs and benchmarks."""
+"""dbjax's command lines (python -m experiments.<name>) and their configs; benchmarks/ and
+studies/ hold the rest."""
 import os
 import signal
 import sys

@@ -16,7 +16,7 @@ from dbjax.config import default_config
 from dbjax.engine import block_jobs
 from dbjax.engine.locks import BlockLock
 from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
-from experiments import soak
+from benchmarks import soak
 from tests.conftest import tiny_config
 from tests.test_classify import classify_config
 from tests.test_faults import TINY_OVERRIDES, SignalAtBatch

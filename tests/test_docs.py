@@ -56,3 +56,27 @@ def test_importing_dbjax_leaves_heavy_libraries_for_later():
   loaded = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           check=True).stdout.strip()
   assert loaded == "[]"
+
+
+def _named_result_files(text: str) -> set[str]:
+  """The results files a page names, by their path from the repository's root: plain
+  names and globs (results/x_*.json), not templates (<device>, {a,b}, $R) nor a
+  command's --out=, which names what it will write."""
+  import re  # pylint: disable=g-import-not-at-top
+  found = re.findall(r"(?<![\w/.=])(?:\.\./)?((?:benchmarks/|studies/)?results/[\w.*-]+)", text)
+  return {path for path in found if "." in path.rsplit("/", 1)[-1]}
+
+
+def test_every_results_file_the_readme_and_docs_name_exists():
+  """A figure quoted with its file has the file behind it, under the folder the file's
+  command writes to (results/, benchmarks/results/, studies/results/)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  pages = ["README.md"] + [os.path.join("docs", p) for p in os.listdir(os.path.join(ROOT, "docs"))]
+  missing = []
+  for page in pages:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+      for path in _named_result_files(f.read()):
+        if not glob.glob(os.path.join(ROOT, path)):
+          missing.append(f"{page}: {path}")
+  assert len(_named_result_files("`results/a.json`, ../studies/results/b.png, results/")) == 2
+  assert not missing, missing

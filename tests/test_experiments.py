@@ -292,7 +292,7 @@ TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
 @pytest.mark.slow
 def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
   out = tmp_path / "memory.jsonl"
-  result = run_cli("experiments.bench_memory", "--config=experiments/configs/digits.py",
+  result = run_cli("benchmarks.bench_memory", "--config=experiments/configs/digits.py",
                    "--num_blocks=2", "--time", f"--out={out}", *TINY_FLAGS)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["dtype"], r["method"], r["num_blocks"]) for r in rows] == [
@@ -314,7 +314,7 @@ def test_bench_memory_writes_one_json_line_per_configuration(tmp_path):
 @pytest.mark.slow
 def test_bench_speed_reports_the_ratio(tmp_path):
   out = tmp_path / "speed.json"
-  run_cli("experiments.bench_speed", "--config=experiments/configs/digits.py",
+  run_cli("benchmarks.bench_speed", "--config=experiments/configs/digits.py",
           "--config.diffusion.num_blocks=2", "--repeats=2", "--num_samples=4",
           f"--out={out}", *TINY_FLAGS)
   summary = json.loads(out.read_text())
@@ -326,7 +326,7 @@ def test_bench_speed_reports_the_ratio(tmp_path):
 @pytest.mark.slow
 def test_single_stream_probe_trains_and_reports_its_memory(tmp_path):
   out = tmp_path / "probe.json"
-  run_cli("experiments.probe_single_stream", "--config.train.num_steps=1",
+  run_cli("studies.probe_single_stream", "--config.train.num_steps=1",
           "--config.model.num_layers=4", "--config.language.seq_len=16",
           "--config.eval.max_test_examples=32", f"--out={out}")
   summary = json.loads(out.read_text())
@@ -345,7 +345,7 @@ def test_classifier_chain_probe_reports_every_block(tmp_path):
           "--config.train.batch_size=8", "--config.train.progress=False",
           "--config.eval.enabled=False")
   out = tmp_path / "probe.json"
-  run_cli("experiments.probe_classifier_chain", f"--workdir={workdir}",
+  run_cli("studies.probe_classifier_chain", f"--workdir={workdir}",
           "--test_examples=40", "--repeats=1", f"--out={out}")
   summary = json.loads(out.read_text())
   assert [row["block"] for row in summary["blocks"]] == [0, 1, 2]
@@ -357,7 +357,7 @@ def test_classifier_chain_probe_reports_every_block(tmp_path):
 @pytest.mark.slow
 def test_exact_chain_tables(tmp_path):
   out = tmp_path / "exact.json"
-  run_cli("experiments.exact_chain", "--rows=320", f"--out={out}")
+  run_cli("studies.exact_chain", "--rows=320", f"--out={out}")
   tables = json.loads(out.read_text())
   for row in tables["classification"]:
     assert row["chain_argmax"] <= row["first_call_argmax"] + 0.01
@@ -369,7 +369,7 @@ def test_exact_chain_tables(tmp_path):
 @pytest.mark.slow
 def test_bench_scaling_counts_collectives_on_fake_devices(tmp_path):
   out = tmp_path / "scaling.json"
-  subprocess.run([sys.executable, "-m", "experiments.bench_scaling",
+  subprocess.run([sys.executable, "-m", "benchmarks.bench_scaling",
                   "--config=experiments/configs/digits.py", "--config.diffusion.num_blocks=2",
                   f"--out={out}", *TINY_FLAGS], cwd=ROOT, check=True, capture_output=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu",
@@ -490,7 +490,7 @@ def test_device_check_runs_on_a_cpu(tmp_path):
   """The accelerator check, at --tiny sizes, so that it is known to work before a GPU
   or TPU ever sees it."""
   out = tmp_path / "check.json"
-  result = run_cli("experiments.device_check", "--tiny", "--repeats=2", f"--out={out}")
+  result = run_cli("benchmarks.device_check", "--tiny", "--repeats=2", f"--out={out}")
   summary = json.loads(out.read_text())
   assert [(r["method"], r["dtype"]) for r in summary["rows"]] == [
       (method + remat, dtype) for dtype in ("float32", "bfloat16") for remat in ("", "_remat")
@@ -509,7 +509,7 @@ def test_device_check_runs_on_a_cpu(tmp_path):
 
 
 def test_device_check_refuses_an_unknown_section_in_one_line(tmp_path):
-  result = run_cli("experiments.device_check", "--tiny", "--only=steps,speed",
+  result = run_cli("benchmarks.device_check", "--tiny", "--only=steps,speed",
                    f"--out={tmp_path / 'check.json'}", check=False)
   assert result.returncode == 2
   assert result.stderr.strip() == ("error: --only=steps,speed: speed is not a section; "
@@ -520,7 +520,7 @@ def test_device_check_refuses_an_unknown_section_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_bench_scale_splits_a_block_over_fsdp(tmp_path):
   out = tmp_path / "scale.json"
-  subprocess.run([sys.executable, "-m", "experiments.bench_scale",
+  subprocess.run([sys.executable, "-m", "benchmarks.bench_scale",
                   "--config=experiments/configs/digits.py", "--devices=1,2",
                   "--config.diffusion.num_blocks=2", f"--out={out}", *TINY_FLAGS], cwd=ROOT, check=True, capture_output=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -555,7 +555,7 @@ def test_plan_pod_plans_end_to_end_and_blocks(tmp_path):
 @pytest.mark.slow
 def test_bench_transfers_times_every_way_of_moving_blocks(tmp_path):
   out = tmp_path / "transfers.json"
-  run_cli("experiments.bench_transfers", "--config=experiments/configs/digits.py",
+  run_cli("benchmarks.bench_transfers", "--config=experiments/configs/digits.py",
           "--iterations=6", "--repeats=1", "--config.diffusion.num_blocks=2",
           f"--out={out}", *TINY_FLAGS)
   rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}

@@ -18,7 +18,7 @@ from dbjax import config as config_lib, data, train
 from dbjax.data import text
 from dbjax.engine.checkpoint import RunCheckpointer
 from dbjax.errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
-from experiments import soak
+from benchmarks import soak
 from tests.conftest import tiny_config
 from tests.test_metric_log import read_scalars
 

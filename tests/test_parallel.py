@@ -25,9 +25,9 @@ import pytest  # pylint: disable=wrong-import-position
 from dbjax import data, engine, tasks, train  # pylint: disable=wrong-import-position
 from dbjax.engine import parallel  # pylint: disable=wrong-import-position
 from dbjax.engine.step import update  # pylint: disable=wrong-import-position
-from experiments import hlo  # pylint: disable=wrong-import-position
+from benchmarks import hlo  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
-from experiments.soak import saved_steps  # pylint: disable=wrong-import-position
+from benchmarks.soak import saved_steps  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
 from tests.two_process_worker import flat_params  # pylint: disable=wrong-import-position
 

@@ -226,11 +226,11 @@ def test_evaluate_flags_pick_one_k_and_the_number_of_chains(denoiser_run):
 
 @pytest.mark.slow  # a command line: 30 s
 def test_chain_probe_scores_every_cell_and_more_chains_score_lower(denoiser_run, tmp_path):
-  """experiments.probe_recurrent_chains: one row per (bridge, chains, K). At K = 1 the
+  """studies.probe_recurrent_chains: one row per (bridge, chains, K). At K = 1 the
   only call is the first, which no bridge touches, so both bridges score the same; at
   K = 2 the mixture of 16 chains scores below one chain's last call (Jensen)."""
   out = tmp_path / "chains.json"
-  run_cli("experiments.probe_recurrent_chains", f"--workdir={denoiser_run[3]}",
+  run_cli("studies.probe_recurrent_chains", f"--workdir={denoiser_run[3]}",
           "--chains=1,16", "--iterations=1,2", "--test_examples=4", f"--out={out}")
   cells = {(r["bridge"], r["chains"], r["K"]): r["bits_per_character"]
            for r in json.loads(out.read_text())["rows"]}

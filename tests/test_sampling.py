@@ -8,7 +8,7 @@ import pytest
 from dbjax import edm, engine, noise, sampling, tasks
 from dbjax.tasks import images
 from dbjax.tasks.base import sampling_plan
-from experiments.exact_posteriors import exact_posterior_chain
+from studies.exact_posteriors import exact_posterior_chain
 from tests.conftest import tiny_config
 
 

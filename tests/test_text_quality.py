@@ -132,7 +132,7 @@ def test_the_plot_merges_a_models_files_by_k_and_refuses_unlike_settings(tmp_pat
   a, b = _scored(tmp_path / "a.json", [1, 2]), _scored(tmp_path / "b.json", [16])
   other = _scored(tmp_path / "c.json", [1, 2], mauve=0.2)
   out = tmp_path / "curves"
-  result = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{b}",
+  result = run_cli("studies.plot_text_quality", f"--curve=DB={a},{b}",
                    f"--curve=share=0.5={other}", f"--out={out}")
   table = [line.split() for line in result.stdout.splitlines()[1:6]]
   assert [(row[0], row[1], row[2]) for row in table] == [
@@ -140,14 +140,14 @@ def test_the_plot_merges_a_models_files_by_k_and_refuses_unlike_settings(tmp_pat
       ("share=0.5", "1", "0.21"), ("share=0.5", "2", "0.22")]
   for measure in ("mauve", "generative_bits_per_character", "distinct_2"):
     assert (tmp_path / f"curves_{measure}.png").stat().st_size > 0
-  twice = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{a}", f"--out={out}",
+  twice = run_cli("studies.plot_text_quality", f"--curve=DB={a},{a}", f"--out={out}",
                   check=False)
   assert twice.returncode == 2 and "K = 1 is in two of its files" in twice.stderr
   reseeded = _scored(tmp_path / "d.json", [4], seed=1)
-  unlike = run_cli("experiments.plot_text_quality", f"--curve=DB={a},{reseeded}",
+  unlike = run_cli("studies.plot_text_quality", f"--curve=DB={a},{reseeded}",
                    f"--out={out}", check=False)
   assert unlike.returncode == 2 and "with seed=1" in unlike.stderr
-  missing = run_cli("experiments.plot_text_quality", f"--curve=DB={tmp_path / 'no.json'}",
+  missing = run_cli("studies.plot_text_quality", f"--curve=DB={tmp_path / 'no.json'}",
                     f"--out={out}", check=False)
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines()[-1].endswith(f"{tmp_path / 'no.json'} does not exist")

@@ -32,7 +32,6 @@ import os
 
 import numpy as np
 
-from dbjax.engine.checkpoint import file_checksums
 from dbjax.errors import DataError
 
 INFO_FILE = "latents.json"
@@ -246,6 +245,7 @@ def weights_sha256(checkpoint) -> str | None:
   if os.path.isfile(checkpoint):
     with open(checkpoint, "rb") as f:
       return hashlib.file_digest(f, "sha256").hexdigest()
+  from dbjax.engine.checkpoint import file_checksums  # pylint: disable=g-import-not-at-top
   listing = json.dumps(file_checksums(checkpoint), sort_keys=True)
   return hashlib.sha256(listing.encode()).hexdigest()
 

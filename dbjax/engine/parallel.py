@@ -3,7 +3,7 @@
 DiffusionBlocks' blocks share no activations and, for images, no parameters
 (docs/method.md, "Shared parameters"), so with parallel.mode="blocks" every step trains
 all B blocks, each on its own batch, and the compiled step has no collective across the
-"block" axis (tests/test_parallel.py reads the HLO to check, with experiments/hlo.py).
+"block" axis (tests/test_parallel.py reads the HLO to check, with benchmarks/hlo.py).
 The step is manual over "block" alone (jax.shard_map with axis_names={"block"}); within
 a block's slice the compiler places the work: its batch is split over data x fsdp and
 its state sharded over fsdp (x tensor), as in sequential mode.

@@ -16,7 +16,7 @@ two float32 numbers per token, and recomputes the rest in the backward pass: the
 values and gradients to float32 rounding (tests/test_fused.py). `dense_of` puts a Linear
 behind either piece and recomputes the piece's output for the Linear's weight gradient
 (elementwise work beside the matmuls), so a DiT layer keeps 12 widths per token where
-PyTorch's autograd keeps 21 (experiments/bench_layer_residuals.py). Every recomputation
+PyTorch's autograd keeps 21 (benchmarks/bench_layer_residuals.py). Every recomputation
 here and in dbjax.nets.attention starts from `after_cotangent`, so no compiler can run
 it in the forward pass and keep its output until the backward pass.
 """

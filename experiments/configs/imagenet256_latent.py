@@ -6,10 +6,10 @@ which the tests never do.
 
 Encode ImageNet once (a folder of class subfolders, e.g. ILSVRC2012's train/ and val/
 sorted into <dir>/train/<wnid>/ and <dir>/test/<wnid>/), with diffusers' Flax port of the
-VAE (pip install diffusers transformers; experiments/sd_vae.py adapts it):
+VAE (pip install diffusers transformers; dbjax/nets/sd_vae.py adapts it):
 
   python -m experiments.encode_latents --data=folder:/data/imagenet --resize=256 \
-      --encoder=experiments.sd_vae:encode --decoder=experiments.sd_vae:decode \
+      --encoder=dbjax.nets.sd_vae:encode --decoder=dbjax.nets.sd_vae:decode \
       --checkpoint=stabilityai/sd-vae-ft-ema --scale_factor=0.18215 \
       --batch_size=64 --out=/data/imagenet256_latents
 

@@ -1,11 +1,11 @@
 r"""How a block's state and step spread over the mesh, one JSON row per case.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_scale \
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.bench_scale \
       --config=experiments/configs/digits.py --devices=1,2,4,8 \
-      --out=results/bench_scale_digits.json
+      --out=benchmarks/results/bench_scale_digits.json
 
-  python -m experiments.bench_scale --processes=2 \
-      --out=results/bench_scale_two_processes.json
+  python -m benchmarks.bench_scale --processes=2 \
+      --out=benchmarks/results/bench_scale_two_processes.json
 
 For every device count N: sequential mode on a (block 1, data 1, fsdp N) mesh, and
 parallel mode (block -1, fsdp the rest). Each row: `state_bytes`, one block's
@@ -57,7 +57,7 @@ from experiments.cli import config_help, method_variant, print_table, run, write
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "device counts to place on")
-_OUT = flags.DEFINE_string("out", "results/bench_scale_digits.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_scale_digits.json", "JSON output")
 _PROCESSES = flags.DEFINE_integer("processes", 0, "run this many processes on localhost "
                                   "instead (the multi-host rows; see the docstring)")
 _WORKER = flags.DEFINE_integer("worker", -1, "internal: this process's index")
@@ -175,7 +175,7 @@ def launch(num_processes: int) -> list[dict]:
   workdir = tempfile.mkdtemp(prefix="bench_scale_")
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={PROCESS_DEVICES}")
   processes = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.bench_scale", f"--worker={i}",
+      [sys.executable, "-m", "benchmarks.bench_scale", f"--worker={i}",
        f"--processes={num_processes}", f"--coordinator=localhost:{port}",
        f"--workdir={workdir}", f"--out={workdir}/row_{i}.json"], env=env)
       for i in range(num_processes)]

@@ -1,8 +1,8 @@
 r"""Step time of end-to-end training against one DiffusionBlocks block, side by side in
 one run, and sampling throughput of both.
 
-  python -m experiments.bench_speed --config=experiments/configs/digits.py \
-      --out=results/bench_speed_digits.json
+  python -m benchmarks.bench_speed --config=experiments/configs/digits.py \
+      --out=benchmarks/results/bench_speed_digits.json
 
 A block holds L/B layers, so its step should take about 1/B of an end-to-end step
 (paper, Table 12: 0.0507 s against 0.0181 s per iteration on an H100, B=3).
@@ -24,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.
                                           config_help(), lock_config=True)
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed steps per method")
 _SAMPLES = flags.DEFINE_integer("num_samples", 500, "images generated per method")
-_OUT = flags.DEFINE_string("out", "results/bench_speed_digits.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_speed_digits.json", "JSON output")
 
 
 def samples_per_second(task, config, num_samples: int) -> float:

@@ -7,7 +7,7 @@ the tensors its autograd saves for the same layer written as DiT's block (LayerN
 without affine, modulation, qkv Linear, SDPA with a fused kernel, proj Linear, gate; the
 same for the MLP with GELU(tanh)), op by op (PYTORCH_SAVED); it is not a measurement.
 
-  python -m experiments.bench_layer_residuals --out=results/bench_layer_residuals.json
+  python -m benchmarks.bench_layer_residuals --out=benchmarks/results/bench_layer_residuals.json
 
 Defaults: the authors' larger ViT size (width 768, 12 heads, 256 tokens, MLP 3072).
 """
@@ -25,7 +25,7 @@ _WIDTH = flags.DEFINE_integer("width", 768, "hidden size D")
 _HEADS = flags.DEFINE_integer("heads", 12, "attention heads")
 _TOKENS = flags.DEFINE_integer("tokens", 256, "tokens T")
 _MLP = flags.DEFINE_integer("mlp", 3072, "MLP width")
-_OUT = flags.DEFINE_string("out", "results/bench_layer_residuals.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_layer_residuals.json", "JSON output")
 
 # What PyTorch's autograd saves per token for one DiT layer, in units of D (the width)
 # and of single numbers, from each op's derivative: LayerNorm its input and two

@@ -25,6 +25,8 @@ def _channels_last(x, channels: int):
 
 
 def encode(images, checkpoint: str) -> np.ndarray:
+  """Latents (N, h, w, 4): the posterior's mean of images (N, H, W, 3) in [-1, 1], by the
+  VAE at `checkpoint` (a diffusers Flax checkpoint's path or hub name)."""
   vae, params = _vae(checkpoint)
   images = jnp.transpose(jnp.asarray(images, jnp.float32), (0, 3, 1, 2))
   posterior = vae.apply({"params": params}, images, method=vae.encode).latent_dist
@@ -32,6 +34,7 @@ def encode(images, checkpoint: str) -> np.ndarray:
 
 
 def decode(latents, checkpoint: str) -> np.ndarray:
+  """Images (N, H, W, 3) in [-1, 1] from (unscaled) latents, by the VAE at `checkpoint`."""
   vae, params = _vae(checkpoint)
   images = vae.apply({"params": params}, jnp.asarray(latents, jnp.float32),
                      method=vae.decode).sample

@@ -1,5 +1,5 @@
 """Reading compiled HLO: which device groups each collective spans. Used by the tests
-and experiments/bench_scaling.py to show that the parallel step communicates nothing
+and benchmarks/bench_scaling.py to show that the parallel step communicates nothing
 between blocks."""
 import re
 

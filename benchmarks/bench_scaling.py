@@ -1,7 +1,7 @@
 r"""Sequential against parallel block training on the devices present, side by side.
 
-  python -m experiments.bench_scaling --config=experiments/configs/digits.py \
-      --out=results/bench_scaling_digits.json
+  python -m benchmarks.bench_scaling --config=experiments/configs/digits.py \
+      --out=benchmarks/results/bench_scaling_digits.json
 
 Sequential: the default driver, one block at a time on one device, so B block
 iterations take B block steps. Parallel (parallel.mode="blocks"): every step trains
@@ -23,12 +23,12 @@ from ml_collections import config_flags
 from dbjax import tasks
 from dbjax.engine import parallel, profiling
 from experiments.cli import config_help, method_variant, print_table, run, write_json
-from experiments.hlo import collective_groups, crosses_blocks
+from benchmarks.hlo import collective_groups, crosses_blocks
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed steps of each kind")
-_OUT = flags.DEFINE_string("out", "results/bench_scaling_digits.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_scaling_digits.json", "JSON output")
 
 
 def fake_devices() -> bool:

@@ -6,7 +6,7 @@ wrapped as a user layer; 12 layers, B = 4, the config's optimizer, batch, budget
 iteration order (the driver's block_for_step and batch_indices), so only the input form
 differs from `experiments.train --config=experiments/configs/shakespeare_ar.py`.
 
-  python -m experiments.probe_single_stream --out=results/probe_single_stream_shakespeare.json
+  python -m studies.probe_single_stream --out=studies/results/probe_single_stream_shakespeare.json
 
 Prints a table: the block step's compiled memory against the built-in end-to-end causal
 LM's and block's (same batch), and test bits per character of the first call (block 0 at
@@ -36,7 +36,7 @@ from experiments.cli import config_help, method_variant, print_table, run, write
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/shakespeare_ar.py",
                                           config_help(), lock_config=True)
-_OUT = flags.DEFINE_string("out", "results/probe_single_stream_shakespeare.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "studies/results/probe_single_stream_shakespeare.json", "JSON output")
 
 
 def causal_dit_layer(config):

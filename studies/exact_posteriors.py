@@ -1,6 +1,6 @@
 """The exact denoiser of an embedded target (labels, tokens), for probes and tests: with
 every block exact, a chain run with it shows what the chain itself does to a perfect
-model (experiments/exact_chain.py; tests/test_sampling.py)."""
+model (studies/exact_chain.py; tests/test_sampling.py)."""
 import jax
 import jax.numpy as jnp
 
@@ -12,7 +12,7 @@ def exact_posterior_logits(log_prior, embedding, token_corruption: float = 0.0):
   target y ~ exp(log_prior) (one prior (V,), or one per row (N, V)) embedded as the rows
   e_y of `embedding`: log p(y | z) = log p_y - |z - e_y|^2 / (2 sigma^2) + const. Every
   block is exact, so a chain run with it shows what the chain itself does to a perfect
-  model (tests; experiments/exact_chain.py). With token_corruption = r the denoiser is
+  model (tests; studies/exact_chain.py). With token_corruption = r the denoiser is
   exact for training tokens built from a uniformly random class with probability r
   (classify.corrupt_labels): p(z | y) = (1 - r) N(z; e_y) + r mean_k N(z; e_k)."""
   def logits_of(z, sigma, block, step):

@@ -11,9 +11,9 @@ r"""One check of an accelerator, in sections that fit a short lease:
 Each row is printed and the JSON rewritten as soon as it is measured, so a run stopped
 at any point keeps every finished row. --only picks sections.
 
-  python -m experiments.device_check --out=results/device_check_h200.json
-  python -m experiments.device_check --only=authors --out=results/authors_h200.json
-  python -m experiments.device_check --tiny --out=/tmp/device_check.json   # any machine
+  python -m benchmarks.device_check --out=benchmarks/results/device_check_h200.json
+  python -m benchmarks.device_check --only=authors --out=benchmarks/results/authors_h200.json
+  python -m benchmarks.device_check --tiny --out=/tmp/device_check.json   # any machine
 
 Memory: the compiled step's footprint (memory_analysis). Time: the median of --repeats
 steps of that same compiled step with the data on the device (--repeats=0: memory and
@@ -51,7 +51,7 @@ _TINY = flags.DEFINE_bool("tiny", False, "4-layer, width-32 networks and a batch
                           "checks that the script works, on any machine")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed steps per row; 0: no timing")
 _ONLY = flags.DEFINE_list("only", list(SECTIONS), f"sections to run, of {SECTIONS}")
-_OUT = flags.DEFINE_string("out", "results/device_check.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/device_check.json", "JSON output")
 
 # Dense peak FLOP/s per chip, by a piece of jax's device_kind: (float32, bfloat16).
 # NVIDIA's H100/H200 and A100 datasheets (TF32 and BF16 tensor cores, without
@@ -222,11 +222,11 @@ def main(argv):
           "--config.model.num_heads=2", "--config.train.batch_size=8",
           "--config.diffusion.num_blocks=2"] if _TINY.value else []
   if "scaling" in summary["sections"]:
-    summary["scaling"] = run_benchmark("experiments.bench_scaling", [
+    summary["scaling"] = run_benchmark("benchmarks.bench_scaling", [
         "--config=experiments/configs/digits.py", "--repeats=10", *tiny])
     save()
   if "transfers" in summary["sections"]:
-    summary["transfers"] = run_benchmark("experiments.bench_transfers", [
+    summary["transfers"] = run_benchmark("benchmarks.bench_transfers", [
         "--config=experiments/configs/digits.py", "--repeats=3", "--iterations=30", *tiny])
     save()
   for name in ("scaling", "transfers"):

@@ -5,8 +5,8 @@ as numpy or in pinned host memory (train.waiting_blocks; where the backend has i
 with every block kept on the device (no transfers at all: the time of the steps alone),
 side by side in one run.
 
-  python -m experiments.bench_transfers --config=experiments/configs/digits.py \
-      --out=results/bench_transfers_digits.json
+  python -m benchmarks.bench_transfers --config=experiments/configs/digits.py \
+      --out=benchmarks/results/bench_transfers_digits.json
 
 Waiting share of a way = 1 - (time with every block resident) / (its time); the blocks
 on the device = the most live device bytes at any step, in units of one block's state.
@@ -30,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.
                                           config_help(), lock_config=True)
 _ITERATIONS = flags.DEFINE_integer("iterations", 90, "iterations in the timed interval")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed intervals per way, taken in turn")
-_OUT = flags.DEFINE_string("out", "results/bench_transfers_digits.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_transfers_digits.json", "JSON output")
 
 # way -> (stream, waiting) for driver.train_interval
 MOVED = {"synchronous": (False, "numpy"), "streamed": (True, "numpy"),

@@ -1,7 +1,7 @@
 r"""Kill a training run again and again; check that nothing is lost.
 
-  python -m experiments.soak --config=experiments/configs/digits.py --minutes=10 \
-      --workdir=runs/soak --out=results/soak_digits.json
+  python -m benchmarks.soak --config=experiments/configs/digits.py --minutes=10 \
+      --workdir=runs/soak --out=benchmarks/results/soak_digits.json
 
 Runs `experiments.train` with the given config as a child process and, each time it has
 saved a new checkpoint, kills it at a random moment after (SIGKILL, or SIGTERM or SIGINT
@@ -49,7 +49,7 @@ _KILL_WINDOW = flags.DEFINE_float("kill_window", 1.0, "each kill lands a uniform
 _OVERRIDES = flags.DEFINE_multi_string("override", [],
                                        "config overrides, e.g. train.num_steps=100")
 _PROCESSES = flags.DEFINE_integer("processes", 1, "1, or 2 for a two-process localhost run")
-_OUT = flags.DEFINE_string("out", "results/soak_digits.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/soak_digits.json", "JSON output")
 
 RESUME_LINE = re.compile(r"resuming from the checkpoint of (?:iteration|step) (\d+)")
 STOP_LINE = re.compile(r"stopped by SIG\w+ after saving the checkpoint of (?:iteration|step) "

@@ -8,8 +8,8 @@ argmax when the noisy label token it reads is the embedding of
 each plus sigma_b * noise; and the token alone (the nearest label row to it). Then the
 chain itself after N = 1 .. B calls. Writes one JSON.
 
-  python -m experiments.probe_classifier_chain --workdir=runs/classify_fashion_mnist \
-      --out=results/probe_classifier_chain_fashion_mnist.json
+  python -m studies.probe_classifier_chain --workdir=runs/classify_fashion_mnist \
+      --out=studies/results/probe_classifier_chain_fashion_mnist.json
 """
 import json
 

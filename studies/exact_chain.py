@@ -2,7 +2,7 @@
 
 The classifier and the autoregressive LM read their answer off the last call of an Euler
 chain over an embedded target (sampling.embedding_chain). With exact blocks
-(experiments/exact_posteriors.py), the first call at sigma_max is already the exact
+(studies/exact_posteriors.py), the first call at sigma_max is already the exact
 predictive distribution p(y | input), so anything the chain changes after it is the
 chain's doing, not the blocks' training. Two tables:
 
@@ -14,7 +14,7 @@ chain's doing, not the blocks' training. Two tables:
   and of the mixture of K chains' last calls (sampling.mixture_log_probs), against the
   entropy.
 
-  python -m experiments.exact_chain --out=results/exact_chain.json
+  python -m studies.exact_chain --out=studies/results/exact_chain.json
 """
 import json
 
@@ -24,7 +24,7 @@ from absl import flags
 
 from dbjax import sampling
 from experiments.cli import print_table, run
-from experiments.exact_posteriors import exact_posterior_chain
+from studies.exact_posteriors import exact_posterior_chain
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for both tables")
 _ROWS = flags.DEFINE_integer("rows", 4000, "inputs (posteriors) per setting")

@@ -9,8 +9,8 @@ sampler. This prints test bits per character for every (bridge, chains, K) in th
 scored as the run's K curve is (dbjax.tasks.recurrent.bits_by_iterations: the same test
 sequences and chain keys in every cell), writes them to one JSON and plots them.
 
-  python -m experiments.probe_recurrent_chains --workdir=runs/recurrent_top_800 \
-      --chains=16,64,256 --iterations=1,2,4,8 --out=results/probe_recurrent_chains.json
+  python -m studies.probe_recurrent_chains --workdir=runs/recurrent_top_800 \
+      --chains=16,64,256 --iterations=1,2,4,8 --out=studies/results/probe_recurrent_chains.json
 """
 import dataclasses
 import os

@@ -1,10 +1,10 @@
 r"""Curves of sample quality against K from several experiments.text_quality outputs, one
 line per model (e.g. DiffusionBlocks against Huginn over inference iterations).
 
-  python -m experiments.plot_text_quality \
+  python -m studies.plot_text_quality \
       --curve="DiffusionBlocks=results/text_quality_shakespeare_recurrent_db_seed0.json,results/text_quality_shakespeare_recurrent_db_seed0_k16.json" \
       --curve="Huginn=results/text_quality_shakespeare_recurrent_huginn_seed0.json" \
-      --out=results/text_quality_shakespeare_recurrent
+      --out=studies/results/text_quality_shakespeare_recurrent
 
 Each --curve is LABEL=FILE[,FILE...]: the files' rows are one model's cells, merged by K
 (a K scored in two files is refused: which is the curve's would be a guess). All files

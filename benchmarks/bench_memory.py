@@ -11,9 +11,9 @@ backward pass keeps, read from the program before compilation (activation_bytes)
 CPU backend computes bfloat16 in float32, so on a CPU only that column shows what
 bfloat16 saves on an accelerator.
 
-  python -m experiments.bench_memory --out=results/bench_memory.jsonl
-  python -m experiments.bench_memory --config=experiments/configs/shakespeare_ar.py \
-      --dtypes=float32 --time --out=results/bench_memory_shakespeare_ar.jsonl
+  python -m benchmarks.bench_memory --out=benchmarks/results/bench_memory.jsonl
+  python -m benchmarks.bench_memory --config=experiments/configs/shakespeare_ar.py \
+      --dtypes=float32 --time --out=benchmarks/results/bench_memory_shakespeare_ar.jsonl
 
 --time adds each step's median time and the end-to-end / DiffusionBlocks time ratio.
 
@@ -32,7 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/fashion
                                           config_help(), lock_config=True)
 _BLOCKS = flags.DEFINE_list("num_blocks", ["1", "2", "3", "4", "6"], "values of B")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "computation dtypes")
-_OUT = flags.DEFINE_string("out", "results/bench_memory.jsonl", "JSON lines output")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/bench_memory.jsonl", "JSON lines output")
 _TIME = flags.DEFINE_bool("time", False, "also time each step (median of 10, data on the "
                           "device): what a memory saving costs")
 
