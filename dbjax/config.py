@@ -8,7 +8,7 @@ the relations between fields, and names the field, its value and what is allowed
 import ml_collections
 
 from dbjax import tasks
-from dbjax.errors import ConfigError, nearest
+from dbjax.errors import ConfigError, nearest, require, warn
 from dbjax.nets.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dbjax.noise import PARTITIONS
 
@@ -232,8 +232,17 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _require(ok: bool, field: str, value, allowed: str):
-  if not ok:
-    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+  require(ok, f"config.{field}", value, allowed)
+
+
+def warn_if_warmup_outlasts(warmup: tuple[str, int], num_steps: tuple[str, int],
+                            stacklevel: int):
+  """A ConfigWarning where the warmup is not shorter than the updates each block gets:
+  its learning rate never reaches its peak. Each argument is (its name, its value): the
+  config's fields, or wrap's arguments."""
+  if warmup[1] >= num_steps[1]:
+    warn(f"{warmup[0]}={warmup[1]} is not below {num_steps[0]}={num_steps[1]} (the updates "
+         "each block gets): the learning rate never reaches its peak", stacklevel=stacklevel)
 
 
 def _check_fields(config, schema, prefix=""):

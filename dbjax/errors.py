@@ -17,6 +17,14 @@ class ConfigWarning(UserWarning):
   block gets, a resumed run whose schedule changed)."""
 
 
+def require(ok: bool, name: str, value, allowed: str):
+  """ConfigError "<name>=<value> is invalid: <allowed>" unless ok: the one form of a
+  refused setting, for config fields (name "config.train.num_steps") and wrap's
+  arguments (name "dbjax.wrap: num_layers") alike."""
+  if not ok:
+    raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
 def warn(message: str, stacklevel: int = 3):
   """Issue a ConfigWarning with `message` (one line), attributed to the code
   `stacklevel` - 1 frames above the caller of warn."""

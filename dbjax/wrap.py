@@ -56,18 +56,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dbjax import checks
-from dbjax.config import default_config, validate
+from dbjax import checks, noise, tasks
+from dbjax.config import default_config, validate, warn_if_warmup_outlasts
 from dbjax.engine import state as state_lib
 from dbjax.engine.state import BlockState
 from dbjax.engine.step import apply_step
-from dbjax.errors import ConfigError, DataError, WorkdirError, warn
-from dbjax.nets.lm import LMConfig
-from dbjax.tasks import classification, images
-from dbjax.tasks.base import noise_plan
-from dbjax.tasks.language.single_stream import CausalTokenNet, SingleStreamDenoiser
+from dbjax.errors import ConfigError, DataError, WorkdirError, require
 
-PARTITIONS = ("equiprobable", "uniform_log")
 # Parameters under this top-level name are the layers (leading axis = layer); the rest
 # (embeddings, sigma embedder, head) are the adapters of the target around them.
 LAYERS = "layers"
@@ -77,8 +72,7 @@ LAYERS = "layers"
 
 
 def _require(ok: bool, argument: str, value, allowed: str):
-  if not ok:
-    raise ConfigError(f"dbjax.wrap: {argument}={value!r} is invalid: {allowed}")
+  require(ok, f"dbjax.wrap: {argument}", value, allowed)
 
 
 def _probe_layer(make_layer, hidden_size: int, causal: bool):
@@ -341,45 +335,29 @@ def _adapters(params) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(params) if not _is_layer(path)}
 
 
-def _token_task(config, make_layer, vocab_size: int, seq_len: int) -> SingleStreamDenoiser:
-  """The single-stream token task around the user's layers (no config schema of its own:
-  the language configs build the two-stream AutoregressiveDenoiser)."""
-  num_blocks = config.diffusion.num_blocks
-  net = LMConfig(vocab_size=vocab_size, seq_len=seq_len, hidden_size=config.model.hidden_size,
-                 num_layers=config.model.num_layers // num_blocks, dtype=config.model.dtype,
-                 attention=config.model.attention, layer=make_layer)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
-  plan, intervals = noise_plan(config, num_blocks)
-  return SingleStreamDenoiser(
-      num_blocks=num_blocks, intervals=intervals, optimizer=optax.identity(),
-      shared_optimizer=optax.set_to_zero(), net=net, graphdef=graphdef,
-      train_token_embedding=False, clean_sigma=config.diffusion.sigma_min,
-      sigma_data=config.diffusion.sigma_data, noise=plan)
-
-
-# wrap's target -> (config, make_layer, vocab_size, seq_len) -> the Task around the layers.
-TASK_BUILDERS = {
-    "image": lambda config, layer, *_: images.build(config, layer=layer),
-    "label": lambda config, layer, *_: classification.build(config, layer=layer),
-    "token": _token_task,
-}
+# wrap's target -> the config.task whose module builds the task around the layers.
+TARGET_TASKS = {"image": "generation", "label": "classification", "token": "language"}
 
 
 def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
-                image_shape, patch_size, num_classes, dtype):
+                image_shape, patch_size, num_classes, vocab_size, seq_len, dtype):
   """A dbjax config holding wrap's settings, so the built-in models are built from it."""
   config = default_config()
-  config.task = {"image": "generation", "label": "classification"}.get(target, "generation")
+  config.task = TARGET_TASKS[target]
   config.model.update(num_layers=num_layers, hidden_size=hidden_size, num_heads=1,
                       patch_size=patch_size, dtype=dtype)
   config.diffusion.update(num_blocks=num_blocks, partition=partition, overlap_gamma=gamma)
   height, width, channels = image_shape
   config.data.update(image_size=height, channels=channels, num_classes=num_classes)
+  if target == "token":
+    config.data.vocab_size, config.language.seq_len = vocab_size, seq_len
   return validate(config)
 
 
-# The default optimizer's settings (dbjax's config defaults: docs/results.md's runs).
-OPTIMIZER_DEFAULTS = {"learning_rate": 3e-3, "num_steps": 600, "warmup_steps": 50}
+# The default optimizer's settings: the config's (config.train), which the runs in
+# docs/results.md used.
+OPTIMIZER_DEFAULTS = {name: default_config().train[name]
+                      for name in ("learning_rate", "num_steps", "warmup_steps")}
 
 
 def _check_optimizer(arguments: dict):
@@ -400,10 +378,8 @@ def _check_optimizer(arguments: dict):
   for name in ("num_steps", "warmup_steps"):
     _require(isinstance(settings[name], int) and settings[name] >= (name == "num_steps"),
              name, settings[name], "a positive integer" if name == "num_steps" else ">= 0")
-  if settings["warmup_steps"] >= settings["num_steps"]:
-    warn(f"dbjax.wrap: warmup_steps={settings['warmup_steps']} is not below num_steps="
-         f"{settings['num_steps']} (the updates each block gets): the learning rate never "
-         "reaches its peak", stacklevel=4)
+  warn_if_warmup_outlasts(("dbjax.wrap: warmup_steps", settings["warmup_steps"]),
+                          ("num_steps", settings["num_steps"]), stacklevel=5)
   arguments.update(settings)
 
 
@@ -454,15 +430,22 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   float32 scores and no saved (T, T) matrix, attend with dbjax.nets.attention.attend.
   seed: the frozen label or token embedding.
   """
-  arguments = dict(locals())
-  _require(target in TASK_BUILDERS, "target", target, f"one of {tuple(TASK_BUILDERS)}")
+  arguments = {"make_layer": make_layer, "num_layers": num_layers, "hidden_size": hidden_size,
+               "target": target, "num_blocks": num_blocks, "partition": partition,
+               "gamma": gamma, "optimizer": optimizer, "learning_rate": learning_rate,
+               "num_steps": num_steps, "warmup_steps": warmup_steps, "grad_clip": grad_clip,
+               "image_shape": image_shape, "patch_size": patch_size,
+               "num_classes": num_classes, "vocab_size": vocab_size, "seq_len": seq_len,
+               "dtype": dtype, "seed": seed}  # what end_to_end() rebuilds it from
+  _require(target in TARGET_TASKS, "target", target, f"one of {tuple(TARGET_TASKS)}")
   _require(callable(make_layer), "make_layer", make_layer, "a callable (rngs) -> nnx.Module")
   for name in ("num_layers", "hidden_size", "num_blocks"):
     _require(isinstance(arguments[name], int) and arguments[name] >= 1, name,
              arguments[name], "a positive integer")
   _require(num_layers % num_blocks == 0, "num_layers", num_layers,
            f"a multiple of num_blocks={num_blocks}")
-  _require(partition in PARTITIONS, "partition", partition, f"one of {PARTITIONS}")
+  _require(partition in noise.PARTITIONS, "partition", partition,
+           f"one of {noise.PARTITIONS}")
   _require(0 <= gamma < 1, "gamma", gamma, "in [0, 1)")
   _require(dtype in ("float32", "bfloat16"), "dtype", dtype, "'float32' or 'bfloat16'")
   _check_optimizer(arguments)
@@ -478,8 +461,8 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
              f"a divisor of the image size {image_shape[0]}")
   _probe_layer(make_layer, hidden_size, causal=target == "token")
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
-                       image_shape, patch_size, num_classes, dtype)
-  task = TASK_BUILDERS[target](config, make_layer, vocab_size, seq_len)
+                       image_shape, patch_size, num_classes, vocab_size, seq_len, dtype)
+  task = tasks.build(config, layer=make_layer)
   # The target embedding stays frozen.
   task = dataclasses.replace(task, optimizer=_block_optimizer(arguments),
                              shared_optimizer=optax.set_to_zero())

@@ -147,7 +147,8 @@ def test_command_line_trains_samples_and_evaluates(tmp_path):
   assert "iteration 6/6  loss  block " in trained.stdout
   # A warmup (50 updates, the default) longer than the 2 each block gets: one line.
   warning, = [l for l in trained.stderr.splitlines() if "warmup_steps" in l]
-  assert warning.startswith("warning: config.train.warmup_steps=50 is not below the 2 updates")
+  assert warning.startswith("warning: config.train.warmup_steps=50 is not below "
+                            "config.train.num_steps=2 (the updates each block gets)")
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))
   with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]

@@ -177,8 +177,8 @@ def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, 
 
 
 def test_schedules_that_run_but_not_as_meant_warn_in_one_line(tmp_path, digits):
-  with pytest.warns(ConfigWarning, match=r"warmup_steps=10 is not below the 10 updates each "
-                                         r"block gets \(config.train.num_steps\)"):
+  with pytest.warns(ConfigWarning, match=r"config.train.warmup_steps=10 is not below "
+                                         r"config.train.num_steps=10 \(the updates each"):
     train.train(tiny_config(**{"train__warmup_steps": 10}), str(tmp_path / "warm"), digits)
   workdir = str(tmp_path / "resumed")
   train.train(tiny_config(), workdir, digits)

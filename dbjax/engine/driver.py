@@ -284,10 +284,8 @@ def _warn_about_schedule(config, saved_config: dict | None):
   """One-line warnings for a schedule that runs but not as meant: a warmup as long as
   the updates a block gets, or a resumed run whose schedule fields changed."""
   t = config.train
-  if t.warmup_steps >= t.num_steps:
-    warn(f"config.train.warmup_steps={t.warmup_steps} is not below the {t.num_steps} "
-         "updates each block gets (config.train.num_steps): its learning rate never "
-         "reaches config.train.learning_rate", stacklevel=4)
+  config_lib.warn_if_warmup_outlasts(("config.train.warmup_steps", t.warmup_steps),
+                                     ("config.train.num_steps", t.num_steps), stacklevel=5)
   ours, saved = config_lib.flatten(config.to_dict()), config_lib.flatten(saved_config or {})
   for field in SCHEDULE_FIELDS:
     if field in saved and saved[field] != ours[field]:

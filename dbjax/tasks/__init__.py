@@ -33,9 +33,12 @@ def module(name: str):
   return importlib.import_module(REGISTRY[name])
 
 
-def build(config) -> Task:
-  """The Task of a validated config whose data-derived fields are filled in."""
-  return module(config.task).build(config)
+def build(config, layer=None) -> Task:
+  """The Task of a validated config whose data-derived fields are filled in; with a
+  user's `layer` factory (dbjax.wrap), the task built around that layer."""
+  if layer is None:
+    return module(config.task).build(config)
+  return module(config.task).build(config, layer=layer)
 
 
 def resolve(config):

@@ -16,11 +16,15 @@ from dbjax.tasks.base import RunData, noise_plan
 from dbjax.tasks.language.autoregressive import AutoregressiveDenoiser
 from dbjax.tasks.language.causal import CausalLM
 from dbjax.tasks.language.common import LanguageTask, token_embedding
+from dbjax.tasks.language import single_stream
 from dbjax.tasks.language.masked import MaskedDiffusion, masking_boundaries
 
 
-def build(config) -> LanguageTask:
-  """The task of a validated language config whose data.vocab_size is set (`load_data`)."""
+def build(config, layer=None) -> LanguageTask:
+  """The task of a validated language config whose data.vocab_size is set (`load_data`);
+  with a user's causal `layer` (dbjax.wrap's token target), single_stream's."""
+  if layer is not None:
+    return single_stream.build(config, layer)
   m, lang = config.model, config.language
   if not config.data.vocab_size:
     raise ConfigError("config.data.vocab_size=0 is unresolved: build a language task from "

@@ -21,7 +21,7 @@ from dbjax import checks, edm, noise, sampling
 from dbjax.nets.dit import (FinalLayer, SigmaEmbedder, apply_layers, compute_dtype, dense,
                            embedding, stacked_layers)
 from dbjax.nets.lm import LMConfig
-from dbjax.tasks.base import NoisePlan, sampling_plan
+from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
 from dbjax.tasks.language.autoregressive import denoising_cross_entropy
 from dbjax.tasks.language.common import (LanguageTask, sample_token, token_embedding,
                                          token_metrics)
@@ -161,3 +161,22 @@ def _chain_nats(task, stacked_params, embedding, tokens, key, sigmas, owners):
 
   first, last = jax.lax.fori_loop(0, tokens.shape[1], position_step, jnp.zeros(2))
   return first, last
+
+
+def build(config, layer) -> SingleStreamDenoiser:
+  """B blocks of the user's causal `layer` (dbjax.wrap's token target) over a validated
+  language config: data.vocab_size, language.seq_len, the model's width and depth. No
+  config schema of its own: the language configs build the two-stream
+  AutoregressiveDenoiser."""
+  num_blocks = config.diffusion.num_blocks
+  net = LMConfig(vocab_size=config.data.vocab_size, seq_len=config.language.seq_len,
+                 hidden_size=config.model.hidden_size,
+                 num_layers=config.model.num_layers // num_blocks, dtype=config.model.dtype,
+                 attention=config.model.attention, layer=layer)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalTokenNet(net, rngs=nnx.Rngs(0))))
+  plan, intervals = noise_plan(config, num_blocks)
+  return SingleStreamDenoiser(
+      num_blocks=num_blocks, intervals=intervals, optimizer=optax.identity(),
+      shared_optimizer=optax.set_to_zero(), net=net, graphdef=graphdef,
+      train_token_embedding=False, clean_sigma=config.diffusion.sigma_min,
+      sigma_data=config.diffusion.sigma_data, noise=plan)
