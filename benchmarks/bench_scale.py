@@ -49,10 +49,12 @@ import jax  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from dbjax.engine import mesh as mesh_lib, parallel, profiling  # pylint: disable=wrong-import-position
-from dbjax.engine.planning import abstract_with, compiled_sharded_step, per_device_bytes  # pylint: disable=wrong-import-position
-from dbjax.engine import state as state_lib  # pylint: disable=wrong-import-position
-from experiments.cli import config_help, method_variant, print_table, run, write_json  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from dbjax.engine import mesh as mesh_lib, parallel, profiling
+from dbjax.engine import state as state_lib
+from dbjax.engine.planning import abstract_with, compiled_sharded_step, per_device_bytes
+from experiments.cli import config_help, method_variant, print_table, run, write_json
+# pylint: enable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)

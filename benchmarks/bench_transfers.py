@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from dbjax import config as config_lib, tasks
 from dbjax.data.batches import batch_indices
-from dbjax.engine import driver, profiling, state as state_lib
+from dbjax.engine import driver, placement as placement_lib, profiling, state as state_lib
 from dbjax.engine.step import jit_train_step
 from dbjax.progress import progress_bar
 from experiments.cli import config_help, print_table, run, write_json
@@ -80,7 +80,7 @@ def sharded_for(task, config, waiting: str):
   """(placement_for's placement, the driver's step compiled for it), made once."""
   if waiting not in _SHARDED:
     placement = placement_for(task, config, waiting)
-    _SHARDED[waiting] = placement, driver.jit_sharded_step(task, placement)
+    _SHARDED[waiting] = placement, placement_lib.jit_sharded_step(task, placement)
   return _SHARDED[waiting]
 
 
@@ -88,7 +88,7 @@ def placement_for(task, config, waiting: str):
   """The driver's placement with blocks waiting as `waiting` (train.waiting_blocks)."""
   config = config.copy_and_resolve_references()
   config.train.waiting_blocks = waiting
-  return driver.placement_of(task, config)
+  return placement_lib.placement_of(task, config)
 
 
 def recording_live_bytes(peaks: list):

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from dbjax import config as config_lib, tasks
-from dbjax.engine import block_jobs, driver, signals
+from dbjax.engine import block_jobs, driver, saved_runs, signals
 from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block_runs,
                                  step_key)
 from dbjax.engine.metric_log import MetricLog
@@ -187,10 +187,10 @@ def restore_run(workdir: str, config=None):
   `workdir`. The config saved with the checkpoint is used unless one is given."""
   config = config_lib.validate(saved_config(workdir) if config is None else config)
   task = tasks.build(config)
-  checkpointer = driver.checkpointer_of(task, config, workdir)
-  _, states, shared, _ = driver.restore(task, config, checkpointer)
+  checkpointer = saved_runs.checkpointer_of(task, config, workdir)
+  _, states, shared, _ = saved_runs.restore(task, config, checkpointer)
   checkpointer.close()
-  return config, task, states, driver.one_shared(config, shared)
+  return config, task, states, saved_runs.one_shared(config, shared)
 
 
 class LoadedRun(NamedTuple):
@@ -218,10 +218,10 @@ def load_run(workdir: str) -> LoadedRun:
   train), from its newest readable checkpoint and the config saved with it."""
   config = config_lib.validate(saved_config(workdir))
   task = tasks.build(config)
-  checkpointer = driver.checkpointer_of(task, config, workdir)
-  iteration, states, shared, _ = driver.restore(task, config, checkpointer)
+  checkpointer = saved_runs.checkpointer_of(task, config, workdir)
+  iteration, states, shared, _ = saved_runs.restore(task, config, checkpointer)
   checkpointer.close()
-  shared = driver.one_shared(config, shared)
+  shared = saved_runs.one_shared(config, shared)
   return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states)
 
 

@@ -35,7 +35,8 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from dbjax.engine.planning import parse_bytes, pod_plan  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
-from experiments.cli import config_help, print_table, run, write_json  # pylint: disable=wrong-import-position
+from experiments.cli import (  # pylint: disable=wrong-import-position
+    config_help, print_table, run, write_json)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py",
                                           config_help(), lock_config=True)

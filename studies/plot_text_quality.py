@@ -1,9 +1,9 @@
 r"""Curves of sample quality against K from several experiments.text_quality outputs, one
 line per model (e.g. DiffusionBlocks against Huginn over inference iterations).
 
-  python -m studies.plot_text_quality \
-      --curve="DiffusionBlocks=results/text_quality_shakespeare_recurrent_db_seed0.json,results/text_quality_shakespeare_recurrent_db_seed0_k16.json" \
-      --curve="Huginn=results/text_quality_shakespeare_recurrent_huginn_seed0.json" \
+  R=results/text_quality_shakespeare_recurrent; python -m studies.plot_text_quality \
+      --curve="DiffusionBlocks=${R}_db_seed0.json,${R}_db_seed0_k16.json" \
+      --curve="Huginn=${R}_huginn_seed0.json" \
       --out=studies/results/text_quality_shakespeare_recurrent
 
 Each --curve is LABEL=FILE[,FILE...]: the files' rows are one model's cells, merged by K

@@ -36,7 +36,8 @@ from experiments.cli import config_help, method_variant, print_table, run, write
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/shakespeare_ar.py",
                                           config_help(), lock_config=True)
-_OUT = flags.DEFINE_string("out", "studies/results/probe_single_stream_shakespeare.json", "JSON output")
+_OUT = flags.DEFINE_string("out", "studies/results/probe_single_stream_shakespeare.json",
+                           "JSON output")
 
 
 def causal_dit_layer(config):

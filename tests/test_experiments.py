@@ -523,7 +523,8 @@ def test_bench_scale_splits_a_block_over_fsdp(tmp_path):
   out = tmp_path / "scale.json"
   subprocess.run([sys.executable, "-m", "benchmarks.bench_scale",
                   "--config=experiments/configs/digits.py", "--devices=1,2",
-                  "--config.diffusion.num_blocks=2", f"--out={out}", *TINY_FLAGS], cwd=ROOT, check=True, capture_output=True,
+                  "--config.diffusion.num_blocks=2", f"--out={out}", *TINY_FLAGS], cwd=ROOT,
+                 check=True, capture_output=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
   rows = json.loads(out.read_text())["rows"]
   assert [(r["mode"], r["devices"]) for r in rows] == [

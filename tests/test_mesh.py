@@ -20,7 +20,8 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
 
 from dbjax import data, tasks, train  # pylint: disable=wrong-import-position
-from dbjax.engine import driver, mesh as mesh_lib, parallel  # pylint: disable=wrong-import-position
+from dbjax.engine import mesh as mesh_lib, parallel  # pylint: disable=wrong-import-position
+from dbjax.engine import placement as placement_lib  # pylint: disable=wrong-import-position
 from dbjax.engine import state as state_lib  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from tests.conftest import tiny_config  # pylint: disable=wrong-import-position
@@ -95,7 +96,7 @@ def test_annotated_variables_keep_their_names():
   variable as out_sharding)."""
   config = tiny_config()
   config.parallel.mesh.update(data=2, fsdp=4)
-  mesh = driver.placement_of(tasks.build(config), config).mesh
+  mesh = placement_lib.placement_of(tasks.build(config), config).mesh
   layer = nnx.eval_shape(lambda: nnx.Linear(
       64, 32, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
                                                 ("embed", None), eager_sharding=False),
@@ -122,7 +123,7 @@ def test_a_block_state_is_split_over_fsdp(name, fsdp):
   config = load_config(name)
   config.parallel.mesh.update(data=1, fsdp=fsdp)
   task = tasks.build(config)
-  placement = driver.placement_of(task, config, jax.devices()[:fsdp])
+  placement = placement_lib.placement_of(task, config, jax.devices()[:fsdp])
   block, _ = state_lib.abstract_states(task)
   whole = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(block))
   per_device = sum(leaf.size * leaf.dtype.itemsize // sharding.num_devices
@@ -139,8 +140,8 @@ def test_blocks_are_born_sharded_where_they_wait():
   config = tiny_config(model__hidden_size=64, model__num_heads=4)
   config.parallel.mesh.update(data=2, fsdp=4)
   task = tasks.build(config)
-  placement = driver.placement_of(task, config)
-  states, _ = driver.born_sharded(task, config.seed, placement)
+  placement = placement_lib.placement_of(task, config)
+  states, _ = placement_lib.born_sharded(task, config.seed, placement)
   for leaf in jax.tree.leaves(states[0]):
     if leaf.size >= config.parallel.min_shard_size and any(d % 4 == 0 for d in leaf.shape):
       assert "fsdp" in leaf.sharding.spec, (leaf.shape, leaf.sharding.spec)
@@ -196,7 +197,7 @@ def test_bad_mesh_settings_are_one_line(digits):
   config.parallel.mesh.update(data=2, fsdp=4)
   with pytest.raises(ConfigError, match=r"train.batch_size=36 is invalid: .* data x fsdp = "
                                         r"2 x 4 = 8 devices; use a multiple of 8"):
-    driver.placement_of(tasks.build(config), config)
+    placement_lib.placement_of(tasks.build(config), config)
 
 
 class ShardedLayer(nnx.Module):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 import dbjax
 from dbjax import config as config_lib, data, engine, tasks, train
-from dbjax.engine import driver
+from dbjax.engine import driver, placement as placement_lib
 from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
 from dbjax.tasks.images import ImageGeneration
 from tests.conftest import tiny_config
@@ -79,9 +79,9 @@ def test_streamed_blocks_wait_where_configured(digits, waiting_blocks):
   config.diffusion.num_blocks = 3
   config.train.waiting_blocks = waiting_blocks
   task = tasks.build(config)
-  placement = driver.placement_of(task, config)
-  states, shared = driver.born_sharded(task, config.seed, placement)
-  step_fn, seen = driver.jit_sharded_step(task, placement), []
+  placement = placement_lib.placement_of(task, config)
+  states, shared = placement_lib.born_sharded(task, config.seed, placement)
+  step_fn, seen = placement_lib.jit_sharded_step(task, placement), []
 
   def kind(leaf):
     return type(leaf).__name__ if isinstance(leaf, np.ndarray) else leaf.sharding.memory_kind

@@ -3,6 +3,8 @@
   state       BlockState(params, opt_state, step), each block's own optimizer, host init
   step        the pure train step (state, shared, batch, key, interval) with its reduce hook
   driver      the sequential driver: one block on the mesh at a time, resume
+  placement   where a sequential run's blocks live: training on the devices, waiting in host memory
+  saved_runs  what a run checkpoints, and its restore to where each block lives
   signals     a stop within one train step on SIGTERM or Ctrl-C, agreed by every process
   block_jobs  blocks trained as separate jobs, and their assembly into one run
   locks       the lock file that keeps a second job off a block a live job trains

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dbjax import config as config_lib
-from dbjax.engine import driver, signals, state as state_lib
+from dbjax.engine import driver, placement as placement_lib, saved_runs, signals, state as state_lib
 from dbjax.engine.locks import BlockLock
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.step import update
@@ -90,7 +90,7 @@ def block_checkpointer(task, config, workdir: str, block: int, build=None,
   from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   name = f"block_{block}"
   targets_of = None if build is None else (
-      lambda other: {name: driver.checkpoint_targets(build(other), other)[name]})
+      lambda other: {name: saved_runs.checkpoint_targets(build(other), other)[name]})
   return RunCheckpointer(os.path.join(block_dir(workdir, block), "checkpoints"),
                          task.num_blocks, config.train.max_checkpoints, targets_of=targets_of,
                          block_ids=[block], remove_partial=remove_partial)
@@ -198,8 +198,8 @@ def _train_own_blocks(task, config, workdir, train_data, blocks, locks, stop, bu
                      desc=f"training block{'s' if len(blocks) > 1 else ''} "
                           f"{','.join(map(str, blocks))}, iterations",
                      disable=not config.train.progress, first_compiles=True)
-  placement = driver.placement_of(task, config)
-  step_fn = driver.jit_sharded_step(task, placement)
+  placement = placement_lib.placement_of(task, config)
+  step_fn = placement_lib.jit_sharded_step(task, placement)
   shared = state_lib.init_shared_on_host(task, config.seed)
   should_stop = lambda: stop.signal_name is not None
   try:
@@ -264,8 +264,8 @@ def finish(task, config, workdir: str, blocks: list[int]) -> BlockJob:
   if unfinished:
     return BlockJob(blocks, unfinished, None)
   if is_assembled(workdir, config):  # a finished job run again
-    checkpointer = driver.checkpointer_of(task, config, workdir)
-    _, states, shared, _ = driver.restore(task, config, checkpointer)
+    checkpointer = saved_runs.checkpointer_of(task, config, workdir)
+    _, states, shared, _ = saved_runs.restore(task, config, checkpointer)
     checkpointer.close()
     history = driver.read_history(os.path.join(workdir, driver.METRICS_FILE),
                                   [config_lib.total_iterations(config)] * task.num_blocks)
@@ -317,10 +317,10 @@ def assemble(task, config, workdir: str, sources: list[str]) -> driver.TrainedRu
     history += _rows(os.path.join(block_dir(where[b], b), driver.METRICS_FILE))
   history.sort(key=lambda r: r["step"])
   shared = replayed_shared(task, config)
-  checkpointer = driver.checkpointer_of(task, config, workdir)
+  checkpointer = saved_runs.checkpointer_of(task, config, workdir)
   checkpointer.save(total, states, config,
                     {"iterations": total, "progress": [total] * task.num_blocks},
-                    driver.saved_shared(shared))
+                    saved_runs.saved_shared(shared))
   checkpointer.close()
   metrics_path = os.path.join(workdir, driver.METRICS_FILE)
   if os.path.exists(metrics_path):  # assembled again: the rows are written afresh

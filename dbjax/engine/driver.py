@@ -35,16 +35,17 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
-from dbjax.engine import mesh as mesh_lib, parallel, state as state_lib
+from dbjax.engine import mesh as mesh_lib, parallel
 from dbjax.engine.metric_log import MetricLog
+from dbjax.engine.placement import (Placement, born_sharded, jit_sharded_step, on_host,
+                                    placement_of, sharded_batch, to_waiting)
+from dbjax.engine.saved_runs import checkpointer_of, one_shared, restore, saved_shared
 from dbjax.engine.signals import agreed_stop, stop_on_signals
-from dbjax.engine.step import train_step
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError, warn
 from dbjax.progress import progress_bar
 
@@ -100,63 +101,6 @@ def block_runs(chunk: np.ndarray, schedule: np.ndarray, couples_blocks: bool):
   return [(b, np.array(steps)) for b, steps in runs]
 
 
-class Placement(NamedTuple):
-  """Where a sequential run's states live on its mesh (block axis 1)."""
-  mesh: jax.sharding.Mesh
-  block: Any      # NamedShardings of a block's state in device memory
-  waiting: Any    # the same in pinned host memory, or None: numpy (one process only)
-  shared: Any     # the shared state's, in device memory
-  batch: jax.sharding.NamedSharding
-
-
-def placement_of(task, config, devices=None) -> Placement:
-  """The sequential run's mesh (config parallel.mesh) and its states' shardings
-  (config parallel.rules); ConfigError naming the field for sizes that do not fit."""
-  mesh = mesh_lib.make_mesh(config, task.num_blocks, devices)
-  mesh_lib.check_batch_size(config.train.batch_size, mesh)
-  rules = mesh_lib.Rules.of(config)
-  block, shared = state_lib.abstract_states(task)
-  host = mesh_lib.host_memory_kind(mesh)
-  numpy = (config.train.waiting_blocks == "numpy" or host is None) and \
-      jax.process_count() == 1
-  return Placement(mesh, mesh_lib.shardings(block, mesh, rules),
-                   None if numpy else mesh_lib.shardings(block, mesh, rules, memory_kind=host),
-                   mesh_lib.shardings(shared, mesh, rules), mesh_lib.batch_sharding(mesh))
-
-
-def jit_sharded_step(task, placement: Placement):
-  """train_step compiled once for all blocks on the placement's mesh: states in and out
-  with their shardings (both donated), the batch split over data x fsdp, the key (raw
-  key data) and the interval on every device."""
-  everywhere = mesh_lib.replicated(placement.mesh)
-  def sharded_train_step(state, shared, batch, key_data, interval):
-    return train_step(task, state, shared, batch, jax.random.wrap_key_data(key_data),
-                      interval)
-  return jax.jit(sharded_train_step,
-                 in_shardings=(placement.block, placement.shared, placement.batch,
-                               everywhere, everywhere),
-                 out_shardings=(placement.block, placement.shared, everywhere),
-                 donate_argnums=(0, 1))
-
-
-def sharded_batch(train_data, index: np.ndarray, sharding) -> tuple:
-  """The batch of examples `index` as global arrays split by `sharding` over its rows;
-  this host reads only the rows its own devices hold."""
-  num_rows = len(index)
-  device_rows = [range(num_rows)[i[0]] for i in
-                 sharding.addressable_devices_indices_map((num_rows,)).values()]
-  own = sorted({row for rows in device_rows for row in rows})
-  position = np.full(num_rows, -1)
-  position[own] = np.arange(len(own))
-  local = train_data.batch(index[own])
-  def global_leaf(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(
-        (num_rows, *x.shape[1:]), sharding,
-        lambda i: x[position[np.arange(num_rows)[i[0]]]][(slice(None), *i[1:])])
-  return tuple(global_leaf(x) for x in local)
-
-
 def step_key_data(seed: int, step: int, block_index: int) -> np.ndarray:
   """step_key's raw key data, as numpy: the same value on every host."""
   return np.asarray(jax.random.key_data(step_key(seed, step, block_index)))
@@ -181,14 +125,6 @@ def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, trai
     if should_stop():
       break
   return state, shared, metrics
-
-
-def to_waiting(tree, placement: Placement):
-  """A block's state sent to where it waits between its turns: pinned host memory with
-  its sharding (dispatched, not awaited), or numpy when placement.waiting is None."""
-  if placement.waiting is None:
-    return jax.device_get(tree)
-  return jax.device_put(tree, placement.waiting)
 
 
 def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar, progress,
@@ -292,84 +228,6 @@ def _warn_about_schedule(config, saved_config: dict | None):
       warn(f"config.{field}={ours[field]!r} differs from the checkpoint's {saved[field]!r}: "
            "the resumed run's learning-rate schedule is not the one it started with",
            stacklevel=4)
-
-
-def checkpoint_targets(task, config) -> dict:
-  """{item name: abstract tree} of what a run saves: one item per block and the shared
-  state, when the task has one (one copy per block with parallel.mode "blocks": each
-  block's copy has its own optimizer state; see engine.parallel)."""
-  block, shared = state_lib.abstract_states(task)
-  targets = {f"block_{b}": block for b in range(task.num_blocks)}
-  if state_lib.has_shared(task):
-    if config.parallel.mode == "blocks":
-      shared = parallel.stacked_abstract(shared, task.num_blocks)
-    targets["shared"] = shared
-  return targets
-
-
-def saved_shared(shared):
-  """The shared state as a checkpoint holds it: None when the task shares nothing."""
-  return shared if jax.tree.leaves(shared.params) else None
-
-
-def _restored_shared(task, config, shared):
-  """The shared state of a restored run: rebuilt empty when the task shares nothing."""
-  if shared is not None:
-    return shared
-  empty = jax.device_get(state_lib.init_shared(task, jax.random.key(0)))
-  return parallel.stack([empty] * task.num_blocks) if config.parallel.mode == "blocks" else empty
-
-
-def one_shared(config, shared):
-  """The shared state a trained run is evaluated with: the copies are equal after
-  every average (parallel.mode "blocks"), so block 0's."""
-  if config.parallel.mode == "blocks":
-    return jax.tree.map(lambda x: x[0], shared)
-  return shared
-
-
-def checkpointer_of(task, config, workdir: str, build=None):
-  """The run's RunCheckpointer; build(config) -> task (the registry's) lets it name the
-  config fields behind a checkpoint that does not fit."""
-  # Imported here: orbax takes a quarter of a second to import, and `import dbjax` for
-  # a model alone should not pay for it.
-  from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
-  targets_of = None if build is None else (
-      lambda other: checkpoint_targets(build(other), other))
-  return RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                         task.num_blocks, config.train.max_checkpoints, targets_of=targets_of)
-
-
-def restore(task, config, checkpointer, placement: Placement | None = None):
-  """(step, block states, shared state, saved metadata) of the newest readable
-  checkpoint (the metadata holds the config it was saved with). With a placement the
-  blocks are read straight to where they wait and the shared state to the devices,
-  each host reading its own shards (a checkpoint of any mesh or host count); without
-  one, as numpy."""
-  targets = checkpoint_targets(task, config)
-  blocks = [targets[f"block_{b}"] for b in range(task.num_blocks)]
-  if isinstance(placement, parallel.BlockParallelTrainer):
-    blocks = [with_shardings(t, placement.block_shardings()) for t in blocks]
-    shared_shardings = placement.shared_shardings
-  elif placement is not None:
-    blocks = [with_shardings(t, placement.waiting) for t in blocks]
-    shared_shardings = placement.shared
-  if placement is not None and "shared" in targets:
-    targets["shared"] = with_shardings(targets["shared"], shared_shardings)
-  step, states, shared, meta = checkpointer.restore_latest_good(
-      blocks, config, target_shared=targets.get("shared"))
-  shared = _restored_shared(task, config, shared)
-  if placement is not None:
-    shared = jax.device_put(shared, shared_shardings)
-  return step, states, shared, meta
-
-
-def with_shardings(abstract, shardings):
-  """Abstract arrays that carry `shardings` (None: as they are; orbax then reads numpy)."""
-  if shardings is None:
-    return abstract
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
 
 
 def train(task, config, workdir: str, train_data, devices=None, build=None) -> TrainedRun:
@@ -489,23 +347,3 @@ def _train(task, config, workdir, train_data, devices, build, stop) -> TrainedRu
   return TrainedRun(task, *on_host(states, one_shared(config, shared)), history)
 
 
-def on_host(states, shared):
-  """(states, shared) as numpy where this process holds them whole (one process), for
-  evaluation and sampling; the sharded arrays as they are on many hosts."""
-  if all(getattr(leaf, "is_fully_addressable", True)
-         for leaf in jax.tree.leaves((states, shared))):
-    return jax.device_get(states), jax.device_get(shared)
-  return states, shared
-
-
-def born_sharded(task, seed: int, placement: Placement):
-  """(every block's fresh state where it waits, the fresh shared state on the devices):
-  each made by a jit whose out_shardings are the placement's, so no host ever holds
-  more of a block than its own devices' shards. The same values as
-  state.init_on_host (block b from fold_in(key(seed), b), shared from index B)."""
-  def fresh(init, index, shardings):
-    return jax.jit(lambda: init(task, jax.random.fold_in(jax.random.key(seed), index)),
-                   out_shardings=shardings)()
-  states = [to_waiting(fresh(state_lib.init_block, b, placement.block), placement)
-            for b in range(task.num_blocks)]
-  return states, fresh(state_lib.init_shared, task.num_blocks, placement.shared)

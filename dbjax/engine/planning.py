@@ -73,14 +73,14 @@ def abstract_with(tree, shardings):
 def compiled_sharded_step(task, config, devices):
   """(the sequential run's train step compiled for its mesh over `devices`, its
   placement): abstract arguments carrying the run's shardings, nothing allocated."""
-  from dbjax.engine import driver  # pylint: disable=g-import-not-at-top
-  placement = driver.placement_of(task, config, devices)
+  from dbjax.engine import placement as placement_lib  # pylint: disable=g-import-not-at-top
+  placement = placement_lib.placement_of(task, config, devices)
   block, shared = state_lib.abstract_states(task)
   batch = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement.batch)
                 for x in task.example_batch(config.train.batch_size))
   args = (abstract_with(block, placement.block), abstract_with(shared, placement.shared),
           batch, jax.ShapeDtypeStruct((2,), "uint32"), jax.ShapeDtypeStruct((2,), "float32"))
-  return driver.jit_sharded_step(task, placement).lower(*args).compile(), placement
+  return placement_lib.jit_sharded_step(task, placement).lower(*args).compile(), placement
 
 
 def per_device_bytes(abstract, shardings) -> int:
