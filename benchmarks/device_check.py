@@ -69,7 +69,7 @@ PEAK_FLOPS = {
 AUTHORS_SIZES = {"32x32": (32, 128, 4, 100), "64x64": (64, 768, 12, 200)}
 # The authors' code as released (torch 2.11 eager, TF32, SDPA attention, AdamW), timed
 # by this project on one NVIDIA H200 on 2026-12-04 at those sizes with random data
-# (docs/results.md, "Against the authors' code"): (median ms per step, peak MiB of
+# (docs/history.md, "The device check"): (median ms per step, peak MiB of
 # torch.cuda.max_memory_allocated, which holds all 12 layers' parameters and AdamW state).
 AUTHORS_H200 = {("32x32", "end_to_end"): (53.2, 3079), ("32x32", "diffusion_blocks"): (33.7, 1337),
                 ("64x64", "end_to_end"): (159.0, 20914),

@@ -85,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
       # Where the noisy label enters: as the [CLS] token (released code), or beside a
       # learnable [CLS] token (paper's text). "concat" by default: it learns from the
       # image sooner, as the read-out token cannot simply copy the noisy label
-      # (docs/results.md, Classification).
+      # (docs/classification.md, Options).
       target_token="concat",
       # Eq. 6 per example (paper), or mean(w) * mean(CE) over the batch (released code).
       loss_weighting="per_example",
@@ -94,17 +94,17 @@ def default_config() -> ml_collections.ConfigDict:
       bridge="argmax",
       # The label embedding: trained with whichever block is active ("joint", the
       # released code), or "frozen" at its random initialisation. Frozen by default:
-      # as accurate on digits (docs/results.md, Classification) and the blocks stay independent.
+      # as accurate on digits (docs/classification.md, Options) and the blocks stay independent.
       label_embedding="frozen",
       # Patch embedding, sigma embedder and head: one copy per block, or one shared
       # copy trained with whichever block is active. Per block by default: more
-      # accurate on digits (docs/results.md) and no communication between blocks.
+      # accurate on digits (docs/classification.md, Options) and no communication between blocks.
       shared_modules="per_block",
       augment=False,             # random flip and crop of training images
       # dbjax's addition, not the paper's: the fraction of training examples whose noisy
       # label token is built from a uniformly random class while the target stays the
       # true one. At inference block b > 0 reads the label of block b-1's answer, which is
-      # sometimes wrong; trained only on true labels it trusts the token (docs/results.md,
+      # sometimes wrong; trained only on true labels it trusts the token (docs/classification.md,
       # "Classification"). 0 = the paper's training.
       token_corruption=0.0,
       inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
@@ -121,11 +121,11 @@ def default_config() -> ml_collections.ConfigDict:
       # The Euler bridge of the autoregressive chain: "expected", the probability-flow
       # ODE, whose end is distributed as the target, or "argmax" (as the classifier's),
       # a near-greedy decoder: every temperature and top-p give its greedy text, MAUVE
-      # 0.13 against 0.79 (docs/results.md, "Samples").
+      # 0.13 against 0.79 (docs/language.md, Results).
       bridge="expected",
       # Positions: "learned", an embedding added to the input, or "rotary", queries and
       # keys rotated in every layer (Llama-style, as the paper's LM blocks). A noisy row's
-      # input is noise at high sigma, so an added position is drowned (docs/results.md, Language).
+      # input is noise at high sigma, so an added position is drowned (docs/language.md).
       positions="learned",
       # Autoregressive, dbjax's option (not the paper's): the share of block 0's training
       # sequences drawn at sigma_max, where every chain's first call runs (with N = B, its
@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
       remat_clean_stream=False,
       inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
       # autoregressive: independent chains per token whose mixed last calls estimate the
-      # chain's likelihood (sampling.mixture_log_probs; docs/results.md, Language). The estimate is
+      # chain's likelihood (sampling.mixture_log_probs; docs/language.md). The estimate is
       # high unless chains >> 1 / p(true token), and costs chains x the chain: 0 = skip.
       mixture_chains=0,
       sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len

@@ -355,7 +355,7 @@ def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
 
 
 # The default optimizer's settings: the config's (config.train), which the runs in
-# docs/results.md used.
+# the docs' results tables used.
 OPTIMIZER_DEFAULTS = {name: default_config().train[name]
                       for name in ("learning_rate", "num_steps", "warmup_steps")}
 

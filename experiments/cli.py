@@ -317,7 +317,7 @@ def compilation_cache_dir() -> str | None:
 def enable_compilation_cache():
   """JAX's persistent compilation cache, on in every command: a second run of the same
   program (the same config on the same device and jax) loads its compiled steps from
-  disk instead of compiling them (docs/results.md, "On accelerators", says how much that
+  disk instead of compiling them (docs/history.md, "JAX's persistent compilation cache", says how much that
   saves). Programs that compile in under a second are not cached (jax's default)."""
   directory = compilation_cache_dir()
   if directory is not None:

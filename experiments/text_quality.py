@@ -12,7 +12,7 @@ From a fixed draw of --num_samples test sequences (the same for every run with t
 (key seed, prompt index), so two runs scored with the same flags see the same prompts and
 keys. Works on any language run: autoregressive, MD4, recurrent (at each K of
 --num_steps) and their end-to-end baselines. The judge is an end-to-end causal LM trained
-on the training split only (not the paper's GPT-2; docs/results.md says what that means).
+on the training split only (not the paper's GPT-2; docs/language.md says what that means).
 Writes <workdir>/text_quality_<settings>.json (or --out), prints a table, and plots each
 measure against K where --num_steps lists several.
 """

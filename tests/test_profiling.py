@@ -86,7 +86,7 @@ def test_an_autoregressive_block_recomputing_its_clean_stream_needs_a_bth_of_mem
   while every layer kept its attention probabilities, 0.79 B without them, 0.71 B since
   the Linear behind the norm and the GELU recomputes its input (dbjax.nets.fused),
   end-to-end's step 26.0 -> 15.8 MB and this block's 11.0 -> 7.5 MB over the last two.
-  On shakespeare_ar.py at B = 4 it is 0.76 B (docs/results.md)."""
+  On shakespeare_ar.py at B = 4 it is 0.76 B (docs/results.md, memory table)."""
   num_blocks = 3
   end_to_end = language_step_bytes("end_to_end")
   plain = language_step_bytes("diffusion_blocks", num_blocks)

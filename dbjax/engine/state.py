@@ -54,7 +54,7 @@ def record_learning_rate(schedule: optax.Schedule) -> optax.GradientTransformati
   """Leaves the updates as they are and keeps schedule(count) of the last update in its
   state, where the metrics read it. (optax.inject_hyperparams would record it too, but
   its updates differ from adamw(schedule)'s in the last bit, and the measured runs in
-  docs/results.md were made with the latter.)"""
+  the docs' results tables were made with the latter.)"""
   def init(params):
     del params
     return LearningRateState(jnp.zeros([], jnp.int32), jnp.asarray(schedule(0), jnp.float32))

@@ -103,7 +103,7 @@ def linear_of(layer: nnx.Linear, fn, *args, rematerialised: bool = False):
   rematerialised: the layer runs under jax.checkpoint, whose backward pass recomputes
   all of it and keeps its residuals only while that runs; there the plain Linear needs
   less (the authors' 64x64 block with model.remat, compiled on a CPU: 3,934 against
-  4,611 MiB; docs/results.md, "Attention and saved activations")."""
+  4,611 MiB; docs/design.md, "Attention, in one place")."""
   if rematerialised:
     return layer(fn(*args))
   kernel, bias = (p[...].astype(layer.dtype) for p in (layer.kernel, layer.bias))

@@ -12,7 +12,7 @@ def get_config():
   config.data.image_size, config.data.channels, config.data.num_classes = 28, 1, 10
   config.model.patch_size = 4
   config.model.hidden_size = 128
-  # A budget that fits a 2-core CPU in about ten minutes per method (docs/results.md).
+  # A budget that fits a 2-core CPU in about ten minutes per method (docs/classification.md, Results).
   config.train.num_steps = 600
   config.train.batch_size = 64
   config.train.checkpoint_every = 200

@@ -12,7 +12,7 @@ About 3 minutes on a 2-core CPU (2 min 35 s measured, training and evaluation,
 from dbjax.config import default_config
 
 # The defaults are this job's settings: learning rate 3e-3 and guidance 2.0 were chosen
-# by experiments/compare.py (docs/results.md, "Quality at a matched budget").
+# by experiments/compare.py (docs/generation.md, Results).
 
 
 def get_config():

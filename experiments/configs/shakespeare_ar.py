@@ -21,13 +21,13 @@ def get_config():
   config.diffusion.overlap_gamma = 0.1  # paper: 0.1 for text
   config.language.kind = "autoregressive"
   # The paper's LM blocks are Llama-style, so rotary. It matters here: a noisy row's input
-  # at high sigma is noise, which drowns a learned position added to it (docs/results.md,
-  # "Language": positions compared).
+  # at high sigma is noise, which drowns a learned position added to it (docs/language.md,
+  # Options).
   config.language.positions = "rotary"
   config.language.seq_len = 128
   # The clean stream recomputed in the backward pass: the same gradients at 1.9x less
-  # step memory for 8-29% more step time (docs/results.md, "Memory of an autoregressive
-  # block").
+  # step memory for 8-29% more step time (docs/language.md,
+  # Options).
   config.language.remat_clean_stream = True
   config.language.prompt = "The "
   config.train.num_steps = 500

@@ -18,6 +18,6 @@ def get_config():
   # EDM's Euler step, Karras et al. 2022, Alg. 1): its end is distributed as the target
   # for an exact denoiser, so the chains' mixture estimates the chain's likelihood and its
   # samples are not greedy; the argmax bridge ends on the mode more often than p says
-  # (docs/results.md, "Recurrent depth", measures both).
+  # (docs/recurrent.md measures both).
   config.language.bridge = "expected"
   return config

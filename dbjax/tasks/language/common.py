@@ -268,7 +268,7 @@ def bits_per_character(task: LanguageTask, block_params_list, shared_params, tok
 def near_greedy(task) -> bool:
   """Whether the task samples through the argmax Euler bridge: its chain's last call,
   at sigma_min, is then near-certain of the token the chain ends on, so every temperature
-  and top-p give the greedy text (docs/results.md, "Samples": MAUVE 0.13 to 0.15 against
+  and top-p give the greedy text (docs/language.md, Results: MAUVE 0.13 to 0.15 against
   0.79 with the expected bridge)."""
   return getattr(task, "bridge", None) == "argmax"
 
