@@ -1,9 +1,13 @@
-"""The experiment config: one schema with defaults, validated when a run starts.
+"""The experiment config: the fields every run has, and its task's own sections.
 
-Experiment files in experiments/configs/ start from `default_config()`, which is locked:
-a typo such as `config.train.num_step = 5` fails at once with the known fields listed,
-and ml_collections refuses a value of the wrong type. `validate` then checks ranges and
-the relations between fields, and names the field, its value and what is allowed.
+`default_config(task)` is the fields every run has (method, data, model, diffusion,
+parallel, train, eval) plus the sections of `task`, which its module declares with their
+defaults and checks (`config_sections`, `validate_config`, found through the registry
+dbjax.tasks.REGISTRY): a digits run carries no `language.*`. Experiment files in
+experiments/configs/ start from it. It is locked: a typo such as
+`config.train.num_step = 5` fails at once with the known fields listed, and
+ml_collections refuses a value of the wrong type. `validate` then checks ranges and the
+relations between fields, and names the field, its value and what is allowed.
 """
 import ml_collections
 
@@ -17,24 +21,44 @@ PARALLEL_MODES = ("none", "blocks")
 NONFINITE_POLICIES = ("stop", "skip")
 WAITING_BLOCKS = ("pinned_host", "numpy")
 MESH_AXES = ("block", "data", "fsdp", "tensor")  # dbjax.engine.mesh.AXES
-SOLVERS = ("euler", "heun")
-LANGUAGE_CHOICES = {
-    "kind": ("autoregressive", "masked"),
-    "token_embedding": ("frozen", "joint"),
-    "bridge": ("argmax", "expected"),
-    "positions": ("learned", "rotary"),
-}
-CLASSIFIER_CHOICES = {
-    "target_token": ("class_token", "concat"),
-    "loss_weighting": ("per_example", "batch_mean"),
-    "bridge": ("argmax", "expected"),
-    "label_embedding": ("joint", "frozen"),
-    "shared_modules": ("per_block", "shared"),
-}
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The default run: a DiffusionBlocks DiT (12 layers, B = 3) on digits; every field commented."""
+def default_config(task: str = "generation") -> ml_collections.ConfigDict:
+  """The default run of `task` (default: a DiffusionBlocks DiT, 12 layers, B = 3, on
+  digits): the fields every run has, every one commented, and the task's own sections
+  (its module's config_sections). ConfigError naming the tasks for an unknown one."""
+  c = _common_fields()
+  c.task = task
+  with c.unlocked():
+    for name, section in tasks.config_sections(task).items():
+      c[name] = section
+  c.lock()
+  return c
+
+
+def with_task(config, task: str) -> ml_collections.ConfigDict:
+  """A copy of `config` for `task`: the fields every run has as they are, the sections of
+  `task` at its defaults where `config` does not hold them (the language section of a
+  language config stays when it becomes a recurrent-depth one), and no other task's."""
+  target = default_config(task)
+  ours = flatten(config.to_dict())
+  target.update_from_flattened_dict({field: value for field, value in ours.items()
+                                     if field in flatten(target.to_dict())
+                                     and field != "task"})
+  return target
+
+
+def all_fields() -> list:
+  """The dotted fields that some task's config has (what a command line may set), in
+  the order the configs list them."""
+  fields = {}
+  for task in tasks.REGISTRY:
+    fields.update(dict.fromkeys(flatten(default_config(task).to_dict())))
+  return list(fields)
+
+
+def _common_fields() -> ml_collections.ConfigDict:
+  """The fields every run has, whatever its task."""
   c = ml_collections.ConfigDict()
   # "diffusion_blocks": B blocks, each a denoiser over its own noise interval, trained
   # one at a time. "end_to_end": the same layers as one denoiser over all noise levels.
@@ -80,86 +104,6 @@ def default_config() -> ml_collections.ConfigDict:
       partition="equiprobable",  # or "uniform_log" (the paper's ablation)
       overlap_gamma=0.05,   # widen each block's training interval (paper, Sec. 3.3)
       p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
-  ))
-  c.classifier = ml_collections.ConfigDict(dict(
-      # Where the noisy label enters: as the [CLS] token (released code), or beside a
-      # learnable [CLS] token (paper's text). "concat" by default: it learns from the
-      # image sooner, as the read-out token cannot simply copy the noisy label
-      # (docs/classification.md, Options).
-      target_token="concat",
-      # Eq. 6 per example (paper), or mean(w) * mean(CE) over the batch (released code).
-      loss_weighting="per_example",
-      # Estimate the Euler step moves toward: the argmax label's embedding row, or the
-      # expected row softmax(logits) @ E (shrinks its norm when unsure).
-      bridge="argmax",
-      # The label embedding: trained with whichever block is active ("joint", the
-      # released code), or "frozen" at its random initialisation. Frozen by default:
-      # as accurate on digits (docs/classification.md, Options) and the blocks stay independent.
-      label_embedding="frozen",
-      # Patch embedding, sigma embedder and head: one copy per block, or one shared
-      # copy trained with whichever block is active. Per block by default: more
-      # accurate on digits (docs/classification.md, Options) and no communication between blocks.
-      shared_modules="per_block",
-      augment=False,             # random flip and crop of training images
-      # dbjax's addition, not the paper's: the fraction of training examples whose noisy
-      # label token is built from a uniformly random class while the target stays the
-      # true one. At inference block b > 0 reads the label of block b-1's answer, which is
-      # sometimes wrong; trained only on true labels it trusts the token (docs/classification.md,
-      # "Classification"). 0 = the paper's training.
-      token_corruption=0.0,
-      inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
-  ))
-  c.language = ml_collections.ConfigDict(dict(
-      # "autoregressive": blocks denoise the embedding of token i given the clean tokens
-      # before it. "masked": MD4 masked diffusion, block b owns masking levels
-      # t in [1 - (b+1)/B, 1 - b/B].
-      kind="autoregressive",
-      seq_len=128,               # characters per training sequence (and generated text)
-      # The token embedding (the target space): "frozen" at its random initialisation
-      # (blocks stay independent) or "joint", trained with whichever block is active.
-      token_embedding="frozen",
-      # The Euler bridge of the autoregressive chain: "expected", the probability-flow
-      # ODE, whose end is distributed as the target, or "argmax" (as the classifier's),
-      # a near-greedy decoder: every temperature and top-p give its greedy text, MAUVE
-      # 0.13 against 0.79 (docs/language.md, Results).
-      bridge="expected",
-      # Positions: "learned", an embedding added to the input, or "rotary", queries and
-      # keys rotated in every layer (Llama-style, as the paper's LM blocks). A noisy row's
-      # input is noise at high sigma, so an added position is drowned (docs/language.md).
-      positions="learned",
-      # Autoregressive, dbjax's option (not the paper's): the share of block 0's training
-      # sequences drawn at sigma_max, where every chain's first call runs (with N = B, its
-      # only call); the log-normal puts 0.2% of its mass above sigma = 10. 0 = the paper.
-      sigma_max_share=0.0,
-      # Autoregressive DiffusionBlocks: the layers run the clean stream, then the noisy one
-      # against each layer's clean keys and values, and the clean pass is recomputed in the
-      # backward pass, so the step keeps the activations of T rows, not 2T: the same gradients
-      # (docs/method.md, "The autoregressive LM's memory"). The other kinds and tasks have
-      # one stream and ignore it.
-      remat_clean_stream=False,
-      inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
-      # autoregressive: independent chains per token whose mixed last calls estimate the
-      # chain's likelihood (sampling.mixture_log_probs; docs/language.md). The estimate is
-      # high unless chains >> 1 / p(true token), and costs chains x the chain: 0 = skip.
-      mixture_chains=0,
-      sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len
-      prompt="",                 # generated text starts with it
-      num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
-      temperature=0.8, top_p=0.9,
-  ))
-  c.recurrent = ml_collections.ConfigDict(dict(
-      # task="recurrent_depth" (dbjax.tasks.recurrent; paper, App. E.5): prelude, a core
-      # with tied weights iterated at inference, coda (the paper's 2/4/2 layers).
-      prelude_layers=2, core_layers=4, coda_layers=2,
-      # Huginn's training (method="end_to_end"): r = Poisson(lambda) + 1 iterations with
-      # lambda ~ LogNormal(ln m - s^2/2, s), gradients through the last k. Huginn uses
-      # m = 32 and k = 8; a 2-core CPU affords m = 8, k = 4 (a step costs about m + 1
-      # core passes forward and k backward).
-      mean_iterations=8, backprop_iterations=4, iteration_spread=0.5,
-      state_std=0.056,       # s_0's truncated normal: Huginn's init std sqrt(2 / 5d), d = 128
-      inference_iterations=(1, 2, 4, 8, 16, 32),  # the K of the test curve
-      sample_iterations=8,   # K for generated text
-      mixture_chains=16,     # DiffusionBlocks: chains whose mixture is scored at each K
   ))
   c.parallel = ml_collections.ConfigDict(dict(
       # "none": every iteration trains one block drawn at random (paper, Sec. 4), one
@@ -212,14 +156,6 @@ def default_config() -> ml_collections.ConfigDict:
       # memory; "numpy": always numpy. Between checkpoint intervals they are numpy.
       waiting_blocks="pinned_host",
   ))
-  c.sample = ml_collections.ConfigDict(dict(
-      num_steps=30, solver="euler",
-      guidance_scale=2.0,    # classifier-free guidance; 1.0 = none
-      grid_size=10,          # the PNG grid is grid_size x grid_size
-      # "": one class per row of the grid; a class's name (a folder's subfolder) or
-      # index: every image of the grid of that class.
-      class_label="",
-  ))
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True,
       num_samples=1000,      # generated images for the Frechet distance
@@ -227,12 +163,16 @@ def default_config() -> ml_collections.ConfigDict:
       cache_dir="",          # "" = $DBJAX_CACHE or ~/.cache/dbjax
       max_test_examples=0,   # classification: test examples evaluated; 0 = all
   ))
-  c.lock()
   return c
 
 
-def _require(ok: bool, field: str, value, allowed: str):
+def check_field(ok: bool, field: str, value, allowed: str):
+  """ConfigError "config.<field>=<value> is invalid: <allowed>" unless ok (the task
+  modules' validate_config use it too)."""
   require(ok, f"config.{field}", value, allowed)
+
+
+_require = check_field
 
 
 def warn_if_warmup_outlasts(warmup: tuple[str, int], num_steps: tuple[str, int],
@@ -258,39 +198,20 @@ def _check_fields(config, schema, prefix=""):
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raise ConfigError naming the first bad field; return the config unchanged."""
-  _check_fields(config, default_config())
-  m, d, t, s, data = config.model, config.diffusion, config.train, config.sample, config.data
-  _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
   _require(config.task in tasks.REGISTRY, "task", config.task, f"one of {tuple(tasks.REGISTRY)}")
-  for field, allowed in CLASSIFIER_CHOICES.items():
-    _require(config.classifier[field] in allowed, f"classifier.{field}",
-             config.classifier[field], f"one of {allowed}")
-  for field, allowed in LANGUAGE_CHOICES.items():
-    _require(config.language[field] in allowed, f"language.{field}", config.language[field],
-             f"one of {allowed}")
-  lang = config.language
-  _require(isinstance(lang.seq_len, int) and lang.seq_len >= 2, "language.seq_len",
-           lang.seq_len, "an integer >= 2")
-  for field in ("inference_steps", "sample_steps", "mixture_chains"):
-    _require(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
-  _require(0.0 <= lang.sigma_max_share <= 1.0, "language.sigma_max_share",
-           lang.sigma_max_share, "in [0, 1]")
-  _require(lang.sigma_max_share == 0.0 or lang.kind == "autoregressive",
-           "language.sigma_max_share", lang.sigma_max_share,
-           "0 unless language.kind='autoregressive' (MD4 has no sigma)")
-  _require(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
-  _require(lang.temperature >= 0, "language.temperature", lang.temperature,
-           ">= 0 (0 = greedy)")
-  _require(0 < lang.top_p <= 1, "language.top_p", lang.top_p, "in (0, 1]")
-  _require(len(lang.prompt) < lang.seq_len, "language.prompt", lang.prompt,
-           f"shorter than language.seq_len={lang.seq_len}")
+  schema = default_config(config.task)
+  for section in set(schema.keys()) - set(config.keys()):
+    raise ConfigError(f"config.task={config.task!r} needs a config.{section} section, which "
+                      f"this config lacks: start it from dbjax.config.default_config("
+                      f"{config.task!r}) (or with_task(config, {config.task!r}))")
+  _check_fields(config, schema)
+  tasks.validate_config(config)  # the task's own sections, and what it asks of the others
+  m, d, t, data = config.model, config.diffusion, config.train, config.data
+  _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
   _require(config.data.max_chars >= 0, "data.max_chars", config.data.max_chars,
            ">= 0 (0 = all)")
   _require(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
            config.data.resize, "an integer >= 0 (0 = refuse images of mixed sizes)")
-  steps = config.classifier.inference_steps
-  _require(len(steps) > 0 and all(isinstance(n, int) and n >= 1 for n in steps),
-           "classifier.inference_steps", steps, "a non-empty tuple of positive integers")
   _require(config.eval.max_test_examples >= 0, "eval.max_test_examples",
            config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),
@@ -300,20 +221,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("train.batch_size", t.batch_size),
                        ("train.checkpoint_every", t.checkpoint_every),
                        ("train.max_checkpoints", t.max_checkpoints),
-                       ("sample.num_steps", s.num_steps), ("sample.grid_size", s.grid_size),
                        ("eval.num_samples", config.eval.num_samples)]:
     _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
   _require(isinstance(data.num_classes, int) and data.num_classes >= 1, "data.num_classes",
            data.num_classes, "a positive integer (the number of image classes; a text's "
            "vocabulary size is config.data.vocab_size)")
-  _require(config.task not in ("language", "recurrent_depth") or data.num_classes == 10,
-           "data.num_classes", data.num_classes, "left at its default for text runs: the "
-           "vocabulary size is config.data.vocab_size (0 = from the text)")
   # Text runs learn their vocabulary size from the data (0 until then).
   _require(isinstance(data.vocab_size, int) and data.vocab_size >= 0, "data.vocab_size",
            data.vocab_size, "an integer >= 0 (0 = from the text)")
-  _require(config.task != "recurrent_depth" or d.num_blocks == 1, "diffusion.num_blocks",
-           d.num_blocks, "1 for task='recurrent_depth' (one core, trained over all sigmas)")
   if config.method == "diffusion_blocks":
     _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
              f"must divide model.num_layers={m.num_layers} so every block gets the same "
@@ -324,8 +239,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"a multiple of 4 and of model.num_heads={m.num_heads}")
   _require(data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
            f"must divide data.image_size={data.image_size}")
-  _require(0.0 <= config.classifier.token_corruption < 1.0, "classifier.token_corruption",
-           config.classifier.token_corruption, "in [0, 1)")
   _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
   _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "'float32' or 'bfloat16'")
@@ -345,21 +258,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"one of {', '.join(WAITING_BLOCKS)}")
   _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
            f"one of {NONFINITE_POLICIES}")
-  rec = config.recurrent
-  for field in ("prelude_layers", "core_layers", "coda_layers", "mean_iterations",
-                "backprop_iterations", "sample_iterations", "mixture_chains"):
-    _require(isinstance(rec[field], int) and rec[field] >= 1, f"recurrent.{field}",
-             rec[field], "a positive integer")
-  _require(rec.backprop_iterations <= rec.mean_iterations, "recurrent.backprop_iterations",
-           rec.backprop_iterations,
-           f"at most recurrent.mean_iterations={rec.mean_iterations} (k <= m)")
-  _require(rec.iteration_spread > 0, "recurrent.iteration_spread", rec.iteration_spread,
-           "positive")
-  _require(rec.state_std > 0, "recurrent.state_std", rec.state_std, "positive")
-  _require(len(rec.inference_iterations) > 0
-           and all(isinstance(k, int) and k >= 1 for k in rec.inference_iterations),
-           "recurrent.inference_iterations", rec.inference_iterations,
-           "a non-empty tuple of positive integers")
   p = config.parallel
   _require(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
   _require(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0
@@ -377,9 +275,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"pairs (logical name, mesh axis or None), the axes among {MESH_AXES}")
   _require(isinstance(p.min_shard_size, int) and p.min_shard_size >= 0,
            "parallel.min_shard_size", p.min_shard_size, "an integer >= 0")
-  _require(s.solver in SOLVERS, "sample.solver", s.solver, f"one of {SOLVERS}")
-  _require(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
-           ">= 0 (1 means no guidance)")
   return config
 
 
@@ -403,10 +298,13 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   data = saved.get("data", {})
   if saved.get("task") == "language" and "vocab_size" not in data:
     data["vocab_size"], data["num_classes"] = data.get("num_classes", 0), 10
-  config = default_config()
-  config.update_from_flattened_dict({  # JSON made the config's tuples lists
+  config = default_config(saved.get("task", "generation"))
+  known = flatten(config.to_dict())
+  # Runs saved before each task owned its sections hold every task's: only this task's
+  # are read. JSON made the config's tuples lists.
+  config.update_from_flattened_dict({
       field: tuple(value) if isinstance(value, list) else value
-      for field, value in flatten(saved).items()})
+      for field, value in flatten(saved).items() if field in known})
   return config
 
 

@@ -342,8 +342,7 @@ TARGET_TASKS = {"image": "generation", "label": "classification", "token": "lang
 def _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                 image_shape, patch_size, num_classes, vocab_size, seq_len, dtype):
   """A dbjax config holding wrap's settings, so the built-in models are built from it."""
-  config = default_config()
-  config.task = TARGET_TASKS[target]
+  config = default_config(TARGET_TASKS[target])
   config.model.update(num_layers=num_layers, hidden_size=hidden_size, num_heads=1,
                       patch_size=patch_size, dtype=dtype)
   config.diffusion.update(num_blocks=num_blocks, partition=partition, overlap_gamma=gamma)

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 import experiments
 from dbjax import tasks
-from dbjax.config import default_config, field_holder, flatten, validate, variant
+from dbjax.config import all_fields, default_config, field_holder, flatten, validate, variant
 from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
                           NonFiniteLossError, TrainingInterrupted, WorkdirError, nearest)
 
@@ -91,7 +91,15 @@ def check_config_arguments(argv: list[str]):
   if path is not None and not os.path.isfile(path.split(":", 1)[0]):
     _fail(f"--config={path}: no such file{nearest(path, available_configs())}; the "
           f"configs are: {', '.join(available_configs())}")
-  known = flatten(default_config().to_dict())
+  known = all_fields()
+  file_task, task = _task_of_config_file(path), _argument_value(argv, "--config.task")
+  if task and file_task and task != file_task:
+    _fail(f"--config.task={task}: {path or 'the default config'} is a config.task="
+          f"{file_task!r} config, and each task's config has its own sections; start from a "
+          f"config file of task {task!r} (experiments/configs/)")
+  task = task or file_task
+  own = (set(flatten(default_config(task).to_dict())) if task in tasks.REGISTRY
+         else known)
   for field in fields:
     if field not in known:
       section = field.rpartition(".")[0]
@@ -99,17 +107,44 @@ def check_config_arguments(argv: list[str]):
       _fail(f"--config.{field}: no such config field{nearest(field, known)}; "
             + (f"the fields of config.{section} are: {', '.join(siblings)}" if siblings
                else "--help lists them all"))
+    if field not in own:
+      owners = [t for t in tasks.REGISTRY if field in flatten(default_config(t).to_dict())]
+      _fail(f"--config.{field}: a field of the config of task "
+            f"{' and '.join(repr(t) for t in owners)}, not of this config.task={task!r} "
+            "run's; its sections: "
+            + ", ".join(sorted({f.partition('.')[0] for f in own if '.' in f})))
+
+
+def _task_of_config_file(path: str | None) -> str:
+  """config.task of the --config file (its get_config run here, before absl loads it),
+  or the default config's where there is none or it does not load."""
+  if path is None:
+    return default_config().task
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file_name, _, argument = path.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_config_file", file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return (module.get_config(argument) if argument else module.get_config()).task
+  except Exception:  # pylint: disable=broad-exception-caught
+    return ""  # absl reports a config file that does not load, in its own words
 
 
 def config_fields_help(config=None) -> str:
-  """Every field of `config` (default: dbjax.default_config()) with its value, a line per
-  section, for --help."""
-  source = "this config's values" if config is not None else "dbjax.default_config's defaults"
-  config = default_config() if config is None else config
+  """Every field of `config` with its value, a line per section, for --help; without a
+  config, the fields every run has and each task's own sections, at their defaults."""
+  if config is not None:
+    source, fields = "this config's values", flatten(config.to_dict())
+  else:
+    source, fields = "the defaults; a task's own sections only in its runs", {}
+    for task in tasks.REGISTRY:
+      fields.update(flatten(default_config(task).to_dict()))
+    fields["task"] = default_config().task
   lines = ["", f"Config fields, set with --config.<field>=<value> ({source}; docs: the "
-           "comments in dbjax/config.py):"]
+           "comments in dbjax/config.py and the task modules' config_sections):"]
   sections = {}
-  for field, value in flatten(config.to_dict()).items():
+  for field, value in fields.items():
     section, _, name = field.rpartition(".")
     sections.setdefault(section, []).append(f"{name}={value!r}")
   for section, values in sections.items():
@@ -317,8 +352,8 @@ def compilation_cache_dir() -> str | None:
 def enable_compilation_cache():
   """JAX's persistent compilation cache, on in every command: a second run of the same
   program (the same config on the same device and jax) loads its compiled steps from
-  disk instead of compiling them (docs/history.md, "JAX's persistent compilation cache", says how much that
-  saves). Programs that compile in under a second are not cached (jax's default)."""
+  disk instead of compiling them (docs/history.md, "JAX's persistent compilation cache",
+  says how much that saves). Programs that compile in under a second are not cached (jax's default)."""
   directory = compilation_cache_dir()
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)

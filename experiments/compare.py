@@ -13,7 +13,8 @@ train.num_steps as the budget: end-to-end runs num_steps iterations of all L lay
 DiffusionBlocks num_steps * B iterations of L/B layers. Prints a table and writes
 <workdir>/compare.json: each method's task summary metrics (the task's headline first),
 compiled train-step memory and step time, and the ratios DiffusionBlocks / end-to-end of
-the headline and end-to-end / DiffusionBlocks of memory and time. Targets (each task page's results table, docs/):
+the headline and end-to-end / DiffusionBlocks of memory and time. Targets (each task
+page's results table, docs/):
 for generation, DiffusionBlocks' Frechet distance at most 1.1x end-to-end's (paper, Table
 1: 37.20 against 39.83 FID on CIFAR-10); for classification, test accuracy within 1.5
 points (paper: 59.30 against 60.25 on CIFAR-100); for language, bits per character at most

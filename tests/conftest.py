@@ -74,16 +74,18 @@ def shrink_model(config):
 
 
 def tiny_config(**overrides):
-  """A 4-layer, 2-block DiT on digits with a short schedule; eval off unless asked."""
-  config = shrink_model(default_config())
+  """A 4-layer, 2-block DiT on digits with a short schedule; eval off unless asked. A
+  task= override gives that task's config (its own sections at their defaults)."""
+  config = shrink_model(default_config(overrides.pop("task", "generation")))
   config.model.num_layers = 4
   config.diffusion.num_blocks = 2
   config.train.num_steps = 10
   config.train.batch_size = 32
   config.train.warmup_steps = 2
   config.train.checkpoint_every = 5
-  config.sample.num_steps = 4
-  config.sample.grid_size = 4
+  if "sample" in config:
+    config.sample.num_steps = 4
+    config.sample.grid_size = 4
   config.eval.num_samples = 100
   config.eval.classifier_steps = 50
   for dotted, value in overrides.items():

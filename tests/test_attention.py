@@ -153,8 +153,8 @@ def image_config():
 
 def classifier_config():
   config, _ = image_config()
-  config.task = "classification"
-  return config, 66   # a [CLS] token and the noisy label token before 64 patches
+  # 66 tokens: a [CLS] token and the noisy label token before 64 patches
+  return config_lib.with_task(config, "classification"), 66
 
 
 def language_config(kind, **fields):

@@ -9,6 +9,7 @@ from flax import nnx
 
 import dbjax
 from dbjax import data, engine, tasks
+from dbjax.config import with_task
 from dbjax.errors import DataError, WorkdirError
 from dbjax.tasks import language
 from dbjax.train import LoadedRun
@@ -106,7 +107,7 @@ def test_a_loaded_runs_sample_checks_its_inputs():
     run.sample(jax.random.key(0), jnp.arange(3), num_steps=-1)
   with pytest.raises(DataError, match="solver='rk4': expected one of"):
     run.sample(jax.random.key(0), jnp.arange(3), solver="rk4")
-  config.task = "classification"
+  config = with_task(config, "classification")
   task = tasks.build(config)
   states, shared = engine.init_on_host(task, seed=0)
   with pytest.raises(DataError, match=r"images: got shape \(3, 8, 8\)"):

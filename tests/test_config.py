@@ -1,9 +1,10 @@
 """Config errors name the field, the value and what is allowed."""
 import json
+import os
 
 import pytest
 
-from dbjax import config as config_lib
+from dbjax import config as config_lib, tasks
 from dbjax.errors import ConfigError
 from tests.conftest import tiny_config
 
@@ -70,8 +71,8 @@ def test_diffusion_blocks_runs_b_times_the_iterations():
 def test_a_text_vocabulary_has_its_own_field():
   """data.num_classes counts image classes; a language run that sets it is told, in one
   line, that the vocabulary size is data.vocab_size."""
-  config = config_lib.default_config()
-  config.task, config.data.num_classes = "language", 0
+  config = config_lib.default_config("language")
+  config.data.num_classes = 0
   with pytest.raises(ConfigError, match=r"config\.data\.num_classes=0 .*config\.data\.vocab_size"):
     config_lib.validate(config)
   config.data.num_classes, config.data.vocab_size = 10, -1
@@ -88,7 +89,43 @@ def test_a_config_saved_before_vocab_size_is_upgraded():
   del saved["data"]["vocab_size"]
   config = config_lib.validate(config_lib.from_saved(saved))
   assert (config.data.vocab_size, config.data.num_classes) == (84, 10)
-  images = json.loads(config_lib.default_config().to_json())
-  images["data"]["num_classes"], images["classifier"]["inference_steps"] = 7, [1, 3]
-  config = config_lib.from_saved(images)
+  classes = json.loads(config_lib.default_config("classification").to_json())
+  classes["data"]["num_classes"], classes["classifier"]["inference_steps"] = 7, [1, 3]
+  config = config_lib.from_saved(classes)
   assert config.data.num_classes == 7 and config.classifier.inference_steps == (1, 3)
+
+
+@pytest.mark.parametrize("task", ["generation", "language"])
+def test_a_config_json_saved_before_tasks_owned_their_sections_still_loads(task):
+  """Runs saved before each task owned its config section hold every task's sections
+  (tests/data/: written by that code). They load as their own task's config, with
+  their values, and without the other tasks' sections."""
+  path = os.path.join(os.path.dirname(__file__), "data",
+                      f"config_json_before_task_sections_{task}.json")
+  with open(path) as f:
+    saved = json.load(f)
+  assert {"classifier", "language", "recurrent", "sample"} <= set(saved)
+  config = config_lib.validate(config_lib.from_saved(saved))
+  own = {"generation": {"sample"}, "language": {"language"}}[task]
+  assert set(config) & {"classifier", "language", "recurrent", "sample"} == own
+  if task == "generation":
+    assert (config.data.num_classes, config.sample.guidance_scale) == (7, 3.0)
+  else:
+    assert (config.language.positions, config.data.vocab_size) == ("rotary", 65)
+
+
+def test_each_task_config_holds_its_own_sections_only():
+  sections = {task: set(config_lib.default_config(task)) for task in tasks.REGISTRY}
+  assert "language" not in sections["generation"] and "sample" in sections["generation"]
+  assert "classifier" in sections["classification"] and "sample" not in sections[
+      "classification"]
+  assert {"language", "recurrent"} <= sections["recurrent_depth"]
+  wrong = config_lib.default_config()
+  wrong.task = "language"
+  with pytest.raises(ConfigError, match=r"config.task='language' needs a config.language "
+                     r"section, which this config lacks: start it from "
+                     r"dbjax.config.default_config\('language'\)"):
+    config_lib.validate(wrong)
+  switched = config_lib.with_task(wrong, "classification")
+  assert switched.task == "classification" and "classifier" in switched
+  assert "sample" not in switched

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from flax import nnx
 
+from dbjax import tasks
 from dbjax.config import from_saved
 from dbjax.engine import planning
 from dbjax.errors import ConfigError
@@ -40,11 +41,14 @@ def shrink(config):
   config = shrink_model(config)
   config.train.num_steps = 1
   config.train.batch_size = 4
-  config.sample.num_steps = config.diffusion.num_blocks
-  config.sample.grid_size = 2
-  config.classifier.inference_steps = (1,)
-  config.language.seq_len, config.language.num_samples = 8, 1
-  config.language.prompt = ""
+  if "sample" in config:
+    config.sample.num_steps = config.diffusion.num_blocks
+    config.sample.grid_size = 2
+  if "classifier" in config:
+    config.classifier.inference_steps = (1,)
+  if "language" in config:
+    config.language.seq_len, config.language.num_samples = 8, 1
+    config.language.prompt = ""
   config.eval.enabled = config.task == "classification"  # accuracy is cheap; FD is not
   return config
 
@@ -90,7 +94,11 @@ def test_one_step_smoke_run(name, tmp_path):
   # trained with (also in config.json, data-derived fields filled in).
   run = load_run(str(tmp_path / "run"))
   with open(tmp_path / "run" / "config.json") as f:
-    assert from_saved(json.load(f)).to_dict() == run.config.to_dict()
+    saved = json.load(f)
+  assert from_saved(saved).to_dict() == run.config.to_dict()
+  # config.json holds what applies to the run: its task's own sections, no other's.
+  assert set(saved) - {"data", "diffusion", "eval", "method", "model", "parallel", "seed",
+                       "task", "train"} == set(tasks.config_sections(config.task))
   assert run.config.data.vocab_size > 0 or config.task not in ("language", "recurrent_depth")
   assert run.iteration == results["iterations"] and len(run.params) == run.task.num_blocks
   # metrics.json names the objective and the metric loss_curves.png plots apart.
@@ -238,6 +246,10 @@ def test_help_lists_every_config_and_every_field():
   for field in ("num_steps=600", "warmup_steps=50", "num_blocks=3", "kind='autoregressive'",
                 "mean_iterations=8", "shared_sync_every=0", "method='diffusion_blocks'"):
     assert field in text
+  # With a config, its own fields alone: a digits run has no language section.
+  digits = run_cli("experiments.train", "--config=experiments/configs/digits.py",
+                   "--help").stdout
+  assert "  sample: " in digits and "  language: " not in digits and "classifier:" not in digits
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -248,6 +260,10 @@ def test_help_lists_every_config_and_every_field():
      "file (did you mean 'experiments/configs/digits.py'?); the configs are:"),
     ("--config.diffusion.num_blocks=5", "diffusion.num_blocks=5"),
     ("--config.data.name=imagenet", "config.data.name='imagenet'"),
+    ("--config.language.kind=masked", "--config.language.kind: a field of the config of "
+     "task 'language' and 'recurrent_depth', not of this config.task='generation' run's"),
+    ("--config.task=language", "--config.task=language: experiments/configs/digits.py is a "
+     "config.task='generation' config"),
 ])
 def test_command_line_errors_are_one_line(flag, message, tmp_path):
   result = run_cli("experiments.train", "--config=experiments/configs/digits.py",

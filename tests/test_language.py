@@ -28,8 +28,8 @@ TEXT = ("To be, or not to be, that is the question:\n"
 
 def lm_config(kind="autoregressive", method="diffusion_blocks", **language_fields):
   """A 2-block, 4-layer, d=16 language config on `TEXT` (vocabulary set)."""
-  config = shrink_model(default_config())
-  config.task, config.method = "language", method
+  config = shrink_model(default_config("language"))
+  config.method = method
   config.data.name, config.data.vocab_size = "shakespeare", len(set(TEXT))
   config.model.num_layers, config.model.hidden_size, config.model.num_heads = 4, 16, 2
   config.model.frequency_dim = 16
@@ -336,7 +336,7 @@ def test_generation_shapes_prompt_and_determinism(kind, method):
 def test_sampling_settings_act_or_are_refused():
   """The default (expected) bridge's samples follow temperature and top-p; the argmax
   bridge, a near-greedy decoder, is shown greedy alone and refuses them in one line."""
-  assert default_config().language.bridge == "expected"
+  assert default_config("language").language.bridge == "expected"
   model = language.build(lm_config())
   states, shared = perturbed_states(model)
   draw = lambda temperature, top_p: model.generate(

@@ -19,8 +19,8 @@ PROMPT = 16   # of which the prompt
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
   """(task, params, shared params, test data) of a small causal LM, 300 steps on the plays."""
-  config = shrink_model(config_lib.default_config())
-  config.task, config.method, config.data.name = "language", "end_to_end", "shakespeare"
+  config = shrink_model(config_lib.default_config("language"))
+  config.method, config.data.name = "end_to_end", "shakespeare"
   config.language.kind, config.language.seq_len = "autoregressive", LENGTH
   config.model.num_layers, config.model.hidden_size = 2, 64
   config.train.num_steps, config.train.batch_size, config.train.warmup_steps = 300, 32, 20
@@ -84,8 +84,8 @@ def test_the_command_scores_a_run_with_a_judge_and_writes_its_settings(judge, tm
   from tests.test_experiments import run_cli  # pylint: disable=g-import-not-at-top
   task, params, shared, data = judge
   workdir = tmp_path / "run"
-  config = shrink_model(config_lib.default_config())
-  config.task, config.method, config.data.name = "language", "end_to_end", "shakespeare"
+  config = shrink_model(config_lib.default_config("language"))
+  config.method, config.data.name = "end_to_end", "shakespeare"
   config.language.seq_len, config.model.num_layers = LENGTH, 2
   config.train.num_steps, config.train.batch_size, config.eval.enabled = 20, 8, False
   train.train_and_evaluate(config, str(workdir))

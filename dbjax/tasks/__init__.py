@@ -33,6 +33,20 @@ def module(name: str):
   return importlib.import_module(REGISTRY[name])
 
 
+def config_sections(name: str) -> dict:
+  """{section name: ConfigDict of defaults} that task `name`'s module declares
+  (`config_sections()`; none if it has no section of its own)."""
+  sections = getattr(module(name), "config_sections", None)
+  return sections() if sections is not None else {}
+
+
+def validate_config(config):
+  """The checks config.task's module makes of its own sections (`validate_config`)."""
+  check = getattr(module(config.task), "validate_config", None)
+  if check is not None:
+    check(config)
+
+
 def build(config, layer=None) -> Task:
   """The Task of a validated config whose data-derived fields are filled in; with a
   user's `layer` factory (dbjax.wrap), the task built around that layer."""
@@ -53,4 +67,5 @@ def load_data(config, workdir: str | None = None):
   return module(config.task).load_data(config, workdir)
 
 
-__all__ = ["REGISTRY", "module", "build", "load_data", "resolve", "NoisePlan", "RunData", "Task"]
+__all__ = ["REGISTRY", "module", "config_sections", "validate_config", "build", "load_data",
+           "resolve", "NoisePlan", "RunData", "Task"]

@@ -42,11 +42,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import num_trained_blocks, shared_updates
+from dbjax.config import check_field, num_trained_blocks, shared_updates
 from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
@@ -63,6 +64,63 @@ SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
 def in_shared_group(shared_modules):
   """nnx filter: whether a network parameter belongs to the shared group."""
   return lambda path, _: path[0] in shared_modules
+
+
+# ------------------------------------------------------------------------ config
+
+CLASSIFIER_CHOICES = {
+    "target_token": ("class_token", "concat"),
+    "loss_weighting": ("per_example", "batch_mean"),
+    "bridge": ("argmax", "expected"),
+    "label_embedding": ("joint", "frozen"),
+    "shared_modules": ("per_block", "shared"),
+}
+
+
+def config_sections() -> dict:
+  """This task's own config section and its defaults (dbjax.config.default_config adds
+  it to the fields every run has)."""
+  return {"classifier": ml_collections.ConfigDict(dict(
+      # Where the noisy label enters: as the [CLS] token (released code), or beside a
+      # learnable [CLS] token (paper's text). "concat" by default: it learns from the
+      # image sooner, as the read-out token cannot simply copy the noisy label
+      # (docs/classification.md, Options).
+      target_token="concat",
+      # Eq. 6 per example (paper), or mean(w) * mean(CE) over the batch (released code).
+      loss_weighting="per_example",
+      # Estimate the Euler step moves toward: the argmax label's embedding row, or the
+      # expected row softmax(logits) @ E (shrinks its norm when unsure).
+      bridge="argmax",
+      # The label embedding: trained with whichever block is active ("joint", the
+      # released code), or "frozen" at its random initialisation. Frozen by default:
+      # as accurate on digits (docs/classification.md, Options) and the blocks stay independent.
+      label_embedding="frozen",
+      # Patch embedding, sigma embedder and head: one copy per block, or one shared
+      # copy trained with whichever block is active. Per block by default: more
+      # accurate on digits (docs/classification.md, Options) and no communication between blocks.
+      shared_modules="per_block",
+      augment=False,             # random flip and crop of training images
+      # dbjax's addition, not the paper's: the fraction of training examples whose noisy
+      # label token is built from a uniformly random class while the target stays the
+      # true one. At inference block b > 0 reads the label of block b-1's answer, which is
+      # sometimes wrong; trained only on true labels it trusts the token (docs/classification.md,
+      # "Classification"). 0 = the paper's training.
+      token_corruption=0.0,
+      inference_steps=(1, 2, 3, 6, 12),  # chain lengths for accuracy against steps
+  ))}
+
+
+def validate_config(config):
+  """ConfigError naming the first bad field of this task's section."""
+  c = config.classifier
+  for field, allowed in CLASSIFIER_CHOICES.items():
+    check_field(c[field] in allowed, f"classifier.{field}", c[field], f"one of {allowed}")
+  check_field(len(c.inference_steps) > 0
+              and all(isinstance(n, int) and n >= 1 for n in c.inference_steps),
+              "classifier.inference_steps", c.inference_steps,
+              "a non-empty tuple of positive integers")
+  check_field(0.0 <= c.token_corruption < 1.0, "classifier.token_corruption",
+              c.token_corruption, "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument

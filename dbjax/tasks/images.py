@@ -19,11 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import SOLVERS, num_trained_blocks, validate
+from dbjax.config import check_field, num_trained_blocks, validate
 from dbjax.data import images as image_data, latents
 from dbjax.engine.state import make_optimizer
 from dbjax.errors import ConfigError, DataError
@@ -31,6 +32,35 @@ from dbjax.nets.dit import DiT, DiTConfig
 from dbjax.progress import progress_bar
 from dbjax.sampling import euler_step, fixed_size_batches, stack_params
 from dbjax.tasks.base import NoisePlan, RunData, Task, noise_plan, sampling_plan
+
+
+# ------------------------------------------------------------------------ config
+
+SOLVERS = ("euler", "heun")
+
+
+def config_sections() -> dict:
+  """This task's own config sections and their defaults (dbjax.config.default_config
+  adds them to the fields every run has)."""
+  return {"sample": ml_collections.ConfigDict(dict(
+      num_steps=30, solver="euler",
+      guidance_scale=2.0,    # classifier-free guidance; 1.0 = none
+      grid_size=10,          # the PNG grid is grid_size x grid_size
+      # "": one class per row of the grid; a class's name (a folder's subfolder) or
+      # index: every image of the grid of that class.
+      class_label="",
+  ))}
+
+
+def validate_config(config):
+  """ConfigError naming the first bad field of this task's sections."""
+  s = config.sample
+  for field in ("num_steps", "grid_size"):
+    check_field(isinstance(s[field], int) and s[field] >= 1, f"sample.{field}", s[field],
+                "a positive integer")
+  check_field(s.solver in SOLVERS, "sample.solver", s.solver, f"one of {SOLVERS}")
+  check_field(s.guidance_scale >= 0, "sample.guidance_scale", s.guidance_scale,
+              ">= 0 (1 means no guidance)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument

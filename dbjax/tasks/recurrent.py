@@ -35,17 +35,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from flax import nnx
 
 from dbjax import edm, noise
-from dbjax.config import shared_updates
+from dbjax.config import check_field, shared_updates
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
 from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
 from dbjax.progress import progress_bar
 from dbjax.sampling import embedding_chain, fixed_size_batches, mixture_log_probs, stack_params
 from dbjax.tasks.base import NoisePlan, noise_plan, sampling_plan
+from dbjax.tasks import language
 from dbjax.tasks.language import load_data, resolve  # the language task's text data
 from dbjax.tasks.language.autoregressive import denoising_cross_entropy
 from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_params,
@@ -53,6 +55,51 @@ from dbjax.tasks.language.common import (SAMPLES_FILE, LanguageTask, block_param
                                          token_metrics, write_texts)
 
 __all__ = ["build", "load_data", "resolve", "RecurrentDenoiser", "HuginnLM", "iteration_counts"]
+
+
+# ------------------------------------------------------------------------ config
+
+
+def config_sections() -> dict:
+  """This task's config sections and their defaults: the language task's (the text, its
+  prompt and sampling) and its own, `recurrent`."""
+  return {**language.config_sections(), "recurrent": ml_collections.ConfigDict(dict(
+      # task="recurrent_depth" (dbjax.tasks.recurrent; paper, App. E.5): prelude, a core
+      # with tied weights iterated at inference, coda (the paper's 2/4/2 layers).
+      prelude_layers=2, core_layers=4, coda_layers=2,
+      # Huginn's training (method="end_to_end"): r = Poisson(lambda) + 1 iterations with
+      # lambda ~ LogNormal(ln m - s^2/2, s), gradients through the last k. Huginn uses
+      # m = 32 and k = 8; a 2-core CPU affords m = 8, k = 4 (a step costs about m + 1
+      # core passes forward and k backward).
+      mean_iterations=8, backprop_iterations=4, iteration_spread=0.5,
+      state_std=0.056,       # s_0's truncated normal: Huginn's init std sqrt(2 / 5d), d = 128
+      inference_iterations=(1, 2, 4, 8, 16, 32),  # the K of the test curve
+      sample_iterations=8,   # K for generated text
+      mixture_chains=16,     # DiffusionBlocks: chains whose mixture is scored at each K
+  ))}
+
+
+def validate_config(config):
+  """ConfigError naming the first bad field of this task's sections."""
+  language.validate_config(config)
+  rec = config.recurrent
+  for field in ("prelude_layers", "core_layers", "coda_layers", "mean_iterations",
+                "backprop_iterations", "sample_iterations", "mixture_chains"):
+    check_field(isinstance(rec[field], int) and rec[field] >= 1, f"recurrent.{field}",
+                rec[field], "a positive integer")
+  check_field(rec.backprop_iterations <= rec.mean_iterations, "recurrent.backprop_iterations",
+              rec.backprop_iterations,
+              f"at most recurrent.mean_iterations={rec.mean_iterations} (k <= m)")
+  check_field(rec.iteration_spread > 0, "recurrent.iteration_spread", rec.iteration_spread,
+              "positive")
+  check_field(rec.state_std > 0, "recurrent.state_std", rec.state_std, "positive")
+  check_field(len(rec.inference_iterations) > 0
+              and all(isinstance(k, int) and k >= 1 for k in rec.inference_iterations),
+              "recurrent.inference_iterations", rec.inference_iterations,
+              "a non-empty tuple of positive integers")
+  check_field(config.diffusion.num_blocks == 1, "diffusion.num_blocks",
+              config.diffusion.num_blocks,
+              "1 for task='recurrent_depth' (one core, trained over all sigmas)")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument

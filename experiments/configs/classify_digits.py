@@ -8,8 +8,7 @@ from dbjax.config import default_config
 
 
 def get_config():
-  config = default_config()
-  config.task = "classification"
+  config = default_config("classification")
   config.data.name = "digits"
   config.data.image_size, config.data.channels, config.data.num_classes = 8, 1, 10
   config.train.learning_rate = 1e-3

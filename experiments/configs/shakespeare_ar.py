@@ -11,8 +11,7 @@ from dbjax.config import default_config
 
 
 def get_config():
-  config = default_config()
-  config.task = "language"
+  config = default_config("language")
   config.data.name = "shakespeare"
   config.data.vocab_size = 0           # the vocabulary size: from the text
   config.model.num_layers = 12

@@ -5,12 +5,12 @@ per step). Huginn's own training of the same layers (random unrolling, truncated
 backprop): --config.method=end_to_end. Test bits per character against the inference
 iterations K are plotted to bpc_vs_iterations.png.
 """
+from dbjax.config import with_task
 from experiments.configs import shakespeare_ar
 
 
 def get_config():
-  config = shakespeare_ar.get_config()
-  config.task = "recurrent_depth"
+  config = with_task(shakespeare_ar.get_config(), "recurrent_depth")
   config.model.num_layers = 8          # prelude + core + coda
   config.diffusion.num_blocks = 1      # one core over the whole log-normal
   config.eval.max_test_examples = 32   # each K's chains cost K core passes per chain

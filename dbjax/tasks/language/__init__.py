@@ -4,10 +4,11 @@ end. `build` picks the model from config.language.kind and config.method; `load_
 reads the text and fills in data.vocab_size. See dbjax.tasks.language.common."""
 import os
 
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from dbjax.config import num_trained_blocks, shared_updates
+from dbjax.config import check_field, num_trained_blocks, shared_updates
 from dbjax.data import text
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
@@ -18,6 +19,85 @@ from dbjax.tasks.language.causal import CausalLM
 from dbjax.tasks.language.common import LanguageTask, token_embedding
 from dbjax.tasks.language import single_stream
 from dbjax.tasks.language.masked import MaskedDiffusion, masking_boundaries
+
+
+# ------------------------------------------------------------------------ config
+
+LANGUAGE_CHOICES = {
+    "kind": ("autoregressive", "masked"),
+    "token_embedding": ("frozen", "joint"),
+    "bridge": ("argmax", "expected"),
+    "positions": ("learned", "rotary"),
+}
+
+
+def config_sections() -> dict:
+  """This task's own config section and its defaults (dbjax.config.default_config adds
+  it to the fields every run has)."""
+  return {"language": ml_collections.ConfigDict(dict(
+      # "autoregressive": blocks denoise the embedding of token i given the clean tokens
+      # before it. "masked": MD4 masked diffusion, block b owns masking levels
+      # t in [1 - (b+1)/B, 1 - b/B].
+      kind="autoregressive",
+      seq_len=128,               # characters per training sequence (and generated text)
+      # The token embedding (the target space): "frozen" at its random initialisation
+      # (blocks stay independent) or "joint", trained with whichever block is active.
+      token_embedding="frozen",
+      # The Euler bridge of the autoregressive chain: "expected", the probability-flow
+      # ODE, whose end is distributed as the target, or "argmax" (as the classifier's),
+      # a near-greedy decoder: every temperature and top-p give its greedy text, MAUVE
+      # 0.13 against 0.79 (docs/language.md, Results).
+      bridge="expected",
+      # Positions: "learned", an embedding added to the input, or "rotary", queries and
+      # keys rotated in every layer (Llama-style, as the paper's LM blocks). A noisy row's
+      # input is noise at high sigma, so an added position is drowned (docs/language.md).
+      positions="learned",
+      # Autoregressive, dbjax's option (not the paper's): the share of block 0's training
+      # sequences drawn at sigma_max, where every chain's first call runs (with N = B, its
+      # only call); the log-normal puts 0.2% of its mass above sigma = 10. 0 = the paper.
+      sigma_max_share=0.0,
+      # Autoregressive DiffusionBlocks: the layers run the clean stream, then the noisy one
+      # against each layer's clean keys and values, and the clean pass is recomputed in the
+      # backward pass, so the step keeps the activations of T rows, not 2T: the same gradients
+      # (docs/method.md, "The autoregressive LM's memory"). The other kinds and tasks have
+      # one stream and ignore it.
+      remat_clean_stream=False,
+      inference_steps=0,         # autoregressive: denoising calls per token, 0 = B
+      # autoregressive: independent chains per token whose mixed last calls estimate the
+      # chain's likelihood (sampling.mixture_log_probs; docs/language.md). The estimate is
+      # high unless chains >> 1 / p(true token), and costs chains x the chain: 0 = skip.
+      mixture_chains=0,
+      sample_steps=0,            # masked: unmasking steps from t = 1 to 0, 0 = seq_len
+      prompt="",                 # generated text starts with it
+      num_samples=4,             # texts generated per setting (greedy, temperature, top-p)
+      temperature=0.8, top_p=0.9,
+  ))}
+
+
+def validate_config(config):
+  """ConfigError naming the first bad field of this task's section, or of a common
+  field this task reads its own way."""
+  lang = config.language
+  for field, allowed in LANGUAGE_CHOICES.items():
+    check_field(lang[field] in allowed, f"language.{field}", lang[field], f"one of {allowed}")
+  check_field(isinstance(lang.seq_len, int) and lang.seq_len >= 2, "language.seq_len",
+              lang.seq_len, "an integer >= 2")
+  for field in ("inference_steps", "sample_steps", "mixture_chains"):
+    check_field(lang[field] >= 0, f"language.{field}", lang[field], ">= 0 (0 = the default)")
+  check_field(0.0 <= lang.sigma_max_share <= 1.0, "language.sigma_max_share",
+              lang.sigma_max_share, "in [0, 1]")
+  check_field(lang.sigma_max_share == 0.0 or lang.kind == "autoregressive",
+              "language.sigma_max_share", lang.sigma_max_share,
+              "0 unless language.kind='autoregressive' (MD4 has no sigma)")
+  check_field(lang.num_samples >= 1, "language.num_samples", lang.num_samples, ">= 1")
+  check_field(lang.temperature >= 0, "language.temperature", lang.temperature,
+              ">= 0 (0 = greedy)")
+  check_field(0 < lang.top_p <= 1, "language.top_p", lang.top_p, "in (0, 1]")
+  check_field(len(lang.prompt) < lang.seq_len, "language.prompt", lang.prompt,
+              f"shorter than language.seq_len={lang.seq_len}")
+  check_field(config.data.num_classes == 10, "data.num_classes", config.data.num_classes,
+              "left at its default for text runs: the vocabulary size is "
+              "config.data.vocab_size (0 = from the text)")
 
 
 def build(config, layer=None) -> LanguageTask:
