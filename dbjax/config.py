@@ -175,6 +175,13 @@ def check_field(ok: bool, field: str, value, allowed: str):
 _require = check_field
 
 
+def check_choices(config, section: str, choices: dict):
+  """check_field for each field of config.<section> named in choices {field: allowed}."""
+  for field, allowed in choices.items():
+    value = config[section][field]
+    check_field(value in allowed, f"{section}.{field}", value, f"one of {allowed}")
+
+
 def warn_if_warmup_outlasts(warmup: tuple[str, int], num_steps: tuple[str, int],
                             stacklevel: int):
   """A ConfigWarning where the warmup is not shorter than the updates each block gets:

@@ -48,6 +48,19 @@ def inputs(num_queries, num_keys, dtype=jnp.float32, seed=0):
   return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
 
 
+def _record_cudnn(monkeypatch) -> list:
+  """jax.nn.dot_product_attention replaced by a recorder that runs XLA in cuDNN's place;
+  returns the list it fills with (a mask given, is_causal) per call."""
+  seen, real = [], jax.nn.dot_product_attention
+
+  def recorder(q, k, v, mask=None, is_causal=False, implementation=None):
+    assert implementation == "cudnn"
+    seen.append((mask is not None, is_causal))
+    return real(q, k, v, mask=mask, is_causal=is_causal)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  return seen
+
+
 @pytest.mark.parametrize("mask_name", [name for name in MASKS if name != "none"])
 def test_each_structured_mask_allows_the_pairs_written_by_hand(mask_name):
   mask, rows, cols, _ = MASKS[mask_name]
@@ -98,13 +111,7 @@ def test_cudnn_is_given_every_mask(monkeypatch, mask_name):
   output is plain attention's."""
   mask, rows, cols, allowed = MASKS[mask_name]
   allowed = allowed() if callable(allowed) else allowed
-  seen, real = [], jax.nn.dot_product_attention
-
-  def recorder(q, k, v, mask=None, is_causal=False, implementation=None):
-    assert implementation == "cudnn"
-    seen.append((mask is not None, is_causal))
-    return real(q, k, v, mask=mask, is_causal=is_causal)
-  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  seen = _record_cudnn(monkeypatch)
   q, k, v = inputs(rows, cols)
   out = attention.attend(q, k, v, mask, "cudnn")
   np.testing.assert_allclose(np.asarray(out, np.float64), plain_attention(q, k, v, allowed),
@@ -181,13 +188,7 @@ STEP_CONFIGS = {
 def _record_cudnn_calls(monkeypatch, probe_passes: bool) -> list:
   """A faked GPU backend on which "auto" sees cuDNN's probe pass or fail, and a recorder
   of what cuDNN is given (it runs XLA in cuDNN's place): [(mask given, is_causal)]."""
-  seen, real = [], jax.nn.dot_product_attention
-
-  def recorder(q, k, v, mask=None, is_causal=False, implementation=None):
-    assert implementation == "cudnn"
-    seen.append((mask is not None, is_causal))
-    return real(q, k, v, mask=mask, is_causal=is_causal)
-  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  seen = _record_cudnn(monkeypatch)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(attention, "cudnn_runs", lambda *signature: probe_passes)
   return seen

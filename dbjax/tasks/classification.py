@@ -47,7 +47,7 @@ import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import check_field, num_trained_blocks, shared_updates
+from dbjax.config import check_choices, check_field, num_trained_blocks, shared_updates
 from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
@@ -113,8 +113,7 @@ def config_sections() -> dict:
 def validate_config(config):
   """ConfigError naming the first bad field of this task's section."""
   c = config.classifier
-  for field, allowed in CLASSIFIER_CHOICES.items():
-    check_field(c[field] in allowed, f"classifier.{field}", c[field], f"one of {allowed}")
+  check_choices(config, "classifier", CLASSIFIER_CHOICES)
   check_field(len(c.inference_steps) > 0
               and all(isinstance(n, int) and n >= 1 for n in c.inference_steps),
               "classifier.inference_steps", c.inference_steps,

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dbjax.config import check_field, num_trained_blocks, shared_updates
+from dbjax.config import check_choices, check_field, num_trained_blocks, shared_updates
 from dbjax.data import text
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
@@ -78,8 +78,7 @@ def validate_config(config):
   """ConfigError naming the first bad field of this task's section, or of a common
   field this task reads its own way."""
   lang = config.language
-  for field, allowed in LANGUAGE_CHOICES.items():
-    check_field(lang[field] in allowed, f"language.{field}", lang[field], f"one of {allowed}")
+  check_choices(config, "language", LANGUAGE_CHOICES)
   check_field(isinstance(lang.seq_len, int) and lang.seq_len >= 2, "language.seq_len",
               lang.seq_len, "an integer >= 2")
   for field in ("inference_steps", "sample_steps", "mixture_chains"):
