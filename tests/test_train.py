@@ -1,4 +1,4 @@
-"""The driver: schedule, block independence, loss that falls, resume, faults."""
+"""Training runs end to end (dbjax.train): loss that falls, resume, faults, outputs."""
 import json
 import os
 import shutil
@@ -6,13 +6,10 @@ import shutil
 import chex
 import jax
 import numpy as np
-import optax
 import pytest
-from tqdm.auto import tqdm
 
 import dbjax
-from dbjax import config as config_lib, data, engine, tasks, train
-from dbjax.engine import driver, placement as placement_lib
+from dbjax import data, tasks, train
 from dbjax.errors import ConfigError, ConfigWarning, NonFiniteLossError, WorkdirError
 from dbjax.tasks.images import ImageGeneration
 from tests.conftest import tiny_config
@@ -22,89 +19,6 @@ from tests.test_metric_log import read_scalars, read_tags
 @pytest.fixture(scope="module")
 def digits():
   return data.load_images("digits", "train")
-
-
-def interleaved_reference(config, train_data):
-  """Train the paper's way, one iteration at a time in order, recording that every
-  step leaves the inactive blocks bit-identical."""
-  model = tasks.build(config)
-  states, shared = engine.init_on_host(model, config.seed)
-  step_fn = engine.jit_train_step(model)
-  for step in range(config_lib.total_iterations(config)):
-    b = train.block_for_step(config.seed, step, model.num_blocks)
-    before = [jax.tree.map(np.copy, s) for s in states]
-    index = data.batch_indices(config.seed, step, len(train_data.labels),
-                               config.train.batch_size)
-    new, shared, _ = step_fn(jax.device_put(states[b]), jax.device_put(shared),
-                             train_data.batch(index), train.step_key(config.seed, step, b),
-                             jax.numpy.asarray(model.intervals[b]))
-    states[b] = jax.device_get(new)
-    for other in range(model.num_blocks):
-      if other != b:
-        chex.assert_trees_all_equal(states[other], before[other])
-    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(states[b]),
-                                                         jax.tree.leaves(before[b])))
-  return states
-
-
-@pytest.mark.parametrize("stream_blocks,waiting_blocks",
-                         [(True, "pinned_host"), (True, "numpy"), (False, "numpy")])
-def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_blocks,
-                                                       waiting_blocks):
-  """Regrouped by block, and with the next block streamed to the device while one trains
-  (waiting in pinned host memory or as numpy), or each sent there and back
-  synchronously: the interleaved order's parameters."""
-  config = tiny_config()
-  config.train.num_steps = 6  # 12 iterations over 2 blocks, 3 checkpoint intervals
-  config.train.stream_blocks = stream_blocks
-  config.train.waiting_blocks = waiting_blocks
-  _, states, _, history = train.train(config, str(tmp_path), digits)
-  chex.assert_trees_all_equal(states, interleaved_reference(config, digits))
-  # Each block's own step count is the number of iterations it was drawn for.
-  draws = [train.block_for_step(0, s, 2) for s in range(12)]
-  for b in range(2):
-    assert int(states[b].step) == draws.count(b)
-    # AdamW's own counts (its moments' and its schedule's, and the recorded rate's).
-    counts = optax.tree_utils.tree_get_all_with_path(states[b].opt_state, "count")
-    assert len(counts) >= 3 and {int(c) for _, c in counts} == {draws.count(b)}
-  assert [r["step"] for r in history] == list(range(12))
-
-
-@pytest.mark.parametrize("waiting_blocks", ["pinned_host", "numpy"])
-def test_streamed_blocks_wait_where_configured(digits, waiting_blocks):
-  """While a block trains, the others wait in pinned host memory (this CPU backend has
-  that memory kind), with the block's own sharding, or as numpy; they stay there
-  between intervals (checkpoints save them from there)."""
-  config = tiny_config()
-  config.diffusion.num_blocks = 3
-  config.train.waiting_blocks = waiting_blocks
-  task = tasks.build(config)
-  placement = placement_lib.placement_of(task, config)
-  states, shared = placement_lib.born_sharded(task, config.seed, placement)
-  step_fn, seen = placement_lib.jit_sharded_step(task, placement), []
-
-  def kind(leaf):
-    return type(leaf).__name__ if isinstance(leaf, np.ndarray) else leaf.sharding.memory_kind
-
-  def noting_step(state, *args):
-    seen.append({kind(leaf) for s in states for leaf in jax.tree.leaves(s)})
-    return step_fn(state, *args)
-  chunk = np.arange(12)
-  driver.train_interval(noting_step, states, shared, task, chunk, digits, config,
-                        tqdm(disable=True), [0] * 3, lambda: False, placement, stream=True)
-  waiting = "pinned_host" if waiting_blocks == "pinned_host" else "ndarray"
-  assert waiting in set().union(*seen)
-  assert {kind(leaf) for s in states for leaf in jax.tree.leaves(s)} == {waiting}
-  if waiting_blocks == "pinned_host":
-    for state in states:  # each leaf with the sharding it trains with, in host memory
-      assert [leaf.sharding for leaf in jax.tree.leaves(state)] == jax.tree.leaves(
-          placement.waiting)
-
-
-def test_schedule_is_uniform_over_blocks():
-  draws = np.array([train.block_for_step(3, s, 4) for s in range(4000)])
-  counts = np.bincount(draws, minlength=4)
-  assert np.all(np.abs(counts - 1000) < 120)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -246,14 +160,3 @@ def test_train_and_evaluate_writes_its_outputs(tmp_path):
   # The pictures are in TensorBoard too.
   assert {"images/samples", "images/loss_curves"} <= set(
       read_tags(str(tmp_path / "run" / "tensorboard"))["images"])
-
-
-def test_a_run_compiles_its_train_step_once(tmp_path, caplog):
-  """Every iteration of every block, the first included, runs one compiled step: the
-  shared state goes to the device as the blocks do (a plain device_put of it made the
-  first call's arguments differ from the step's own outputs, and XLA compiled the step
-  a second time for the second call)."""
-  with jax.log_compiles(), caplog.at_level("WARNING"):
-    train.train(tiny_config(), str(tmp_path))
-  compiles = [r for r in caplog.records if "Compiling jit(sharded_train_step)" in r.getMessage()]
-  assert len(compiles) == 1
