@@ -201,6 +201,7 @@ class LoadedRun(NamedTuple):
   shared_params: Any   # what the blocks share (a label or token embedding; {} if nothing)
   iteration: int       # iterations done when the checkpoint was written
   states: list         # each block's whole BlockState (params, optimizer state, count)
+  class_names: tuple = ()  # image tasks: the classes' names in label order, where named
 
   def sample(self, key, inputs, num_steps: int | None = None, **options):
     """The task's sampler or predictor over every block (default: one call per block):
@@ -222,7 +223,17 @@ def load_run(workdir: str) -> LoadedRun:
   iteration, states, shared, _ = saved_runs.restore(task, config, checkpointer)
   checkpointer.close()
   shared = saved_runs.one_shared(config, shared)
-  return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states)
+  return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states,
+                   _saved_class_names(workdir))
+
+
+def _saved_class_names(workdir: str) -> tuple:
+  """The class names an image run saved (classes.json), or () where it has none."""
+  path = os.path.join(workdir, "classes.json")
+  if not os.path.exists(path):
+    return ()
+  with open(path, encoding="utf-8") as f:
+    return tuple(json.load(f))
 
 
 def load_run_data(config, workdir: str):

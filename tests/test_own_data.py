@@ -173,6 +173,7 @@ def test_a_folder_trains_samples_and_evaluates_from_the_command_line(tmp_path):
     assert np.isfinite(json.load(f)["frechet_distance"])
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["data"]["num_classes"] == 3
+  assert train.load_run(workdir).class_names == CLASSES  # which label is which, from Python
   out = str(tmp_path / "grid.png")
   run_cli("experiments.sample", f"--workdir={workdir}", f"--out={out}")
   from dbjax.eval import plots  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ probability-flow ODE, each step by the block owning its sigma. Evaluation: a sam
 and the Frechet distance in a cached classifier's feature space (dbjax.eval.features).
 """
 import dataclasses
+import json
 import functools
 import os
 import time
@@ -115,6 +116,9 @@ class ImageGeneration(Task):
 
   def check_train_data(self, config, train_data):
     check_training_images(config, train_data)
+
+  def write_run_files(self, workdir, train_data):
+    write_class_names(workdir, train_data)
 
   def check_batch(self, batch):
     return check_image_batch(self.dit, batch)
@@ -331,6 +335,18 @@ def class_index(config, class_names: tuple) -> int | None:
   known = ", ".join(class_names) if class_names else f"indices 0 to {count - 1}"
   raise ConfigError(f"sample.class_label={label!r}: not a class of this run (its classes: "
                     f"{known})")
+
+
+CLASSES_FILE = "classes.json"
+
+
+def write_class_names(workdir: str, train: image_data.ImageData):
+  """<workdir>/classes.json: the class names in label order, where the data names its
+  classes (a folder's subfolders, a latent set's), so a loaded run can say which label
+  is which without its data (dbjax.train.load_run)."""
+  if train.class_names:
+    with open(os.path.join(workdir, CLASSES_FILE), "w", encoding="utf-8") as f:
+      json.dump(list(train.class_names), f)
 
 
 def grid_labels(config, class_names: tuple = ()) -> np.ndarray:
