@@ -98,7 +98,10 @@ def check_config_arguments(argv: list[str]):
           f"{file_task!r} config, and each task's config has its own sections; start from a "
           f"config file of task {task!r} (experiments/configs/)")
   task = task or file_task
-  own = (set(flatten(default_config(task).to_dict())) if task in tasks.REGISTRY
+  # Without --config the command's own default file applies, which is not known here:
+  # absl then names a field that config lacks.
+  own = (set(flatten(default_config(task).to_dict()))
+         if task in tasks.REGISTRY and (path is not None or _argument_value(argv, "--config.task"))
          else known)
   for field in fields:
     if field not in known:

@@ -49,14 +49,6 @@ _OUT = flags.DEFINE_string("out", None, "JSON path (default: in the workdir)")
 flags.mark_flags_as_required(["workdir"])
 
 
-def held_out_texts(tokens: np.ndarray, count: int, length: int, seed: int) -> np.ndarray:
-  """`count` test sequences, cut to `length`, in a fixed order drawn from `seed`."""
-  if count > len(tokens):
-    raise ConfigError(f"--num_samples={count}: the test split holds {len(tokens)} sequences")
-  rows = np.random.default_rng([seed, 7]).permutation(len(tokens))[:count]
-  return np.asarray(tokens)[rows, :length]
-
-
 def sample_continuations(task, states, shared, real: np.ndarray, prompt_length: int,
                          num_steps, seed: int) -> np.ndarray:
   """Each prompt continued by one sample (task.continue_prompts), as long as the real."""
@@ -95,7 +87,8 @@ def main(argv):
     raise ConfigError(f"--prompt_length + --length = {length}: longer than a sequence "
                       f"(seq_len {config.language.seq_len}, the judge's "
                       f"{judge_config.language.seq_len})")
-  real = held_out_texts(data.test.tokens, _NUM_SAMPLES.value, length, _SEED.value)
+  real = text_quality.held_out_texts(data.test.tokens, _NUM_SAMPLES.value, length,
+                                     _SEED.value)
   steps = [int(k) for k in _STEPS.value] if _STEPS.value else [None]
   rows = []
   for k in steps:

@@ -301,9 +301,11 @@ def test_help_shows_the_values_of_the_config_given():
   assert "image_size=28" in text and "image_size=8" not in text
 
 
-TINY_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
-              "--config.model.num_heads=2", "--config.model.frequency_dim=32",
-              "--config.train.batch_size=8", "--config.sample.num_steps=2"]
+# A tiny network for any task's config; TINY_FLAGS adds the image configs' sampling.
+NETWORK_FLAGS = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
+                 "--config.model.num_heads=2", "--config.model.frequency_dim=32",
+                 "--config.train.batch_size=8"]
+TINY_FLAGS = NETWORK_FLAGS + ["--config.sample.num_steps=2"]
 
 
 @pytest.mark.slow
@@ -423,7 +425,7 @@ def test_compare_classification_reports_the_accuracy_gap(tmp_path):
   run_cli("experiments.compare", "--config=experiments/configs/classify_digits.py",
           f"--workdir={tmp_path}", "--config.diffusion.num_blocks=2",
           "--config.train.num_steps=2", "--config.train.progress=False",
-          "--config.classifier.inference_steps=(1,)", *TINY_FLAGS)
+          "--config.classifier.inference_steps=(1,)", *NETWORK_FLAGS)
   summary = json.loads((tmp_path / "compare.json").read_text())
   e2e, db = summary["rows"]
   assert (e2e["iterations"], db["iterations"]) == (2, 4)

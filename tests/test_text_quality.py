@@ -99,10 +99,9 @@ def test_the_command_scores_a_run_with_a_judge_and_writes_its_settings(judge, tm
   assert [r["num_steps"] for r in scores["rows"]] == [1, 2]
   # The real texts' bits, recomputed here from the same held-out rows: the continuation's
   # 16 characters scored, not the prompt's.
-  from experiments.text_quality import held_out_texts  # pylint: disable=g-import-not-at-top
   own = train.restore_run(str(workdir))
   own_data = train.load_run_data(own[0], str(workdir))[1]
-  real = held_out_texts(own_data.test.tokens, 40, 16 + 32, 0)  # prompt, then --length
+  real = text_quality.held_out_texts(own_data.test.tokens, 40, 16 + 32, 0)  # prompt, then --length
   _, real_bits = text_quality.judge_texts(own[1], own[2][0].params, own[3].params, real, 16)
   for row in scores["rows"]:
     assert row["real_bits_per_character"] == pytest.approx(float(np.mean(real_bits)), rel=1e-5)

@@ -67,6 +67,16 @@ def judge_texts(judge: CausalLM, params, shared_params, tokens: np.ndarray,
   return np.concatenate(features), np.concatenate(bits)
 
 
+def held_out_texts(tokens: np.ndarray, count: int, length: int, seed: int) -> np.ndarray:
+  """`count` test sequences, cut to `length`, in a fixed order drawn from `seed`: the
+  real texts whose prompts a model continues and whose continuations it is scored
+  against (experiments/text_quality.py)."""
+  if count > len(tokens):
+    raise ConfigError(f"--num_samples={count}: the test split holds {len(tokens)} sequences")
+  rows = np.random.default_rng([seed, 7]).permutation(len(tokens))[:count]
+  return np.asarray(tokens)[rows, :length]
+
+
 NUM_BUCKETS = 16
 
 
