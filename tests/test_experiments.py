@@ -583,3 +583,22 @@ def test_bench_transfers_times_every_way_of_moving_blocks(tmp_path):
   assert rows["all_resident"]["waiting_share"] == 0
   # One block on the device at a time when moved (and a little), all of them resident.
   assert rows["synchronous"]["blocks_on_device"] < 1.5 < rows["all_resident"]["blocks_on_device"]
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist_latent", "classify_fashion_mnist",
+                                  "shakespeare_ar", "shakespeare_md4", "shakespeare_recurrent"])
+def test_a_measured_config_says_its_command_and_what_it_gave(name):
+  """The configs behind the README's rows give their command, and the results file of
+  the figure they quote, which exists."""
+  import re  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "experiments", "configs", f"{name}.py")) as f:
+    docstring = f.read().split('"""')[1]
+  assert "python -m experiments." in docstring
+  files = re.findall(r"results/([\w.{},-]+\.json)", docstring)
+  assert files
+  for named in files:
+    stem, _, rest = named.partition("{")
+    for path in ([named] if not rest else
+                 [stem + option + rest.split("}", 1)[1] for option in
+                  rest.split("}", 1)[0].split(",")]):
+      assert os.path.exists(os.path.join(ROOT, "results", path)), path

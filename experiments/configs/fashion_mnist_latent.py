@@ -17,7 +17,9 @@ and, at the same budget, the same DiT on pixels (patch 4: the same 49 tokens):
 
 The image shape and classes come from the data. Samples are decoded for the grids, and
 the Frechet distance is computed on the decoded images in pixel space, so it compares
-with the pixel run's.
+with the pixel run's. On a 2-core CPU the latent pair took 323 s (DiffusionBlocks) and
+414 s (end to end): Frechet distance 2.27 against 2.51, on pixels 4.27 against 5.27
+(results/compare_fashion_mnist_{latent,pixels}.json).
 """
 from dbjax.config import default_config
 
