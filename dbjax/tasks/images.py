@@ -153,8 +153,9 @@ class ImageGeneration(Task):
     from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
     s = config.sample
     path = path or os.path.join(workdir, f"samples_{s.solver}_{s.num_steps}.png")
+    grid_classes = grid_labels(config, getattr(data.train, "class_names", ()))
     images = sample_in_batches(self, stack_params([st.params for st in states]),
-                               jax.random.key(seed), grid_labels(config, data.train.class_names),
+                               jax.random.key(seed), grid_classes,
                                s.num_steps, s.solver, s.guidance_scale, batch_size=s.grid_size**2,
                                progress=config.train.progress)
     plots.save_image_grid(viewable(data.train, images), path, rows=s.grid_size,
@@ -340,13 +341,14 @@ def class_index(config, class_names: tuple) -> int | None:
 CLASSES_FILE = "classes.json"
 
 
-def write_class_names(workdir: str, train: image_data.ImageData):
+def write_class_names(workdir: str, train):
   """<workdir>/classes.json: the class names in label order, where the data names its
   classes (a folder's subfolders, a latent set's), so a loaded run can say which label
   is which without its data (dbjax.train.load_run)."""
-  if train.class_names:
+  names = getattr(train, "class_names", ())  # a user's data object may have none
+  if names:
     with open(os.path.join(workdir, CLASSES_FILE), "w", encoding="utf-8") as f:
-      json.dump(list(train.class_names), f)
+      json.dump(list(names), f)
 
 
 def grid_labels(config, class_names: tuple = ()) -> np.ndarray:
@@ -402,8 +404,8 @@ def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
   stacked = stack_params([s.params for s in states])
   key = jax.random.fold_in(jax.random.key(config.seed), 10**9)
   s = config.sample
-  grid = sample_in_batches(task, stacked, key, grid_labels(config, data.train.class_names),
-                           s.num_steps, s.solver,
+  grid_classes = grid_labels(config, getattr(data.train, "class_names", ()))
+  grid = sample_in_batches(task, stacked, key, grid_classes, s.num_steps, s.solver,
                            s.guidance_scale, batch_size=s.grid_size**2)
   plots.save_image_grid(viewable(data.train, grid), os.path.join(workdir, grid_name),
                         rows=s.grid_size, row_labels=grid_row_labels(config, data.train))
