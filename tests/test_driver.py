@@ -1,14 +1,12 @@
-"""dbjax.engine.driver and placement: the schedule, the block-regrouped loop against
-the paper's interleaved order, where waiting blocks live, one compiled step."""
+"""dbjax.engine.driver: the schedule, the block-regrouped loop against the paper's
+interleaved order, one compiled step for every iteration."""
 import chex
 import jax
 import numpy as np
 import optax
 import pytest
-from tqdm.auto import tqdm
 
 from dbjax import config as config_lib, data, engine, tasks, train
-from dbjax.engine import driver, placement as placement_lib
 from tests.conftest import tiny_config
 
 
@@ -61,37 +59,6 @@ def test_regrouped_driver_equals_interleaved_training(tmp_path, digits, stream_b
     counts = optax.tree_utils.tree_get_all_with_path(states[b].opt_state, "count")
     assert len(counts) >= 3 and {int(c) for _, c in counts} == {draws.count(b)}
   assert [r["step"] for r in history] == list(range(12))
-
-
-@pytest.mark.parametrize("waiting_blocks", ["pinned_host", "numpy"])
-def test_streamed_blocks_wait_where_configured(digits, waiting_blocks):
-  """While a block trains, the others wait in pinned host memory (this CPU backend has
-  that memory kind), with the block's own sharding, or as numpy; they stay there
-  between intervals (checkpoints save them from there)."""
-  config = tiny_config()
-  config.diffusion.num_blocks = 3
-  config.train.waiting_blocks = waiting_blocks
-  task = tasks.build(config)
-  placement = placement_lib.placement_of(task, config)
-  states, shared = placement_lib.born_sharded(task, config.seed, placement)
-  step_fn, seen = placement_lib.jit_sharded_step(task, placement), []
-
-  def kind(leaf):
-    return type(leaf).__name__ if isinstance(leaf, np.ndarray) else leaf.sharding.memory_kind
-
-  def noting_step(state, *args):
-    seen.append({kind(leaf) for s in states for leaf in jax.tree.leaves(s)})
-    return step_fn(state, *args)
-  chunk = np.arange(12)
-  driver.train_interval(noting_step, states, shared, task, chunk, digits, config,
-                        tqdm(disable=True), [0] * 3, lambda: False, placement, stream=True)
-  waiting = "pinned_host" if waiting_blocks == "pinned_host" else "ndarray"
-  assert waiting in set().union(*seen)
-  assert {kind(leaf) for s in states for leaf in jax.tree.leaves(s)} == {waiting}
-  if waiting_blocks == "pinned_host":
-    for state in states:  # each leaf with the sharding it trains with, in host memory
-      assert [leaf.sharding for leaf in jax.tree.leaves(state)] == jax.tree.leaves(
-          placement.waiting)
 
 
 def test_schedule_is_uniform_over_blocks():
