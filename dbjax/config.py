@@ -41,20 +41,17 @@ def with_task(config, task: str) -> ml_collections.ConfigDict:
   `task` at its defaults where `config` does not hold them (the language section of a
   language config stays when it becomes a recurrent-depth one), and no other task's."""
   target = default_config(task)
-  ours = flatten(config.to_dict())
-  target.update_from_flattened_dict({field: value for field, value in ours.items()
-                                     if field in flatten(target.to_dict())
-                                     and field != "task"})
+  fields = flatten(target.to_dict())
+  target.update_from_flattened_dict({field: value for field, value in
+                                     flatten(config.to_dict()).items()
+                                     if field in fields and field != "task"})
   return target
 
 
-def all_fields() -> list:
-  """The dotted fields that some task's config has (what a command line may set), in
-  the order the configs list them."""
-  fields = {}
-  for task in tasks.REGISTRY:
-    fields.update(dict.fromkeys(flatten(default_config(task).to_dict())))
-  return list(fields)
+def fields_by_task() -> dict:
+  """{task: {dotted field: its default}} of every registered task's default config:
+  what a command line may set, and which task's config has a field."""
+  return {task: flatten(default_config(task).to_dict()) for task in tasks.REGISTRY}
 
 
 def _common_fields() -> ml_collections.ConfigDict:
@@ -172,9 +169,6 @@ def check_field(ok: bool, field: str, value, allowed: str):
   require(ok, f"config.{field}", value, allowed)
 
 
-_require = check_field
-
-
 def check_choices(config, section: str, choices: dict):
   """check_field for each field of config.<section> named in choices {field: allowed}."""
   for field, allowed in choices.items():
@@ -205,21 +199,22 @@ def _check_fields(config, schema, prefix=""):
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raise ConfigError naming the first bad field; return the config unchanged."""
-  _require(config.task in tasks.REGISTRY, "task", config.task, f"one of {tuple(tasks.REGISTRY)}")
+  check_field(config.task in tasks.REGISTRY, "task", config.task, f"one of {tuple(tasks.REGISTRY)}")
   schema = default_config(config.task)
-  for section in set(schema.keys()) - set(config.keys()):
-    raise ConfigError(f"config.task={config.task!r} needs a config.{section} section, which "
+  missing = sorted(set(schema.keys()) - set(config.keys()))
+  if missing:
+    raise ConfigError(f"config.task={config.task!r} needs a config.{missing[0]} section, which "
                       f"this config lacks: start it from dbjax.config.default_config("
                       f"{config.task!r}) (or with_task(config, {config.task!r}))")
   _check_fields(config, schema)
   tasks.validate_config(config)  # the task's own sections, and what it asks of the others
   m, d, t, data = config.model, config.diffusion, config.train, config.data
-  _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
-  _require(config.data.max_chars >= 0, "data.max_chars", config.data.max_chars,
+  check_field(config.method in METHODS, "method", config.method, f"one of {METHODS}")
+  check_field(config.data.max_chars >= 0, "data.max_chars", config.data.max_chars,
            ">= 0 (0 = all)")
-  _require(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
+  check_field(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
            config.data.resize, "an integer >= 0 (0 = refuse images of mixed sizes)")
-  _require(config.eval.max_test_examples >= 0, "eval.max_test_examples",
+  check_field(config.eval.max_test_examples >= 0, "eval.max_test_examples",
            config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),
                        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
@@ -229,58 +224,58 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("train.checkpoint_every", t.checkpoint_every),
                        ("train.max_checkpoints", t.max_checkpoints),
                        ("eval.num_samples", config.eval.num_samples)]:
-    _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
-  _require(isinstance(data.num_classes, int) and data.num_classes >= 1, "data.num_classes",
+    check_field(isinstance(value, int) and value >= 1, field, value, "a positive integer")
+  check_field(isinstance(data.num_classes, int) and data.num_classes >= 1, "data.num_classes",
            data.num_classes, "a positive integer (the number of image classes; a text's "
            "vocabulary size is config.data.vocab_size)")
   # Text runs learn their vocabulary size from the data (0 until then).
-  _require(isinstance(data.vocab_size, int) and data.vocab_size >= 0, "data.vocab_size",
+  check_field(isinstance(data.vocab_size, int) and data.vocab_size >= 0, "data.vocab_size",
            data.vocab_size, "an integer >= 0 (0 = from the text)")
   if config.method == "diffusion_blocks":
-    _require(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
+    check_field(m.num_layers % d.num_blocks == 0, "diffusion.num_blocks", d.num_blocks,
              f"must divide model.num_layers={m.num_layers} so every block gets the same "
              "number of layers")
   # The 2-D sine-cosine position embedding splits hidden_size into four equal parts.
-  _require(m.hidden_size % 4 == 0 and m.hidden_size % m.num_heads == 0,
+  check_field(m.hidden_size % 4 == 0 and m.hidden_size % m.num_heads == 0,
            "model.hidden_size", m.hidden_size,
            f"a multiple of 4 and of model.num_heads={m.num_heads}")
-  _require(data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
+  check_field(data.image_size % m.patch_size == 0, "model.patch_size", m.patch_size,
            f"must divide data.image_size={data.image_size}")
-  _require(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
-  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+  check_field(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
+  check_field(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "'float32' or 'bfloat16'")
-  _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention", m.attention,
+  check_field(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention", m.attention,
            f"one of {ATTENTION_IMPLEMENTATIONS}")
-  _require(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
-  _require(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")
-  _require(0.0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min,
+  check_field(d.partition in PARTITIONS, "diffusion.partition", d.partition, f"one of {PARTITIONS}")
+  check_field(0.0 <= d.overlap_gamma < 1.0, "diffusion.overlap_gamma", d.overlap_gamma, "in [0, 1)")
+  check_field(0.0 < d.sigma_min < d.sigma_max, "diffusion.sigma_min", d.sigma_min,
            f"positive and below diffusion.sigma_max={d.sigma_max}")
-  _require(d.p_std > 0, "diffusion.p_std", d.p_std, "positive")
-  _require(d.sigma_data > 0, "diffusion.sigma_data", d.sigma_data, "positive")
-  _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "positive")
-  _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
-  _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
-  _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
-  _require(t.waiting_blocks in WAITING_BLOCKS, "train.waiting_blocks", t.waiting_blocks,
+  check_field(d.p_std > 0, "diffusion.p_std", d.p_std, "positive")
+  check_field(d.sigma_data > 0, "diffusion.sigma_data", d.sigma_data, "positive")
+  check_field(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "positive")
+  check_field(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
+  check_field(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+  check_field(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "positive")
+  check_field(t.waiting_blocks in WAITING_BLOCKS, "train.waiting_blocks", t.waiting_blocks,
            f"one of {', '.join(WAITING_BLOCKS)}")
-  _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
+  check_field(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
            f"one of {NONFINITE_POLICIES}")
   p = config.parallel
-  _require(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
-  _require(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0
+  check_field(p.mode in PARALLEL_MODES, "parallel.mode", p.mode, f"one of {PARALLEL_MODES}")
+  check_field(isinstance(p.shared_sync_every, int) and p.shared_sync_every >= 0
            and (p.shared_sync_every == 0 or t.checkpoint_every % p.shared_sync_every == 0),
            "parallel.shared_sync_every", p.shared_sync_every,
            f"an integer >= 0 (0 = never) that divides train.checkpoint_every="
            f"{t.checkpoint_every}, so every checkpoint holds one shared state")
   for axis in MESH_AXES:
     size = p.mesh[axis]
-    _require(isinstance(size, int) and (size >= 1 or size == -1), f"parallel.mesh.{axis}",
+    check_field(isinstance(size, int) and (size >= 1 or size == -1), f"parallel.mesh.{axis}",
              size, "a number of devices >= 1, or -1 for the devices left over")
-  _require(all(len(rule) == 2 and isinstance(rule[0], str)
+  check_field(all(len(rule) == 2 and isinstance(rule[0], str)
                and (rule[1] is None or rule[1] in MESH_AXES) for rule in p.rules),
            "parallel.rules", p.rules,
            f"pairs (logical name, mesh axis or None), the axes among {MESH_AXES}")
-  _require(isinstance(p.min_shard_size, int) and p.min_shard_size >= 0,
+  check_field(isinstance(p.min_shard_size, int) and p.min_shard_size >= 0,
            "parallel.min_shard_size", p.min_shard_size, "an integer >= 0")
   return config
 

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 import experiments
 from dbjax import tasks
-from dbjax.config import all_fields, default_config, field_holder, flatten, validate, variant
+from dbjax.config import default_config, fields_by_task, field_holder, flatten, validate, variant
 from dbjax.errors import (CheckpointError, ConfigError, ConfigWarning, DataError,
                           NonFiniteLossError, TrainingInterrupted, WorkdirError, nearest)
 
@@ -91,18 +91,18 @@ def check_config_arguments(argv: list[str]):
   if path is not None and not os.path.isfile(path.split(":", 1)[0]):
     _fail(f"--config={path}: no such file{nearest(path, available_configs())}; the "
           f"configs are: {', '.join(available_configs())}")
-  known = all_fields()
-  file_task, task = _task_of_config_file(path), _argument_value(argv, "--config.task")
-  if task and file_task and task != file_task:
-    _fail(f"--config.task={task}: {path or 'the default config'} is a config.task="
-          f"{file_task!r} config, and each task's config has its own sections; start from a "
-          f"config file of task {task!r} (experiments/configs/)")
-  task = task or file_task
-  # Without --config the command's own default file applies, which is not known here:
-  # absl then names a field that config lacks.
-  own = (set(flatten(default_config(task).to_dict()))
-         if task in tasks.REGISTRY and (path is not None or _argument_value(argv, "--config.task"))
-         else known)
+  by_task = fields_by_task()
+  known = list(dict.fromkeys(field for fields in by_task.values() for field in fields))
+  given_task = _argument_value(argv, "--config.task")
+  file_task = _task_of_config_file(path) if path is not None else ""
+  if given_task and file_task and given_task != file_task:
+    _fail(f"--config.task={given_task}: {path} is a config.task={file_task!r} config, and "
+          "each task's config has its own sections; start from a config file of task "
+          f"{given_task!r} (experiments/configs/)")
+  task = given_task or file_task
+  # Without --config or --config.task the command's own default file applies, which is
+  # not known here: absl then names a field that config lacks.
+  own = by_task.get(task, known)
   for field in fields:
     if field not in known:
       section = field.rpartition(".")[0]
@@ -111,18 +111,16 @@ def check_config_arguments(argv: list[str]):
             + (f"the fields of config.{section} are: {', '.join(siblings)}" if siblings
                else "--help lists them all"))
     if field not in own:
-      owners = [t for t in tasks.REGISTRY if field in flatten(default_config(t).to_dict())]
+      owners = [t for t, fields in by_task.items() if field in fields]
       _fail(f"--config.{field}: a field of the config of task "
             f"{' and '.join(repr(t) for t in owners)}, not of this config.task={task!r} "
             "run's; its sections: "
             + ", ".join(sorted({f.partition('.')[0] for f in own if '.' in f})))
 
 
-def _task_of_config_file(path: str | None) -> str:
+def _task_of_config_file(path: str) -> str:
   """config.task of the --config file (its get_config run here, before absl loads it),
-  or the default config's where there is none or it does not load."""
-  if path is None:
-    return default_config().task
+  or "" where it does not load."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   file_name, _, argument = path.partition(":")
   try:
@@ -141,8 +139,8 @@ def config_fields_help(config=None) -> str:
     source, fields = "this config's values", flatten(config.to_dict())
   else:
     source, fields = "the defaults; a task's own sections only in its runs", {}
-    for task in tasks.REGISTRY:
-      fields.update(flatten(default_config(task).to_dict()))
+    for task_fields in fields_by_task().values():
+      fields.update(task_fields)
     fields["task"] = default_config().task
   lines = ["", f"Config fields, set with --config.<field>=<value> ({source}; docs: the "
            "comments in dbjax/config.py and the task modules' config_sections):"]
@@ -356,7 +354,8 @@ def enable_compilation_cache():
   """JAX's persistent compilation cache, on in every command: a second run of the same
   program (the same config on the same device and jax) loads its compiled steps from
   disk instead of compiling them (docs/history.md, "JAX's persistent compilation cache",
-  says how much that saves). Programs that compile in under a second are not cached (jax's default)."""
+  says how much that saves). Programs that compile in under a second are not cached
+  (jax's default)."""
   directory = compilation_cache_dir()
   if directory is not None:
     jax.config.update("jax_compilation_cache_dir", directory)
