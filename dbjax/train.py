@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from dbjax import config as config_lib, tasks
+from dbjax.data.images import read_class_names
 from dbjax.engine import block_jobs, driver, saved_runs, signals
 from dbjax.engine.driver import (METRICS_FILE, TrainedRun, block_for_step, block_runs,
                                  step_key)
@@ -224,16 +225,8 @@ def load_run(workdir: str) -> LoadedRun:
   checkpointer.close()
   shared = saved_runs.one_shared(config, shared)
   return LoadedRun(config, task, [s.params for s in states], shared.params, iteration, states,
-                   _saved_class_names(workdir))
+                   read_class_names(workdir))
 
-
-def _saved_class_names(workdir: str) -> tuple:
-  """The class names an image run saved (classes.json), or () where it has none."""
-  path = os.path.join(workdir, "classes.json")
-  if not os.path.exists(path):
-    return ()
-  with open(path, encoding="utf-8") as f:
-    return tuple(json.load(f))
 
 
 def load_run_data(config, workdir: str):

@@ -18,6 +18,7 @@ would.
 """
 import dataclasses
 import gzip
+import json
 import os
 import struct
 
@@ -27,6 +28,7 @@ from dbjax.data import latents, own, tfds_source
 from dbjax.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CLASSES_FILE = "classes.json"  # a run's class names, in label order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,3 +167,22 @@ def check_images(images, labels, image_size: int, channels: int, num_classes: in
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f"labels span [{labels.min()}, {labels.max()}]; allowed is "
                     f"[0, {num_classes}) from config.data.num_classes")
+
+
+def write_class_names(workdir: str, train):
+  """<workdir>/classes.json: the class names in label order, where the data names its
+  classes (a folder's subfolders, a latent set's), so a loaded run can say which label
+  is which without its data (dbjax.train.load_run)."""
+  names = getattr(train, "class_names", ())  # a user's data object may have none
+  if names:
+    with open(os.path.join(workdir, CLASSES_FILE), "w", encoding="utf-8") as f:
+      json.dump(list(names), f)
+
+
+def read_class_names(workdir: str) -> tuple:
+  """The class names a run saved (write_class_names), or () where it saved none."""
+  path = os.path.join(workdir, CLASSES_FILE)
+  if not os.path.exists(path):
+    return ()
+  with open(path, encoding="utf-8") as f:
+    return tuple(json.load(f))

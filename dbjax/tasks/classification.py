@@ -55,8 +55,7 @@ from dbjax.progress import progress_bar
 from dbjax.sampling import embedding_chain, fixed_size_batches, stack_params, unit_rows
 from dbjax.tasks.base import NoisePlan, Task, noise_plan, sampling_plan
 from dbjax.tasks.images import (  # the same image sets: this task's load_data
-    check_image_batch, check_training_images, example_images, load_data, resolve,
-    write_class_names)
+    check_image_batch, check_training_images, example_images, load_data, resolve)
 
 # Network modules that classifier.shared_modules="shared" keeps in one shared copy.
 SHAREABLE_MODULES = ("patch_embed", "cls_token", "sigma_embed", "head")
@@ -140,7 +139,7 @@ class Classification(Task):
                     "max_test_examples": "eval.max_test_examples"}
 
   def write_run_files(self, workdir, train_data):
-    write_class_names(workdir, train_data)
+    image_data.write_class_names(workdir, train_data)
 
   @property
   def network_config(self) -> ViTConfig:

@@ -12,7 +12,6 @@ probability-flow ODE, each step by the block owning its sigma. Evaluation: a sam
 and the Frechet distance in a cached classifier's feature space (dbjax.eval.features).
 """
 import dataclasses
-import json
 import functools
 import os
 import time
@@ -118,7 +117,7 @@ class ImageGeneration(Task):
     check_training_images(config, train_data)
 
   def write_run_files(self, workdir, train_data):
-    write_class_names(workdir, train_data)
+    image_data.write_class_names(workdir, train_data)
 
   def check_batch(self, batch):
     return check_image_batch(self.dit, batch)
@@ -336,19 +335,6 @@ def class_index(config, class_names: tuple) -> int | None:
   known = ", ".join(class_names) if class_names else f"indices 0 to {count - 1}"
   raise ConfigError(f"sample.class_label={label!r}: not a class of this run (its classes: "
                     f"{known})")
-
-
-CLASSES_FILE = "classes.json"
-
-
-def write_class_names(workdir: str, train):
-  """<workdir>/classes.json: the class names in label order, where the data names its
-  classes (a folder's subfolders, a latent set's), so a loaded run can say which label
-  is which without its data (dbjax.train.load_run)."""
-  names = getattr(train, "class_names", ())  # a user's data object may have none
-  if names:
-    with open(os.path.join(workdir, CLASSES_FILE), "w", encoding="utf-8") as f:
-      json.dump(list(names), f)
 
 
 def grid_labels(config, class_names: tuple = ()) -> np.ndarray:
