@@ -169,6 +169,13 @@ def check_field(ok: bool, field: str, value, allowed: str):
   require(ok, f"config.{field}", value, allowed)
 
 
+def check_positive_integers(values, field: str):
+  """check_field that a tuple field (chain lengths, iteration counts) is non-empty and
+  holds positive integers only."""
+  check_field(len(values) > 0 and all(isinstance(n, int) and n >= 1 for n in values),
+              field, values, "a non-empty tuple of positive integers")
+
+
 def check_choices(config, section: str, choices: dict):
   """check_field for each field of config.<section> named in choices {field: allowed}."""
   for field, allowed in choices.items():

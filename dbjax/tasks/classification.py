@@ -47,7 +47,8 @@ import optax
 from flax import nnx
 
 from dbjax import checks, edm, noise
-from dbjax.config import check_choices, check_field, num_trained_blocks, shared_updates
+from dbjax.config import (check_choices, check_field, check_positive_integers,
+                          num_trained_blocks, shared_updates)
 from dbjax.data import images as image_data
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.nets.vit import ViT, ViTConfig
@@ -114,10 +115,7 @@ def validate_config(config):
   """ConfigError naming the first bad field of this task's section."""
   c = config.classifier
   check_choices(config, "classifier", CLASSIFIER_CHOICES)
-  check_field(len(c.inference_steps) > 0
-              and all(isinstance(n, int) and n >= 1 for n in c.inference_steps),
-              "classifier.inference_steps", c.inference_steps,
-              "a non-empty tuple of positive integers")
+  check_positive_integers(c.inference_steps, "classifier.inference_steps")
   check_field(0.0 <= c.token_corruption < 1.0, "classifier.token_corruption",
               c.token_corruption, "in [0, 1)")
 

@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from dbjax import edm, noise
-from dbjax.config import check_field, shared_updates
+from dbjax.config import check_field, check_positive_integers, shared_updates
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
 from dbjax.nets.recurrent import RecurrentConfig, RecurrentLM
@@ -93,10 +93,7 @@ def validate_config(config):
   check_field(rec.iteration_spread > 0, "recurrent.iteration_spread", rec.iteration_spread,
               "positive")
   check_field(rec.state_std > 0, "recurrent.state_std", rec.state_std, "positive")
-  check_field(len(rec.inference_iterations) > 0
-              and all(isinstance(k, int) and k >= 1 for k in rec.inference_iterations),
-              "recurrent.inference_iterations", rec.inference_iterations,
-              "a non-empty tuple of positive integers")
+  check_positive_integers(rec.inference_iterations, "recurrent.inference_iterations")
   check_field(config.diffusion.num_blocks == 1, "diffusion.num_blocks",
               config.diffusion.num_blocks,
               "1 for task='recurrent_depth' (one core, trained over all sigmas)")
