@@ -62,6 +62,7 @@ from dbjax.engine import state as state_lib
 from dbjax.engine.state import BlockState
 from dbjax.engine.step import apply_step
 from dbjax.errors import ConfigError, DataError, WorkdirError, require
+from dbjax.nets.dit import LOGICAL_NAMES
 
 # Parameters under this top-level name are the layers (leading axis = layer); the rest
 # (embeddings, sigma embedder, head) are the adapters of the target around them.
@@ -73,6 +74,16 @@ LAYERS = "layers"
 
 def _require(ok: bool, argument: str, value, allowed: str):
   require(ok, f"dbjax.wrap: {argument}", value, allowed)
+
+
+def _own_names_left_whole():
+  """flax's logical axis rules, extended so that dbjax's own parameter names
+  (dbjax.nets.dit.LOGICAL_NAMES) which the user's rules (nnx.logical_axis_rules) do
+  not map are left whole under the user's jax.set_mesh, whose axes are the user's."""
+  from flax.core import spmd  # pylint: disable=g-import-not-at-top
+  rules = dict(spmd.get_logical_axis_rules())
+  rules.update({name: None for name in LOGICAL_NAMES if name not in rules})
+  return nnx.logical_axis_rules(tuple(rules.items()))
 
 
 def _probe_layer(make_layer, hidden_size: int, causal: bool):
@@ -461,7 +472,8 @@ def wrap(make_layer: Callable[[nnx.Rngs], nnx.Module], *, num_layers: int, hidde
   _probe_layer(make_layer, hidden_size, causal=target == "token")
   config = _run_config(target, num_layers, hidden_size, num_blocks, partition, gamma,
                        image_shape, patch_size, num_classes, vocab_size, seq_len, dtype)
-  task = tasks.build(config, layer=make_layer)
+  with _own_names_left_whole():
+    task = tasks.build(config, layer=make_layer)
   # The target embedding stays frozen.
   task = dataclasses.replace(task, optimizer=_block_optimizer(arguments),
                              shared_optimizer=optax.set_to_zero())

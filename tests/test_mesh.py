@@ -75,7 +75,8 @@ class Mesh:  # what leaf_spec reads of a mesh
 
 
 def test_leaf_rules():
-  mesh, rules = Mesh(block=1, data=2, fsdp=4, tensor=1), mesh_lib.Rules({"embed": "fsdp"}, 64)
+  mesh = Mesh(block=1, data=2, fsdp=4, tensor=1)
+  rules = mesh_lib.Rules({"embed": "fsdp", "layers": None}, 64)
   # No names: fsdp over the largest dimension it divides; small leaves copied.
   assert mesh_lib.leaf_spec((2, 32, 128), None, mesh, rules) == P(None, None, "fsdp")
   assert mesh_lib.leaf_spec((2, 30, 12), None, mesh, rules) == P(None, None, "fsdp")
@@ -83,7 +84,15 @@ def test_leaf_rules():
   assert mesh_lib.leaf_spec((32,), None, mesh, rules) == P()     # under 64 elements
   # Names go through the rules, or name an axis themselves; axes of 1 shard nothing.
   assert mesh_lib.leaf_spec((32, 64), ("embed", None), mesh, rules) == P("fsdp", None)
-  assert mesh_lib.leaf_spec((32, 64), (None, "tensor"), mesh, rules) == P(None, None)
+  # Names that leave fsdp unused (tensor of 1 here) are sharded as unnamed leaves,
+  # except along a dimension a rule keeps whole.
+  assert mesh_lib.leaf_spec((32, 64), (None, "tensor"), mesh, rules) == P(None, "fsdp")
+  assert mesh_lib.leaf_spec((64, 32), ("layers", None), mesh, rules) == P(None, "fsdp")
+  assert mesh_lib.leaf_spec((64, 30), ("layers", None), mesh, rules) == P()
+  assert mesh_lib.leaf_spec((8, 4), (None, "tensor"), mesh, rules) == P()  # small
+  with pytest.raises(ConfigError, match=r"leaf \['w'\] of shape \(32, 64\) is annotated "
+                                        r"with 1 names \('embed',\): give one per dimension"):
+    mesh_lib.leaf_spec((32, 64), ("embed",), mesh, rules, "leaf ['w']")
   with pytest.raises(ConfigError, match=r"axis 'model', which neither config.parallel.rules"):
     mesh_lib.leaf_spec((32, 64), (None, "model"), mesh, rules, "leaf ['w']")
   with pytest.raises(ConfigError, match=r"dimension 'embed' of 30 is not divisible by the "
@@ -113,6 +122,39 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["digits", "classify_digits", "shakespeare_ar",
+                                  "shakespeare_md4", "shakespeare_recurrent"])
+def test_own_networks_name_their_kernels_and_tensor_splits_them(name):
+  """Every kernel and table of dbjax's own networks carries logical names (one per
+  dimension, the stacked layer axis "layers"), so the rules place it: on a mesh of
+  fsdp 2 x tensor 2, "embed" goes over fsdp and "mlp"/"heads" over tensor, and Adam's
+  moments follow their parameter. Only leaves under min_shard_size are unnamed."""
+  config = load_config(name)
+  config.model.update(hidden_size=64, num_heads=4)
+  if "data" in config and "vocab_size" in config.data:
+    config.data.vocab_size = 66  # what load_data reads of Shakespeare, even for "vocab"
+  config.parallel.mesh.update(data=1, fsdp=2, tensor=2)
+  task = tasks.build(config)
+  placement = placement_lib.placement_of(task, config, jax.devices()[:4])
+  block, _ = state_lib.abstract_states(task)
+  variables = jax.tree.leaves(block.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for variable in variables:
+    names = mesh_lib._names_of(variable)  # pylint: disable=protected-access
+    if names is None:
+      assert variable.size < config.parallel.min_shard_size, variable
+    else:
+      assert len(names) == variable.ndim, (variable, names)
+      assert set(names) <= set(mesh_lib.Rules.of(config).logical) | {None}, names
+  specs = {jax.tree_util.keystr(path): sharding.spec for path, sharding in
+           jax.tree_util.tree_leaves_with_path(placement.block)}
+  mlp_in = [spec for path, spec in specs.items() if "fc1" in path and "kernel" in path
+            and "sigma_embed" not in path]
+  # The parameter and Adam's two moments, in every stack of layers.
+  assert len(mlp_in) % 3 == 0 and mlp_in
+  assert set(mlp_in) == {P(None, "fsdp", "tensor")}
+  assert P(None, "fsdp", "tensor") in {spec for path, spec in specs.items() if "qkv" in path}
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar10"])

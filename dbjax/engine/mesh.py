@@ -12,10 +12,12 @@ Sequential mode is the mesh with a block axis of 1: the active block's step runs
 every device. Parallel mode gives each block its own (data, fsdp, tensor) slice.
 
 Sharding is declared once, by name (as maxtext's logical axis rules): a leaf whose
-variable carries names (nnx.with_partitioning; flax keeps them as `out_sharding`)
-maps each through config parallel.rules to a mesh axis; a leaf without names is
-sharded over fsdp along its largest dimension that fsdp divides, and one smaller than
-parallel.min_shard_size elements is copied (a norm's scale, a bias: gathering it would
+variable carries names (nnx.with_partitioning; flax keeps them as `out_sharding`;
+dbjax's own networks name every kernel, dbjax.nets.dit.named) maps each through config
+parallel.rules to a mesh axis; a leaf without names, or whose names leave fsdp unused,
+is sharded over fsdp along its largest free dimension that fsdp divides (not one a rule
+keeps whole, as "layers"), and one smaller than parallel.min_shard_size elements is
+copied (a norm's scale, a bias: gathering it would
 cost more than it saves). Adam's moments take their parameter's sharding: the same
 rule, the same shapes.
 """
@@ -121,9 +123,13 @@ def leaf_spec(shape: tuple, names: tuple | None, mesh, rules: Rules, where: str 
   """The PartitionSpec of one leaf of `shape` (see the module docstring); ConfigError,
   naming the leaf, for a name the rules and the mesh lack or a dimension its axis does
   not divide."""
+  whole = set()  # dimensions a rule keeps whole (the stacked "layers")
   if names is not None:
+    if len(names) != len(shape):
+      raise ConfigError(f"{where or 'a leaf'} of shape {tuple(shape)} is annotated with "
+                        f"{len(names)} names {tuple(names)}: give one per dimension")
     spec = []
-    for dim, name in zip(shape, names):
+    for i, (dim, name) in enumerate(zip(shape, names)):
       axis = None if name is None else rules.logical.get(name, name)
       if axis is not None and axis not in mesh.shape:
         raise ConfigError(
@@ -134,16 +140,20 @@ def leaf_spec(shape: tuple, names: tuple | None, mesh, rules: Rules, where: str 
             f"{where or 'a leaf'} of shape {tuple(shape)}: its dimension {name!r} of "
             f"{dim} is not divisible by the mesh's {axis} axis of {mesh.shape[axis]}; "
             "change config.parallel.mesh or config.parallel.rules")
+      if name is not None and axis is None:
+        whole.add(i)
       spec.append(axis if axis is not None and mesh.shape[axis] > 1 else None)
-    return P(*spec)
+  else:
+    spec = [None] * len(shape)
   width = mesh.shape.get(FSDP, 1)
-  if width == 1 or math.prod(shape) < rules.min_shard_size:
-    return P()
-  divisible = [i for i, dim in enumerate(shape) if dim % width == 0]
-  if not divisible:
-    return P()
-  largest = max(divisible, key=lambda i: shape[i])
-  return P(*([None] * largest + [FSDP]))
+  if width == 1 or FSDP in spec or math.prod(shape) < rules.min_shard_size:
+    return P(*spec) if any(spec) else P()
+  # Names that leave fsdp unused (a bias named "mlp" with tensor 1): as unnamed.
+  divisible = [i for i, dim in enumerate(shape)
+               if spec[i] is None and i not in whole and dim % width == 0]
+  if divisible:
+    spec[max(divisible, key=lambda i: shape[i])] = FSDP
+  return P(*spec) if any(spec) else P()
 
 
 def spread_spec(shape: tuple, mesh) -> P:

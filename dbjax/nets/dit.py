@@ -11,6 +11,7 @@ scan stays a loop, so jax.checkpoint on its body really rematerialises (an unrol
 lets XLA fold the recomputation away); without remat it is unrolled (see __call__).
 """
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -157,19 +158,39 @@ def compute_dtype(cfg) -> jnp.dtype:
   return jnp.dtype(cfg.dtype)
 
 
-def dense(d_in: int, d_out: int, dtype, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-  """A Linear computing in `dtype`, its parameters float32."""
-  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **kwargs)
+# The logical axis names dbjax's own networks give their parameters' dimensions.
+LOGICAL_NAMES = ("embed", "mlp", "heads", "vocab", "layers")
+
+
+def named(initializer, names: tuple):
+  """`initializer` whose parameter carries logical axis names, one per dimension
+  ("embed", "mlp", "heads", "vocab"; None: never split), which config.parallel.rules
+  map to mesh axes (dbjax.engine.mesh). Flax's eager sharding is off: a network is
+  built under jit with the run's out_shardings, or with no mesh at all."""
+  return nnx.with_partitioning(initializer, names, eager_sharding=False)
+
+
+def dense(d_in: int, d_out: int, dtype, *, rngs: nnx.Rngs, names: tuple | None = None,
+          kernel_init=nnx.nn.linear.default_kernel_init) -> nnx.Linear:
+  """A Linear computing in `dtype`, its parameters float32, its kernel's dimensions
+  named `names` (see `named`) and its bias's as the kernel's output."""
+  bias_init = nnx.nn.linear.default_bias_init
+  if names is not None:
+    kernel_init, bias_init = named(kernel_init, names), named(bias_init, names[-1:])
+  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
 def embedding(num: int, d: int, dtype, *, rngs: nnx.Rngs) -> nnx.Embed:
-  """A table of `num` vectors initialised N(0, 0.02^2), looked up in `dtype`."""
-  return nnx.Embed(num, d, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
-                   param_dtype=jnp.float32, rngs=rngs)
+  """A table of `num` vectors initialised N(0, 0.02^2), looked up in `dtype`; its
+  width is "embed" (the rows, class labels or positions, are never split)."""
+  return nnx.Embed(num, d, embedding_init=named(nnx.initializers.normal(0.02), (None, "embed")),
+                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def _zero_linear(d_in, d_out, dtype, rngs):
-  return dense(d_in, d_out, dtype, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+def _zero_linear(d_in, d_out, dtype, rngs, names):
+  return dense(d_in, d_out, dtype, kernel_init=nnx.initializers.zeros_init(), rngs=rngs,
+               names=names)
 
 
 class SigmaEmbedder(nnx.Module):
@@ -180,8 +201,10 @@ class SigmaEmbedder(nnx.Module):
     self.frequency_dim = cfg.frequency_dim
     # The features of ln(sigma) / 4 are made in float32 (sigma spans 0.002 to 80) and
     # are cos and sin values, which bfloat16 then holds to 3 digits.
-    self.fc1 = dense(cfg.frequency_dim, cfg.hidden_size, dtype, kernel_init=init, rngs=rngs)
-    self.fc2 = dense(cfg.hidden_size, cfg.hidden_size, dtype, kernel_init=init, rngs=rngs)
+    self.fc1 = dense(cfg.frequency_dim, cfg.hidden_size, dtype, kernel_init=init,
+                     names=(None, "embed"), rngs=rngs)
+    self.fc2 = dense(cfg.hidden_size, cfg.hidden_size, dtype, kernel_init=init,
+                     names=("embed", None), rngs=rngs)
 
   def __call__(self, c_noise):
     return self.fc2(nnx.silu(self.fc1(sinusoidal_features(c_noise, self.frequency_dim))))
@@ -193,14 +216,14 @@ class DiTLayer(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d, dtype = cfg.hidden_size, compute_dtype(cfg)
     self.num_heads, self.attention_implementation = cfg.num_heads, cfg.attention
-    self.qkv = dense(d, 3 * d, dtype, rngs=rngs)
-    self.proj = dense(d, d, dtype, rngs=rngs)
+    self.qkv = dense(d, 3 * d, dtype, names=("embed", "heads"), rngs=rngs)
+    self.proj = dense(d, d, dtype, names=("heads", "embed"), rngs=rngs)
     hidden = int(d * cfg.mlp_ratio)
-    self.fc1 = dense(d, hidden, dtype, rngs=rngs)
-    self.fc2 = dense(hidden, d, dtype, rngs=rngs)
+    self.fc1 = dense(d, hidden, dtype, names=("embed", "mlp"), rngs=rngs)
+    self.fc2 = dense(hidden, d, dtype, names=("mlp", "embed"), rngs=rngs)
     # Zero-initialised: all six shift/scale/gate vectors start at 0, so gates are 0
     # and the layer is the identity (DiT, Sec. 3.2, "adaLN-Zero").
-    self.modulation = _zero_linear(d, 6 * d, dtype, rngs)
+    self.modulation = _zero_linear(d, 6 * d, dtype, rngs, names=("embed", None))
 
   def heads(self, x, shift, scale, rematerialised=False):
     """Queries, keys and values (N, T, heads, head_dim) of tokens x after the modulated
@@ -274,9 +297,12 @@ def stacked_layers(cfg, rngs: nnx.Rngs) -> DiTLayer | UserLayer:
   """cfg.num_layers layers (DiTLayer, or cfg.layer's) as one module whose parameters
   have a leading layer axis."""
   layer_keys = jax.random.split(rngs.params(), cfg.num_layers)
+  # The stacked axis is named "layers" on every named leaf (config.parallel.rules
+  # leaves it whole: a scan step reads one layer).
+  stack = functools.partial(nnx.vmap, transform_metadata={nnx.PARTITION_NAME: "layers"})
   if cfg.layer is None:
-    return nnx.vmap(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
-  return nnx.vmap(lambda key: UserLayer(cfg.layer(nnx.Rngs(key))))(layer_keys)
+    return stack(lambda key: DiTLayer(cfg, rngs=nnx.Rngs(key)))(layer_keys)
+  return stack(lambda key: UserLayer(cfg.layer(nnx.Rngs(key))))(layer_keys)
 
 
 def apply_layers(layers: DiTLayer, tokens: jax.Array, cond: jax.Array, remat: bool,
@@ -309,10 +335,10 @@ class FinalLayer(nnx.Module):
   """adaLN then a zero-initialised projection: to patches (DiT) or to logits (ViT)."""
 
   def __init__(self, hidden_size: int, out_features: int, dtype=jnp.float32, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, out_name: str | None = None):
     d = hidden_size
-    self.modulation = _zero_linear(d, 2 * d, dtype, rngs)
-    self.out = _zero_linear(d, out_features, dtype, rngs)
+    self.modulation = _zero_linear(d, 2 * d, dtype, rngs, names=("embed", None))
+    self.out = _zero_linear(d, out_features, dtype, rngs, names=("embed", out_name))
 
   def __call__(self, x, cond):
     """Float32 whatever the network computes in: a denoiser's output is scaled by
@@ -328,7 +354,8 @@ class DiT(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dtype = cfg.hidden_size, compute_dtype(cfg)
-    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype, rngs=rngs)
+    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype,
+                             names=(None, "embed"), rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.label_embed = embedding(cfg.num_classes + 1, d, dtype, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)

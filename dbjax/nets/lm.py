@@ -53,7 +53,7 @@ class LMNet(nnx.Module):
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
-    self.token_in = dense(d, d, dtype, rngs=rngs)
+    self.token_in = dense(d, d, dtype, names=(None, "embed"), rngs=rngs)
     # The input of a position whose token is not given: masked (MD4), or the start of
     # the text (the causal LM's first position).
     self.blank = nnx.Param(init(rngs.params(), (d,)))
@@ -61,7 +61,7 @@ class LMNet(nnx.Module):
       self.position = embedding(cfg.seq_len, d, dtype, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.layers = stacked_layers(cfg, rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs, out_name="vocab")
 
   def condition(self, c_noise: jax.Array) -> jax.Array:
     """Sigma embedding of c_noise (N,) or (N, G) -> (N, D) or (N, G, D)."""

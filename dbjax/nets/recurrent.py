@@ -43,14 +43,14 @@ class RecurrentLM(nnx.Module):
   def __init__(self, cfg: RecurrentConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
-    self.token_in = dense(d, d, dtype, rngs=rngs)
+    self.token_in = dense(d, d, dtype, names=(None, "embed"), rngs=rngs)
     self.start = nnx.Param(init(rngs.params(), (d,)))   # the input before the first token
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
     self.prelude = stacked_layers(cfg.part(cfg.prelude_layers), rngs)
-    self.adapter = dense(2 * d, d, dtype, rngs=rngs)
+    self.adapter = dense(2 * d, d, dtype, names=(None, "embed"), rngs=rngs)
     self.core = stacked_layers(cfg.part(cfg.core_layers), rngs)
     self.coda = stacked_layers(cfg.part(cfg.coda_layers), rngs)
-    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs)
+    self.head = FinalLayer(d, cfg.vocab_size, dtype, rngs=rngs, out_name="vocab")
 
   def condition(self, c_noise: jax.Array) -> jax.Array:
     """Sigma embedding (N, D) of c_noise (N,)."""

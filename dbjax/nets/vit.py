@@ -43,7 +43,8 @@ class ViT(nnx.Module):
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dtype = cfg.hidden_size, compute_dtype(cfg)
-    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype, rngs=rngs)
+    self.patch_embed = dense(cfg.patch_size**2 * cfg.channels, d, dtype,
+                             names=(None, "embed"), rngs=rngs)
     if cfg.has_cls_token:
       self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, d)))
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)

@@ -35,8 +35,8 @@ class CausalTokenNet(nnx.Module):
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, init, dtype = cfg.hidden_size, nnx.initializers.normal(0.02), compute_dtype(cfg)
-    self.previous_in = dense(d, d, dtype, rngs=rngs)
-    self.noisy_in = dense(d, d, dtype, rngs=rngs)
+    self.previous_in = dense(d, d, dtype, names=(None, "embed"), rngs=rngs)
+    self.noisy_in = dense(d, d, dtype, names=(None, "embed"), rngs=rngs)
     self.start = nnx.Param(init(rngs.params(), (d,)))
     self.position = embedding(cfg.seq_len, d, dtype, rngs=rngs)
     self.sigma_embed = SigmaEmbedder(cfg, rngs=rngs)
