@@ -138,6 +138,10 @@ def _common_fields() -> ml_collections.ConfigDict:
       adam_b1=0.9, adam_b2=0.99, grad_clip=1.0,
       checkpoint_every=200,  # iterations (or parallel steps) between checkpoints
       max_checkpoints=2,     # checkpoints kept on disk, the newest ones
+      # Write checkpoints in the background while training goes on (orbax's async
+      # checkpointing; the next checkpoint, the run's end and a stop on a signal wait
+      # for it). False: each save is on disk before the next step.
+      async_checkpoints=True,
       # A NaN or inf in a block's loss or gradients: its update is never applied, and
       # then the run "stop"s (naming step and block, last good checkpoint kept) or
       # "skip"s the step and counts it (train_metrics.jsonl, metrics.json).

@@ -93,7 +93,8 @@ def block_checkpointer(task, config, workdir: str, block: int, build=None,
       lambda other: {name: saved_runs.checkpoint_targets(build(other), other)[name]})
   return RunCheckpointer(os.path.join(block_dir(workdir, block), "checkpoints"),
                          task.num_blocks, config.train.max_checkpoints, targets_of=targets_of,
-                         block_ids=[block], remove_partial=remove_partial)
+                         block_ids=[block], remove_partial=remove_partial,
+                         asynchronous=config.train.async_checkpoints)
 
 
 def block_progress(workdir: str, block: int) -> int | None:

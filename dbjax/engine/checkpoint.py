@@ -6,6 +6,13 @@ host's own shards (OCDBT, one namespace per process), and nothing is gathered. A
 restore reads into abstract targets that carry this run's shardings, so a run continues
 on another device count, host count or mesh shape, each host reading its own shards.
 
+Saves are asynchronous where config train.async_checkpoints says so (the default):
+`save` returns once orbax has copied the arrays off the devices, and the files are
+written, renamed into place and listed (below) in the background while training goes
+on. The next `save`, `wait` and `close` wait for it, and raise its failure there. A
+run that stops on a signal closes its checkpointer, so its last step is on disk before
+the process exits.
+
 Faults:
 - A kill during a save: orbax writes each step to a temporary directory and renames it
   when complete, so the previous checkpoint is untouched; leftovers are removed.
@@ -15,6 +22,8 @@ Faults:
   whole model. A restore checks them before orbax reads anything (orbax's reader,
   handed a truncated file, fails in background threads that print pages of
   tracebacks), each host its share of the listings, and the hosts agree on the verdict.
+  A step whose process was killed after orbax renamed it and before the listing was
+  written has no listing, and is read unchecked, as steps saved before listings were.
   `restore_latest_good` notices even a flipped bit, moves the step aside (to
   <directory>_corrupt/) and falls back to the one before; when none is left, the next
   run says that it starts afresh and where the unreadable steps are.
@@ -32,6 +41,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 
 import jax
@@ -201,20 +211,24 @@ class RunCheckpointer:
   """Saves and restores the B block states of a run, with its config and metadata."""
 
   def __init__(self, directory: str, num_blocks: int, max_to_keep: int, targets_of=None,
-               block_ids=None, remove_partial: bool = True):
+               block_ids=None, remove_partial: bool = True, asynchronous: bool = False):
     """targets_of(config) -> {item name: abstract tree}: the trees a run of `config`
     saves, used only to name the config fields behind a checkpoint that does not fit.
     block_ids: the blocks whose states it holds, in order (default: all num_blocks; a
     block job's checkpoints hold its block alone, see engine.block_jobs).
     remove_partial: remove the leftovers of saves that never finished; False when
-    another process may be saving there now."""
+    another process may be saving there now.
+    asynchronous: write in the background (see the module docstring)."""
     self.directory, self.targets_of = directory, targets_of
+    self.asynchronous = asynchronous
+    # The step being written in the background, its thread, and what went wrong there.
+    self._pending: tuple[int, threading.Thread, list] | None = None
     self.block_ids = list(range(num_blocks) if block_ids is None else block_ids)
     if remove_partial:
       self._remove_partial_saves()
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True))
+            max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True))
 
   def _remove_partial_saves(self):
     """Temporary directories of saves that never finished (a kill, a full disk)."""
@@ -228,7 +242,9 @@ class RunCheckpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, block_states, config, metadata: dict, shared=None):
-    """Write step `step`; raises CheckpointError on a full disk, keeping the last one."""
+    """Write step `step` (in the background when asynchronous: see `wait`); raises
+    CheckpointError on a full disk, keeping the last complete step."""
+    self.wait()
     trees = {f"block_{b}": state for b, state in zip(self.block_ids, block_states)}
     if shared is not None:
       trees["shared"] = shared
@@ -237,20 +253,56 @@ class RunCheckpointer:
         raise FloatingPointError(f"refusing to save step {step}: {name} holds NaN or inf")
     meta = dict(metadata, step=step, config=json.loads(config.to_json()))
     try:
+      # Returns once the arrays are copied off the devices (asynchronous) or written.
       self.manager.save(step, args=ocp.args.Composite(
           meta=ocp.args.JsonSave(meta),
           **{name: ocp.args.PyTreeSave(tree) for name, tree in trees.items()}))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_disk_full(e, step)
+      raise
+    errors = []
+    thread = threading.Thread(target=self._finish, args=(step, errors),
+                              name=f"dbjax-checkpoint-{step}")
+    self._pending = (step, thread, errors)
+    if self.asynchronous:
+      thread.start()
+    else:
+      thread.run()
+      self.wait()
+
+  def _finish(self, step: int, errors: list):
+    """Wait for orbax to write and rename step `step`, then list the files this process
+    wrote; a failure is kept in `errors` for `wait` to raise."""
+    try:
       self.manager.wait_until_finished()
       self._write_file_checksums(step)
-    except Exception as e:  # pylint: disable=broad-except
-      if not _is_disk_full(e):
-        raise
-      self._remove_partial_saves()
-      self.manager.reload()
-      raise CheckpointError(
-          f"no space left on the device while saving checkpoint {step} to {self.directory}; "
-          f"checkpoint {self.manager.latest_step()} is kept: free some space "
-          "and run the same command to resume") from e
+    except BaseException as e:  # pylint: disable=broad-except  # raised again by `wait`
+      errors.append(e)
+
+  def wait(self):
+    """Block until the step saved last is written and listed; raise what went wrong
+    there (a CheckpointError for a full disk, naming the step kept)."""
+    if self._pending is None:
+      return
+    step, thread, errors = self._pending
+    if thread.is_alive():
+      thread.join()
+    self._pending = None
+    if errors:
+      self._raise_if_disk_full(errors[0], step)
+      raise errors[0]
+
+  def _raise_if_disk_full(self, error: BaseException, step: int):
+    """CheckpointError naming the step kept when `error` is a full disk; the partial
+    step is removed."""
+    if not _is_disk_full(error):
+      return
+    self._remove_partial_saves()
+    self.manager.reload()
+    raise CheckpointError(
+        f"no space left on the device while saving checkpoint {step} to {self.directory}; "
+        f"checkpoint {self.manager.latest_step()} is kept: free some space "
+        "and run the same command to resume") from error
 
   def _write_file_checksums(self, step: int):
     """<step>/file_checksums.<process>.json of the files this process wrote, whole or
@@ -399,5 +451,8 @@ class RunCheckpointer:
     return target
 
   def close(self):
-    """Wait for pending saves and release the manager."""
-    self.manager.close()
+    """Wait for the pending save (raising its failure) and release the manager."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

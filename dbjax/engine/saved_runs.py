@@ -52,7 +52,8 @@ def checkpointer_of(task, config, workdir: str, build=None):
   targets_of = None if build is None else (
       lambda other: checkpoint_targets(build(other), other))
   return RunCheckpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                         task.num_blocks, config.train.max_checkpoints, targets_of=targets_of)
+                         task.num_blocks, config.train.max_checkpoints, targets_of=targets_of,
+                         asynchronous=config.train.async_checkpoints)
 
 
 def restore(task, config, checkpointer, placement: Placement | None = None):
