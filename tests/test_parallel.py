@@ -8,6 +8,7 @@ from tests import fake_devices
 
 NUM_DEVICES = fake_devices.start(8)
 
+import json  # pylint: disable=wrong-import-position
 import re  # pylint: disable=wrong-import-position
 import shutil  # pylint: disable=wrong-import-position
 import signal  # pylint: disable=wrong-import-position
@@ -24,6 +25,7 @@ import pytest  # pylint: disable=wrong-import-position
 
 from dbjax import data, engine, tasks, train  # pylint: disable=wrong-import-position
 from dbjax.engine import parallel  # pylint: disable=wrong-import-position
+from dbjax.engine.checkpoint import writer_of  # pylint: disable=wrong-import-position
 from benchmarks import hlo  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from benchmarks.soak import saved_steps  # pylint: disable=wrong-import-position
@@ -243,3 +245,16 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert restored.keys() == uninterrupted.keys()
   for name, value in restored.items():
     np.testing.assert_array_equal(value, uninterrupted[name])
+  # Each process wrote and listed its own shards, about half of the state's bytes, and
+  # nothing gathered: no process wrote the whole state.
+  state_bytes = sum(leaf.nbytes for state in states for leaf in jax.tree.leaves(state))
+  step_dir = tmp_path / "checkpoints" / str(max(saved_steps(tmp_path)))
+  written = {0: 0, 1: 0}
+  for path in step_dir.rglob("*"):
+    if path.is_file() and "ocdbt.process_" in str(path):
+      written[writer_of(str(path.relative_to(step_dir)))] += path.stat().st_size
+  for process in (0, 1):
+    assert 0.3 * state_bytes < written[process] < 0.7 * state_bytes, (written, state_bytes)
+    listing = json.loads((step_dir / f"file_checksums.{process}.json").read_text())
+    assert listing and all(writer_of(name) == process for name in listing
+                           if "ocdbt.process_" in name)
