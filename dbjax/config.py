@@ -23,6 +23,12 @@ WAITING_BLOCKS = ("pinned_host", "numpy")
 MESH_AXES = ("block", "data", "fsdp", "tensor")  # dbjax.engine.mesh.AXES
 
 
+# Fields that say how a run executes, not what it computes (the same parameters, bit
+# for bit, whatever their values): block jobs that differ in them still assemble.
+EXECUTION_FIELDS = ("data.cache_bytes", "data.prefetch", "train.async_checkpoints",
+                    "train.progress", "train.stream_blocks", "train.waiting_blocks")
+
+
 def default_config(task: str = "generation") -> ml_collections.ConfigDict:
   """The default run of `task` (default: a DiffusionBlocks DiT, 12 layers, B = 3, on
   digits): the fields every run has, every one commented, and the task's own sections
@@ -75,6 +81,12 @@ def _common_fields() -> ml_collections.ConfigDict:
       name="digits",
       data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
       resize=0,             # folder: resize every image to resize x resize; 0 = refuse mixed sizes
+      # A folder, .npy or tfds image set at most this large as float32 is decoded into
+      # RAM once; a larger one is read by rows as batches need them (dbjax.data.rows).
+      cache_bytes=512 * 2**20,
+      # Training batches read ahead of the step in background threads (grain), so the
+      # rows of a set read by rows are decoded while the devices compute; 0 = none.
+      prefetch=2,
       # The images' shape and classes; set from the data when it is read (a config names
       # the data, not its shape), so these matter only where no data is read (profiling).
       image_size=8, channels=1,
@@ -225,6 +237,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            ">= 0 (0 = all)")
   check_field(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
            config.data.resize, "an integer >= 0 (0 = refuse images of mixed sizes)")
+  check_field(isinstance(config.data.cache_bytes, int) and config.data.cache_bytes >= 0,
+              "data.cache_bytes", config.data.cache_bytes,
+              "an integer >= 0 (bytes of float32 images held in RAM; 0 = always by rows)")
+  check_field(isinstance(config.data.prefetch, int) and config.data.prefetch >= 0,
+              "data.prefetch", config.data.prefetch,
+              "an integer >= 0 (batches read ahead of the step; 0 = none)")
   check_field(config.eval.max_test_examples >= 0, "eval.max_test_examples",
            config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),

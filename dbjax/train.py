@@ -77,12 +77,13 @@ def assemble_run(workdir: str, sources: list[str]) -> TrainedRun:
   """One run in `workdir` from block jobs that trained in `sources` (workdirs), laid out
   as a sequential run's, which evaluate, sample, compare and load_run read as usual.
   ConfigError naming the first config field in which two sources differ (seed and
-  num_steps among them); WorkdirError naming blocks that no source finished."""
+  num_steps among them; not config.EXECUTION_FIELDS); WorkdirError naming blocks that no source finished."""
   configs = [_run_config(source) for source in sources]
   flat = [config_lib.flatten(c.to_dict()) for c in configs]
   for source, other in zip(sources[1:], flat[1:]):
     if field := next((f for f in sorted(set(flat[0]) | set(other))
-                      if flat[0].get(f) != other.get(f)), None):
+                      if flat[0].get(f) != other.get(f)
+                      and f not in config_lib.EXECUTION_FIELDS), None):
       raise ConfigError(f"the block jobs differ in config.{field}: {flat[0].get(field)!r} in "
                         f"{sources[0]}, {other.get(field)!r} in {source}; only jobs of one "
                         "config assemble into one run")

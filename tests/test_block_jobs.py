@@ -16,7 +16,7 @@ from dbjax.errors import ConfigError, TrainingInterrupted, WorkdirError
 from benchmarks import soak
 from tests.conftest import tiny_config
 from tests.test_classify import classify_config
-from tests.test_faults import TINY_OVERRIDES, SignalAtBatch
+from tests.test_faults import TINY_OVERRIDES, SignalAtBatch, read_when_stepped
 
 
 def three_blocks(**overrides):
@@ -77,7 +77,7 @@ def test_a_stopped_job_resumes_and_jobs_in_separate_workdirs_assemble(tmp_path, 
   # Block 1's job is stopped in the middle of its iterations, and resumed.
   with pytest.raises(TrainingInterrupted, match=r"SIGTERM after saving block 1's checkpoint "
                                                 r"at iteration \d+ in"):
-    train.train(config, jobs[1], SignalAtBatch(digits, 4), blocks="1")
+    train.train(read_when_stepped(config), jobs[1], SignalAtBatch(digits, 4), blocks="1")
   progress = block_jobs.block_progress(jobs[1], 1)
   assert 0 < progress < 24
   with pytest.raises(WorkdirError, match=f"block 1 \\(at iteration {progress} of 24\\)"):

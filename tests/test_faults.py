@@ -60,9 +60,16 @@ def _largest_file(directory) -> str:
   return max(files, key=os.path.getsize)
 
 
+def read_when_stepped(config):
+  """`config` with no batch read ahead (data.prefetch 0): a test that counts batch reads
+  as its clock (SignalAtBatch) then reads each batch as its step is dispatched."""
+  config.data.prefetch = 0
+  return config
+
+
 class SignalAtBatch:
   """Digits that send this process `signum` while the batch of the k-th iteration run
-  is read: a signal arriving in the middle of a train step."""
+  is read: a signal arriving in the middle of a train step (with read_when_stepped)."""
 
   def __init__(self, digits, k: int, signum=signal.SIGTERM):
     self.digits, self.k, self.signum, self.calls = digits, k, signum, 0
@@ -83,7 +90,7 @@ def test_a_stop_at_any_moment_saves_within_one_step_and_resumes_exactly(k, tmp_p
   """SIGTERM inside an interval of 20 iterations (regrouped by block, so no prefix of
   them is done): the checkpoint holds the k iterations applied, per block, and the
   resumed run ends bit-identical to an uninterrupted one."""
-  config = tiny_config(**{"train__checkpoint_every": 20})
+  config = read_when_stepped(tiny_config(**{"train__checkpoint_every": 20}))
   _, straight, _, _ = train.train(config, str(tmp_path / "straight"), digits)
   workdir = str(tmp_path / "stopped")
   handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -114,7 +121,8 @@ def ctrl_c_delivered():
 def test_sigint_ignored_at_the_start_stays_ignored(tmp_path, digits):
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:  # a job started in the background: SIGINT is not for it
-    run = train.train(tiny_config(), str(tmp_path), SignalAtBatch(digits, 5, signal.SIGINT))
+    run = train.train(read_when_stepped(tiny_config()), str(tmp_path),
+                      SignalAtBatch(digits, 5, signal.SIGINT))
   finally:
     signal.signal(signal.SIGINT, previous)
   assert len(run.history) == 20
@@ -122,7 +130,7 @@ def test_sigint_ignored_at_the_start_stays_ignored(tmp_path, digits):
 
 def test_a_first_ctrl_c_stops_like_sigterm_and_a_second_aborts(tmp_path, digits,
                                                                 ctrl_c_delivered):
-  config = tiny_config(**{"train__checkpoint_every": 20})
+  config = read_when_stepped(tiny_config(**{"train__checkpoint_every": 20}))
   with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after saving the "
                                                 "checkpoint of iteration 5"):
     train.train(config, str(tmp_path / "once"), SignalAtBatch(digits, 5, signal.SIGINT))

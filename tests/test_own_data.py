@@ -251,7 +251,21 @@ def test_bad_latents_are_one_line_naming_the_file(tmp_path, spoil, message):
   spoil(directory)
   with pytest.raises(DataError, match=message):
     for split in ("train", "test"):
-      data.load_images(f"latents:{directory}", split)
+      loaded = data.load_images(f"latents:{directory}", split)
+      loaded.batch(np.arange(loaded.num_examples))
+
+
+def test_a_latent_row_is_checked_when_read_not_when_the_set_is_opened(tmp_path):
+  """Opening a split reads its header alone (not every row on every host); a batch
+  holding a non-finite row is refused, naming it, and one without it trains."""
+  directory = write_latents(tmp_path / "lat")
+  rows = np.load(directory / "train_latents.npy")
+  rows[5, 0, 0, 0] = np.inf
+  np.save(directory / "train_latents.npy", rows)
+  loaded = data.load_images(f"latents:{directory}", "train")
+  assert loaded.batch(np.array([0, 6, 39]))[0].shape == (3, 4, 4, 2)
+  with pytest.raises(DataError, match=r"train_latents.npy: row 5 holds NaN or inf"):
+    loaded.batch(np.array([0, 5]))
 
 
 def _resident_after_reading(directory: str) -> int:

@@ -11,7 +11,9 @@
   (dbjax.data.latents).
 
 Images come back as float32 (N, H, W, C) in [-1, 1] (latents: scaled to unit variance)
-and labels as int32 (N,).
+and labels as int32 (N,). Folders, .npy arrays, tfds sets and latents are read by rows
+as batches need them (dbjax.data.rows), unless they fit under config data.cache_bytes,
+when they are decoded into RAM once; the first two sources are small and held whole.
 The batch of iteration `step` is a pure function of (seed, step)
 (dbjax.data.batches), so a resumed run sees exactly the batches an uninterrupted one
 would.
@@ -24,7 +26,7 @@ import struct
 
 import numpy as np
 
-from dbjax.data import latents, own, tfds_source
+from dbjax.data import latents, own, rows, tfds_source
 from dbjax.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +35,7 @@ CLASSES_FILE = "classes.json"  # a run's class names, in label order
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  images: np.ndarray   # float32 (N, H, W, C) in [-1, 1]; latents: rows read from disk
+  images: np.ndarray   # float32 (N, H, W, C) in [-1, 1], or a dbjax.data.rows.RowSource
   labels: np.ndarray   # int32 (N,)
   num_classes: int
   class_names: tuple = ()       # the classes' names, where the data has them
@@ -90,32 +92,36 @@ def _fashion_mnist(split: str, data_dir: str) -> ImageData:
                    labels.astype(np.int32), 10)
 
 
-def _tfds(name: str, split: str, data_dir: str) -> ImageData:
+def _tfds(name: str, split: str, data_dir: str, cache_bytes: int) -> ImageData:
   source = tfds_source.data_source(name, split, data_dir)
-  examples = [source[i] for i in range(len(source))]
-  if not examples:
+  if not len(source):
     raise DataError(f"tfds data set {name!r} split {split!r} is empty")
-  images = np.stack([np.asarray(e["image"]) for e in examples])
-  if images.ndim == 3:
-    images = images[..., None]
-  labels = np.array([e["label"] for e in examples], np.int32)
+  first = np.asarray(source[0]["image"])
+  shape = (len(source), *first.shape, *((1,) if first.ndim == 2 else ()))
+  # The labels are read whole, one pass over the rows in bounded memory (tfds decodes
+  # each image on the way: reading a label alone would need TensorFlow).
+  labels = np.fromiter((source[i]["label"] for i in range(len(source))), np.int32,
+                       count=len(source))
   builder_info = getattr(source, "dataset_info", None)
   num_classes = (builder_info.features["label"].num_classes if builder_info is not None
                  else int(labels.max()) + 1)
-  return ImageData(images.astype(np.float32) / 127.5 - 1.0, labels, num_classes)
+  images = rows.in_ram(rows.TfdsRows(source, shape, f"tfds:{name} ({split})"), cache_bytes)
+  return ImageData(images, labels, num_classes)
 
 
-def _own(kind: str, where: str, split: str, resize: int) -> ImageData:
+def _own(kind: str, where: str, split: str, resize: int, cache_bytes: int) -> ImageData:
   if kind == "folder":
     images, labels, names = own.read_folder(where, split, resize)
-    return ImageData(images.astype(np.float32) / 127.5 - 1.0, labels, len(names), names)
+    return ImageData(rows.in_ram(images, cache_bytes), labels, len(names), names)
   images, labels, names, num_classes = own.read_arrays(where, split)
+  if isinstance(images, rows.RowSource):
+    images = rows.in_ram(images, cache_bytes)
   return ImageData(images, labels, num_classes, names)
 
 
 def _latents(directory: str, split: str) -> ImageData:
-  rows, labels, info = latents.read_latents(directory, split)
-  return ImageData(rows, labels, int(info["num_classes"]),
+  latent_rows, labels, info = latents.read_latents(directory, split)
+  return ImageData(latent_rows, labels, int(info["num_classes"]),
                    tuple(info.get("class_names") or ()), info)
 
 
@@ -123,9 +129,18 @@ SOURCES = ("digits", "fashion_mnist", "tfds:<name>", "folder:<dir>", "arrays:<fi
            "latents:<dir>")
 
 
-def load_images(name: str, split: str, data_dir: str = "", resize: int = 0) -> ImageData:
+# Sets read by rows (folders, .npy arrays, tfds) whose float32 images fit in this many
+# bytes are decoded whole into RAM once (config data.cache_bytes).
+CACHE_BYTES = 512 * 2**20
+
+
+def load_images(name: str, split: str, data_dir: str = "", resize: int = 0,
+                cache_bytes: int = CACHE_BYTES) -> ImageData:
   """The `split` ("train" or "test") of data set `name`; see the module docstring.
-  resize: a folder's images resized to resize x resize (0: refused if sizes differ)."""
+  resize: a folder's images resized to resize x resize (0: refused if sizes differ).
+  cache_bytes: a folder, .npy or tfds set at most this large as float32 is decoded
+  into RAM whole; a larger one is read by rows as batches need them (dbjax.data.rows).
+  Either way a line says which."""
   if split not in ("train", "test"):
     raise DataError(f"split={split!r} is not one of ('train', 'test')")
   kind, _, where = name.partition(":")
@@ -134,9 +149,9 @@ def load_images(name: str, split: str, data_dir: str = "", resize: int = 0) -> I
   if name == "fashion_mnist":
     return _fashion_mnist(split, data_dir)
   if kind == "tfds" and where:
-    return _tfds(where, split, data_dir)
+    return _tfds(where, split, data_dir, cache_bytes)
   if kind in ("folder", "arrays") and where:
-    return _own(kind, os.path.expanduser(where), split, resize)
+    return _own(kind, os.path.expanduser(where), split, resize, cache_bytes)
   if kind == "latents" and where:
     return _latents(os.path.expanduser(where), split)
   raise DataError(f"config.data.name={name!r} is not one of {', '.join(map(repr, SOURCES))}")
@@ -146,8 +161,8 @@ def check_images(images, labels, image_size: int, channels: int, num_classes: in
                  what: str = "images"):
   """Raise DataError unless images are float (N, image_size, image_size, channels),
   finite, and labels are integers in [0, num_classes). Latents on disk were checked as
-  they were opened (dbjax.data.latents): their shape only, so they are not read whole."""
-  on_disk = isinstance(images, latents.LatentRows)
+  they are read (dbjax.data.rows): their shape only, so they are not read whole."""
+  on_disk = isinstance(images, rows.RowSource)
   images, labels = (images if on_disk else np.asarray(images)), np.asarray(labels)
   expected = (image_size, image_size, channels)
   if images.ndim != 4 or images.shape[1:] != expected:

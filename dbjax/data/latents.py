@@ -18,11 +18,9 @@ directory holds
                       resumed or reused only when all of it matches
 
 experiments/encode_latents.py writes it. A batch is read row by row from the file
-(os.pread at each row's offset), never the array whole and never memory-mapped: a
-mapping counts against a cap on the process's address space, and the pages it touches
-stay in its resident set; a read leaves them to the kernel's page cache. So a set larger
-than the host's memory trains, and a step's batch is still a pure function of (seed,
-step). Latents are multiplied by scale_factor as they are read (unit variance, as latent
+(dbjax.data.rows.NpyRows: os.pread at each row's offset), never the array whole and
+never memory-mapped, and opening a split reads only its header. So a set larger than
+the host's memory trains, and a step's batch is still a pure function of (seed, step). Latents are multiplied by scale_factor as they are read (unit variance, as latent
 diffusion has it; the config's diffusion.sigma_data says so to EDM).
 """
 import hashlib
@@ -32,13 +30,10 @@ import os
 
 import numpy as np
 
+from dbjax.data.rows import NpyRows
 from dbjax.errors import DataError
 
 INFO_FILE = "latents.json"
-# Rows checked at a time for NaN or inf when a split is opened (bounded memory).
-CHECK_ROWS = 4096
-
-
 def _require_file(path: str):
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file (a latents directory holds train_latents.npy, "
@@ -46,93 +41,15 @@ def _require_file(path: str):
                     "experiments/encode_latents.py writes them)")
 
 
-class LatentRows:
-  """The rows of a .npy file of latents, read from disk only when indexed, each times
-  `scale`: `rows[index]` is float32 (len(index), h, w, c). Quacks as much like an array as
-  the image task needs (shape, dtype, len, indexing, slicing)."""
+class LatentRows(NpyRows):
+  """The rows of a .npy file of latents (float16 or float32), read from disk only when
+  indexed, each times `scale`: `rows[index]` is float32 (len(index), h, w, c). A row
+  holding NaN or inf is refused as it is read, naming it (dbjax.data.rows.NpyRows)."""
 
   def __init__(self, path: str, scale: float = 1.0):
     _require_file(path)
-    self.path, self.scale = path, float(scale)
-    try:
-      with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-        self.offset = f.tell()
-    except (OSError, ValueError) as e:
-      raise DataError(f"{path}: not a .npy file numpy can read ({e})") from e
-    if fortran or dtype not in (np.float16, np.float32):
-      raise DataError(f"{path}: latents of dtype {dtype}{' (Fortran order)' if fortran else ''}"
-                      "; expected float16 or float32 in C order")
-    if len(shape) != 4 or shape[1] != shape[2]:
-      raise DataError(f"{path}: latents of shape {shape}; expected (N, h, w, c) with h = w")
-    self.file_shape, self.file_dtype = shape, np.dtype(dtype)
-    self.row_bytes = int(np.prod(shape[1:])) * self.file_dtype.itemsize
-    expected = self.offset + shape[0] * self.row_bytes
-    if os.path.getsize(path) != expected:
-      raise DataError(f"{path}: {os.path.getsize(path)} bytes, its header says "
-                      f"{expected} (a file cut short?)")
-
-  @property
-  def shape(self) -> tuple:
-    """(N, h, w, c), as the file's header says."""
-    return self.file_shape
-
-  dtype = np.dtype(np.float32)
-  ndim = 4
-
-  def __len__(self) -> int:
-    return self.file_shape[0]
-
-  def _read(self, fd: int, first: int, count: int) -> np.ndarray:
-    """Rows first .. first + count - 1 as stored, in one read."""
-    raw = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
-    return np.frombuffer(raw, self.file_dtype).reshape(count, *self.file_shape[1:])
-
-  def _scaled(self, rows: np.ndarray) -> np.ndarray:
-    return rows.astype(np.float32) * np.float32(self.scale)
-
-  def __getitem__(self, index) -> np.ndarray:
-    if isinstance(index, slice) and index.step in (None, 1):  # consecutive rows: one read
-      start, stop, _ = index.indices(len(self))
-      fd = os.open(self.path, os.O_RDONLY)
-      try:
-        return self._scaled(self._read(fd, start, max(stop - start, 0)))
-      finally:
-        os.close(fd)
-    if isinstance(index, slice):
-      index = np.arange(len(self))[index]
-    index = np.asarray(index)
-    scalar = index.ndim == 0
-    index = np.atleast_1d(index).astype(np.int64)
-    if index.size and (index.min() < -len(self) or index.max() >= len(self)):
-      raise IndexError(f"rows {index.min()}..{index.max()} of {len(self)} in {self.path}")
-    index = np.where(index < 0, index + len(self), index)
-    out = np.empty((len(index), *self.file_shape[1:]), self.file_dtype)
-    fd = os.open(self.path, os.O_RDONLY)
-    try:
-      for i, row in enumerate(index):
-        out[i] = self._read(fd, int(row), 1)[0]
-    finally:
-      os.close(fd)
-    out = self._scaled(out)
-    return out[0] if scalar else out
-
-  def chunks(self, size: int = CHECK_ROWS):
-    """(first row, rows) of consecutive blocks of `size` rows, each one read: the whole
-    file in bounded memory."""
-    for start in range(0, len(self), size):
-      yield start, self[start:start + size]
-
-  def check_finite(self):
-    """DataError, naming the file and a row, unless every latent is finite; reads
-    CHECK_ROWS rows at a time."""
-    for start, rows in self.chunks():
-      bad = ~np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
-      if bad.any():
-        raise DataError(f"{self.path}: row {start + int(np.argmax(bad))} holds NaN or inf")
+    super().__init__(path, scale, dtypes=(np.float16, np.float32), bounded=False,
+                     what="latents")
 
 
 def read_info(directory: str) -> dict:
@@ -169,7 +86,6 @@ def read_latents(directory: str, split: str):
   if labels.size and (labels.min() < 0 or labels.max() >= info["num_classes"]):
     raise DataError(f"{labels_path}: labels span [{labels.min()}, {labels.max()}]; allowed "
                     f"is [0, {info['num_classes']}) ({INFO_FILE}'s num_classes)")
-  rows.check_finite()
   return rows, labels.astype(np.int32), info
 
 

@@ -8,7 +8,13 @@
   classes are the subfolders' names in sorted order.
 - "arrays:<file.npz>": `images` (N, H, W, C) and `labels` (N,), or `train_images`,
   `train_labels`, `test_images` and `test_labels`; optional `class_names`. Images are
-  uint8 in [0, 255] or float in [-1, 1].
+  uint8 in [0, 255] or float in [-1, 1]. A .npz is read whole (numpy cannot read a
+  compressed member by rows), so it is for sets that fit in RAM twice over; anything
+  larger goes in "arrays:<dir>", the same arrays as .npy files (train_images.npy, ...,
+  or images.npy and labels.npy; class_names.npy), whose images are read by rows.
+
+A folder's files and a .npy's rows are read when a batch needs them (dbjax.data.rows),
+so a set of any size trains; only a folder's file names and headers are read up front.
 
 Without a test split of its own, a data set is split 80/20 by a fixed permutation, as
 scikit-learn's digits are. Images come back as float32 in [-1, 1], as every image set.
@@ -19,6 +25,7 @@ import os
 
 import numpy as np
 
+from dbjax.data.rows import FileRows, NpyRows, Subset
 from dbjax.errors import DataError, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -81,7 +88,7 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
-def _decode(path: str, resize: int, colour: bool) -> np.ndarray:
+def decode(path: str, resize: int, colour: bool) -> np.ndarray:
   """One image file as uint8 (H, W, 3) if `colour` (greyscale as grey RGB), else
   (H, W, 1)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -141,8 +148,9 @@ def folder_shape(directory: str, resize: int = 0) -> tuple[int, int]:
 
 
 def read_folder(directory: str, split: str, resize: int = 0):
-  """(images uint8 (N, H, W, C), labels int32 (N,), class names) of one split of an
-  image folder (see the module docstring)."""
+  """(images, labels int32 (N,), class names) of one split of an image folder (see the
+  module docstring); the images are a FileRows, each file decoded when its row is read,
+  so only the files' headers are read here."""
   has_splits = all(os.path.isdir(os.path.join(directory, s)) for s in ("train", "test"))
   root = os.path.join(directory, split) if has_splits else directory
   classes = class_folders(root)
@@ -150,24 +158,77 @@ def read_folder(directory: str, split: str, resize: int = 0):
     raise DataError(f"{root}: its classes {classes} differ from the train split's")
   # Channels and size are the whole folder's (both splits), so a colour image in one
   # split, or a test split of another size, is settled or refused before training.
-  _, channels = folder_shape(directory, resize)
+  side, channels = folder_shape(directory, resize)
   files = [(path, label) for label, name in enumerate(classes)
            for path in _image_files(os.path.join(root, name))]
   if not has_splits:
     files = [files[i] for i in sorted(split_rows(len(files), split))]
-  images = [_decode(p, resize, channels == 3) for p, _ in files]
-  return (np.stack(images), np.array([label for _, label in files], np.int32),
-          tuple(classes))
+  images = FileRows([p for p, _ in files], side, channels, resize,
+                    f"folder:{directory} ({split})")
+  return images, np.array([label for _, label in files], np.int32), tuple(classes)
 
 
 # ----------------------------------------------------------------------------- arrays
 
 
+NPY_SPLIT_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy",
+                   "test_labels.npy")
+NPY_WHOLE_FILES = ("images.npy", "labels.npy")
+
+
+def read_npy_arrays(directory: str, split: str):
+  """(images, labels int32, class names, number of classes) of one split of a folder of
+  .npy files (NPY_SPLIT_FILES, or NPY_WHOLE_FILES split 80/20; optional
+  class_names.npy): the images an NpyRows, each row read from disk when a batch needs
+  it, the labels read whole."""
+  names = set(os.listdir(directory))
+  if set(NPY_SPLIT_FILES) <= names:
+    images = NpyRows(os.path.join(directory, f"{split}_images.npy"))
+    labels = np.load(os.path.join(directory, f"{split}_labels.npy"), allow_pickle=False)
+    every_label = np.concatenate([np.load(os.path.join(directory, f"{s}_labels.npy"),
+                                          allow_pickle=False).ravel() for s in ("train", "test")])
+  elif set(NPY_WHOLE_FILES) <= names:
+    images = NpyRows(os.path.join(directory, "images.npy"))
+    every_label = np.load(os.path.join(directory, "labels.npy"), allow_pickle=False)
+    if every_label.shape != images.shape[:1]:
+      raise DataError(f"{directory}/labels.npy: labels of shape {every_label.shape}; "
+                      f"expected ({len(images)},), one per image")
+    rows = np.sort(split_rows(len(every_label), split))
+    images, labels = Subset(images, rows), every_label[rows]
+  else:
+    raise DataError(f"{directory}: holds {sorted(names)[:8]}; expected "
+                    f"{', '.join(NPY_SPLIT_FILES)}, or {', '.join(NPY_WHOLE_FILES)}")
+  class_names = ()
+  if "class_names.npy" in names:
+    class_names = tuple(str(n) for n in np.load(os.path.join(directory, "class_names.npy"),
+                                                allow_pickle=False))
+  labels = _checked_labels(labels, len(images), class_names, directory)
+  return images, labels, class_names, len(class_names) or int(every_label.max(initial=0)) + 1
+
+
+def _checked_labels(labels, count: int, class_names: tuple, where: str) -> np.ndarray:
+  """labels as int32, DataError naming `where` unless one integer per image, each a
+  class: >= 0 and below len(class_names) where the set names its classes."""
+  if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{where}: labels of shape {labels.shape} and dtype {labels.dtype}; "
+                    f"expected integers ({count},), one per image")
+  if labels.size and labels.min() < 0:
+    raise DataError(f"{where}: labels span [{labels.min()}, {labels.max()}]; expected "
+                    "0, 1, ... (one integer per class)")
+  if class_names and labels.size and labels.max() >= len(class_names):
+    raise DataError(f"{where}: labels span [0, {labels.max()}] but class_names holds "
+                    f"{len(class_names)} names")
+  return labels.astype(np.int32)
+
+
 def read_arrays(path: str, split: str):
-  """(images float32 in [-1, 1], labels int32, class names, number of classes) of one
-  split of a .npz; the classes are class_names', else 0 .. the largest label of the set."""
+  """(images, labels int32, class names, number of classes) of one split of a .npz
+  (read whole: a small set) or of a folder of .npy files (read_npy_arrays: read by
+  rows, any size); the classes are class_names', else 0 .. the largest label."""
+  if os.path.isdir(path):
+    return read_npy_arrays(path, split)
   if not os.path.isfile(path):
-    raise DataError(f"{path}: no such .npz file")
+    raise DataError(f"{path}: no such .npz file or folder of .npy files")
   try:
     arrays = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
@@ -197,11 +258,6 @@ def read_arrays(path: str, split: str):
                     f"expected integers ({images.shape[0]},), one per image")
   if rows is not None:
     images, labels = images[rows], labels[rows]
-  if labels.size and labels.min() < 0:
-    raise DataError(f"{path}: labels span [{labels.min()}, {labels.max()}]; expected "
-                    "0, 1, ... (one integer per class)")
-  if names and labels.size and labels.max() >= len(names):
-    raise DataError(f"{path}: labels span [0, {labels.max()}] but class_names holds "
-                    f"{len(names)} names")
+  labels = _checked_labels(labels, len(images), names, path)
   num_classes = len(names) or int(every_label.max(initial=0)) + 1
-  return to_unit_range(images, path), labels.astype(np.int32), names, num_classes
+  return to_unit_range(images, path), labels, names, num_classes

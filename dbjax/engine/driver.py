@@ -40,10 +40,11 @@ from absl import logging
 
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
+from dbjax.data.prefetch import prefetched
 from dbjax.engine import mesh as mesh_lib, parallel
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.placement import (Placement, born_sharded, jit_sharded_step, on_host,
-                                    placement_of, sharded_batch, to_waiting)
+                                    placement_of, assemble_batch, local_rows, to_waiting)
 from dbjax.engine.saved_runs import checkpointer_of, one_shared, restore, saved_shared
 from dbjax.engine.signals import agreed_stop, stop_on_signals
 from dbjax.errors import NonFiniteLossError, TrainingInterrupted, WorkdirError, warn
@@ -106,19 +107,27 @@ def step_key_data(seed: int, step: int, block_index: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(step_key(seed, step, block_index)))
 
 
-def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, train_data,
+def read_ahead(train_data, steps, config, batch_sharding):
+  """This host's rows of each iteration's batch in `steps`, in order, read ahead of the
+  steps in background threads (config data.prefetch; dbjax.data.prefetch)."""
+  def read(step):
+    index = batch_indices(config.seed, step, train_data.num_examples, config.train.batch_size)
+    return local_rows(train_data, index, batch_sharding)
+  return prefetched(read, steps, config.data.prefetch)
+
+
+def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, batches,
                           config, bar, should_stop, batch_sharding):
-  """Dispatch one block's iterations (its state already on the device, or on its way),
-  stopping early after the first one at which should_stop() holds; return its state,
-  the shared state and the metrics of the iterations dispatched, all still on the
-  device (JAX dispatches asynchronously: nothing here waits for the steps)."""
+  """Dispatch one block's iterations (its state already on the device, or on its way)
+  on the next of `batches` (read_ahead's), stopping early after the first one at which
+  should_stop() holds; return its state, the shared state and the metrics of the
+  iterations dispatched, all still on the device (JAX dispatches asynchronously:
+  nothing here waits for the steps)."""
   metrics = []
   interval = np.asarray(task.intervals[block_index], np.float32)
   for step in steps:
-    index = batch_indices(config.seed, int(step), train_data.num_examples,
-                          config.train.batch_size)
     state, shared, step_metrics = step_fn(
-        state, shared, sharded_batch(train_data, index, batch_sharding),
+        state, shared, assemble_batch(next(batches), batch_sharding),
         step_key_data(config.seed, int(step), block_index), interval)
     metrics.append(step_metrics)
     bar.update(1)
@@ -156,12 +165,14 @@ def train_interval(step_fn, states, shared, task, chunk, train_data, config, bar
 
   rows = []
   shared = jax.device_put(shared, placement.shared)  # small; there through the interval
+  batches = read_ahead(train_data, [s for _, steps in runs for s in steps], config,
+                       placement.batch)
   arriving = to_devices(0)
   for i, (b, own_steps) in enumerate(runs):
     if should_stop():
       break
     state, shared, metrics = _dispatch_block_steps(step_fn, arriving[1], shared, task, b,
-                                                   own_steps, train_data, config, bar,
+                                                   own_steps, batches, config, bar,
                                                    should_stop, placement.batch)
     arriving = None
     if stream:  # while block b computes: it leaves for host memory, the next one comes

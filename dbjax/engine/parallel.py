@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dbjax.data.batches import batch_indices
+from dbjax.data.prefetch import prefetched
 from dbjax.engine import mesh as mesh_lib, state as state_lib
 from dbjax.engine.step import train_step
 from dbjax.errors import ConfigError
@@ -148,9 +149,12 @@ def step_key_data(seed: int, step: int, num_blocks: int) -> np.ndarray:
       jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(num_blocks))))
 
 
-def global_batch(train_data, mesh, seed: int, step: int, num_blocks: int, batch_size: int):
-  """The batch of every block at `step`, shape (B, batch_size, ...), split over
-  ("block", data x fsdp); this host reads only the rows its own devices hold."""
+def local_block_rows(train_data, mesh, seed: int, step: int, num_blocks: int,
+                     batch_size: int) -> dict:
+  """What this host reads of every block's batch at `step`: {block: (each batch row's
+  place among the host's rows, -1 for others; the batch tuple of those rows)} for the
+  blocks whose rows its devices hold, run ahead of the step (dbjax.data.prefetch);
+  assemble_blocks_batch makes the global arrays."""
   sharding = mesh_lib.batch_sharding(mesh, stacked=True)
   wanted = {}  # block -> the rows of its batch this host holds
   for index in sharding.addressable_devices_indices_map((num_blocks, batch_size)).values():
@@ -163,6 +167,13 @@ def global_batch(train_data, mesh, seed: int, step: int, num_blocks: int, batch_
     position = np.full(batch_size, -1)
     position[rows] = np.arange(len(rows))
     local[b] = (position, [np.asarray(x) for x in train_data.batch(index[rows])])
+  return local
+
+
+def assemble_blocks_batch(local: dict, mesh, num_blocks: int, batch_size: int) -> tuple:
+  """The batch of every block, shape (B, batch_size, ...), split over ("block", data x
+  fsdp), from this host's rows (local_block_rows)."""
+  sharding = mesh_lib.batch_sharding(mesh, stacked=True)
   first = next(iter(local.values()))[1]
   def leaf(i):
     def shard(index):
@@ -253,6 +264,9 @@ class BlockParallelTrainer:
     after every step, ends the run of steps early when true."""
     cfg, num_blocks = self.config, self.task.num_blocks
     pending = []
+    batches = prefetched(lambda step: local_block_rows(
+        self.train_data, self.mesh, cfg.seed, step, num_blocks, cfg.train.batch_size),
+                         steps, cfg.data.prefetch)
     for step in steps:
       step = int(step)
       # Trained shared parameters are averaged every sync_every steps and at the end,
@@ -260,8 +274,8 @@ class BlockParallelTrainer:
       synced = bool(self.sync_every) and ((step + 1) % self.sync_every == 0
                                           or step + 1 == cfg.train.num_steps)
       args = (self.states, self.shared,
-              global_batch(self.train_data, self.mesh, cfg.seed, step, num_blocks,
-                           cfg.train.batch_size),
+              assemble_blocks_batch(next(batches), self.mesh, num_blocks,
+                                    cfg.train.batch_size),
               put(step_key_data(cfg.seed, step, num_blocks), self.mesh, P(BLOCK)),
               self.intervals)
       if synced not in self.compiled:

@@ -50,22 +50,30 @@ def jit_sharded_step(task, placement: Placement):
                  donate_argnums=(0, 1))
 
 
-def sharded_batch(train_data, index: np.ndarray, sharding) -> tuple:
-  """The batch of examples `index` as global arrays split by `sharding` over its rows;
-  this host reads only the rows its own devices hold."""
+def local_rows(train_data, index: np.ndarray, sharding) -> tuple:
+  """What this host reads of the batch of examples `index` split by `sharding` over
+  its rows: (each batch row's place among the host's rows, -1 for other hosts' rows;
+  the batch tuple of the host's rows): this host reads only the rows its own devices
+  hold. The driver runs it ahead of the step (dbjax.data.prefetch), then
+  assemble_batch makes the global arrays."""
   num_rows = len(index)
   device_rows = [range(num_rows)[i[0]] for i in
                  sharding.addressable_devices_indices_map((num_rows,)).values()]
   own = sorted({row for rows in device_rows for row in rows})
   position = np.full(num_rows, -1)
   position[own] = np.arange(len(own))
-  local = train_data.batch(index[own])
+  return position, tuple(np.asarray(x) for x in train_data.batch(index[own]))
+
+
+def assemble_batch(local: tuple, sharding) -> tuple:
+  """The batch as global arrays split by `sharding`, from this host's rows (local_rows)."""
+  position, rows = local
+  num_rows = len(position)
   def global_leaf(x):
-    x = np.asarray(x)
     return jax.make_array_from_callback(
         (num_rows, *x.shape[1:]), sharding,
         lambda i: x[position[np.arange(num_rows)[i[0]]]][(slice(None), *i[1:])])
-  return tuple(global_leaf(x) for x in local)
+  return tuple(global_leaf(x) for x in rows)
 
 
 def to_waiting(tree, placement: Placement):

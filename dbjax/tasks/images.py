@@ -213,10 +213,11 @@ def load_data(config, workdir=None):
   """(config with the data's shape and classes, RunData) of the config's image data set."""
   del workdir  # an image set reads the same wherever the run is
   d = config.data
-  train = image_data.load_images(d.name, "train", d.data_dir, d.resize)
+  train = image_data.load_images(d.name, "train", d.data_dir, d.resize, d.cache_bytes)
   config = with_data_shape(config, train)
   check_training_images(config, train)
-  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir, d.resize))
+  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir, d.resize,
+                                                       d.cache_bytes))
 
 
 def example_images(net: DiTConfig, batch_size: int, rng=None) -> tuple:
