@@ -80,7 +80,10 @@ def _common_fields() -> ml_collections.ConfigDict:
       # text: "shakespeare", "file:<path>", "tfds:<name>" (tiny_shakespeare, lm1b, ...)
       name="digits",
       data_dir="",          # fashion_mnist IDX files / tfds data_dir; "" = the default place
-      resize=0,             # folder: resize every image to resize x resize; 0 = refuse mixed sizes
+      resize=0,             # folder, tfds: resize every image to resize x resize; 0 = as they are
+      # With resize: scale the shorter side to resize and crop the centre (ADM's and
+      # DiT's ImageNet preprocessing), not stretch.
+      center_crop=False,
       # A folder, .npy or tfds image set at most this large as float32 is decoded into
       # RAM once; a larger one is read by rows as batches need them (dbjax.data.rows).
       cache_bytes=512 * 2**20,
@@ -237,6 +240,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            ">= 0 (0 = all)")
   check_field(isinstance(config.data.resize, int) and config.data.resize >= 0, "data.resize",
            config.data.resize, "an integer >= 0 (0 = refuse images of mixed sizes)")
+  check_field(not config.data.center_crop or config.data.resize > 0, "data.center_crop",
+              config.data.center_crop, "False unless config.data.resize gives the side to "
+              "crop to (256 for ImageNet, as ADM and DiT)")
   check_field(isinstance(config.data.cache_bytes, int) and config.data.cache_bytes >= 0,
               "data.cache_bytes", config.data.cache_bytes,
               "an integer >= 0 (bytes of float32 images held in RAM; 0 = always by rows)")

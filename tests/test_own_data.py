@@ -480,6 +480,29 @@ def test_killing_encode_latents_at_random_and_rerunning_gives_the_same_bits(
                                   np.load(tmp_path / "killed" / name))
 
 
+@pytest.mark.slow  # three launches of the command at once, 30 s
+def test_two_processes_encode_one_set_to_one_processs_bits(digits_autoencoder, tmp_path):
+  """encode_latents --process_index=k --process_count=2, the two at once into one --out:
+  the set (both splits, latents.json) is the one a single process writes, bit for bit."""
+  directory, _ = digits_autoencoder
+  command = [sys.executable, "-m", "experiments.encode_latents", "--data=digits",
+             f"--checkpoint={directory}", "--batch_size=64", "--dtype=float16"]
+  subprocess.run(command + [f"--out={tmp_path / 'one'}"], check=True, cwd=ROOT,
+                 capture_output=True)
+  both = [subprocess.Popen(command + [f"--out={tmp_path / 'two'}", f"--process_index={k}",
+                                      "--process_count=2"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for k in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in both]
+  assert [p.returncode for p in both] == [0, 0], outputs
+  assert sum("wrote part" in out for out in outputs) <= 1  # the last one wrote the set
+  for name in ("train_latents.npy", "test_latents.npy", "train_labels.npy", "test_labels.npy"):
+    np.testing.assert_array_equal(np.load(tmp_path / "one" / name),
+                                  np.load(tmp_path / "two" / name))
+  infos = [json.loads((tmp_path / d / "latents.json").read_text()) for d in ("one", "two")]
+  assert infos[0]["scale_factor"] == infos[1]["scale_factor"] and infos[1]["dtype"] == "float16"
+
+
 def test_a_latent_run_decodes_its_samples_and_scores_them_in_pixels(digits_autoencoder,
                                                                     tmp_path):
   directory, _ = digits_autoencoder
@@ -506,3 +529,81 @@ def test_a_latent_run_decodes_its_samples_and_scores_them_in_pixels(digits_autoe
   assert np.isfinite(results["frechet_distance"])
   # The grid shows the decoded 8x8 digits: 4 x 4 of them, 1-pixel gaps, enlarged 4 times.
   assert Image.open(tmp_path / "run" / "samples.png").size == (140, 140)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_processes_encoding_their_own_ranges_give_one_processs_bits(digits_autoencoder,
+                                                                    tmp_path, dtype):
+  """Three processes' ranges (here one after another; one killed and resumed) assemble
+  into the rows one process writes, bit for bit, when the last part is done; float16
+  storage is the float32 rows rounded."""
+  directory, _ = digits_autoencoder
+  images = data.load_images("digits", "train")
+  encode = lambda x: autoencoder.encode(x, directory)
+  for name in ("one", "parts", "wide"):
+    os.makedirs(tmp_path / name)
+  one = latents.encode_split(encode, images.images, images.labels, str(tmp_path / "one"),
+                             "train", 64, MADE_BY, dtype=dtype)
+  parts = tmp_path / "parts"
+  assert [latents.part_rows(1437, 64, k, 3) for k in range(3)] == [(0, 512), (512, 1024),
+                                                                    (1024, 1437)]
+
+  class Killed(Exception):
+    pass
+
+  def dies_at_the_third_batch(x, calls=[]):  # pylint: disable=dangerous-default-value
+    calls.append(1)
+    if len(calls) == 3:
+      raise Killed
+    return encode(x)
+  with pytest.raises(Killed):
+    latents.encode_split(dies_at_the_third_batch, images.images, images.labels, str(parts),
+                         "train", 64, MADE_BY, dtype=dtype, part=(2, 3))
+  for k in (2, 0):  # parts 2 (resumed) and 0: the split waits for part 1
+    assert latents.encode_split(encode, images.images, images.labels, str(parts), "train",
+                                64, MADE_BY, dtype=dtype, part=(k, 3)) is None
+  assembled = latents.encode_split(encode, images.images, images.labels, str(parts), "train",
+                                   64, MADE_BY, dtype=dtype, part=(1, 3))
+  np.testing.assert_array_equal(np.load(assembled), np.load(one))
+  assert np.load(assembled).dtype == np.dtype(dtype)
+  np.testing.assert_array_equal(np.load(parts / "train_labels.npy"), images.labels)
+  assert sorted(os.listdir(parts)) == ["train_labels.npy", "train_latents.made_by.json",
+                                       "train_latents.npy"]
+  if dtype == "float16":
+    wide = latents.encode_split(encode, images.images, images.labels, str(tmp_path / "wide"),
+                                "train", 64, MADE_BY)
+    np.testing.assert_array_equal(np.load(one), np.load(wide).astype(np.float16))
+
+
+def test_center_crop_scales_the_shorter_side_and_keeps_the_middle(tmp_path):
+  """ADM's and DiT's ImageNet preprocessing: a 40 x 20 image to 8 x 8 is box-halved
+  while its shorter side is at least 16, bicubic to a shorter side of 8, then the
+  centre; a folder of mixed sizes loads at the crop's side."""
+  wide = np.zeros((20, 40), np.uint8)
+  wide[:, 10:30] = 255  # a bright middle, dark left and right quarters
+  image = own.center_crop(Image.fromarray(wide), 8)
+  assert image.size == (8, 8)
+  assert np.asarray(image).min() > 200  # only the middle is left
+  half = Image.fromarray(wide).resize((20, 10), Image.Resampling.BOX)
+  expected = half.resize((16, 8), Image.Resampling.BICUBIC).crop((4, 0, 12, 8))
+  np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+  mixed = write_folder(tmp_path / "mixed", sizes=(8, 12))
+  loaded = data.load_images(f"folder:{mixed}", "train", resize=6, center_crop=True)
+  assert loaded.images.shape[1:] == (6, 6, 1)
+  with pytest.raises(DataError, match=r"center_crop=True needs config.data.resize"):
+    data.load_images(f"folder:{mixed}", "train", center_crop=True)
+
+
+def test_an_assembly_lock_of_a_dead_process_is_taken_over(tmp_path):
+  """A process killed while assembling leaves its lock; the next one of this host takes
+  it over, while a live holder's (or another host's) lock is respected."""
+  import socket  # pylint: disable=g-import-not-at-top
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lock = tmp_path / "lock"
+  lock.write_text(f"{socket.gethostname()} {dead.pid}")
+  assert latents._take_lock(str(lock))  # pylint: disable=protected-access
+  assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
+  assert not latents._take_lock(str(lock))  # pylint: disable=protected-access  # held: alive
+  lock.write_text(f"another-host {dead.pid}")
+  assert not latents._take_lock(str(lock))  # pylint: disable=protected-access

@@ -92,12 +92,14 @@ def _fashion_mnist(split: str, data_dir: str) -> ImageData:
                    labels.astype(np.int32), 10)
 
 
-def _tfds(name: str, split: str, data_dir: str, cache_bytes: int) -> ImageData:
+def _tfds(name: str, split: str, data_dir: str, cache_bytes: int, resize: int,
+          crop: bool) -> ImageData:
   source = tfds_source.data_source(name, split, data_dir)
   if not len(source):
     raise DataError(f"tfds data set {name!r} split {split!r} is empty")
   first = np.asarray(source[0]["image"])
-  shape = (len(source), *first.shape, *((1,) if first.ndim == 2 else ()))
+  channels = first.shape[-1] if first.ndim == 3 else 1
+  shape = (len(source), *((resize, resize) if resize else first.shape[:2]), channels)
   # The labels are read whole, one pass over the rows in bounded memory (tfds decodes
   # each image on the way: reading a label alone would need TensorFlow).
   labels = np.fromiter((source[i]["label"] for i in range(len(source))), np.int32,
@@ -105,13 +107,15 @@ def _tfds(name: str, split: str, data_dir: str, cache_bytes: int) -> ImageData:
   builder_info = getattr(source, "dataset_info", None)
   num_classes = (builder_info.features["label"].num_classes if builder_info is not None
                  else int(labels.max()) + 1)
-  images = rows.in_ram(rows.TfdsRows(source, shape, f"tfds:{name} ({split})"), cache_bytes)
+  images = rows.in_ram(rows.TfdsRows(source, shape, f"tfds:{name} ({split})", resize, crop),
+                       cache_bytes)
   return ImageData(images, labels, num_classes)
 
 
-def _own(kind: str, where: str, split: str, resize: int, cache_bytes: int) -> ImageData:
+def _own(kind: str, where: str, split: str, resize: int, cache_bytes: int,
+         crop: bool) -> ImageData:
   if kind == "folder":
-    images, labels, names = own.read_folder(where, split, resize)
+    images, labels, names = own.read_folder(where, split, resize, crop)
     return ImageData(rows.in_ram(images, cache_bytes), labels, len(names), names)
   images, labels, names, num_classes = own.read_arrays(where, split)
   if isinstance(images, rows.RowSource):
@@ -135,23 +139,28 @@ CACHE_BYTES = 512 * 2**20
 
 
 def load_images(name: str, split: str, data_dir: str = "", resize: int = 0,
-                cache_bytes: int = CACHE_BYTES) -> ImageData:
+                cache_bytes: int = CACHE_BYTES, center_crop: bool = False) -> ImageData:
   """The `split` ("train" or "test") of data set `name`; see the module docstring.
-  resize: a folder's images resized to resize x resize (0: refused if sizes differ).
+  resize: a folder's or tfds set's images resized to resize x resize (0: a folder's
+  refused if sizes differ); center_crop: scaled and cropped to it, as ADM and DiT
+  prepare ImageNet (dbjax.data.own.center_crop), not stretched.
   cache_bytes: a folder, .npy or tfds set at most this large as float32 is decoded
   into RAM whole; a larger one is read by rows as batches need them (dbjax.data.rows).
   Either way a line says which."""
   if split not in ("train", "test"):
     raise DataError(f"split={split!r} is not one of ('train', 'test')")
   kind, _, where = name.partition(":")
+  if center_crop and not resize:
+    raise DataError("config.data.center_crop=True needs config.data.resize=<size>: the side "
+                    "the images are cropped to (256 for ImageNet, as ADM and DiT)")
   if name == "digits":
     return _digits(split)
   if name == "fashion_mnist":
     return _fashion_mnist(split, data_dir)
   if kind == "tfds" and where:
-    return _tfds(where, split, data_dir, cache_bytes)
+    return _tfds(where, split, data_dir, cache_bytes, resize, center_crop)
   if kind in ("folder", "arrays") and where:
-    return _own(kind, os.path.expanduser(where), split, resize, cache_bytes)
+    return _own(kind, os.path.expanduser(where), split, resize, cache_bytes, center_crop)
   if kind == "latents" and where:
     return _latents(os.path.expanduser(where), split)
   raise DataError(f"config.data.name={name!r} is not one of {', '.join(map(repr, SOURCES))}")

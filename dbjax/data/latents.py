@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import json
 import os
+import socket
 
 import numpy as np
 
@@ -131,15 +132,17 @@ def decode(info: dict, latents: np.ndarray, batch_size: int = 256) -> np.ndarray
 # ------------------------------------------------------------------------- writing
 
 
-def _progress_path(directory: str, split: str) -> str:
-  return os.path.join(directory, f".{split}_latents.rows_done")
+def _progress_path(path: str) -> str:
+  """Where the rows done of the array being written to `path` are recorded."""
+  head, name = os.path.split(path)
+  return os.path.join(head, f".{name[:-len('.npy')]}.rows_done")
 
 
-def _rows_done(directory: str, split: str) -> int:
-  path = _progress_path(directory, split)
-  if not os.path.exists(path):
+def _rows_done(path: str) -> int:
+  progress = _progress_path(path)
+  if not os.path.exists(progress) or not os.path.exists(path + ".partial"):
     return 0
-  with open(path) as f:
+  with open(progress) as f:
     return int(f.read().strip() or 0)
 
 
@@ -189,47 +192,167 @@ def _what_differs(recorded: dict | None, made_by: dict) -> str | None:
   return None
 
 
+def part_path(directory: str, split: str, part: int, parts: int) -> str:
+  """The file of process `part`'s rows of a split encoded by `parts` processes."""
+  return os.path.join(directory, f"{split}_latents.part-{part}-of-{parts}.npy")
+
+
+def part_rows(count: int, batch_size: int, part: int, parts: int) -> tuple[int, int]:
+  """(first, last + 1) rows of process `part` of `parts`: consecutive ranges that start
+  at multiples of batch_size, so every process encodes exactly the batches one process
+  would, and the assembled rows are the same bits."""
+  batches = -(-count // batch_size)
+  per_part = -(-batches // parts)
+  first = min(part * per_part * batch_size, count)
+  return first, min(first + per_part * batch_size, count)
+
+
+def _split_files(directory: str, split: str) -> list[str]:
+  """Every file of a split's rows there is, whole, partial or in parts."""
+  prefix = f"{split}_latents."
+  return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+          if name.startswith(prefix) and name.endswith((".npy", ".npy.partial"))]
+
+
 def _remove_split(directory: str, split: str):
-  final = os.path.join(directory, f"{split}_latents.npy")
-  for path in (final, final + ".partial", _progress_path(directory, split),
-               _made_by_path(directory, split),
+  for path in _split_files(directory, split):
+    os.remove(path)
+    if os.path.exists(_progress_path(path.removesuffix(".partial"))):
+      os.remove(_progress_path(path.removesuffix(".partial")))
+  for path in (_made_by_path(directory, split),
                os.path.join(directory, f"{split}_labels.npy")):
     if os.path.exists(path):
       os.remove(path)
 
 
+def _write_rows(encode, images, first: int, last: int, path: str, batch_size: int,
+                dtype, bar=None):
+  """Encode rows first .. last - 1 of `images` into the .npy at `path`, resumably.
+
+  Written in chunks to <path>.partial, each chunk flushed to disk before a small file
+  records the rows done, so a run killed at any moment resumes at the first row not
+  recorded and rewrites nothing before it; the array takes its final name only when
+  every row is there, so a half-written array never looks complete. Every batch has
+  batch_size rows (the last one padded), so one compiled encoder serves all."""
+  partial = path + ".partial"
+  done = _rows_done(path)
+  if bar is not None:
+    bar.already_done(done)  # not the compilation: that is the first batch encoded
+  out = None
+  for start in range(first + done, last, batch_size):
+    rows = np.asarray(images[start:min(start + batch_size, last)], np.float32)
+    padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), 0)])
+    latents = np.asarray(encode(padded), np.float32)[:len(rows)]
+    if out is None:
+      out = np.lib.format.open_memmap(partial, mode="r+" if done else "w+", dtype=dtype,
+                                      shape=(last - first, *latents.shape[1:]))
+    out[start - first:start - first + len(rows)] = latents
+    out.flush()
+    _write_atomically(_progress_path(path), str(start + len(rows) - first))
+    if bar is not None:
+      bar.update(len(rows))
+  del out
+  os.replace(partial, path)
+  if os.path.exists(_progress_path(path)):
+    os.remove(_progress_path(path))
+
+
+def _take_lock(path: str) -> bool:
+  """Create the lock file `path` (holding this host and process id) unless another
+  process holds it; a lock left by a dead process of this host is taken over."""
+  owner = f"{socket.gethostname()} {os.getpid()}"
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      with open(path) as f:
+        host, _, pid = f.read().partition(" ")
+      if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+        return False
+      os.remove(path)  # its process died while assembling: start again
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(owner)
+    return True
+  return False
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _assemble(directory: str, split: str, paths: list[str]) -> str | None:
+  """<split>_latents.npy from the part files `paths`, in order, once all are written,
+  by the one process that takes the split's lock (the others return None: it is done
+  or being done). Copied a part at a time, in bounded memory."""
+  final = os.path.join(directory, f"{split}_latents.npy")
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  lock = os.path.join(directory, f".{split}_latents.assembling")
+  if not _take_lock(lock):
+    return None
+  pieces = [LatentRows(p) for p in paths]
+  out = np.lib.format.open_memmap(final + ".partial", mode="w+", dtype=pieces[0].file_dtype,
+                                  shape=(sum(len(p) for p in pieces), *pieces[0].shape[1:]))
+  first = 0
+  for piece in pieces:
+    fd = os.open(piece.path, os.O_RDONLY)
+    try:
+      for start in range(0, len(piece), 4096):
+        count = min(4096, len(piece) - start)
+        out[first + start:first + start + count] = piece._pread(fd, start, count)  # pylint: disable=protected-access
+    finally:
+      os.close(fd)
+    first += len(piece)
+  out.flush()
+  del out
+  os.replace(final + ".partial", final)
+  for path in paths:
+    os.remove(path)
+  os.remove(lock)
+  return final
+
+
 def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
-                 batch_size: int, made_by: dict, bar=None, overwrite: bool = False) -> str:
-  """Encode `images` (anything indexable by a slice of rows) in batches of batch_size and
-  write <directory>/<split>_latents.npy and <split>_labels.npy; return the latents' path.
+                 batch_size: int, made_by: dict, bar=None, overwrite: bool = False,
+                 dtype: str = "float32", part: tuple[int, int] = (0, 1)) -> str | None:
+  """Encode `images` (anything indexable by a slice of rows: an array or a
+  dbjax.data.rows source, read a batch at a time) in batches of batch_size and write
+  <directory>/<split>_latents.npy (as `dtype`: float32, or float16 at half the disk)
+  and <split>_labels.npy; return the latents' path (None while other processes'
+  parts are missing).
 
   made_by (JSON-able) says what makes the rows: the encoder, a hash of its weights, the
   source and how it was read. It is written beside the rows before the first one, and
-  its row count and image shape are added to it. Rows already there, whole or partial,
-  are kept only when their record matches in every field; otherwise a DataError names
-  the first field that differs, or, with overwrite, they are deleted and encoded again.
-  So a retrained encoder, or another data set, never hands back the old rows.
+  its row count, image shape and dtype are added to it. Rows already there, whole,
+  partial or in parts, are kept only when their record matches in every field;
+  otherwise a DataError names the first field that differs, or, with overwrite, they
+  are deleted and encoded again. So a retrained encoder, or another data set, never
+  hands back the old rows.
 
-  Written in chunks to <split>_latents.npy.partial, each chunk flushed to disk before a
-  small file records the rows done, so a run killed at any moment resumes at the first
-  row not recorded and rewrites nothing before it; the array takes its final name only
-  when every row is there, so a half-written array never looks complete. Every batch
-  has batch_size rows (the last one padded), so one compiled encoder serves all, and a
-  resumed encoding gives the same bits as an uninterrupted one (for a deterministic
-  encoder)."""
+  part (k, n): this process encodes the k-th of n ranges of rows (part_rows) into a
+  part file; the process that completes the last part assembles the split. The rows
+  are the same bits as one process writes (for a deterministic encoder), and each
+  range resumes after a kill as a whole split does (_write_rows)."""
   final = os.path.join(directory, f"{split}_latents.npy")
-  partial = final + ".partial"
   count = len(labels)
   if count == 0:
     raise DataError(f"the {split} split of {made_by.get('source', 'the data')!r} holds no "
                     "images; nothing to encode")
-  made_by = {**made_by, "rows": count, "image_shape": list(np.shape(images)[1:])}
-  if os.path.exists(final) or os.path.exists(partial):
+  made_by = {**made_by, "rows": count, "image_shape": list(np.shape(images)[1:]),
+             "dtype": np.dtype(dtype).name}
+  existing = _split_files(directory, split)
+  if existing:
     differs = _what_differs(_read_made_by(directory, split), made_by)
     if differs and not overwrite:
-      found = final if os.path.exists(final) else partial
-      raise DataError(f"{found}: made by other settings ({differs}); encode into another "
-                      "directory, or pass --overwrite to encode again")
+      raise DataError(f"{existing[0]}: made by other settings ({differs}); encode into "
+                      "another directory, or pass --overwrite to encode again")
     if differs:  # and the set's latents.json: it is no longer complete
       _remove_split(directory, split)
       if os.path.exists(os.path.join(directory, INFO_FILE)):
@@ -239,28 +362,21 @@ def encode_split(encode, images, labels: np.ndarray, directory: str, split: str,
       bar.already_done(count)
     return final
   _write_atomically(_made_by_path(directory, split), json.dumps(made_by, indent=2))
-  done = _rows_done(directory, split) if os.path.exists(partial) else 0
-  if bar is not None:
-    bar.already_done(done)  # not the compilation: that is the first batch encoded
-  out = None
-  for start in range(done, count, batch_size):
-    rows = np.asarray(images[start:start + batch_size], np.float32)
-    padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), 0)])
-    latents = np.asarray(encode(padded), np.float32)[:len(rows)]
-    if out is None:
-      mode = "r+" if done else "w+"
-      out = np.lib.format.open_memmap(partial, mode=mode, dtype=np.float32,
-                                      shape=(count, *latents.shape[1:]))
-    out[start:start + len(rows)] = latents
-    out.flush()
-    _write_atomically(_progress_path(directory, split), str(start + len(rows)))
-    if bar is not None:
-      bar.update(len(rows))
-  del out
-  np.save(os.path.join(directory, f"{split}_labels.npy"), np.asarray(labels, np.int32))
-  os.replace(partial, final)
-  os.remove(_progress_path(directory, split))
-  return final
+  # Before the rows take their final name: a split whose rows are complete has labels.
+  labels_path = os.path.join(directory, f"{split}_labels.npy")
+  np.save(f"{labels_path}.{os.getpid()}.npy", np.asarray(labels, np.int32))
+  os.replace(f"{labels_path}.{os.getpid()}.npy", labels_path)  # whole, as processes race
+  k, parts = part
+  if parts == 1:
+    _write_rows(encode, images, 0, count, final, batch_size, dtype, bar)
+    return final
+  ranges = [part_rows(count, batch_size, i, parts) for i in range(parts)]
+  paths = [part_path(directory, split, i, parts) for i, (a, b) in enumerate(ranges) if a < b]
+  first, last = ranges[k]
+  if first < last and not os.path.exists(part_path(directory, split, k, parts)):
+    _write_rows(encode, images, first, last, part_path(directory, split, k, parts),
+                batch_size, dtype, bar)
+  return _assemble(directory, split, paths)
 
 
 def unit_variance_scale(path: str) -> float:

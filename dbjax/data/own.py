@@ -4,7 +4,9 @@
   layout), or <dir>/train/<class>/... and <dir>/test/<class>/... where the split is made
   already. Files are decoded with Pillow; colour images are read as RGB (3 channels),
   greyscale ones as one channel. Images of different sizes are refused, unless
-  `resize` (config data.resize) gives the square size they are all resized to. The
+  `resize` (config data.resize) gives the square size they are all resized to
+  (stretched, or with config data.center_crop scaled and cropped as ADM and DiT
+  prepare ImageNet: `center_crop`). The
   classes are the subfolders' names in sorted order.
 - "arrays:<file.npz>": `images` (N, H, W, C) and `labels` (N,), or `train_images`,
   `train_labels`, `test_images` and `test_labels`; optional `class_names`. Images are
@@ -88,18 +90,42 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
-def decode(path: str, resize: int, colour: bool) -> np.ndarray:
+def center_crop(image, size: int):
+  """A PIL image's centre, size x size, after scaling its shorter side to `size`:
+  ImageNet's preprocessing in ADM (Dhariwal & Nichol 2021, center_crop_arr) and DiT
+  (Peebles & Xie 2023): box-filter halvings while the shorter side is at least twice
+  `size` (an antialiased first step), then bicubic to exactly `size`, then the crop."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(x * scale) for x in image.size),
+                       resample=Image.Resampling.BICUBIC)
+  left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+  return image.crop((left, top, left + size, top + size))
+
+
+def prepare(image, resize: int, crop: bool):
+  """A PIL image resized to resize x resize (0: as it is), by center_crop if `crop`
+  (the aspect ratio kept), else stretched bicubically."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not resize:
+    return image
+  if crop:
+    return center_crop(image, resize)
+  return image.resize((resize, resize), Image.Resampling.BICUBIC)
+
+
+def decode(path: str, resize: int, colour: bool, crop: bool = False) -> np.ndarray:
   """One image file as uint8 (H, W, 3) if `colour` (greyscale as grey RGB), else
-  (H, W, 1)."""
+  (H, W, 1), resized as `prepare` says."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as image:
       if image.mode in SIXTEEN_BIT_MODES:
         wide = np.asarray(image, np.float64)
         image = Image.fromarray(np.clip(np.rint(wide * 255 / 65535), 0, 255).astype(np.uint8))
-      image = image.convert("RGB" if colour else "L")
-      if resize:
-        image = image.resize((resize, resize), Image.Resampling.BICUBIC)
+      image = prepare(image.convert("RGB" if colour else "L"), resize, crop)
       pixels = np.asarray(image, np.uint8)
   except OSError as e:
     raise DataError(f"{path}: not an image Pillow can read ({e})") from e
@@ -147,7 +173,7 @@ def folder_shape(directory: str, resize: int = 0) -> tuple[int, int]:
   return width, channels
 
 
-def read_folder(directory: str, split: str, resize: int = 0):
+def read_folder(directory: str, split: str, resize: int = 0, crop: bool = False):
   """(images, labels int32 (N,), class names) of one split of an image folder (see the
   module docstring); the images are a FileRows, each file decoded when its row is read,
   so only the files' headers are read here."""
@@ -163,7 +189,7 @@ def read_folder(directory: str, split: str, resize: int = 0):
            for path in _image_files(os.path.join(root, name))]
   if not has_splits:
     files = [files[i] for i in sorted(split_rows(len(files), split))]
-  images = FileRows([p for p, _ in files], side, channels, resize,
+  images = FileRows([p for p, _ in files], side, channels, resize, crop,
                     f"folder:{directory} ({split})")
   return images, np.array([label for _, label in files], np.int32), tuple(classes)
 

@@ -169,29 +169,39 @@ class FileRows(RowSource):
   """One image file per row, decoded with Pillow when read (dbjax.data.own.decode),
   all (side, side, channels): the folder's shape, settled from the files' headers."""
 
-  def __init__(self, paths, side: int, channels: int, resize: int, where: str):
-    self.paths, self.resize, self.colour = list(paths), resize, channels == 3
+  def __init__(self, paths, side: int, channels: int, resize: int, crop: bool, where: str):
+    self.paths, self.resize, self.crop, self.colour = list(paths), resize, crop, channels == 3
     self.shape, self.where = (len(self.paths), side, side, channels), where
 
   def read(self, rows: np.ndarray) -> np.ndarray:
     from dbjax.data.own import decode  # pylint: disable=g-import-not-at-top
     if not len(rows):
       return np.zeros((0, *self.shape[1:]), np.float32)
-    return pixels_to_unit_range(np.stack([decode(self.paths[r], self.resize, self.colour)
-                                          for r in rows]))
+    return pixels_to_unit_range(np.stack([decode(self.paths[r], self.resize, self.colour,
+                                                 self.crop) for r in rows]))
 
 
 class TfdsRows(RowSource):
   """The images of a tfds data source (tfds.data_source: array_record files, no
-  TensorFlow), each decoded by tfds when read; greyscale ones (H, W) get a channel."""
+  TensorFlow), each decoded by tfds when read, then resized (0: as they are) as
+  dbjax.data.own.prepare says; greyscale ones (H, W) get a channel."""
 
-  def __init__(self, source, shape: tuple, where: str):
+  def __init__(self, source, shape: tuple, where: str, resize: int = 0, crop: bool = False):
     self.source, self.shape, self.where = source, tuple(shape), where
+    self.resize, self.crop = resize, crop
+
+  def _image(self, row: int) -> np.ndarray:
+    image = np.asarray(self.source[row]["image"])
+    if not self.resize:
+      return image
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from dbjax.data.own import prepare  # pylint: disable=g-import-not-at-top
+    return np.asarray(prepare(Image.fromarray(image.squeeze()), self.resize, self.crop))
 
   def read(self, rows: np.ndarray) -> np.ndarray:
     if not len(rows):
       return np.zeros((0, *self.shape[1:]), np.float32)
-    images = np.stack([np.asarray(self.source[int(r)]["image"]) for r in rows])
+    images = np.stack([self._image(int(r)) for r in rows])
     return pixels_to_unit_range(images.reshape(len(rows), *self.shape[1:]))
 
 

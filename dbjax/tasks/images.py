@@ -213,11 +213,11 @@ def load_data(config, workdir=None):
   """(config with the data's shape and classes, RunData) of the config's image data set."""
   del workdir  # an image set reads the same wherever the run is
   d = config.data
-  train = image_data.load_images(d.name, "train", d.data_dir, d.resize, d.cache_bytes)
+  train, test = (image_data.load_images(d.name, split, d.data_dir, d.resize, d.cache_bytes,
+                                         d.center_crop) for split in ("train", "test"))
   config = with_data_shape(config, train)
   check_training_images(config, train)
-  return config, RunData(train, image_data.load_images(d.name, "test", d.data_dir, d.resize,
-                                                       d.cache_bytes))
+  return config, RunData(train, test)
 
 
 def example_images(net: DiTConfig, batch_size: int, rng=None) -> tuple:
@@ -369,17 +369,21 @@ def viewable(train: image_data.ImageData, samples: np.ndarray) -> np.ndarray:
   return np.clip(samples[..., :3 if samples.shape[-1] >= 3 else 1] / 3, -1, 1)
 
 
-def pixel_data(train: image_data.ImageData, test: image_data.ImageData):
+def pixel_data(train: image_data.ImageData, test: image_data.ImageData,
+               cache_bytes: int = image_data.CACHE_BYTES):
   """(name, train, test) of the images the Frechet distance compares in: the pixel data
   set latents were encoded from where their set has a decoder (so the figure is
-  comparable with a pixel-space run's), read as it was read to be encoded (its data_dir
-  and resize), else the data as trained on."""
+  comparable with a pixel-space run's), read as it was read to be encoded (its data_dir,
+  resize and center_crop), by rows where it is over cache_bytes, else the data as
+  trained on."""
   info = train.latents
   if info is None or not info.get("decoder"):
     return None, train, test
-  source = [info["source"], info.get("data_dir", ""), info.get("resize", 0)]
-  return (info["source"], image_data.load_images(source[0], "train", *source[1:]),
-          image_data.load_images(source[0], "test", *source[1:]))
+  def read(split):
+    return image_data.load_images(info["source"], split, info.get("data_dir", ""),
+                                  info.get("resize", 0), cache_bytes,
+                                  info.get("center_crop", False))
+  return info["source"], read("train"), read("test")
 
 
 def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
@@ -400,7 +404,7 @@ def generate_and_evaluate(task, config, workdir: str, states, data: RunData,
              "guidance_scale": s.guidance_scale}
   if not config.eval.enabled:
     return results
-  source, train, test = pixel_data(data.train, data.test)
+  source, train, test = pixel_data(data.train, data.test, config.data.cache_bytes)
   net = features.load_or_train_feature_net(
       source or config.data.name, train, config.eval.classifier_steps, config.eval.cache_dir,
       progress=config.train.progress)
