@@ -1,0 +1,143 @@
+r"""What reading a data set costs: peak RSS against the set's size, and step time with
+rows decoded per batch against the set in RAM. One JSON row per case.
+
+  python -m benchmarks.bench_data --sizes=2000,16000 \
+      --out=benchmarks/results/bench_data_cpu.json
+
+Generated 64 x 64 colour PNGs in a folder of 10 classes (made once under --scratch):
+- `train_folder`: `experiments.train` on the folder, a tiny DiT (2 layers, width 32,
+  batch 32), 3 iterations, no evaluation; `encode_latents`: `experiments.encode_latents`
+  of both splits with benchmarks/encoders.py's 4 x 4 mean pooling (no weights: the rows,
+  not the network, are measured). Each runs in a process of its own; `peak_rss_bytes` is its
+  VmHWM. The figure to read is the difference between sizes: what a larger set costs.
+- `step_time`: the sequential driver's steps (`train_interval`, after a warm-up
+  interval that compiles) on the largest folder read by rows (data.cache_bytes 0) with
+  and without batches read ahead (data.prefetch), against the same images in RAM, side
+  by side in this process; `seconds_per_step` is the median of --repeats intervals.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+from experiments.cli import print_table, run, write_json
+
+_SIZES = flags.DEFINE_list("sizes", ["2000", "16000"], "images in each generated folder")
+_SCRATCH = flags.DEFINE_string("scratch", "/tmp/dbjax_bench_data", "where the folders go")
+_STEPS = flags.DEFINE_integer("steps", 20, "iterations per timed interval")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed intervals per source")
+_OUT = flags.DEFINE_string("out", None, "the JSON file to write")
+
+SIDE, CLASSES = 64, 10
+TINY = ["--config.model.num_layers=2", "--config.model.hidden_size=32",
+        "--config.model.num_heads=2", "--config.model.patch_size=8",
+        "--config.diffusion.num_blocks=2", "--config.train.batch_size=32",
+        "--config.train.warmup_steps=1", "--config.eval.enabled=False",
+        "--config.train.progress=False"]
+
+
+def make_folder(root: str, count: int) -> str:
+  """`count` 64 x 64 colour PNGs in CLASSES subfolders (kept: made once per size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(root, f"pngs_{count}")
+  done = os.path.join(folder, ".complete")
+  if os.path.exists(done):
+    return folder
+  rng = np.random.default_rng(count)
+  for i in range(count):
+    label = i % CLASSES
+    os.makedirs(os.path.join(folder, f"class_{label}"), exist_ok=True)
+    pixels = np.clip(20 * label + rng.integers(0, 60, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f"class_{label}", f"{i}.png"))
+  open(done, "w").close()
+  return folder
+
+
+def peak_rss_of(command: list[str]) -> int:
+  """Peak RSS (VmHWM) of `command` run as a fresh process, by /usr/bin/time -v (as the
+  issue measured it)."""
+  result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True,
+                          text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f"{command}: {result.stderr[-3000:]}")
+  kib = next(line for line in result.stderr.splitlines()
+             if "Maximum resident set size" in line).rsplit(":", 1)[1]
+  return int(kib) * 1024
+
+
+def command_of(case: str, folder: str, workdir: str) -> list[str]:
+  """The command line of a case on `folder`."""
+  if case == "train_folder":
+    return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits.py",
+            f"--workdir={workdir}", f"--config.data.name=folder:{folder}",
+            "--config.train.num_steps=3", "--config.train.checkpoint_every=3", *TINY]
+  return [sys.executable, "-m", "experiments.encode_latents", f"--data=folder:{folder}",
+          f"--out={workdir}", "--encoder=benchmarks.encoders:pool_encoder",
+          "--decoder=none", "--batch_size=256"]
+
+
+def step_times(folder: str) -> list[dict]:
+  """Seconds per step of the sequential driver on `folder`, by rows with and without
+  read-ahead and in RAM."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dbjax import config as config_lib, tasks  # pylint: disable=g-import-not-at-top
+  from dbjax.engine import driver, placement as placement_lib  # pylint: disable=g-import-not-at-top
+  from dbjax.progress import progress_bar  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, cache_bytes, prefetch in (("in RAM", 2**40, 0), ("by rows, read ahead", 0, 2),
+                                      ("by rows, not read ahead", 0, 0)):
+    config = config_lib.default_config()
+    config.model.update(num_layers=2, hidden_size=32, num_heads=2, patch_size=8)
+    config.diffusion.num_blocks = 2
+    config.train.update(batch_size=32, warmup_steps=1, progress=False)
+    config.data.update(name=f"folder:{folder}", cache_bytes=cache_bytes, prefetch=prefetch)
+    config, run_data = tasks.load_data(config)
+    task = tasks.build(config)
+    placement = placement_lib.placement_of(task, config, jax.devices()[:1])
+    states, shared = placement_lib.born_sharded(task, config.seed, placement)
+    step_fn = driver.jit_sharded_step(task, placement)
+    progress = [0] * task.num_blocks
+    bar = progress_bar(total=1, disable=True)
+    seconds = []
+    for i in range(_REPEATS.value + 1):  # the first interval compiles
+      chunk = np.arange(i * _STEPS.value, (i + 1) * _STEPS.value)
+      start = time.perf_counter()
+      _, shared = driver.train_interval(step_fn, states, shared, task, chunk, run_data.train,
+                                        config, bar, progress, lambda: False, placement)
+      jax.block_until_ready(states)
+      seconds.append((time.perf_counter() - start) / len(chunk))
+    rows.append({"case": "step_time", "source": name, "images": run_data.train.num_examples,
+                 "seconds_per_step": float(np.median(seconds[1:]))})
+  base = rows[0]["seconds_per_step"]
+  for row in rows:
+    row["against_in_ram"] = row["seconds_per_step"] / base
+  return rows
+
+
+def main(argv):
+  del argv
+  os.makedirs(_SCRATCH.value, exist_ok=True)
+  sizes = [int(s) for s in _SIZES.value]
+  folders = {n: make_folder(_SCRATCH.value, n) for n in sizes}
+  rows = []
+  for case in ("train_folder", "encode_latents"):
+    for n in sizes:
+      workdir = os.path.join(_SCRATCH.value, f"{case}_{n}_{time.monotonic_ns()}")
+      rows.append({"case": case, "images": n,
+                   "peak_rss_bytes": peak_rss_of(command_of(case, folders[n], workdir))})
+    first, last = rows[-len(sizes)], rows[-1]
+    last["peak_rss_over_smallest_mib"] = (last["peak_rss_bytes"] - first["peak_rss_bytes"]) / 2**20
+  rows += step_times(folders[max(sizes)])
+  print_table(rows, ["case", "images", "source", "peak_rss_bytes",
+                     "peak_rss_over_smallest_mib", "seconds_per_step", "against_in_ram"])
+  if _OUT.value:
+    write_json(_OUT.value, rows)
+    print(json.dumps({"wrote": _OUT.value}))
+
+
+if __name__ == "__main__":
+  run(main)
