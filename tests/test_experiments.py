@@ -585,6 +585,21 @@ def test_bench_transfers_times_every_way_of_moving_blocks(tmp_path):
   assert rows["synchronous"]["blocks_on_device"] < 1.5 < rows["all_resident"]["blocks_on_device"]
 
 
+@pytest.mark.slow  # four launches and three short trainings, 60 s
+def test_bench_data_measures_memory_against_size_and_read_ahead(tmp_path):
+  out = tmp_path / "data.json"
+  run_cli("benchmarks.bench_data", "--sizes=60,120", "--steps=3", "--repeats=1",
+          f"--scratch={tmp_path / 'scratch'}", f"--out={out}")
+  rows = json.loads(out.read_text())
+  cases = [(r["case"], r.get("images")) for r in rows]
+  assert cases[:4] == [("train_folder", 60), ("train_folder", 120), ("encode_latents", 60),
+                       ("encode_latents", 120)]
+  assert all(r["peak_rss_bytes"] > 2**20 for r in rows[:4])
+  steps = {r["source"]: r for r in rows if r["case"] == "step_time"}
+  assert steps["in RAM"]["against_in_ram"] == 1 and len(steps) == 3
+  assert all(r["seconds_per_step"] > 0 for r in steps.values())
+
+
 @pytest.mark.parametrize("name", ["digits", "fashion_mnist_latent", "classify_fashion_mnist",
                                   "shakespeare_ar", "shakespeare_md4", "shakespeare_recurrent"])
 def test_a_measured_config_says_its_command_and_what_it_gave(name):
