@@ -95,6 +95,9 @@ def _common_fields() -> ml_collections.ConfigDict:
       image_size=8, channels=1,
       num_classes=10,       # image classes (generation, classification)
       vocab_size=0,         # text: the vocabulary size, 0 = from the text
+      # text: "characters", "bpe:<vocabulary size>" (trained here on the training split)
+      # or a tokenizer file (dbjax.data.tokenizers)
+      tokenizer="characters",
       max_chars=0,          # text: characters read per split, 0 = all
   ))
   c.model = ml_collections.ConfigDict(dict(

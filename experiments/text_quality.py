@@ -7,8 +7,9 @@ generative bits per character under a judge LM, and diversity (dbjax.eval.text_q
       --judge=runs/compare_shakespeare_ar/end_to_end --num_steps=1,2,4,8,16,32
 
 From a fixed draw of --num_samples test sequences (the same for every run with the same
---seed), each text's first --prompt_length characters are the prompt and the next
---length characters the real continuation; the run continues each prompt with one sample
+--seed), each text's first --prompt_length tokens are the prompt and the next
+--length tokens the real continuation (characters for a character run; a subword run's
+bits per character are over the characters its tokens decode to); the run continues each prompt with one sample
 (key seed, prompt index), so two runs scored with the same flags see the same prompts and
 keys. Works on any language run: autoregressive, MD4, recurrent (at each K of
 --num_steps) and their end-to-end baselines. The judge is an end-to-end causal LM trained
@@ -25,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from dbjax import tasks
-from dbjax.data import text
+from dbjax.data import text, tokenizers
 from dbjax.errors import ConfigError
 from dbjax.eval import text_quality
 from dbjax.train import load_run_data, restore_run
@@ -36,8 +37,9 @@ _JUDGE = flags.DEFINE_string("judge", "runs/compare_shakespeare_ar/end_to_end",
                              "an end-to-end causal LM run on the same text (its training "
                              "split only): the judge")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 256, "texts scored (each side)")
-_LENGTH = flags.DEFINE_integer("length", 64, "characters generated after each prompt")
-_PROMPT = flags.DEFINE_integer("prompt_length", 32, "characters of each prompt")
+_LENGTH = flags.DEFINE_integer("length", 64, "tokens (characters for a character run) "
+                               "generated after each prompt")
+_PROMPT = flags.DEFINE_integer("prompt_length", 32, "tokens of each prompt")
 _STEPS = flags.DEFINE_list("num_steps", None, "denoising calls per token, MD4 steps or "
                            "recurrent iterations K; several give a curve (default: the run's)")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature (0: greedy)")
@@ -75,14 +77,14 @@ def main(argv):
   judge_config, judge, judge_states, judge_shared = restore_run(_JUDGE.value)
   config, data = load_run_data(config, _WORKDIR.value)
   vocabulary = data.test.vocabulary
-  # The vocabulary the judge trained with, as its run saved it (its text is not re-read).
-  judge_vocabulary = os.path.join(_JUDGE.value, text.VOCABULARY_FILE)
-  if not os.path.exists(judge_vocabulary):
-    raise ConfigError(f"--judge={_JUDGE.value}: no {text.VOCABULARY_FILE}; a judge is a "
-                      "language run")
-  if text.Vocabulary.load(judge_vocabulary) != vocabulary:
+  # The tokenizer the judge trained with, as its run saved it (its text is not re-read).
+  judge_vocabulary = tokenizers.saved(_JUDGE.value)
+  if judge_vocabulary is None:
+    raise ConfigError(f"--judge={_JUDGE.value}: no {text.VOCABULARY_FILE} or "
+                      f"{tokenizers.TOKENIZER_FILE}; a judge is a language run")
+  if not tokenizers.same_ids(judge_vocabulary, vocabulary):
     raise ConfigError(f"--judge={_JUDGE.value} reads another vocabulary than "
-                      f"{_WORKDIR.value}: train the judge on the same text")
+                      f"{_WORKDIR.value}: train the judge on the same text and tokenizer")
   if length > min(config.language.seq_len, judge_config.language.seq_len):
     raise ConfigError(f"--prompt_length + --length = {length}: longer than a sequence "
                       f"(seq_len {config.language.seq_len}, the judge's "

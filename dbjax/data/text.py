@@ -30,8 +30,10 @@ VOCABULARY_FILE = "vocabulary.json"
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
-  """Characters <-> token ids, id = position in `characters`."""
+  """Characters <-> token ids, id = position in `characters` (data.tokenizer
+  "characters"; dbjax.data.tokenizers has the subword kind)."""
   characters: str
+  kind = "characters"
 
   def __post_init__(self):
     if not self.characters:
@@ -73,6 +75,10 @@ class Vocabulary:
     """Write the characters, in id order, to a JSON file."""
     with open(path, "w", encoding="utf-8") as f:
       json.dump({"characters": self.characters}, f, ensure_ascii=False)
+
+  def save_to(self, workdir: str):
+    """<workdir>/vocabulary.json."""
+    self.save(os.path.join(workdir, VOCABULARY_FILE))
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":
@@ -174,17 +180,31 @@ def sequences(ids: np.ndarray, seq_len: int, what: str = "text") -> np.ndarray:
   """Non-overlapping windows (N, seq_len) of a token stream; the tail is dropped."""
   count = len(ids) // seq_len
   if count == 0:
-    raise DataError(f"{what} has {len(ids)} characters, fewer than one sequence of "
+    raise DataError(f"{what} has {len(ids)} tokens, fewer than one sequence of "
                     f"config.language.seq_len={seq_len}")
   return ids[:count * seq_len].reshape(count, seq_len)
 
 
+def pieces(text: str, size: int = 2**20):
+  """`text` in consecutive pieces of about `size` characters, each ending at a newline
+  where there is one (what a tokenizer trains on, streamed)."""
+  start = 0
+  while start < len(text):
+    end = text.find("\n", start + size)
+    end = len(text) if end < 0 else end + 1
+    yield text[start:end]
+    start = end
+
+
 def load_text(name: str, seq_len: int, data_dir: str = "", max_chars: int = 0,
-              vocabulary: Vocabulary | None = None) -> tuple[TextData, TextData]:
-  """(train, test) sequences of data set `name`, encoded with `vocabulary` (default:
-  the corpus's own characters)."""
+              vocabulary=None, tokenizer: str = "characters") -> tuple[TextData, TextData]:
+  """(train, test) sequences of data set `name`, encoded with `vocabulary` (a saved
+  run's), else with the tokenizer config data.tokenizer names (dbjax.data.tokenizers:
+  the corpus's own characters by default; BPE trained on the training split)."""
+  from dbjax.data import tokenizers  # pylint: disable=g-import-not-at-top
   train, test = corpus(name, data_dir, max_chars)
-  vocabulary = vocabulary or Vocabulary.of_text(train + test)
+  vocabulary = vocabulary or tokenizers.build(tokenizer, lambda: pieces(train),
+                                              lambda: train + test)
   return tuple(TextData(sequences(vocabulary.encode(text, f"{name} {split} split"), seq_len,
                                   f"{name} {split} split"), vocabulary)
                for split, text in (("train", train), ("test", test)))

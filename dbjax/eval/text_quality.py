@@ -11,7 +11,8 @@ with the paper's.
   over the positions whose inputs are the continuation's characters (position i reads
   the characters before i), one vector per text.
 - Generative bits per character: the judge's cross-entropy of the continuation's
-  characters given everything before them, in bits.
+  tokens given everything before them, in bits, over the characters they decode to (per
+  token = per character for a character run).
 - Diversity: the unigram entropy (bits) of the words (split on whitespace) and
   distinct-n (distinct word n-grams / all word n-grams, n = 2, 3, 4), which catch the
   degenerate repetition that scores a low perplexity ("the the the").
@@ -47,8 +48,8 @@ def _judge(judge, params, shared_params, tokens, prompt_length):
 
 def judge_texts(judge: CausalLM, params, shared_params, tokens: np.ndarray,
                 prompt_length: int, batch_size: int = 64):
-  """(features (N, D), bits per character of each continuation (N,)) of texts `tokens`
-  (N, P + L): prompt_length P characters of prompt, then the continuation."""
+  """(features (N, D), mean bits per token of each continuation (N,)) of texts `tokens`
+  (N, P + L): prompt_length P tokens of prompt, then the continuation."""
   if not isinstance(judge, CausalLM):
     raise ConfigError(f"the judge must be an end-to-end causal LM (a language run trained "
                       f"with method=end_to_end, kind=autoregressive); got "
@@ -101,13 +102,24 @@ def diversity(texts: list[str]) -> dict:
   return result
 
 
+def per_character(bits: np.ndarray, texts: np.ndarray, prompt_length: int, decode):
+  """Each continuation's mean bits per token (judge_texts) as bits per character of the
+  text it decodes to: the same figure for a character run, comparable with one for a
+  subword run (dbjax.data.tokenizers)."""
+  length = texts.shape[1] - prompt_length
+  characters = np.array([max(len(decode(t[prompt_length:])), 1) for t in texts])
+  return np.asarray(bits) * length / characters
+
+
 def score(judge, judge_params, judge_shared, real: np.ndarray, generated: np.ndarray,
           prompt_length: int, decode, seed: int = 25) -> dict:
   """Every measure of `generated` against `real` texts (N, P + L) of token ids that share
-  their first prompt_length characters; decode(ids) -> str."""
+  their first prompt_length tokens; decode(ids) -> str."""
   real_features, real_bits = judge_texts(judge, judge_params, judge_shared, real,
                                          prompt_length)
   features, bits = judge_texts(judge, judge_params, judge_shared, generated, prompt_length)
+  real_bits = per_character(real_bits, real, prompt_length, decode)
+  bits = per_character(bits, generated, prompt_length, decode)
   real_diversity = diversity([decode(t[prompt_length:]) for t in real])
   generated_diversity = diversity([decode(t[prompt_length:]) for t in generated])
   return {"mauve": mauve_score(real_features, features, seed),

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from dbjax import edm, noise
+from dbjax.data import tokenizers
 from dbjax.config import check_field, check_positive_integers, shared_updates
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
@@ -401,7 +402,8 @@ def _generate_huginn(task, stacked_params, shared_params, prompts, key, num_iter
 
 def bits_by_iterations(task, states, shared, tokens, seed: int, batch_size: int = 16,
                        progress: bool = False) -> dict:
-  """{K: test bits per character after K iterations} for each K of the curve."""
+  """{K: test bits per token after K iterations} for each K of the curve (per
+  character for a character run; evaluate_iterations divides by characters per token)."""
   stacked = stack_params([s.params for s in states])
   batches = fixed_size_batches(np.asarray(tokens, np.int32), batch_size)
   curve = {}
@@ -423,8 +425,10 @@ def evaluate_iterations(task, config, workdir: str, states, shared, test_data,
   its best as the headline, and generated text (<prefix>samples.txt)."""
   from dbjax.eval import plots  # pylint: disable=g-import-not-at-top
   tokens = test_data.tokens[:config.eval.max_test_examples or None]
-  curve = bits_by_iterations(task, states, shared, tokens, config.seed,
-                             progress=config.train.progress)
+  # Bits per token over the characters each token stands for (dbjax.data.tokenizers).
+  per_token = tokenizers.characters_per_token(test_data.vocabulary, tokens)
+  curve = {k: bits / per_token for k, bits in bits_by_iterations(
+      task, states, shared, tokens, config.seed, progress=config.train.progress).items()}
   best = min(curve, key=curve.get)
   plots.save_metric_vs_steps(curve, os.path.join(workdir, f"{prefix}bpc_vs_iterations.png"),
                              xlabel="inference iterations K", ylabel="test bits per character",
@@ -438,7 +442,10 @@ def evaluate_iterations(task, config, workdir: str, states, shared, test_data,
   write_texts(os.path.join(workdir, f"{prefix}{SAMPLES_FILE}"), texts)
   return {"bits_per_character": curve[best], "best_iterations": best,
           "bits_per_character_by_iterations": {str(k): v for k, v in curve.items()},
-          "test_sequences": int(len(tokens))}
+          "test_sequences": int(len(tokens)), "test_tokens": int(tokens.size),
+          "test_characters": int(round(tokens.size * per_token)),
+          "characters_per_token": per_token,
+          **tokenizers.describe(test_data.vocabulary)}
 
 
 def build(config) -> RecurrentDepth:

@@ -2,14 +2,13 @@
 LM against a causal transformer, and masked diffusion (MD4) as blocks against MD4 end to
 end. `build` picks the model from config.language.kind and config.method; `load_data`
 reads the text and fills in data.vocab_size. See dbjax.tasks.language.common."""
-import os
 
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from dbjax.config import check_choices, check_field, num_trained_blocks, shared_updates
-from dbjax.data import text
+from dbjax.data import text, tokenizers
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
 from dbjax.nets.lm import LMConfig, LMNet
@@ -94,6 +93,7 @@ def validate_config(config):
   check_field(0 < lang.top_p <= 1, "language.top_p", lang.top_p, "in (0, 1]")
   check_field(len(lang.prompt) < lang.seq_len, "language.prompt", lang.prompt,
               f"shorter than language.seq_len={lang.seq_len}")
+  tokenizers.parse(config.data.tokenizer)  # one line for a name it cannot be
   check_field(config.data.num_classes == 10, "data.num_classes", config.data.num_classes,
               "left at its default for text runs: the vocabulary size is "
               "config.data.vocab_size (0 = from the text)")
@@ -137,7 +137,7 @@ def build(config, layer=None) -> LanguageTask:
                                 remat_clean_stream=lang.remat_clean_stream)
 
 
-def with_vocabulary(config, vocabulary: text.Vocabulary):
+def with_vocabulary(config, vocabulary):
   """A copy of config with data.vocab_size = the vocabulary's size."""
   config = config.copy_and_resolve_references()
   config.data.vocab_size = vocabulary.size
@@ -149,16 +149,17 @@ def resolve(config):
   return config if config.data.vocab_size else load_data(config)[0]
 
 
-def load_data(config, workdir: str | None = None, vocabulary: text.Vocabulary | None = None):
+def load_data(config, workdir: str | None = None, vocabulary=None):
   """(config with data.vocab_size set, RunData of TextData) of the config's text data set
-  (dbjax.data.text), encoded with `vocabulary`: default, the one saved in `workdir` by a
-  run trained there, else the corpus's own characters."""
+  (dbjax.data.text), encoded with `vocabulary`: default, the tokenizer saved in
+  `workdir` by a run trained there (ConfigError if config.data.tokenizer names another),
+  else the one config.data.tokenizer names (dbjax.data.tokenizers)."""
   d = config.data
-  saved = None if workdir is None else os.path.join(workdir, text.VOCABULARY_FILE)
-  if vocabulary is None and saved is not None and os.path.exists(saved):
-    vocabulary = text.Vocabulary.load(saved)
+  if vocabulary is None:
+    vocabulary = tokenizers.saved(workdir)
+    tokenizers.check_same(vocabulary, d.tokenizer, workdir)
   train, test = text.load_text(d.name, config.language.seq_len, d.data_dir, d.max_chars,
-                               vocabulary)
+                               vocabulary, d.tokenizer)
   return with_vocabulary(config, train.vocabulary), RunData(train, test)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dbjax import checks, edm
-from dbjax.data import text
+from dbjax.data import text, tokenizers
 from dbjax.nets.lm import LMConfig, LMNet
 from dbjax.errors import ConfigError, DataError
 from dbjax.progress import progress_bar
@@ -161,9 +161,10 @@ class LanguageTask(Task):
                          top_p, num_steps)
 
   def write_run_files(self, workdir, train_data):
-    """vocabulary.json: the characters in id order, so prompts and test text are encoded
-    the same way by later commands."""
-    train_data.vocabulary.save(os.path.join(workdir, text.VOCABULARY_FILE))
+    """The run's tokenizer (vocabulary.json: the characters in id order, or
+    tokenizer.json), so prompts and test text are encoded the same way by later
+    commands."""
+    train_data.vocabulary.save_to(workdir)
 
   def evaluate(self, config, workdir, states, shared, data, prefix=""):
     results = {"kind": config.language.kind}
@@ -249,7 +250,8 @@ def write_cache(cache, keys_values, position):
 def bits_per_character(task: LanguageTask, block_params_list, shared_params, tokens,
                        seed: int = 0, num_steps: int | None = None, batch_size: int = 64,
                        progress: bool = False, num_chains: int = 0) -> dict:
-  """Test bits per character of each figure of task.sequence_nats, over fixed-size
+  """Test bits per token of each figure of task.sequence_nats (per character for a
+  character run; evaluate_language divides by characters per token), over fixed-size
   batches with a fixed noise seed."""
   stacked = stack_params(block_params_list)
   key = jax.random.key(seed)
@@ -323,11 +325,17 @@ def evaluate_language(task: LanguageTask, config, workdir: str, states, shared, 
   count = config.eval.max_test_examples or test_data.num_examples
   tokens = test_data.tokens[:count]
   lang = config.language
-  bits = bits_per_character(task, [s.params for s in states], shared.params, tokens,
-                            config.seed, lang.inference_steps or None,
-                            progress=config.train.progress, num_chains=lang.mixture_chains)
+  # Bits per token over the characters each token stands for: total bits over
+  # characters, so character and subword runs compare (dbjax.data.tokenizers).
+  per_token = tokenizers.characters_per_token(test_data.vocabulary, tokens)
+  bits = {name: value / per_token for name, value in bits_per_character(
+      task, [s.params for s in states], shared.params, tokens, config.seed,
+      lang.inference_steps or None, progress=config.train.progress,
+      num_chains=lang.mixture_chains).items()}
   results = {"bits_per_character": bits.pop("headline"), "test_sequences": int(len(tokens)),
-             "test_characters": int(tokens.size)}
+             "test_tokens": int(tokens.size),
+             "test_characters": int(round(tokens.size * per_token)),
+             "characters_per_token": per_token, **tokenizers.describe(test_data.vocabulary)}
   results.update({f"bits_per_character_{name}": value for name, value in bits.items()})
   results.update(task.evaluation_settings(config))
   texts, speed = generate_text(task, config, states, shared, test_data.vocabulary,
