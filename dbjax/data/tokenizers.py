@@ -133,9 +133,10 @@ def spec_of(tokenizer) -> str:
   return CHARACTERS if tokenizer.kind == CHARACTERS else tokenizer.spec
 
 
-def check_same(saved_tokenizer, spec: str, workdir: str):
-  """ConfigError unless config.data.tokenizer `spec` is the one the run in `workdir`
-  saved (its ids mean other text under another tokenizer)."""
+def check_same(saved_tokenizer, spec: str, workdir: str, made: str = "run"):
+  """ConfigError unless config.data.tokenizer `spec` is the one the run (made="run") or
+  the token files (made="token files") in `workdir` were made with: their ids mean
+  other text under another tokenizer."""
   if saved_tokenizer is None:
     return
   kind, value = parse(spec)
@@ -144,9 +145,11 @@ def check_same(saved_tokenizer, spec: str, workdir: str):
       kind != CHARACTERS and saved_tokenizer.kind != CHARACTERS and
       (was == spec or (kind == "file" and was == value)))
   if not same:
-    raise ConfigError(f"config.data.tokenizer={spec!r}, but the run in {workdir} was trained "
-                      f"with {was!r}: its token ids mean other text; use {was!r} or another "
-                      "workdir")
+    where = (f"the run in {workdir} was trained" if made == "run"
+             else f"the token files in {workdir} were made")
+    raise ConfigError(f"config.data.tokenizer={spec!r}, but {where} with {was!r}: their "
+                      f"token ids mean other text; use {was!r}"
+                      + (" or another workdir" if made == "run" else ""))
 
 
 def same_ids(first, second) -> bool:

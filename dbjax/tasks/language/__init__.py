@@ -3,12 +3,14 @@ LM against a causal transformer, and masked diffusion (MD4) as blocks against MD
 end. `build` picks the model from config.language.kind and config.method; `load_data`
 reads the text and fills in data.vocab_size. See dbjax.tasks.language.common."""
 
+import os
+
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from dbjax.config import check_choices, check_field, num_trained_blocks, shared_updates
-from dbjax.data import text, tokenizers
+from dbjax.data import text, token_files, tokenizers
 from dbjax.engine.state import make_optimizer, shared_optimizer
 from dbjax.errors import ConfigError
 from dbjax.nets.lm import LMConfig, LMNet
@@ -149,12 +151,22 @@ def resolve(config):
   return config if config.data.vocab_size else load_data(config)[0]
 
 
+# data.name of token files written by experiments/tokenize.py (dbjax.data.token_files).
+TOKENS_PREFIX = "tokens:"
+
+
 def load_data(config, workdir: str | None = None, vocabulary=None):
   """(config with data.vocab_size set, RunData of TextData) of the config's text data set
   (dbjax.data.text), encoded with `vocabulary`: default, the tokenizer saved in
   `workdir` by a run trained there (ConfigError if config.data.tokenizer names another),
   else the one config.data.tokenizer names (dbjax.data.tokenizers)."""
   d = config.data
+  if d.name.startswith(TOKENS_PREFIX):  # token files: read by rows, their own tokenizer
+    directory = os.path.expanduser(d.name[len(TOKENS_PREFIX):])
+    train, test = token_files.load(directory, config.language.seq_len)
+    tokenizers.check_same(train.vocabulary, d.tokenizer, directory, made="token files")
+    tokenizers.check_same(tokenizers.saved(workdir), d.tokenizer, workdir)
+    return with_vocabulary(config, train.vocabulary), RunData(train, test)
   if vocabulary is None:
     vocabulary = tokenizers.saved(workdir)
     tokenizers.check_same(vocabulary, d.tokenizer, workdir)
