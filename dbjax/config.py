@@ -88,8 +88,9 @@ def _common_fields() -> ml_collections.ConfigDict:
       # RAM once; a larger one is read by rows as batches need them (dbjax.data.rows).
       cache_bytes=512 * 2**20,
       # Training batches read ahead of the step in background threads (grain), so the
-      # rows of a set read by rows are decoded while the devices compute; 0 = none.
-      prefetch=2,
+      # rows of a set read by rows are decoded while the devices compute; 0 = none;
+      # -1 = 2 on accelerators, none on the CPU backend (dbjax.data.prefetch.depth_for).
+      prefetch=-1,
       # The images' shape and classes; set from the data when it is read (a config names
       # the data, not its shape), so these matter only where no data is read (profiling).
       image_size=8, channels=1,
@@ -249,9 +250,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   check_field(isinstance(config.data.cache_bytes, int) and config.data.cache_bytes >= 0,
               "data.cache_bytes", config.data.cache_bytes,
               "an integer >= 0 (bytes of float32 images held in RAM; 0 = always by rows)")
-  check_field(isinstance(config.data.prefetch, int) and config.data.prefetch >= 0,
+  check_field(isinstance(config.data.prefetch, int) and config.data.prefetch >= -1,
               "data.prefetch", config.data.prefetch,
-              "an integer >= 0 (batches read ahead of the step; 0 = none)")
+              "an integer >= 0 (batches read ahead of the step; 0 = none), or -1 (auto)")
   check_field(config.eval.max_test_examples >= 0, "eval.max_test_examples",
            config.eval.max_test_examples, ">= 0 (0 means the whole test split)")
   for field, value in [("data.image_size", data.image_size), ("data.channels", data.channels),

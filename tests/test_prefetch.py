@@ -33,3 +33,12 @@ def test_depth_zero_reads_each_step_when_asked_in_this_thread():
   assert next(batches) == [5, 50] and seen == [5]
   assert list(batches) == [[1, 10], [5, 50]]
   assert threads == {threading.get_ident()}
+
+
+def test_auto_reads_ahead_on_accelerators_only():
+  """-1: read ahead where the host's CPUs are free while the devices compute; on the CPU
+  backend the readers would compete with the step for the same cores."""
+  from dbjax.data.prefetch import AUTO_DEPTH, depth_for  # pylint: disable=g-import-not-at-top
+  assert depth_for(-1, "cpu") == 0
+  assert depth_for(-1, "gpu") == depth_for(-1, "tpu") == AUTO_DEPTH > 0
+  assert depth_for(3, "cpu") == 3 and depth_for(0, "gpu") == 0

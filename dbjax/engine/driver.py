@@ -40,7 +40,7 @@ from absl import logging
 
 from dbjax import config as config_lib
 from dbjax.data.batches import batch_indices
-from dbjax.data.prefetch import prefetched
+from dbjax.data.prefetch import depth_for, prefetched
 from dbjax.engine import mesh as mesh_lib, parallel
 from dbjax.engine.metric_log import MetricLog
 from dbjax.engine.placement import (Placement, born_sharded, jit_sharded_step, on_host,
@@ -109,11 +109,12 @@ def step_key_data(seed: int, step: int, block_index: int) -> np.ndarray:
 
 def read_ahead(train_data, steps, config, batch_sharding):
   """This host's rows of each iteration's batch in `steps`, in order, read ahead of the
-  steps in background threads (config data.prefetch; dbjax.data.prefetch)."""
+  steps in background threads as config data.prefetch says (dbjax.data.prefetch)."""
   def read(step):
     index = batch_indices(config.seed, step, train_data.num_examples, config.train.batch_size)
     return local_rows(train_data, index, batch_sharding)
-  return prefetched(read, steps, config.data.prefetch)
+  platform = batch_sharding.mesh.devices.flat[0].platform
+  return prefetched(read, steps, depth_for(config.data.prefetch, platform))
 
 
 def _dispatch_block_steps(step_fn, state, shared, task, block_index, steps, batches,

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dbjax.data.batches import batch_indices
-from dbjax.data.prefetch import prefetched
+from dbjax.data.prefetch import depth_for, prefetched
 from dbjax.engine import mesh as mesh_lib, state as state_lib
 from dbjax.engine.step import train_step
 from dbjax.errors import ConfigError
@@ -266,7 +266,7 @@ class BlockParallelTrainer:
     pending = []
     batches = prefetched(lambda step: local_block_rows(
         self.train_data, self.mesh, cfg.seed, step, num_blocks, cfg.train.batch_size),
-                         steps, cfg.data.prefetch)
+                         steps, depth_for(cfg.data.prefetch, self.mesh.devices.flat[0].platform))
     for step in steps:
       step = int(step)
       # Trained shared parameters are averaged every sync_every steps and at the end,
