@@ -585,16 +585,18 @@ def test_bench_transfers_times_every_way_of_moving_blocks(tmp_path):
   assert rows["synchronous"]["blocks_on_device"] < 1.5 < rows["all_resident"]["blocks_on_device"]
 
 
-@pytest.mark.slow  # four launches and three short trainings, 60 s
+@pytest.mark.slow  # eight launches and three short trainings, 100 s
 def test_bench_data_measures_memory_against_size_and_read_ahead(tmp_path):
   out = tmp_path / "data.json"
-  run_cli("benchmarks.bench_data", "--sizes=60,120", "--steps=3", "--repeats=1",
-          f"--scratch={tmp_path / 'scratch'}", f"--out={out}")
+  run_cli("benchmarks.bench_data", "--sizes=60,120", "--text_sizes=1,2", "--steps=3",
+          "--repeats=1", f"--scratch={tmp_path / 'scratch'}", f"--out={out}")
   rows = json.loads(out.read_text())
-  cases = [(r["case"], r.get("images")) for r in rows]
-  assert cases[:4] == [("train_folder", 60), ("train_folder", 120), ("encode_latents", 60),
-                       ("encode_latents", 120)]
-  assert all(r["peak_rss_bytes"] > 2**20 for r in rows[:4])
+  cases = [(r["case"], r.get("images") or r.get("megabytes")) for r in rows]
+  assert cases[:8] == [("train_folder", 60), ("train_folder", 120), ("encode_latents", 60),
+                       ("encode_latents", 120), ("tokenize_text", 1), ("tokenize_text", 2),
+                       ("train_tokens", 1), ("train_tokens", 2)]
+  assert all(r["peak_rss_bytes"] > 2**20 for r in rows[:8])
+  assert os.path.getsize(tmp_path / "scratch" / "text_2mb.txt") >= 2 * 10**6
   steps = {r["source"]: r for r in rows if r["case"] == "step_time"}
   assert steps["in RAM"]["against_in_ram"] == 1 and len(steps) == 3
   assert all(r["seconds_per_step"] > 0 for r in steps.values())
