@@ -221,6 +221,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     np.testing.assert_array_equal(resumed[name], expected[name])
 
 
+@pytest.mark.slow  # one launch of two processes, 20 s
+def test_each_process_reads_only_the_rows_its_devices_hold(tmp_path):
+  """Sequential mode with the batch over data 4 = 2 devices on each of 2 processes: each
+  process reads half of every batch, never the whole."""
+  processes, logs = _launch_pair(tmp_path, "rows")
+  assert [p.wait(timeout=300) for p in processes] == [0, 0], [open(l).read()[-2000:]
+                                                              for l in logs]
+  for process in (0, 1):
+    counted = json.loads((tmp_path / f"rows_{process}.json").read_text())
+    # 4 iterations (train.num_steps 2 of each of the 2 blocks), half a batch each.
+    assert counted["reads"] == [counted["batch_size"] // 2] * 4, counted
+
+
 @pytest.mark.slow  # three launches of two processes each, 75 s
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
