@@ -15,6 +15,10 @@ at any point keeps every finished row. --only picks sections.
   python -m benchmarks.device_check --only=authors --out=benchmarks/results/authors_h200.json
   python -m benchmarks.device_check --tiny --out=/tmp/device_check.json   # any machine
 
+The device machine has jax, flax, optax and orbax but not ml_collections, tensorboardX
+or grain: carry their wheels (the transfers section trains through the driver, which
+reads batches ahead with grain on an accelerator; --config.data.prefetch=0 does without).
+
 Memory: the compiled step's footprint (memory_analysis). Time: the median of --repeats
 steps of that same compiled step with the data on the device (--repeats=0: memory and
 FLOPs only, for a CPU at the authors' sizes). MFU: the step's matrix-product FLOPs,
