@@ -158,6 +158,7 @@ def test_a_run_learns_its_shape_and_classes_from_the_data(tmp_path):
     tasks.load_data(config)
 
 
+@pytest.mark.slow  # five launches of the commands, 60 s; the data path is in the default set
 def test_a_folder_trains_samples_and_evaluates_from_the_command_line(tmp_path):
   root = write_folder(tmp_path / "pngs", per_class=12)
   workdir = str(tmp_path / "run")

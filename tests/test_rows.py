@@ -118,6 +118,7 @@ def test_tfds_read_by_rows_equals_it_held_in_ram():
       np.testing.assert_array_equal(by_rows.batch(index)[0], in_ram.batch(index)[0])
 
 
+@pytest.mark.slow  # three trainings, 22 s; the default set checks the batches are equal
 def test_a_run_from_rows_equals_a_run_from_ram(tmp_path):
   """Training reads a folder by rows (cache_bytes 0) to the same parameters, bit for
   bit, as from the set decoded into RAM, and as with no batch read ahead: each step's

@@ -56,6 +56,7 @@ def test_bpe_token_files_decode_to_the_text(corpus_file, tmp_path):
   assert train_rows.vocabulary.size == 300
 
 
+@pytest.mark.slow  # two trainings, 27 s; the default set checks the batches are equal
 def test_training_on_token_files_equals_training_on_the_file(corpus_file, tmp_path):
   config = lm_config()
   config.data.name, config.data.vocab_size = f"file:{corpus_file}", 0

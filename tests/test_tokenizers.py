@@ -75,10 +75,12 @@ def subword_config(corpus_file, kind="autoregressive", tokenizer="bpe:300"):
   return config
 
 
-@pytest.mark.parametrize("kind,method", [("autoregressive", "diffusion_blocks"),
-                                         ("masked", "diffusion_blocks"),
-                                         ("autoregressive", "end_to_end"),
-                                         ("recurrent", "diffusion_blocks")])
+@pytest.mark.parametrize("kind,method", [
+    ("autoregressive", "diffusion_blocks"),
+    # The other tasks take the same path through the tokenizer: the slow set.
+    pytest.param("masked", "diffusion_blocks", marks=pytest.mark.slow),
+    pytest.param("autoregressive", "end_to_end", marks=pytest.mark.slow),
+    pytest.param("recurrent", "diffusion_blocks", marks=pytest.mark.slow)])
 def test_a_subword_run_trains_saves_its_tokenizer_and_reports_bits_per_character(
     corpus_file, tmp_path, kind, method):
   """AR, MD4, the causal baseline and the recurrent-depth task on BPE: the vocabulary
@@ -124,6 +126,7 @@ def test_another_tokenizer_on_a_run_is_refused_and_the_saved_one_is_read(corpus_
   np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
 
 
+@pytest.mark.slow  # two trainings and three launches of the command, 35 s
 def test_text_quality_scores_a_subword_run_in_bits_per_character(corpus_file, tmp_path):
   """experiments.text_quality on a BPE run with a BPE judge trained on the same text: the
   real continuations' generative bits are the judge's per-token bits over the
