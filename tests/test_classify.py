@@ -295,6 +295,7 @@ def test_bad_classifier_option_is_named():
     config_lib.validate(classify_config(**{"classifier__token_corruption": 1.0}))
 
 
+@pytest.mark.slow  # 60 s; the other runs here train the classifier too
 def test_short_run_is_well_above_chance(tmp_path):
   """Six layers, B = 3, 150 updates per block on digits: several times the 10% of chance,
   with accuracy against steps reported for every N asked for."""

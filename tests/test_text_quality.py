@@ -31,6 +31,7 @@ def judge(tmp_path_factory):
   return task, states[0].params, shared.params, data
 
 
+@pytest.mark.slow  # the judge trains 300 steps, 75 s for the module
 def test_mauve_separates_real_text_from_random_characters_with_a_unigram_sampler_between(judge):
   task, params, shared, data = judge
   tokens = np.asarray(data.test.tokens[:512])
@@ -51,6 +52,7 @@ def test_mauve_separates_real_text_from_random_characters_with_a_unigram_sampler
   assert scores["uniform"] < scores["unigram"] < scores["real"], scores
 
 
+@pytest.mark.slow  # the judge trains 300 steps, 75 s for the module
 def test_the_judges_bits_per_character_of_real_text_is_its_own_test_figure(judge):
   task, params, shared, data = judge
   tokens = np.asarray(data.test.tokens[:64])
