@@ -120,8 +120,10 @@ def saved(workdir: str | None):
     return None
   path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.exists(path):
-    spec_path = path + ".spec"
-    spec = open(spec_path, encoding="utf-8").read() if os.path.exists(spec_path) else path
+    spec = path
+    if os.path.exists(path + ".spec"):
+      with open(path + ".spec", encoding="utf-8") as f:
+        spec = f.read()
     return read_file(path, spec)
   if os.path.exists(os.path.join(workdir, VOCABULARY_FILE)):
     return Vocabulary.load(os.path.join(workdir, VOCABULARY_FILE))
