@@ -1,5 +1,6 @@
 """Data loading (digits, Fashion-MNIST IDX, tfds by name) and input validation."""
 import gzip
+import io
 import os
 import struct
 import subprocess
@@ -66,6 +67,52 @@ def test_tfds_by_name_with_mock_data(name, shape):
     loaded = data.load_images(f"tfds:{name}", "train")
   assert loaded.images.shape == (12,) + shape and loaded.num_classes == 10
   assert -1.0 <= loaded.images.min() and loaded.images.max() <= 1.0
+
+
+class DbjaxTestPngs(tfds.core.GeneratorBasedBuilder):
+  """A tfds set prepared here as users' are (array_record, PNG-encoded images), with no
+  TensorFlow: tfds encodes an image given as PNG bytes without it."""
+  VERSION = tfds.core.Version("1.0.0")
+  PIXELS = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), np.uint8)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(range(8)),
+            "test": self._generate_examples(range(8, 12))}
+
+  def _generate_examples(self, rows):  # pylint: disable=arguments-differ
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    for i in rows:
+      png = io.BytesIO()
+      Image.fromarray(self.PIXELS[i]).save(png, "PNG")
+      png.seek(0)
+      yield i, {"image": png, "label": i % 3}
+
+
+def test_a_prepared_tfds_set_decodes_only_the_rows_read(tmp_path, monkeypatch):
+  """Loading reads every label without decoding an image (ImageNet's 1.28 M JPEGs would
+  take hours at each start); a batch decodes its own rows."""
+  DbjaxTestPngs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  decoded = []
+  decode = tfds.features.Image.decode_example_np
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                      lambda self, example: decoded.append(1) or decode(self, example))
+  train = data.load_images("tfds:dbjax_test_pngs", "train", str(tmp_path), cache_bytes=0)
+  assert len(decoded) == 1  # the first row, for the images' shape
+  batch = train.images[[5, 2, 7]]
+  assert len(decoded) == 4
+  # tfds stores the examples in an order of its own: find each row's example by its pixels.
+  pixels = np.round((np.asarray(train.images) + 1) * 127.5).astype(np.uint8)
+  example = [next(i for i in range(8) if (DbjaxTestPngs.PIXELS[i] == row).all()) for row in pixels]
+  assert sorted(example) == list(range(8))
+  np.testing.assert_array_equal(train.labels, np.asarray(example) % 3)
+  np.testing.assert_array_equal(batch, np.asarray(train.images)[[5, 2, 7]])
+  assert train.num_classes == 3
 
 
 def test_unknown_tfds_name_is_one_clear_error():

@@ -100,10 +100,7 @@ def _tfds(name: str, split: str, data_dir: str, cache_bytes: int, resize: int,
   first = np.asarray(source[0]["image"])
   channels = first.shape[-1] if first.ndim == 3 else 1
   shape = (len(source), *((resize, resize) if resize else first.shape[:2]), channels)
-  # The labels are read whole, one pass over the rows in bounded memory (tfds decodes
-  # each image on the way: reading a label alone would need TensorFlow).
-  labels = np.fromiter((source[i]["label"] for i in range(len(source))), np.int32,
-                       count=len(source))
+  labels = tfds_source.read_labels(name, split, data_dir, source)
   builder_info = getattr(source, "dataset_info", None)
   num_classes = (builder_info.features["label"].num_classes if builder_info is not None
                  else int(labels.max()) + 1)

@@ -302,13 +302,8 @@ def _assemble(directory: str, split: str, paths: list[str]) -> str | None:
                                   shape=(sum(len(p) for p in pieces), *pieces[0].shape[1:]))
   first = 0
   for piece in pieces:
-    fd = os.open(piece.path, os.O_RDONLY)
-    try:
-      for start in range(0, len(piece), 4096):
-        count = min(4096, len(piece) - start)
-        out[first + start:first + start + count] = piece._pread(fd, start, count)  # pylint: disable=protected-access
-    finally:
-      os.close(fd)
+    for start, stored in piece.stored_chunks():
+      out[first + start:first + start + len(stored)] = stored
     first += len(piece)
   out.flush()
   del out

@@ -33,14 +33,15 @@ def pixels_to_unit_range(pixels: np.ndarray) -> np.ndarray:
 
 
 class RowSource:
-  """Rows of an image set read when indexed; subclasses set `shape` and `read`."""
+  """Rows of a data set read when indexed; subclasses set `shape` and `read` (and
+  `dtype` and `ndim` where their rows are not float32 images: token rows)."""
   dtype = np.dtype(np.float32)
   ndim = 4
   shape: tuple = ()
   where = "a data set"  # in error messages: the file or folder the rows come from
 
   def read(self, rows: np.ndarray) -> np.ndarray:
-    """float32 rows `rows` (int64 in [0, N), any order, repeats allowed)."""
+    """Rows `rows` (int64 in [0, N), any order, repeats allowed) as `dtype`."""
     raise NotImplementedError
 
   def read_range(self, start: int, stop: int) -> np.ndarray:
@@ -52,8 +53,8 @@ class RowSource:
 
   @property
   def nbytes(self) -> int:
-    """The set's size as float32, what holding it in RAM takes."""
-    return int(np.prod(self.shape)) * 4
+    """The set's size as `dtype`, what holding it in RAM takes."""
+    return int(np.prod(self.shape)) * self.dtype.itemsize
 
   def __getitem__(self, index) -> np.ndarray:
     if isinstance(index, slice) and index.step in (None, 1):  # consecutive rows
@@ -81,7 +82,52 @@ class RowSource:
       yield start, self[start:start + size]
 
 
-class NpyRows(RowSource):
+class FileOffsetRows(RowSource):
+  """Rows of one file at fixed offsets, each read with os.pread: subclasses set `path`,
+  `offset`, `row_bytes`, `file_dtype` and `shape`, and say in `_convert` what a row as
+  stored becomes (by default, itself)."""
+  path: str
+  offset = 0
+  row_bytes: int
+  file_dtype: np.dtype
+
+  def _convert(self, stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    del rows  # which rows these are, for a subclass's error messages
+    return stored
+
+  def _pread(self, fd: int, first: int, count: int) -> np.ndarray:
+    raw = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+    return np.frombuffer(raw, self.file_dtype).reshape(count, *self.shape[1:])
+
+  def read_range(self, start: int, stop: int) -> np.ndarray:
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      return self._convert(self._pread(fd, start, stop - start), np.arange(start, stop))
+    finally:
+      os.close(fd)
+
+  def read(self, rows: np.ndarray) -> np.ndarray:
+    out = np.empty((len(rows), *self.shape[1:]), self.file_dtype)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      for i, row in enumerate(rows):
+        out[i] = self._pread(fd, int(row), 1)[0]
+    finally:
+      os.close(fd)
+    return self._convert(out, rows)
+
+  def stored_chunks(self, size: int = CHUNK_ROWS):
+    """(first row, rows as stored: file_dtype, unconverted and unchecked) of consecutive
+    blocks of `size` rows, for copying a file's bits (dbjax.data.latents joins parts)."""
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      for start in range(0, len(self), size):
+        yield start, self._pread(fd, start, min(size, len(self) - start))
+    finally:
+      os.close(fd)
+
+
+class NpyRows(FileOffsetRows):
   """The rows of a .npy file (N, H, W, C) in C order: uint8 pixels, read as [-1, 1], or
   floats, read as stored times `scale`. A row holding NaN or inf, or (bounded: images)
   a value outside [-1, 1], is refused as it is read, naming the file and the row:
@@ -116,11 +162,7 @@ class NpyRows(RowSource):
       raise DataError(f"{path}: {os.path.getsize(path)} bytes, its header says "
                       f"{expected} (a file cut short?)")
 
-  def _pread(self, fd: int, first: int, count: int) -> np.ndarray:
-    raw = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
-    return np.frombuffer(raw, self.file_dtype).reshape(count, *self.shape[1:])
-
-  def _as_float(self, stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  def _convert(self, stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if self.file_dtype == np.uint8:
       return pixels_to_unit_range(stored)
     values = stored.astype(np.float32) * np.float32(self.scale)
@@ -135,23 +177,6 @@ class NpyRows(RowSource):
         raise DataError(f"{self.path}: row {int(rows[row])} spans [{flat[row].min():g}, "
                         f"{flat[row].max():g}]; expected images in [-1, 1] (or uint8 pixels)")
     return values
-
-  def read_range(self, start: int, stop: int) -> np.ndarray:
-    fd = os.open(self.path, os.O_RDONLY)
-    try:
-      return self._as_float(self._pread(fd, start, stop - start), np.arange(start, stop))
-    finally:
-      os.close(fd)
-
-  def read(self, rows: np.ndarray) -> np.ndarray:
-    out = np.empty((len(rows), *self.shape[1:]), self.file_dtype)
-    fd = os.open(self.path, os.O_RDONLY)
-    try:
-      for i, row in enumerate(rows):
-        out[i] = self._pread(fd, int(row), 1)[0]
-    finally:
-      os.close(fd)
-    return self._as_float(out, rows)
 
 
 class Subset(RowSource):

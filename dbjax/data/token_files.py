@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from dbjax.data import text, tokenizers
+from dbjax.data.rows import FileOffsetRows
 from dbjax.errors import DataError
 
 INFO_FILE = "tokens.json"
@@ -109,17 +110,18 @@ def write(name: str, directory: str, tokenizer_spec: str = "characters", data_di
   return info
 
 
-class TokenRows:
+class TokenRows(FileOffsetRows):
   """Sequences of seq_len ids of a token file, read from disk when indexed:
   rows[index] is int32 (len(index), seq_len); the tail shorter than a row is dropped.
-  Quacks as much like an array as the language tasks need (shape, size, len, indexing,
-  slicing, np.asarray)."""
+  Indexing, slicing and np.asarray are those of every dbjax.data.rows source."""
   ndim = 2
   dtype = np.dtype(np.int32)
 
   def __init__(self, path: str, file_dtype: str, count: int, seq_len: int):
-    self.path, self.seq_len = path, seq_len
+    self.path = self.where = path
+    self.seq_len = seq_len
     self.file_dtype = np.dtype(file_dtype).newbyteorder("<")
+    self.row_bytes = seq_len * self.file_dtype.itemsize
     expected = count * self.file_dtype.itemsize
     if not os.path.isfile(path) or os.path.getsize(path) != expected:
       raise DataError(f"{path}: {os.path.getsize(path) if os.path.isfile(path) else 'no'} "
@@ -135,35 +137,9 @@ class TokenRows:
     """Ids in the whole rows (the tail shorter than a row is not counted)."""
     return self.shape[0] * self.shape[1]
 
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def _rows(self, fd: int, first: int, count: int) -> np.ndarray:
-    width = self.seq_len * self.file_dtype.itemsize
-    raw = os.pread(fd, count * width, first * width)
-    return np.frombuffer(raw, self.file_dtype).reshape(count, self.seq_len).astype(np.int32)
-
-  def __getitem__(self, index) -> np.ndarray:
-    fd = os.open(self.path, os.O_RDONLY)
-    try:
-      if isinstance(index, slice) and index.step in (None, 1):
-        start, stop, _ = index.indices(len(self))
-        return self._rows(fd, start, max(stop - start, 0))
-      rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
-      flat = np.atleast_1d(rows).astype(np.int64)
-      if flat.size and (flat.min() < -len(self) or flat.max() >= len(self)):
-        raise IndexError(f"rows {flat.min()}..{flat.max()} of {len(self)} in {self.path}")
-      flat = np.where(flat < 0, flat + len(self), flat)
-      out = np.stack([self._rows(fd, int(r), 1)[0] for r in flat]) if flat.size else \
-          np.zeros((0, self.seq_len), np.int32)
-      return out[0] if rows.ndim == 0 else out
-    finally:
-      os.close(fd)
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    whole = self[:]
-    return whole if dtype is None else whole.astype(dtype)
+  def _convert(self, stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    del rows
+    return stored.astype(np.int32)
 
 
 def read_info(directory: str) -> dict:
