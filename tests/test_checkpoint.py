@@ -98,7 +98,8 @@ def small_state(value: float):
 def test_an_asynchronous_save_is_complete_and_listed_after_wait(tmp_path):
   """save returns before the files are final; after wait the step is on disk with this
   process's file listing and reads back as it was saved, as a synchronous save's."""
-  from dbjax.engine.checkpoint import RunCheckpointer, check_files  # pylint: disable=g-import-not-at-top
+  from dbjax.engine import file_listings  # pylint: disable=g-import-not-at-top
+  from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   for asynchronous in (True, False):
     directory = str(tmp_path / f"async_{asynchronous}")
@@ -108,7 +109,7 @@ def test_an_asynchronous_save_is_complete_and_listed_after_wait(tmp_path):
     checkpointer.wait()
     assert checkpointer.latest_step() == 7
     assert os.path.exists(os.path.join(directory, "7", "file_checksums.0.json"))
-    check_files(os.path.join(directory, "7"))
+    file_listings.check(os.path.join(directory, "7"))
     step, states, _, _ = checkpointer.restore([small_state(0.0)], config)
     checkpointer.close()
     assert step == 7
@@ -120,6 +121,7 @@ def test_a_background_save_that_fails_is_raised_at_the_next_wait(tmp_path, monke
   the next wait (the next save, the run's close) raises it as one line naming the step
   and the step kept."""
   import errno  # pylint: disable=g-import-not-at-top
+  from dbjax.engine import file_listings  # pylint: disable=g-import-not-at-top
   from dbjax.engine.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   from dbjax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   config = tiny_config()
@@ -127,9 +129,9 @@ def test_a_background_save_that_fails_is_raised_at_the_next_wait(tmp_path, monke
   checkpointer.save(5, [small_state(1.0)], config, {})
   checkpointer.wait()
 
-  def full(step):
+  def full(step_dir):
     raise OSError(errno.ENOSPC, "No space left on device")
-  monkeypatch.setattr(checkpointer, "_write_file_checksums", full)
+  monkeypatch.setattr(file_listings, "write", full)
   checkpointer.save(7, [small_state(2.0)], config, {})  # returns: the write goes on
   with pytest.raises(CheckpointError, match="saving checkpoint 7 .*checkpoint \\d+ is kept"):
     checkpointer.close()

@@ -25,7 +25,7 @@ import pytest  # pylint: disable=wrong-import-position
 
 from dbjax import data, engine, tasks, train  # pylint: disable=wrong-import-position
 from dbjax.engine import parallel  # pylint: disable=wrong-import-position
-from dbjax.engine.checkpoint import writer_of  # pylint: disable=wrong-import-position
+from dbjax.engine.file_listings import writer_of  # pylint: disable=wrong-import-position
 from benchmarks import hlo  # pylint: disable=wrong-import-position
 from dbjax.errors import ConfigError  # pylint: disable=wrong-import-position
 from benchmarks.soak import saved_steps  # pylint: disable=wrong-import-position

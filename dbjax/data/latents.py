@@ -164,7 +164,7 @@ def weights_sha256(checkpoint) -> str | None:
   if os.path.isfile(checkpoint):
     with open(checkpoint, "rb") as f:
       return hashlib.file_digest(f, "sha256").hexdigest()
-  from dbjax.engine.checkpoint import file_checksums  # pylint: disable=g-import-not-at-top
+  from dbjax.engine.file_listings import file_checksums  # pylint: disable=g-import-not-at-top
   listing = json.dumps(file_checksums(checkpoint), sort_keys=True)
   return hashlib.sha256(listing.encode()).hexdigest()
 

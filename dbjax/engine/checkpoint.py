@@ -16,15 +16,9 @@ the process exits.
 Faults:
 - A kill during a save: orbax writes each step to a temporary directory and renames it
   when complete, so the previous checkpoint is untouched; leftovers are removed.
-- Truncated or altered files: once a step is written, each process writes
-  <step>/file_checksums.<process>.json, a SHA-256 of every file it wrote (its OCDBT
-  namespace; process 0 also the metadata), so a host hashes its own shards, never the
-  whole model. A restore checks them before orbax reads anything (orbax's reader,
-  handed a truncated file, fails in background threads that print pages of
-  tracebacks), each host its share of the listings, and the hosts agree on the verdict.
-  A step whose process was killed after orbax renamed it and before the listing was
-  written has no listing, and is read unchecked, as steps saved before listings were.
-  `restore_latest_good` notices even a flipped bit, moves the step aside (to
+- Truncated or altered files: once a step is written, each process lists the SHA-256
+  of every file it wrote, and a restore checks the listings before orbax reads anything
+  (dbjax.engine.file_listings). `restore_latest_good` notices even a flipped bit, moves the step aside (to
   <directory>_corrupt/) and falls back to the one before; when none is left, the next
   run says that it starts afresh and where the unreadable steps are.
 - A full disk: reported as a CheckpointError naming the step kept; the partial step is
@@ -50,14 +44,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from dbjax.config import field_holder, flatten
+from dbjax.engine import file_listings
 from dbjax.errors import CheckpointError, ConfigError
-
-# Written into each step's directory once the step is complete, one per process
-# (file_checksums.<process>.json; see the module docstring).
-FILE_CHECKSUMS_STEM = "file_checksums"
 
 # A checkpoint's step counts iterations of one block, or parallel steps of all blocks:
 # the same trees can mean another schedule, so this field must match as well.
@@ -109,72 +99,6 @@ def checksum(tree) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
     digest.update(leaf.tobytes())
   return digest.hexdigest()
-
-
-def writer_of(relative_path: str) -> int:
-  """The process that wrote a file of a step: its OCDBT namespace's (ocdbt.process_<i>),
-  process 0 for the rest (metadata, the merged manifest)."""
-  for part in relative_path.split(os.sep):
-    if part.startswith("ocdbt.process_"):
-      return int(part.rsplit("_", 1)[1])
-  return 0
-
-
-def file_checksums(directory: str, process: int | None = None) -> dict:
-  """{path relative to `directory`: SHA-256 of its bytes} of every file below it that
-  `process` wrote (writer_of; None: every file)."""
-  digests = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      relative = os.path.relpath(path, directory)
-      if name.startswith(FILE_CHECKSUMS_STEM) or (
-          process is not None and writer_of(relative) != process):
-        continue  # the listings themselves, whole or partial; other processes' files
-      with open(path, "rb") as f:
-        digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
-  return digests
-
-
-def _listings(directory: str) -> list[str]:
-  """The checksum listings of a step, whole ones only, in process order."""
-  return sorted(n for n in os.listdir(directory)
-                if n.startswith(FILE_CHECKSUMS_STEM) and n.endswith(".json"))
-
-
-def check_files(directory: str, share: tuple[int, int] = (0, 1)):
-  """CheckpointError naming the first file of a step directory that is missing or
-  differs from the checksum written with it (steps saved without checksums pass).
-  share (k, n): check listings k, k + n, ... (each of n hosts its share)."""
-  first, every = share
-  for listing in _listings(directory)[first::every]:
-    with open(os.path.join(directory, listing)) as f:
-      expected = json.load(f)
-    for name, digest in expected.items():
-      path = os.path.join(directory, name)
-      if not os.path.exists(path):
-        raise CheckpointError(f"{name} is missing (listed in {listing})")
-      with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-          raise CheckpointError(f"{name} is changed (its SHA-256 differs from the one "
-                                "written with it)")
-
-
-def check_files_on_every_host(directory: str):
-  """check_files with the listings shared out over the processes, and one verdict for
-  all: any host's failure is a CheckpointError on every host."""
-  if jax.process_count() == 1:
-    return check_files(directory)
-  problem = ""
-  try:
-    check_files(directory, (jax.process_index(), jax.process_count()))
-  except CheckpointError as e:
-    problem = str(e)
-  failed = multihost_utils.process_allgather(np.array([bool(problem)]))
-  if problem:
-    raise CheckpointError(problem)
-  if np.any(failed):
-    raise CheckpointError("another host found a file of this step changed or missing")
 
 
 def restore_args(target):
@@ -275,7 +199,7 @@ class RunCheckpointer:
     wrote; a failure is kept in `errors` for `wait` to raise."""
     try:
       self.manager.wait_until_finished()
-      self._write_file_checksums(step)
+      file_listings.write(os.path.join(self.directory, str(step)))
     except BaseException as e:  # pylint: disable=broad-except  # raised again by `wait`
       errors.append(e)
 
@@ -304,16 +228,6 @@ class RunCheckpointer:
         f"checkpoint {self.manager.latest_step()} is kept: free some space "
         "and run the same command to resume") from error
 
-  def _write_file_checksums(self, step: int):
-    """<step>/file_checksums.<process>.json of the files this process wrote, whole or
-    not at all (a rename)."""
-    step_dir = os.path.join(self.directory, str(step))
-    name = f"{FILE_CHECKSUMS_STEM}.{jax.process_index()}"
-    partial = os.path.join(step_dir, name + ".partial")
-    with open(partial, "w") as f:
-      json.dump(file_checksums(step_dir, jax.process_index()), f)
-    os.replace(partial, os.path.join(step_dir, name + ".json"))
-
   def read_metadata(self, step: int) -> dict:
     """The JSON item of `step`: run metadata and the config the run was made with."""
     return self.manager.restore(step, args=ocp.args.Composite(
@@ -331,7 +245,7 @@ class RunCheckpointer:
     targets', naming the first differing path and the config fields behind it.
     """
     step = self.manager.latest_step() if step is None else step
-    check_files_on_every_host(os.path.join(self.directory, str(step)))
+    file_listings.check_on_every_host(os.path.join(self.directory, str(step)))
     meta = self.read_metadata(step)
     targets = {f"block_{b}": state for b, state in zip(self.block_ids, target_states)}
     if target_shared is not None:
