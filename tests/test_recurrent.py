@@ -87,7 +87,7 @@ def test_truncated_backprop_stops_gradients_through_the_early_iterations(data_an
   arguments = (0, 1, 2)  # parameters, e, s_0
   unrolled = jax.jit(jax.value_and_grad(by_unroll, arguments))  # one program for every r
   hand_unrolled = jax.jit(jax.value_and_grad(by_hand, arguments), static_argnums=3)
-  for r in (1, 2, 3, 5):
+  for r in (2, 3):  # r = k: every iteration's gradient; r > k: the first r - k stopped
     value, grads = unrolled(params, e, s0, jnp.int32(r))
     want, want_grads = hand_unrolled(params, e, s0, r)
     np.testing.assert_allclose(value, want, rtol=1e-5)

@@ -75,18 +75,8 @@ def subword_config(corpus_file, kind="autoregressive", tokenizer="bpe:300"):
   return config
 
 
-@pytest.mark.parametrize("kind,method", [
-    ("autoregressive", "diffusion_blocks"),
-    # The other tasks take the same path through the tokenizer: the slow set.
-    pytest.param("masked", "diffusion_blocks", marks=pytest.mark.slow),
-    pytest.param("autoregressive", "end_to_end", marks=pytest.mark.slow),
-    pytest.param("recurrent", "diffusion_blocks", marks=pytest.mark.slow)])
-def test_a_subword_run_trains_saves_its_tokenizer_and_reports_bits_per_character(
-    corpus_file, tmp_path, kind, method):
-  """AR, MD4, the causal baseline and the recurrent-depth task on BPE: the vocabulary
-  is the tokenizer's, tokenizer.json is saved, samples decode to text that starts with
-  the prompt, and bits per character are bits per token over the characters each token
-  stands for."""
+def subword_run(corpus_file, workdir, kind="autoregressive", method="diffusion_blocks"):
+  """(config, metrics) of a tiny run on BPE, evaluated, in `workdir`."""
   if kind == "recurrent":
     config = recurrent_config()
     config.data.name, config.data.tokenizer = f"file:{corpus_file}", "bpe:300"
@@ -96,33 +86,59 @@ def test_a_subword_run_trains_saves_its_tokenizer_and_reports_bits_per_character
   else:
     config = subword_config(corpus_file, kind)
     config.method = method
-  metrics = dbjax.train_and_evaluate(config, str(tmp_path / "run"))
-  assert os.path.exists(tmp_path / "run" / tokenizers.TOKENIZER_FILE)
+  return config, dbjax.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def ar_subword_run(tmp_path_factory):
+  """(config, metrics, workdir) of the autoregressive DiffusionBlocks run on BPE that
+  two tests read (neither writes to it)."""
+  root = tmp_path_factory.mktemp("ar_subword")
+  (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+  config, metrics = subword_run(root / "corpus.txt", root / "run")
+  return config, metrics, root / "run"
+
+
+@pytest.mark.parametrize("kind,method", [
+    ("autoregressive", "diffusion_blocks"),
+    # The other tasks take the same path through the tokenizer: the slow set.
+    pytest.param("masked", "diffusion_blocks", marks=pytest.mark.slow),
+    pytest.param("autoregressive", "end_to_end", marks=pytest.mark.slow),
+    pytest.param("recurrent", "diffusion_blocks", marks=pytest.mark.slow)])
+def test_a_subword_run_trains_saves_its_tokenizer_and_reports_bits_per_character(
+    corpus_file, tmp_path, kind, method, request):
+  """AR, MD4, the causal baseline and the recurrent-depth task on BPE: the vocabulary
+  is the tokenizer's, tokenizer.json is saved, samples decode to text that starts with
+  the prompt, and bits per character are bits per token over the characters each token
+  stands for."""
+  if (kind, method) == ("autoregressive", "diffusion_blocks"):
+    config, metrics, workdir = request.getfixturevalue("ar_subword_run")
+  else:
+    workdir = tmp_path / "run"
+    config, metrics = subword_run(corpus_file, workdir, kind, method)
+  assert os.path.exists(workdir / tokenizers.TOKENIZER_FILE)
   assert metrics["tokenizer"] == "bpe:300" and metrics["vocab_size"] == 300
   assert metrics["characters_per_token"] > 1.5
   assert metrics["test_characters"] > metrics["test_tokens"]
-  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  saved = json.loads((workdir / "config.json").read_text())
   assert saved["data"]["vocab_size"] == 300
-  samples = (tmp_path / "run" / "samples.txt").read_text(encoding="utf-8")
+  samples = (workdir / "samples.txt").read_text(encoding="utf-8")
   assert samples.count("To be") >= config.language.num_samples
 
 
-def test_another_tokenizer_on_a_run_is_refused_and_the_saved_one_is_read(corpus_file,
-                                                                        tmp_path):
-  config = subword_config(corpus_file)
-  config.eval.enabled = False
-  dbjax.train.train(config, str(tmp_path / "run"))
+def test_another_tokenizer_on_a_run_is_refused_and_the_saved_one_is_read(ar_subword_run):
+  config, _, workdir = ar_subword_run
+  config = config.copy_and_resolve_references()
   for other in ("characters", "bpe:400"):
     config.data.tokenizer = other
     with pytest.raises(ConfigError, match=rf"data.tokenizer='{other}', but the run in .* was "
                                           r"trained with 'bpe:300'"):
-      language.load_data(config, str(tmp_path / "run"))
+      language.load_data(config, str(workdir))
   # The saved file as a tokenizer of a new run: the same ids.
-  saved = str(tmp_path / "run" / tokenizers.TOKENIZER_FILE)
-  config.data.tokenizer = saved
+  config.data.tokenizer = str(workdir / tokenizers.TOKENIZER_FILE)
   _, again = language.load_data(config)
   config.data.tokenizer = "bpe:300"
-  _, first = language.load_data(config, str(tmp_path / "run"))
+  _, first = language.load_data(config, str(workdir))
   np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
 
 
