@@ -60,10 +60,12 @@ def test_every_config_is_listed():
           "imagenet256_latent"} <= set(CONFIGS)
 
 
-# In the default run, one config of each task and each way of reading data; the others,
-# whose task and reader those cover (digits: the command-line test below), in the slow set.
-SLOW_SMOKE_RUNS = {"digits", "mnist", "classify_fashion_mnist", "classify_cifar100",
-                   "shakespeare_recurrent", "imagenet256_latent"}
+# In the default run, one config of each task and of each local way of reading data; the
+# others, whose task and reader those cover, in the slow set (digits: the command-line
+# test below; tfds by name, images and text: tests/test_data.py and test_language.py;
+# MD4: test_language.py's runs).
+SLOW_SMOKE_RUNS = {"digits", "mnist", "cifar10", "classify_fashion_mnist", "classify_cifar100",
+                   "lm1b", "shakespeare_md4", "shakespeare_recurrent", "imagenet256_latent"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)

@@ -33,6 +33,7 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
   chex.assert_shape(namespace["images"], (10, 8, 8, 1))
 
 
+@pytest.mark.slow  # 45 s from a cold cache; tests/test_wrap.py covers wrap in the default set
 def test_readme_wrap_snippet_runs_exactly_as_written(tmp_path, monkeypatch):
   """Issue 6: the under-30-line snippet that wraps a user's layer, unchanged."""
   monkeypatch.chdir(tmp_path)

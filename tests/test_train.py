@@ -91,15 +91,17 @@ def test_nan_loss_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path, 
 
 
 def test_schedules_that_run_but_not_as_meant_warn_in_one_line(tmp_path, digits):
-  with pytest.warns(ConfigWarning, match=r"config.train.warmup_steps=10 is not below "
-                                         r"config.train.num_steps=10 \(the updates each"):
-    train.train(tiny_config(**{"train__warmup_steps": 10}), str(tmp_path / "warm"), digits)
+  with pytest.warns(ConfigWarning, match=r"config.train.warmup_steps=2 is not below "
+                                         r"config.train.num_steps=2 \(the updates each"):
+    train.train(tiny_config(train__warmup_steps=2, train__num_steps=2),
+                str(tmp_path / "warm"), digits)
   workdir = str(tmp_path / "resumed")
-  train.train(tiny_config(), workdir, digits)
-  with pytest.warns(ConfigWarning, match=r"config.train.num_steps=15 differs from the "
-                                         r"checkpoint's 10: the resumed run's learning-rate"):
-    _, _, _, history = train.train(tiny_config(**{"train__num_steps": 15}), workdir, digits)
-  assert len(history) == 30
+  train.train(tiny_config(train__num_steps=2, train__warmup_steps=1), workdir, digits)
+  with pytest.warns(ConfigWarning, match=r"config.train.num_steps=3 differs from the "
+                                         r"checkpoint's 2: the resumed run's learning-rate"):
+    _, _, _, history = train.train(tiny_config(train__num_steps=3, train__warmup_steps=1),
+                                   workdir, digits)
+  assert len(history) == 6
 
 
 def test_an_interrupted_evaluation_is_redone_by_the_next_call(tmp_path, monkeypatch):
