@@ -18,9 +18,9 @@ Faults:
   when complete, so the previous checkpoint is untouched; leftovers are removed.
 - Truncated or altered files: once a step is written, each process lists the SHA-256
   of every file it wrote, and a restore checks the listings before orbax reads anything
-  (dbjax.engine.file_listings). `restore_latest_good` notices even a flipped bit, moves the step aside (to
-  <directory>_corrupt/) and falls back to the one before; when none is left, the next
-  run says that it starts afresh and where the unreadable steps are.
+  (dbjax.engine.file_listings). `restore_latest_good` notices even a flipped bit, moves
+  the step aside (to <directory>_corrupt/) and falls back to the one before; when none
+  is left, the next run says that it starts afresh and where the unreadable steps are.
 - A full disk: reported as a CheckpointError naming the step kept; the partial step is
   removed.
 - A state with NaN or inf is never written.
